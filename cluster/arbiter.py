@@ -1,0 +1,593 @@
+"""The resource arbiter: the outer loop that moves GPUs between serving and training.
+
+A plain class. It takes a policy (pure), a backend (observe the inventory, apply grants, stop a
+workload by force) and a clock; it becomes a Ray actor in one place only (``cluster.actor``). The same
+class runs in unit tests (``FakeBackend`` + ``ManualClock``), in the simulator and on Ray.
+
+Workloads talk to it through five calls: ``register``, ``heartbeat`` (report demand and what they
+hold; read the grant), ``unregister``, and the read-only ``status`` and ``grant_of``.
+
+Release before grant: a shrink takes effect in the grant at once, but GPUs go to a new holder only
+when the donor's heartbeat shows it let them go (``held`` drops), or when its yield grace ran out and the
+backend stopped it by force. Registrations expire when heartbeats stop, so a crashed workload gives its
+GPUs back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cluster.model import (
+    EMPTY,
+    Allocation,
+    ClusterSnapshot,
+    GpuType,
+    NodeSnapshot,
+    ServiceSpec,
+    WorkloadKind,
+    WorkloadName,
+    WorkloadSnapshot,
+    WorkloadSpec,
+    spec_from_dict,
+    spec_to_dict,
+)
+from policies.base import Infeasible, Policy, PolicyDecision, PolicyState
+
+logger = logging.getLogger(__name__)
+
+EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------- clocks
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    """Wall-clock seconds (not monotonic: persisted timestamps must survive an actor restart)."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """A clock that moves only when told to: ``clock.advance(5)``."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self._now = start_s
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError(f"a clock cannot go back: advance({seconds})")
+        self._now += seconds
+        return self._now
+
+    def set(self, now_s: float) -> None:
+        if now_s < self._now:
+            raise ValueError(f"a clock cannot go back: {now_s} < {self._now}")
+        self._now = now_s
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """Observes the inventory and acts on grants. The Ray backend lives in ``cluster.ray_backend``."""
+
+    def observe(self) -> tuple[NodeSnapshot, ...]: ...
+
+    def apply(self, grants: Mapping[WorkloadName, Allocation]) -> None: ...
+
+    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None: ...
+
+
+class FakeBackend:
+    """An in-memory backend: nodes are set by the test, applied grants and forced stops are recorded."""
+
+    def __init__(self, nodes: tuple[NodeSnapshot, ...] | list[NodeSnapshot] = ()) -> None:
+        self.nodes: tuple[NodeSnapshot, ...] = tuple(nodes)
+        self.applied: list[dict[WorkloadName, Allocation]] = []
+        self.forced: list[WorkloadName] = []
+
+    def observe(self) -> tuple[NodeSnapshot, ...]:
+        return self.nodes
+
+    def apply(self, grants: Mapping[WorkloadName, Allocation]) -> None:
+        self.applied.append(dict(grants))
+
+    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
+        self.forced.append(name)
+
+    def set_healthy(self, node_id: str, healthy: bool) -> None:
+        self.nodes = tuple(
+            NodeSnapshot(n.node_id, n.gpu_type, n.num_gpus, healthy) if n.node_id == node_id else n
+            for n in self.nodes
+        )
+
+
+# ------------------------------------------------------------------------------------------ the views
+
+
+@dataclass(frozen=True, slots=True)
+class GrantView:
+    """What a workload reads back from a heartbeat.
+
+    ``registered`` False means the arbiter does not know the workload (it expired, or was never
+    registered): the client registers again. ``release_by_s`` is set while the workload holds more than
+    its grant: it must let the excess go by then or be stopped by force.
+    """
+
+    name: WorkloadName
+    grant: Allocation
+    registered: bool = True
+    reason: str | None = None
+    release_by_s: float | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ArbiterEvent:
+    """Something the arbiter did, for the timeline, the metrics and the tests."""
+
+    t_s: float
+    kind: str  # registered | unregistered | expired | shrink | grow | released | forced | infeasible
+    workload: WorkloadName
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    now_s: float
+    decide_ms: float
+    grants: Mapping[WorkloadName, Allocation]
+    infeasible: tuple[Infeasible, ...]
+    events: tuple[ArbiterEvent, ...]
+
+
+@dataclass(slots=True)
+class _Registration:
+    spec: WorkloadSpec
+    registered_s: float
+    last_heartbeat_s: float
+    demand_units: int
+    held: Allocation = EMPTY
+    progress: dict[str, Any] = field(default_factory=dict)
+    seconds_since_checkpoint: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    # When the grant first fell below what the workload holds; None while it holds no excess.
+    shrink_issued_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ArbiterConfig:
+    """Knobs of the arbiter itself (the policy has its own).
+
+    Attributes:
+        registration_ttl_s: a workload silent for this long loses its registration and its grant.
+        default_yield_grace_s: grace for services (jobs carry their own ``yield_grace_s``).
+        max_events: events kept in memory for ``events()``.
+    """
+
+    registration_ttl_s: float = 15.0
+    default_yield_grace_s: float = 30.0
+    max_events: int = 10_000
+
+
+# ------------------------------------------------------------------------------------------ the arbiter
+
+
+class ResourceArbiter:
+    """Decides and enforces GPU grants per workload and GPU type. See the module docstring."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        backend: Backend,
+        clock: Clock | None = None,
+        config: ArbiterConfig | None = None,
+        prices_per_gpu_hour: Mapping[GpuType, float] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.backend = backend
+        self.clock = clock or SystemClock()
+        self.config = config or ArbiterConfig()
+        self.prices = dict(prices_per_gpu_hour or {})
+        self._regs: dict[WorkloadName, _Registration] = {}
+        self._grants: dict[WorkloadName, Allocation] = {}
+        self._policy_state = PolicyState()
+        self._nodes: tuple[NodeSnapshot, ...] = ()
+        self._infeasible: tuple[Infeasible, ...] = ()
+        self._events: deque[ArbiterEvent] = deque(maxlen=self.config.max_events)
+        self._pending_events: list[ArbiterEvent] = []
+        self._generation = 0
+        self._dirty = False
+        self.reclaim_durations_s: deque[float] = deque(maxlen=1000)
+        self.last_decide_ms = 0.0
+        self.listeners: list[Callable[[TickReport], None]] = []
+
+    # ---------------------------------------------------------------- the client API (cheap, no I/O)
+
+    def register(
+        self, spec: WorkloadSpec, meta: Mapping[str, Any] | None = None, demand_units: int | None = None
+    ) -> GrantView:
+        """Registers (or re-registers, keeping the grant) a workload. Idempotent."""
+        now = self.clock.now()
+        reg = self._regs.get(spec.name)
+        if reg is not None and reg.spec.kind is not spec.kind:
+            return GrantView(
+                spec.name,
+                EMPTY,
+                registered=False,
+                reason=f"name {spec.name!r} is already registered as a {reg.spec.kind}",
+            )
+        demand = spec.max_units if demand_units is None else demand_units
+        if reg is None:
+            self._regs[spec.name] = _Registration(
+                spec=spec,
+                registered_s=now,
+                last_heartbeat_s=now,
+                demand_units=demand,
+                meta=dict(meta or {}),
+            )
+            self._record(ArbiterEvent(now, "registered", spec.name, {"kind": str(spec.kind)}))
+        else:
+            reg.spec = spec
+            reg.last_heartbeat_s = now
+            reg.demand_units = demand
+            reg.meta.update(meta or {})
+        self._dirty = True
+        return self._view(spec.name)
+
+    def heartbeat(
+        self,
+        name: WorkloadName,
+        *,
+        demand_units: int | None = None,
+        held: Mapping[GpuType, int] | Allocation | None = None,
+        progress: Mapping[str, Any] | None = None,
+        seconds_since_checkpoint: float | None = None,
+    ) -> GrantView:
+        """Reports liveness, demand and what the workload uses now; returns its grant."""
+        reg = self._regs.get(name)
+        if reg is None:
+            return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
+        now = self.clock.now()
+        reg.last_heartbeat_s = now
+        if demand_units is not None:
+            reg.demand_units = max(0, int(demand_units))
+        if held is not None:
+            new_held = held if isinstance(held, Allocation) else Allocation.of(held)
+            if new_held != reg.held:
+                self._dirty = True
+            reg.held = new_held
+            self._note_release(name, reg, now)
+        if progress is not None:
+            reg.progress.update(progress)
+        if seconds_since_checkpoint is not None:
+            reg.seconds_since_checkpoint = seconds_since_checkpoint
+        return self._view(name)
+
+    def unregister(self, name: WorkloadName) -> bool:
+        reg = self._regs.pop(name, None)
+        self._grants.pop(name, None)
+        if reg is None:
+            return False
+        self._record(ArbiterEvent(self.clock.now(), "unregistered", name))
+        self._dirty = True
+        return True
+
+    def grant_of(self, name: WorkloadName) -> GrantView:
+        return self._view(name)
+
+    def needs_tick(self) -> bool:
+        """True when a registration or a release arrived since the last tick (tick early)."""
+        return self._dirty
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def tick(self) -> TickReport:
+        """One round of the outer loop.
+
+        1. Observe the inventory.
+        2. Expire workloads whose heartbeats stopped.
+        3. Decide: the policy's target grants from a snapshot.
+        4. Plan: shrink at once, grow only into GPUs that no holder still uses (release before grant).
+        5. Enforce: stop by force a workload that kept GPUs past its yield grace.
+        6. Apply the grants, and record what happened.
+        """
+        self._dirty = False
+        now = self.clock.now()
+        # 1. observe
+        self._nodes = tuple(self.backend.observe())
+        # 2. expire
+        for name, reg in list(self._regs.items()):
+            if now - reg.last_heartbeat_s > self.config.registration_ttl_s:
+                del self._regs[name]
+                self._grants.pop(name, None)
+                self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
+        # 3. decide
+        snapshot = self.snapshot()
+        t0 = time.perf_counter()
+        decision, self._policy_state = self.policy.decide(snapshot, self._policy_state)
+        self.last_decide_ms = (time.perf_counter() - t0) * 1e3
+        self._infeasible = decision.infeasible
+        # 4. plan
+        new_grants = plan_grants(snapshot, decision)
+        self._commit(new_grants, decision, now)
+        # 5. enforce
+        self._enforce_grace(now)
+        # 6. apply and record
+        self.backend.apply(dict(self._grants))
+        events = tuple(self._pending_events)
+        self._pending_events.clear()
+        report = TickReport(now, self.last_decide_ms, dict(self._grants), decision.infeasible, events)
+        for listener in self.listeners:
+            listener(report)
+        return report
+
+    def snapshot(self) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            now_s=self.clock.now(),
+            nodes=self._nodes,
+            workloads=tuple(
+                WorkloadSnapshot(
+                    spec=r.spec,
+                    demand_units=r.demand_units,
+                    held=r.held,
+                    registered_s=r.registered_s,
+                    seconds_since_checkpoint=r.seconds_since_checkpoint,
+                )
+                for r in self._regs.values()
+            ),
+            grants=dict(self._grants),
+        )
+
+    # ------------------------------------------------------------------------------- status, state
+
+    def events(self, since_s: float = float("-inf")) -> list[ArbiterEvent]:
+        return [e for e in self._events if e.t_s >= since_s]
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able view for ``tidal status``, the metrics and the demo."""
+        cap: dict[str, float] = {}
+        nodes_by_type: dict[str, int] = {}
+        for n in self._nodes:
+            if n.healthy:
+                cap[n.gpu_type] = cap.get(n.gpu_type, 0.0) + n.num_gpus
+                nodes_by_type[n.gpu_type] = nodes_by_type.get(n.gpu_type, 0) + 1
+        granted: dict[str, float] = {}
+        workloads = []
+        for name, reg in sorted(self._regs.items()):
+            g = self._grants.get(name, EMPTY)
+            gpu = reg.spec.gpus_per_unit
+            for t, n in g.items:
+                granted[t] = granted.get(t, 0.0) + n * gpu
+            cost = sum(n * gpu * self.prices.get(t, 0.0) for t, n in g.items)
+            workloads.append(
+                {
+                    "name": name,
+                    "kind": str(reg.spec.kind),
+                    "priority": reg.spec.priority,
+                    "gpus_per_unit": gpu,
+                    "min_units": reg.spec.min_units,
+                    "max_units": reg.spec.max_units,
+                    "demand_units": reg.demand_units,
+                    "grant": g.as_dict(),
+                    "held": reg.held.as_dict(),
+                    "grant_gpus": {t: n * gpu for t, n in g.items},
+                    "cost_per_hour": cost,
+                    "progress": dict(reg.progress),
+                    "last_heartbeat_age_s": self.clock.now() - reg.last_heartbeat_s,
+                }
+            )
+        total_cap = sum(cap.values())
+        return {
+            "now_s": self.clock.now(),
+            "capacity": cap,
+            "nodes": nodes_by_type,
+            "granted": granted,
+            "free": {t: max(0.0, c - granted.get(t, 0.0)) for t, c in cap.items()},
+            "allocation_ratio": (sum(granted.values()) / total_cap) if total_cap else 0.0,
+            "cost_per_hour": sum(w["cost_per_hour"] for w in workloads),
+            "workloads": workloads,
+            "infeasible": [{"workload": i.workload, "reason": i.reason} for i in self._infeasible],
+            "decide_ms": self.last_decide_ms,
+            "policy": getattr(self.policy, "name", type(self.policy).__name__),
+        }
+
+    def dump_state(self) -> dict[str, Any]:
+        """Registrations, grants and policy state, JSON-able, for a restart of the actor."""
+        return {
+            "version": 1,
+            "registrations": [
+                {
+                    "spec": spec_to_dict(r.spec),
+                    "registered_s": r.registered_s,
+                    "demand_units": r.demand_units,
+                    "held": r.held.as_dict(),
+                    "progress": r.progress,
+                    "meta": r.meta,
+                    "shrink_issued_s": r.shrink_issued_s,
+                }
+                for r in self._regs.values()
+            ],
+            "grants": {n: g.as_dict() for n, g in self._grants.items()},
+            "policy_state": dict(self._policy_state.data),
+            "generation": self._generation,
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Loads a ``dump_state()``. Heartbeat ages restart from now: downtime is not silence."""
+        if state.get("version") != 1:
+            raise ValueError(f"arbiter state version {state.get('version')!r} is not supported (valid: 1)")
+        now = self.clock.now()
+        self._regs = {}
+        for r in state["registrations"]:
+            spec = spec_from_dict(r["spec"])
+            self._regs[spec.name] = _Registration(
+                spec=spec,
+                registered_s=r["registered_s"],
+                last_heartbeat_s=now,
+                demand_units=r["demand_units"],
+                held=Allocation.of(r["held"]),
+                progress=dict(r.get("progress") or {}),
+                meta=dict(r.get("meta") or {}),
+                shrink_issued_s=r.get("shrink_issued_s"),
+            )
+        self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
+        self._policy_state = PolicyState(dict(state.get("policy_state") or {}))
+        self._generation = int(state.get("generation", 0))
+        self._dirty = True
+
+    # -------------------------------------------------------------------------------------- private
+
+    def _view(self, name: WorkloadName) -> GrantView:
+        reg = self._regs.get(name)
+        if reg is None:
+            return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
+        reason = next((i.reason for i in self._infeasible if i.workload == name), None)
+        release_by = None
+        if reg.shrink_issued_s is not None:
+            release_by = reg.shrink_issued_s + self._grace_s(reg.spec)
+        return GrantView(
+            name, self._grants.get(name, EMPTY), True, reason, release_by, self._generation
+        )
+
+    def _grace_s(self, spec: WorkloadSpec) -> float:
+        if isinstance(spec, ServiceSpec):
+            return self.config.default_yield_grace_s
+        return spec.yield_grace_s
+
+    def _commit(self, new_grants: Mapping[WorkloadName, Allocation], decision: PolicyDecision, now: float) -> None:
+        changed = False
+        for name, reg in self._regs.items():
+            old = self._grants.get(name, EMPTY)
+            new = new_grants.get(name, EMPTY)
+            if new == old:
+                continue
+            changed = True
+            kind = "shrink" if new.total() < old.total() else "grow"
+            self._record(ArbiterEvent(now, kind, name, {"from": old.as_dict(), "to": new.as_dict()}))
+            if new:
+                self._grants[name] = new
+            else:
+                self._grants.pop(name, None)
+            if _exceeds(reg.held, new) and reg.shrink_issued_s is None:
+                reg.shrink_issued_s = now
+            elif not _exceeds(reg.held, new):
+                reg.shrink_issued_s = None
+        for r in decision.reclaims:
+            self._record(
+                ArbiterEvent(
+                    now,
+                    "reclaim",
+                    r.donor,
+                    {"recipient": r.recipient, "gpu_type": r.gpu_type, "units": r.units},
+                )
+            )
+        for inf in decision.infeasible:
+            if inf.workload in self._regs:
+                self._record(ArbiterEvent(now, "infeasible", inf.workload, {"reason": inf.reason}))
+        if changed:
+            self._generation += 1
+
+    def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:
+        if reg.shrink_issued_s is not None and not _exceeds(reg.held, self._grants.get(name, EMPTY)):
+            duration = now - reg.shrink_issued_s
+            self.reclaim_durations_s.append(duration)
+            self._record(ArbiterEvent(now, "released", name, {"reclaim_s": duration}))
+            reg.shrink_issued_s = None
+
+    def _enforce_grace(self, now: float) -> None:
+        for name, reg in self._regs.items():
+            if reg.shrink_issued_s is None:
+                continue
+            if now - reg.shrink_issued_s < self._grace_s(reg.spec):
+                continue
+            grant = self._grants.get(name, EMPTY)
+            logger.warning(
+                "workload %s kept %s past its yield grace (grant %s): stopping it by force",
+                name, reg.held, grant,
+            )
+            self.backend.force_release(name, reg.spec, dict(reg.meta))
+            self.reclaim_durations_s.append(now - reg.shrink_issued_s)
+            self._record(ArbiterEvent(now, "forced", name, {"held": reg.held.as_dict(), "grant": grant.as_dict()}))
+            # The backend stopped it: what it held beyond the grant is free from now on.
+            reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in reg.held.items})
+            reg.shrink_issued_s = None
+            self._dirty = True
+
+    def _record(self, event: ArbiterEvent) -> None:
+        self._events.append(event)
+        self._pending_events.append(event)
+        if event.kind in ("shrink", "forced", "expired", "infeasible"):
+            logger.info("%s %s %s", event.kind, event.workload, dict(event.detail))
+
+
+def _exceeds(held: Allocation, grant: Allocation) -> bool:
+    return any(n > grant.get(t) for t, n in held.items)
+
+
+# ----------------------------------------------------------------------------------------- the planner
+
+
+def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[WorkloadName, Allocation]:
+    """Turns the policy's targets into grants that never hand out a GPU someone still holds.
+
+    Per GPU type: every shrink takes effect at once; then growth is granted, in the order of the
+    decision (services first, then by priority), only into GPUs that are free counting what each
+    workload *holds or is granted*, whichever is more.
+
+    Example: 8 H100s; job J holds 8 and its target drops to 4; service S targets 4. After this tick J's
+    grant is 4 but J still holds 8, so S gets 0. When J's heartbeat reports held 4, the next tick
+    grants S its 4.
+    """
+    cap = snapshot.capacity_by_type()
+    by_name = {w.name: w for w in snapshot.workloads}
+    grants: dict[WorkloadName, dict[GpuType, int]] = {}
+    used: dict[GpuType, float] = {}
+    growers: list[tuple[WorkloadSnapshot, GpuType, int]] = []
+    for w in snapshot.workloads:
+        g = w.spec.gpus_per_unit
+        current = snapshot.grant_of(w.name)
+        target = decision.target_of(w.name)
+        new = {}
+        for t in set(current.types()) | set(target.types()) | set(w.held.types()):
+            cur_n, tgt_n, held_n = current.get(t), target.get(t), w.held.get(t)
+            if tgt_n > cur_n:
+                growers.append((w, t, tgt_n - cur_n))
+            kept = min(cur_n, tgt_n)
+            if kept:
+                new[t] = kept
+            used[t] = used.get(t, 0.0) + max(kept, held_n) * g
+        grants[w.name] = new
+    growers.sort(key=lambda x: _grow_order(x[0]))
+    for w, t, want in growers:
+        g = w.spec.gpus_per_unit
+        have = grants[w.name].get(t, 0)
+        held_n = w.held.get(t)
+        free = cap.get(t, 0.0) - used.get(t, 0.0)
+        # Units already counted through `held` cost nothing extra.
+        covered = max(0, held_n - have)
+        k = min(want, covered + max(0, math.floor((free + EPS) / g)) if g > 0 else want)
+        if k <= 0:
+            continue
+        extra = max(0, have + k - max(have, held_n))
+        used[t] = used.get(t, 0.0) + extra * g
+        grants[w.name][t] = have + k
+    return {n: Allocation.of(d) for n, d in grants.items() if n in by_name and any(d.values())}
+
+
+def _grow_order(w: WorkloadSnapshot) -> tuple:
+    return (0 if w.kind is WorkloadKind.SERVICE else 1, -w.spec.priority, w.registered_s, w.name)

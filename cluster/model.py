@@ -1,0 +1,234 @@
+"""The cluster model: what the arbiter observes, what workloads ask for, what it grants.
+
+Pure data: no Ray, no torch, no wall clock. Every quantity is keyed by GPU type, the value of the node
+label ``ray.io/accelerator-type`` (a plain string, so new hardware needs no code change).
+
+Grants and holdings are counted in *units*: replicas for a service, workers for a training job. A unit
+needs ``gpus_per_unit`` GPUs of one type (fractional for services, e.g. 0.5). GPUs are derived, never
+stored, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+GPU_TYPE_LABEL = "ray.io/accelerator-type"
+
+GpuType = str
+WorkloadName = str
+
+
+class WorkloadKind(enum.StrEnum):
+    SERVICE = "service"
+    TRAINING = "training"
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """Units per GPU type, e.g. ``Allocation.of(H100=2, A100=1)``: two units on H100s, one on A100s.
+
+    Stored as a sorted tuple of ``(gpu_type, units)`` with no zero entries, so that equal allocations
+    compare and hash equal.
+    """
+
+    items: tuple[tuple[GpuType, int], ...] = ()
+
+    @staticmethod
+    def of(mapping: Mapping[GpuType, int] | None = None, **units: int) -> Allocation:
+        merged: dict[GpuType, int] = dict(mapping or {})
+        merged.update(units)
+        for gpu_type, n in merged.items():
+            if n < 0:
+                raise ValueError(f"units for {gpu_type!r} must be >= 0, got {n}")
+        return Allocation(tuple(sorted((t, int(n)) for t, n in merged.items() if n)))
+
+    def get(self, gpu_type: GpuType) -> int:
+        for t, n in self.items:
+            if t == gpu_type:
+                return n
+        return 0
+
+    def total(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def types(self) -> tuple[GpuType, ...]:
+        return tuple(t for t, _ in self.items)
+
+    def as_dict(self) -> dict[GpuType, int]:
+        return dict(self.items)
+
+    def with_units(self, gpu_type: GpuType, units: int) -> Allocation:
+        d = self.as_dict()
+        d[gpu_type] = units
+        return Allocation.of(d)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(f"{t}: {n}" for t, n in self.items) + "}"
+
+
+EMPTY = Allocation()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """One node: its GPU type, how many GPUs it has, and whether it is alive."""
+
+    node_id: str
+    gpu_type: GpuType
+    num_gpus: float
+    healthy: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """An inference service (a Serve deployment) under Tidal.
+
+    ``gpu_types`` lists the acceptable types, most preferred first. ``priority``: higher wins.
+    """
+
+    name: WorkloadName
+    gpus_per_replica: float
+    min_replicas: int
+    max_replicas: int
+    gpu_types: tuple[GpuType, ...]
+    slo_p99_ms: float = 500.0
+    priority: int = 100
+
+    kind = WorkloadKind.SERVICE
+
+    @property
+    def gpus_per_unit(self) -> float:
+        return self.gpus_per_replica
+
+    @property
+    def min_units(self) -> int:
+        return self.min_replicas
+
+    @property
+    def max_units(self) -> int:
+        return self.max_replicas
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingJobSpec:
+    """A Ray Train job under Tidal. It runs on one GPU type at a time, preferring ``gpu_types[0]``.
+
+    ``weight`` shares free GPUs among jobs of equal priority. ``yield_grace_s`` is how long the job may
+    take to checkpoint and let GPUs go after a shrink before it is stopped by force.
+    """
+
+    name: WorkloadName
+    gpus_per_worker: float
+    min_workers: int
+    max_workers: int
+    gpu_types: tuple[GpuType, ...]
+    priority: int = 10
+    preemptible: bool = True
+    weight: float = 1.0
+    checkpoint_period_s: float = 60.0
+    yield_grace_s: float = 30.0
+
+    kind = WorkloadKind.TRAINING
+
+    @property
+    def gpus_per_unit(self) -> float:
+        return self.gpus_per_worker
+
+    @property
+    def min_units(self) -> int:
+        return self.min_workers
+
+    @property
+    def max_units(self) -> int:
+        return self.max_workers
+
+
+WorkloadSpec = ServiceSpec | TrainingJobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSnapshot:
+    """A registered workload as the arbiter sees it at one instant.
+
+    Attributes:
+        spec: what the workload asked for.
+        demand_units: replicas its load needs now (service) or the workers it can use (job).
+        held: units it reports to be using now, per GPU type. Above the grant while it releases.
+        registered_s: when it registered (first come, first served among equals).
+        seconds_since_checkpoint: work a forced stop would lose, when the job reports it.
+        running: a job that is running (holding GPUs) rather than waiting for its minimum.
+    """
+
+    spec: WorkloadSpec
+    demand_units: int
+    held: Allocation = EMPTY
+    registered_s: float = 0.0
+    seconds_since_checkpoint: float | None = None
+
+    @property
+    def name(self) -> WorkloadName:
+        return self.spec.name
+
+    @property
+    def kind(self) -> WorkloadKind:
+        return self.spec.kind
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    """Everything a policy sees: inventory, workloads with demand, and the grants in force."""
+
+    now_s: float
+    nodes: tuple[NodeSnapshot, ...]
+    workloads: tuple[WorkloadSnapshot, ...]
+    grants: Mapping[WorkloadName, Allocation] = field(default_factory=dict)
+
+    def capacity_by_type(self) -> dict[GpuType, float]:
+        cap: dict[GpuType, float] = {}
+        for n in self.nodes:
+            if n.healthy:
+                cap[n.gpu_type] = cap.get(n.gpu_type, 0.0) + n.num_gpus
+        return cap
+
+    def grant_of(self, name: WorkloadName) -> Allocation:
+        return self.grants.get(name, EMPTY)
+
+    def workload(self, name: WorkloadName) -> WorkloadSnapshot | None:
+        for w in self.workloads:
+            if w.name == name:
+                return w
+        return None
+
+
+def gpus_of(alloc: Allocation, gpus_per_unit: float) -> dict[GpuType, float]:
+    """GPUs per type that ``alloc`` occupies: 3 replicas at 0.5 GPU -> 1.5 GPUs."""
+    return {t: n * gpus_per_unit for t, n in alloc.items}
+
+
+def sum_gpus(pairs: Iterable[tuple[Allocation, float]]) -> dict[GpuType, float]:
+    """Total GPUs per type over ``(allocation, gpus_per_unit)`` pairs."""
+    out: dict[GpuType, float] = {}
+    for alloc, g in pairs:
+        for t, n in alloc.items:
+            out[t] = out.get(t, 0.0) + n * g
+    return out
+
+
+def spec_to_dict(spec: WorkloadSpec) -> dict:
+    """A JSON-able dict of a spec, tagged with its kind (for persistence and HTTP)."""
+    d = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    d["gpu_types"] = list(spec.gpu_types)
+    d["kind"] = str(spec.kind)
+    return d
+
+
+def spec_from_dict(d: Mapping) -> WorkloadSpec:
+    d = dict(d)
+    kind = WorkloadKind(d.pop("kind"))
+    d["gpu_types"] = tuple(d["gpu_types"])
+    return ServiceSpec(**d) if kind is WorkloadKind.SERVICE else TrainingJobSpec(**d)
