@@ -1,0 +1,205 @@
+"""The policy file (YAML), validated at the boundary with pydantic, and the policy it builds.
+
+Example ``policy.yaml``::
+
+    policy: tidal                  # tidal | static | ray-alone | module:attr
+    gpu_types: [H100, H200, A100, RTX4090]
+    prices_per_gpu_hour: {H100: 2.49, H200: 3.29, A100: 1.29, RTX4090: 0.34}
+    speeds: {H100: 3.0, H200: 3.6, A100: 2.0, RTX4090: 1.0}
+    headroom_fraction: 0.1
+    static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
+    guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
+    arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15}
+
+Every error names the field, the bad value and what would be valid; it is raised when the file is
+loaded (start-up), never at 3 a.m.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.arbiter import ArbiterConfig
+from policies.base import Policy, known_policies, resolve_policy
+from policies.guards import GuardConfig, GuardedPolicy
+from policies.static_split import StaticSplitConfig, StaticSplitPolicy
+from policies.tidal import TidalPolicy, TidalPolicyConfig
+
+DEFAULT_PRICES = {"H100": 2.49, "H200": 3.29, "A100": 1.29, "RTX4090": 0.34}
+DEFAULT_SPEEDS = {"H100": 3.0, "H200": 3.6, "A100": 2.0, "RTX4090": 1.0}
+
+
+class PolicyConfigError(ValueError):
+    """A policy file that cannot be used; the message says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GuardsModel(_Strict):
+    service_downscale_delay_s: float = Field(30.0, ge=0)
+    job_resize_min_interval_s: float = Field(60.0, ge=0)
+    job_growth_min_workers: int = Field(1, ge=1)
+    max_moves_per_window: int = Field(50, ge=1)
+    moves_window_s: float = Field(60.0, gt=0)
+
+
+class ArbiterModel(_Strict):
+    tick_interval_s: float = Field(1.0, gt=0, le=60)
+    registration_ttl_s: float = Field(15.0, gt=0)
+    default_yield_grace_s: float = Field(30.0, ge=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    state_path: str | None = None
+
+
+class StaticModel(_Strict):
+    serving_share: dict[str, float] = Field(default_factory=dict)
+    default_serving_share: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("serving_share")
+    @classmethod
+    def _shares_in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for t, s in v.items():
+            if not 0.0 <= s <= 1.0:
+                raise ValueError(f"serving_share[{t}] = {s}: must be between 0 and 1")
+        return v
+
+
+class PolicyConfigModel(_Strict):
+    policy: str = "tidal"
+    gpu_types: list[str] | None = Field(
+        None, description="Known GPU types (node label values); default: the keys of prices_per_gpu_hour."
+    )
+    prices_per_gpu_hour: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    speeds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPEEDS))
+    headroom_fraction: float = Field(0.1, ge=0, le=10)
+    static: StaticModel = Field(default_factory=StaticModel)
+    guards: GuardsModel = Field(default_factory=GuardsModel)
+    arbiter: ArbiterModel = Field(default_factory=ArbiterModel)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if ":" in v:
+            return v  # a module:attr path is resolved (and its import checked) in build_policy
+        if v not in known_policies():
+            raise ValueError(f"unknown policy {v!r}; valid: {', '.join(known_policies())} or 'module:attr'")
+        return v
+
+    @field_validator("prices_per_gpu_hour")
+    @classmethod
+    def _prices_non_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        for t, p in v.items():
+            if p < 0:
+                raise ValueError(f"price for {t} is {p}: must be >= 0 ($ per GPU-hour)")
+        return v
+
+    @field_validator("speeds")
+    @classmethod
+    def _speeds_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for t, s in v.items():
+            if s <= 0:
+                raise ValueError(f"speed for {t} is {s}: must be > 0 (relative throughput)")
+        return v
+
+    @model_validator(mode="after")
+    def _types_known(self) -> PolicyConfigModel:
+        known = set(self.known_gpu_types)
+        for field_name, mapping in (
+            ("prices_per_gpu_hour", self.prices_per_gpu_hour),
+            ("speeds", self.speeds),
+            ("static.serving_share", self.static.serving_share),
+        ):
+            for t in mapping:
+                if t not in known:
+                    raise ValueError(
+                        f"{field_name}: unknown GPU type {t!r}; valid: {', '.join(sorted(known))} "
+                        "(add it to gpu_types)"
+                    )
+        return self
+
+    @property
+    def known_gpu_types(self) -> list[str]:
+        return list(self.gpu_types) if self.gpu_types is not None else list(self.prices_per_gpu_hour)
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid policy config {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_policy_config(data: Any, source: str = "<dict>") -> PolicyConfigModel:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PolicyConfigError(f"invalid policy config {source}: expected a mapping, got {type(data).__name__}")
+    try:
+        return PolicyConfigModel.model_validate(data)
+    except ValidationError as e:
+        raise PolicyConfigError(_format_error(e, source)) from None
+
+
+def load_policy_config(path: str | Path | None) -> PolicyConfigModel:
+    """Reads and validates a policy file; ``None`` gives the defaults."""
+    if path is None:
+        return PolicyConfigModel()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise PolicyConfigError(f"cannot read policy config {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyConfigError(f"policy config {p} is not valid YAML: {e}") from None
+    return parse_policy_config(data, str(p))
+
+
+def build_policy(cfg: PolicyConfigModel) -> GuardedPolicy:
+    """The configured policy, wrapped in the guards."""
+    inner: Policy
+    if cfg.policy == "tidal":
+        inner = TidalPolicy(TidalPolicyConfig(cfg.headroom_fraction, dict(cfg.speeds)))
+    elif cfg.policy == "static":
+        inner = StaticSplitPolicy(
+            StaticSplitConfig(
+                dict(cfg.static.serving_share),
+                cfg.static.default_serving_share,
+                cfg.headroom_fraction,
+                dict(cfg.speeds),
+            )
+        )
+    else:
+        try:
+            inner = resolve_policy(cfg.policy)()
+        except (ValueError, TypeError) as e:
+            raise PolicyConfigError(f"policy: {e}") from None
+        if not hasattr(inner, "decide"):
+            raise PolicyConfigError(f"policy: {cfg.policy!r} built {type(inner).__name__}, which has no decide()")
+    g = cfg.guards
+    return GuardedPolicy(
+        inner,
+        GuardConfig(
+            g.service_downscale_delay_s,
+            g.job_resize_min_interval_s,
+            g.job_growth_min_workers,
+            g.max_moves_per_window,
+            g.moves_window_s,
+        ),
+    )
+
+
+def arbiter_config(cfg: PolicyConfigModel) -> ArbiterConfig:
+    a = cfg.arbiter
+    return ArbiterConfig(registration_ttl_s=a.registration_ttl_s, default_yield_grace_s=a.default_yield_grace_s)

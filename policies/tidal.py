@@ -1,0 +1,221 @@
+"""The default Tidal policy: serving gets what its load needs, training gets the rest.
+
+1. Services get the replicas their demand needs, plus headroom, on their preferred GPU types first,
+   into free GPUs first.
+2. When free GPUs run out, a service reclaims from training: on the types it accepts (most preferred
+   first), from preemptible jobs of lower priority, lowest priority first, units above a job's minimum
+   before any job is stopped, cheapest loss first (the job whose shrink alone covers the need, then the
+   least work since its last checkpoint).
+3. Training gets the rest, by priority; within a priority, waiting jobs get their minimum first, then
+   free GPUs are shared by weight. A job runs on one GPU type at a time and keeps it; a new job goes to
+   the accepted type where it runs fastest (a per-type speed table, Gavel's idea) among those that fit.
+   A higher-priority waiting job may stop lower-priority preemptible jobs to get its minimum.
+
+Non-preemptible jobs are never reclaimed. Growth is batched by the guards (``policies.guards``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from cluster.model import ClusterSnapshot, GpuType, TrainingJobSpec, WorkloadSnapshot
+from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
+from policies.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class TidalPolicyConfig:
+    """Knobs of the default policy.
+
+    Attributes:
+        headroom_fraction: extra replicas above demand, rounded down: 0.1 turns 10 into 11, 1 into 1.
+        speeds: relative training throughput per GPU type (H100 3.0 means 3x an RTX4090 at 1.0).
+        default_speed: speed of a type missing from ``speeds``.
+    """
+
+    headroom_fraction: float = 0.1
+    speeds: Mapping[GpuType, float] = field(default_factory=dict)
+    default_speed: float = 1.0
+
+
+def service_want(w: WorkloadSnapshot, headroom_fraction: float) -> int:
+    """Replicas a service should have: demand plus headroom, within its min and max.
+
+    Example: demand 10, headroom 0.1, min 1, max 8 -> min(max(10 + 1, 1), 8) = 8.
+    """
+    d = w.demand_units
+    return min(max(d + int(d * headroom_fraction), w.spec.min_units), w.spec.max_units)
+
+
+def job_want(w: WorkloadSnapshot) -> int:
+    return min(max(w.demand_units, 0), w.spec.max_units)
+
+
+@register_policy("tidal")
+class TidalPolicy:
+    name = "tidal"
+
+    def __init__(self, config: TidalPolicyConfig | None = None) -> None:
+        self.config = config or TidalPolicyConfig()
+
+    def speed(self, gpu_type: GpuType) -> float:
+        return self.config.speeds.get(gpu_type, self.config.default_speed)
+
+    def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
+        ws = Workspace(snapshot)
+        want = {w.name: service_want(w, self.config.headroom_fraction) for w in ws.services()}
+        shrink_to_want(ws, want)
+        fill_services(ws, want, reclaim=True)
+        fill_training(ws, self.speed, preempt=True)
+        return ws.decision(), state
+
+
+# ------------------------------------------------------------------------------ shared building blocks
+
+
+def _by_priority(ws_list: list[WorkloadSnapshot]) -> list[WorkloadSnapshot]:
+    return sorted(ws_list, key=lambda w: (-w.spec.priority, w.registered_s, w.name))
+
+
+def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
+    """Gives back what services and jobs no longer want, least preferred types first."""
+    for w in ws.workloads.values():
+        target = service_wants[w.name] if w.name in service_wants else job_want(w)
+        excess = ws.units(w.name) - target
+        for t in reversed(w.spec.gpu_types):
+            if excess <= 0:
+                break
+            excess -= ws.shrink(w.name, t, excess)
+
+
+def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> None:
+    """Grows services to ``want``: free GPUs first (preferred types first), then, if ``reclaim``,
+    GPUs taken from lower-priority preemptible training jobs."""
+    for s in _by_priority(ws.services()):
+        need = want[s.name] - ws.units(s.name)
+        if need <= 0:
+            continue
+        for t in s.spec.gpu_types:
+            need -= ws.place(s.name, t, need)
+            if need <= 0:
+                break
+        if need > 0 and reclaim:
+            for t in s.spec.gpu_types:
+                donors = _donors(ws, t, below_priority=s.spec.priority, needed_gpus=need * s.spec.gpus_per_unit)
+                if donors:
+                    need -= ws.reclaim_for(s.name, t, need, donors, donors)
+                if need <= 0:
+                    break
+        if need > 0:
+            ws.infeasible.append(
+                Infeasible(
+                    s.name,
+                    f"wants {want[s.name]} replicas of {s.spec.gpus_per_unit:g} GPU on "
+                    f"{'/'.join(s.spec.gpu_types)}, has {ws.units(s.name)}: no free or reclaimable GPUs",
+                )
+            )
+
+
+def _donors(ws: Workspace, gpu_type: GpuType, below_priority: int, needed_gpus: float) -> list[str]:
+    """Preemptible jobs on ``gpu_type`` with lower priority, cheapest loss first.
+
+    Order: lowest priority; then a job that covers the whole need by itself (fewest jobs disturbed);
+    then the least work since its last checkpoint; then the newest job.
+    """
+    cands = []
+    for w in ws.jobs():
+        spec = w.spec
+        assert isinstance(spec, TrainingJobSpec)
+        have = ws.units_on(w.name, gpu_type)
+        if not have or not spec.preemptible or spec.priority >= below_priority:
+            continue
+        spare_gpus = (have - min(have, spec.min_units)) * spec.gpus_per_unit
+        covers = spare_gpus + 1e-9 >= needed_gpus
+        cands.append(
+            (spec.priority, 0 if covers else 1, w.seconds_since_checkpoint or 0.0, -w.registered_s, w.name)
+        )
+    cands.sort()
+    return [c[-1] for c in cands]
+
+
+def fill_training(
+    ws: Workspace,
+    speed: Callable[[GpuType], float],
+    *,
+    preempt: bool,
+    order: Callable[[WorkloadSnapshot], tuple] | None = None,
+) -> None:
+    """Gives training the GPUs left, priority level by priority level.
+
+    Within a level: waiting jobs first get their minimum on the fastest accepted type that fits (with
+    ``preempt``, by stopping lower-priority preemptible jobs if nothing fits); then every job on a type
+    grows into that type's free GPUs, shared by weight. ``order`` replaces priority order (FCFS).
+    """
+    jobs = ws.jobs()
+    if order is not None:
+        levels = [sorted(jobs, key=order)]
+    else:
+        jobs = _by_priority(jobs)
+        levels = [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+    for level in levels:
+        for w in level:
+            if ws.units(w.name) == 0 and job_want(w) > 0:
+                _start_job(ws, w, speed, preempt)
+        _grow_weighted(ws, level)
+
+
+def _start_job(ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], float], preempt: bool) -> None:
+    spec = w.spec
+    want = job_want(w)
+    need = max(1, spec.min_units)
+    best = None
+    for i, t in enumerate(spec.gpu_types):
+        fit = ws.fits(t, spec.gpus_per_unit)
+        if fit >= need:
+            score = (speed(t) * min(want, fit), -i)
+            if best is None or score > best[0]:
+                best = (score, t)
+    if best is not None:
+        ws.place(w.name, best[1], want)
+        return
+    if preempt:
+        for t in sorted(spec.gpu_types, key=lambda t: -speed(t)):
+            donors = _donors(ws, t, below_priority=spec.priority, needed_gpus=need * spec.gpus_per_unit)
+            reclaimable = sum(ws.units_on(d, t) * ws.workloads[d].spec.gpus_per_unit for d in donors)
+            if ws.free_gpus(t) + reclaimable + 1e-9 < need * spec.gpus_per_unit:
+                continue
+            cp = ws.checkpoint()
+            if ws.reclaim_for(w.name, t, need, donors, donors) >= need:
+                return
+            ws.rollback(cp)
+    ws.infeasible.append(
+        Infeasible(
+            w.name,
+            f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
+            f"{'/'.join(spec.gpu_types)}; not enough free GPUs",
+        )
+    )
+
+
+def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
+    """Shares each type's free GPUs among the growing jobs of one level, in proportion to weight.
+
+    Example: 6 free H100s, jobs A (weight 2) and B (weight 1), 1 GPU per worker, both wanting 10 more:
+    A gets 4, B gets 2 in the first pass; a second pass hands out what rounding left.
+    """
+    by_type: dict[GpuType, list[WorkloadSnapshot]] = {}
+    for w in level:
+        t = ws.job_type(w.name)
+        if t is not None and ws.units(w.name) < job_want(w):
+            by_type.setdefault(t, []).append(w)
+    for t, growers in by_type.items():
+        free = ws.free_gpus(t)
+        total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]
+        growers.sort(key=lambda w: (ws.units(w.name) / max(w.spec.weight, 1e-9), w.registered_s, w.name))
+        for w in growers:
+            share = int(free * max(w.spec.weight, 1e-9) / total_w / w.spec.gpus_per_unit)
+            ws.place(w.name, t, min(share, job_want(w) - ws.units(w.name)))
+        for w in growers:
+            ws.place(w.name, t, job_want(w) - ws.units(w.name))

@@ -1,0 +1,236 @@
+"""A scratch allocation that policies build their decision in.
+
+It starts from the grants in force (policies are sticky: a job keeps its GPU type and its workers
+unless something with a better claim needs them), trims what no longer fits the healthy nodes, and
+offers the moves every policy is made of: place units into free GPUs, and shrink a donor so that a
+recipient fits. Packing is per node (``TypePacker``), so a grant is always placeable.
+
+Protection order (what survives a shortage, first to last):
+  0. non-preemptible jobs, 1. service minimums, 2. job minimums, 3. services above their minimum,
+  4. jobs above their minimum (higher priority first; within a priority, more work at stake first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from cluster.model import (
+    Allocation,
+    ClusterSnapshot,
+    GpuType,
+    TrainingJobSpec,
+    WorkloadKind,
+    WorkloadName,
+    WorkloadSnapshot,
+)
+from policies.base import Infeasible, PolicyDecision, Reclaim
+from policies.packing import TypePacker
+
+
+def protection_key(w: WorkloadSnapshot, above_min: bool) -> tuple:
+    spec = w.spec
+    loss = w.seconds_since_checkpoint or 0.0
+    if isinstance(spec, TrainingJobSpec):
+        if not spec.preemptible:
+            return (0, -spec.priority, w.registered_s, w.name)
+        if not above_min:
+            return (2, -spec.priority, w.registered_s, w.name)
+        return (4, -spec.priority, -loss, w.registered_s, w.name)
+    return (3 if above_min else 1, -spec.priority, w.registered_s, w.name)
+
+
+class Workspace:
+    """Working allocation: units per workload and GPU type, with per-type packers of what is free."""
+
+    def __init__(self, snapshot: ClusterSnapshot, known: Iterable[WorkloadSnapshot] | None = None) -> None:
+        self.snapshot = snapshot
+        self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
+            w.name: w for w in (snapshot.workloads if known is None else known)
+        }
+        self.node_gpus: dict[GpuType, list[float]] = {}
+        for n in snapshot.nodes:
+            if n.healthy and n.num_gpus > 0:
+                self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
+        self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
+        for name, w in self.workloads.items():
+            current = snapshot.grant_of(name)
+            cur = {t: n for t, n in current.items if t in self.node_gpus and t in w.spec.gpu_types}
+            # Never above the workload's max; a job holds one type only.
+            _clip_total(cur, w.spec.max_units, w.spec.gpu_types)
+            if isinstance(w.spec, TrainingJobSpec) and len(cur) > 1:
+                keep = max(cur, key=lambda t: (cur[t], -w.spec.gpu_types.index(t)))
+                cur = {keep: cur[keep]}
+            self.alloc[name] = cur
+        self.packers: dict[GpuType, TypePacker] = {}
+        self.reclaims: list[Reclaim] = []
+        self.infeasible: list[Infeasible] = []
+        for t in self.node_gpus:
+            self.repack(t)
+
+    # -------------------------------------------------------------------------------- inspection
+
+    def units(self, name: WorkloadName) -> int:
+        return sum(self.alloc[name].values())
+
+    def units_on(self, name: WorkloadName, gpu_type: GpuType) -> int:
+        return self.alloc[name].get(gpu_type, 0)
+
+    def job_type(self, name: WorkloadName) -> GpuType | None:
+        a = self.alloc[name]
+        return next(iter(a)) if a else None
+
+    def free_gpus(self, gpu_type: GpuType) -> float:
+        p = self.packers.get(gpu_type)
+        return p.free_gpus if p else 0.0
+
+    def fits(self, gpu_type: GpuType, unit_gpus: float) -> int:
+        p = self.packers.get(gpu_type)
+        return p.max_units(unit_gpus) if p else 0
+
+    # ------------------------------------------------------------------------------------- moves
+
+    def place(self, name: WorkloadName, gpu_type: GpuType, n: int) -> int:
+        """Adds up to ``n`` units of ``name`` on ``gpu_type`` into free GPUs; returns how many."""
+        p = self.packers.get(gpu_type)
+        if p is None or n <= 0:
+            return 0
+        placed = p.place(self.workloads[name].spec.gpus_per_unit, n)
+        if placed:
+            a = self.alloc[name]
+            a[gpu_type] = a.get(gpu_type, 0) + placed
+        return placed
+
+    def shrink(self, name: WorkloadName, gpu_type: GpuType, n: int, *, repack: bool = True) -> int:
+        a = self.alloc[name]
+        k = min(n, a.get(gpu_type, 0))
+        if k <= 0:
+            return 0
+        a[gpu_type] -= k
+        if a[gpu_type] == 0:
+            del a[gpu_type]
+        if repack:
+            self.repack(gpu_type)
+        return k
+
+    def repack(self, gpu_type: GpuType) -> None:
+        """Packs everything allocated on ``gpu_type`` from scratch in protection order; trims misfits.
+
+        Trimming only happens when capacity shrank (a node died): the least protected units go first.
+        """
+        p = TypePacker(self.node_gpus.get(gpu_type, ()))
+        groups = []
+        for name, a in self.alloc.items():
+            n = a.get(gpu_type, 0)
+            if not n:
+                continue
+            w = self.workloads[name]
+            min_here = self._min_part_on(w, gpu_type, n)
+            if min_here:
+                groups.append((protection_key(w, False), name, min_here))
+            if n - min_here:
+                groups.append((protection_key(w, True), name, n - min_here))
+        groups.sort(key=lambda g: g[0])
+        for _, name, n in groups:
+            placed = p.place(self.workloads[name].spec.gpus_per_unit, n)
+            if placed < n:
+                a = self.alloc[name]
+                a[gpu_type] -= n - placed
+                if a[gpu_type] == 0:
+                    del a[gpu_type]
+        self.packers[gpu_type] = p
+
+    def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
+        """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.
+
+        A service's minimum is counted on its preferred types first.
+        """
+        need = w.spec.min_units
+        for t in w.spec.gpu_types:
+            here = self.alloc[w.name].get(t, 0)
+            if t == gpu_type:
+                return min(n, need)
+            need = max(0, need - here)
+        return 0
+
+    def reclaim_for(
+        self,
+        recipient: WorkloadName,
+        gpu_type: GpuType,
+        units: int,
+        donors: list[WorkloadName],
+        allow_below_min: list[WorkloadName],
+    ) -> int:
+        """Shrinks donors on ``gpu_type`` until ``units`` of ``recipient`` fit; places them.
+
+        Donors are taken in the order given (the policy orders them cheapest loss first): first their
+        units above minimum, then, for those in ``allow_below_min``, their whole minimum (the job stops
+        and waits). Returns the units placed for the recipient.
+        """
+        unit_gpus = self.workloads[recipient].spec.gpus_per_unit
+        placed = self.place(recipient, gpu_type, units)
+        passes = [(d, False) for d in donors] + [(d, True) for d in allow_below_min]
+        for donor, below_min in passes:
+            if placed >= units:
+                break
+            have = self.units_on(donor, gpu_type)
+            spec = self.workloads[donor].spec
+            floor = 0 if below_min else min(have, spec.min_units)
+            spare = have - floor
+            if spare <= 0:
+                continue
+            missing_gpus = (units - placed) * unit_gpus - 0.0
+            take = min(spare, max(1, math.ceil(missing_gpus / spec.gpus_per_unit - 1e-9)))
+            if below_min:
+                take = spare  # below its minimum a job cannot run: it gives all back
+            self.shrink(donor, gpu_type, take)
+            got = self.place(recipient, gpu_type, units - placed)
+            if got == 0 and not below_min and spare > take:
+                # Fragmentation: the freed GPUs sit on nodes where the unit does not fit; free more.
+                more = spare - take
+                self.shrink(donor, gpu_type, more)
+                take += more
+                got = self.place(recipient, gpu_type, units - placed)
+            placed += got
+            self.reclaims.append(Reclaim(donor, recipient, gpu_type, take))
+        return placed
+
+    def checkpoint(self) -> tuple:
+        """A copy of the mutable state, for a move that must be all or nothing."""
+        return (
+            {n: dict(a) for n, a in self.alloc.items()},
+            {t: p.copy() for t, p in self.packers.items()},
+            len(self.reclaims),
+        )
+
+    def rollback(self, cp: tuple) -> None:
+        alloc, packers, num_reclaims = cp
+        self.alloc = {n: dict(a) for n, a in alloc.items()}
+        self.packers = {t: p.copy() for t, p in packers.items()}
+        del self.reclaims[num_reclaims:]
+
+    # ------------------------------------------------------------------------------------ result
+
+    def decision(self) -> PolicyDecision:
+        targets = {n: Allocation.of(a) for n, a in self.alloc.items() if a}
+        return PolicyDecision(targets, tuple(self.infeasible), tuple(self.reclaims))
+
+    def services(self) -> list[WorkloadSnapshot]:
+        return [w for w in self.workloads.values() if w.kind is WorkloadKind.SERVICE]
+
+    def jobs(self) -> list[WorkloadSnapshot]:
+        return [w for w in self.workloads.values() if w.kind is WorkloadKind.TRAINING]
+
+
+def _clip_total(a: dict[GpuType, int], max_units: int, order: tuple[GpuType, ...]) -> None:
+    """Trims ``a`` to ``max_units`` in total, dropping units on the least preferred types first."""
+    excess = sum(a.values()) - max_units
+    for t in reversed(order):
+        if excess <= 0:
+            break
+        k = min(excess, a.get(t, 0))
+        if k:
+            a[t] -= k
+            excess -= k
+            if a[t] == 0:
+                del a[t]
