@@ -300,11 +300,11 @@ class ResourceArbiter:
         """One round of the outer loop.
 
         1. Observe the inventory.
-        2. Expire workloads whose heartbeats stopped.
+        2. Expire workloads whose heartbeats stopped; stop by force a workload that kept GPUs past
+           its yield grace (what it held beyond its grant is free from then on).
         3. Decide: the policy's target grants from a snapshot.
         4. Plan: shrink at once, grow only into GPUs that no holder still uses (release before grant).
-        5. Enforce: stop by force a workload that kept GPUs past its yield grace.
-        6. Apply the grants, and record what happened.
+        5. Apply the grants, and record what happened.
         """
         self._dirty = False
         now = self.clock.now()
@@ -316,6 +316,7 @@ class ResourceArbiter:
                 del self._regs[name]
                 self._grants.pop(name, None)
                 self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
+        self._enforce_grace(now)
         # 3. decide
         snapshot = self.snapshot()
         t0 = time.perf_counter()
@@ -325,9 +326,7 @@ class ResourceArbiter:
         # 4. plan
         new_grants = plan_grants(snapshot, decision)
         self._commit(new_grants, decision, now)
-        # 5. enforce
-        self._enforce_grace(now)
-        # 6. apply and record
+        # 5. apply and record
         self.backend.apply(dict(self._grants))
         events = tuple(self._pending_events)
         self._pending_events.clear()

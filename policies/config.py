@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.arbiter import ArbiterConfig
+from cluster.specs import format_validation_error
 from policies.base import Policy, known_policies, resolve_policy
 from policies.guards import GuardConfig, GuardedPolicy
 from policies.static_split import StaticSplitConfig, StaticSplitPolicy
@@ -128,17 +129,6 @@ class PolicyConfigModel(_Strict):
         return list(self.gpu_types) if self.gpu_types is not None else list(self.prices_per_gpu_hour)
 
 
-def _format_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid policy config {source}:"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
-
-
 def parse_policy_config(data: Any, source: str = "<dict>") -> PolicyConfigModel:
     if data is None:
         data = {}
@@ -147,7 +137,7 @@ def parse_policy_config(data: Any, source: str = "<dict>") -> PolicyConfigModel:
     try:
         return PolicyConfigModel.model_validate(data)
     except ValidationError as e:
-        raise PolicyConfigError(_format_error(e, source)) from None
+        raise PolicyConfigError(format_validation_error(e, f"policy config {source}")) from None
 
 
 def load_policy_config(path: str | Path | None) -> PolicyConfigModel:

@@ -27,5 +27,5 @@ class FcfsPolicy:
         shrink_to_want(ws, want)
         # One queue for everyone, in arrival order: a service's new replicas wait behind earlier jobs.
         fill_services(ws, want, reclaim=False)
-        fill_training(ws, lambda t: 1.0, preempt=False, order=lambda w: (w.registered_s, w.name))
+        fill_training(ws, lambda t: 1.0, preempt=False, greedy=True, order=lambda w: (w.registered_s, w.name))
         return ws.decision(), state

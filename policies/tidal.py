@@ -66,9 +66,14 @@ class TidalPolicy:
     def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
         ws = Workspace(snapshot)
         want = {w.name: service_want(w, self.config.headroom_fraction) for w in ws.services()}
+        # 1. What nobody wants any more goes back.
         shrink_to_want(ws, want)
+        # 2. Minimums first, services' then jobs', so that every minimum holds while the cluster can
+        #    hold them all; 3. then services grow to their want; 4. then training grows into the rest.
+        fill_services(ws, {w.name: min(want[w.name], w.spec.min_units) for w in ws.services()}, reclaim=True)
+        start_jobs(ws, self.speed, preempt=True)
         fill_services(ws, want, reclaim=True)
-        fill_training(ws, self.speed, preempt=True)
+        grow_jobs(ws)
         return ws.decision(), state
 
 
@@ -92,7 +97,7 @@ def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
 
 def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> None:
     """Grows services to ``want``: free GPUs first (preferred types first), then, if ``reclaim``,
-    GPUs taken from lower-priority preemptible training jobs."""
+    GPUs above their minimum taken from lower-priority preemptible training jobs."""
     for s in _by_priority(ws.services()):
         need = want[s.name] - ws.units(s.name)
         if need <= 0:
@@ -105,7 +110,7 @@ def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> N
             for t in s.spec.gpu_types:
                 donors = _donors(ws, t, below_priority=s.spec.priority, needed_gpus=need * s.spec.gpus_per_unit)
                 if donors:
-                    need -= ws.reclaim_for(s.name, t, need, donors, donors)
+                    need -= ws.reclaim_for(s.name, t, need, donors, [])
                 if need <= 0:
                     break
         if need > 0:
@@ -140,33 +145,55 @@ def _donors(ws: Workspace, gpu_type: GpuType, below_priority: int, needed_gpus: 
     return [c[-1] for c in cands]
 
 
+def _levels(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[list[WorkloadSnapshot]]:
+    if order is not None:
+        return [sorted(ws.jobs(), key=order)]
+    jobs = _by_priority(ws.jobs())
+    return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+
+
+def start_jobs(
+    ws: Workspace,
+    speed: Callable[[GpuType], float],
+    *,
+    preempt: bool,
+    greedy: bool = False,
+    order: Callable[[WorkloadSnapshot], tuple] | None = None,
+) -> None:
+    """Starts waiting jobs, priority level by priority level (or in ``order``, e.g. arrival).
+
+    A job gets its minimum on the fastest accepted type that fits (``greedy``: everything it wants
+    there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
+    lower-priority preemptible jobs, taking their units above minimum first.
+    """
+    for level in _levels(ws, order):
+        for w in level:
+            if ws.units(w.name) == 0 and job_want(w) > 0:
+                _start_job(ws, w, speed, preempt, greedy)
+
+
+def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None = None) -> None:
+    """Grows running jobs into the free GPUs of their type, level by level, shared by weight."""
+    for level in _levels(ws, order):
+        _grow_weighted(ws, level)
+
+
 def fill_training(
     ws: Workspace,
     speed: Callable[[GpuType], float],
     *,
     preempt: bool,
+    greedy: bool = False,
     order: Callable[[WorkloadSnapshot], tuple] | None = None,
 ) -> None:
-    """Gives training the GPUs left, priority level by priority level.
-
-    Within a level: waiting jobs first get their minimum on the fastest accepted type that fits (with
-    ``preempt``, by stopping lower-priority preemptible jobs if nothing fits); then every job on a type
-    grows into that type's free GPUs, shared by weight. ``order`` replaces priority order (FCFS).
-    """
-    jobs = ws.jobs()
-    if order is not None:
-        levels = [sorted(jobs, key=order)]
-    else:
-        jobs = _by_priority(jobs)
-        levels = [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
-    for level in levels:
-        for w in level:
-            if ws.units(w.name) == 0 and job_want(w) > 0:
-                _start_job(ws, w, speed, preempt)
-        _grow_weighted(ws, level)
+    """Starts waiting jobs, then grows running ones (see ``start_jobs`` and ``grow_jobs``)."""
+    start_jobs(ws, speed, preempt=preempt, greedy=greedy, order=order)
+    grow_jobs(ws, order)
 
 
-def _start_job(ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], float], preempt: bool) -> None:
+def _start_job(
+    ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], float], preempt: bool, greedy: bool
+) -> None:
     spec = w.spec
     want = job_want(w)
     need = max(1, spec.min_units)
@@ -178,7 +205,7 @@ def _start_job(ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], fl
             if best is None or score > best[0]:
                 best = (score, t)
     if best is not None:
-        ws.place(w.name, best[1], want)
+        ws.place(w.name, best[1], want if greedy else need)
         return
     if preempt:
         for t in sorted(spec.gpu_types, key=lambda t: -speed(t)):

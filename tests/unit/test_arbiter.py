@@ -1,0 +1,188 @@
+"""The arbiter class with a fake backend and a manual clock: release before grant, expiry, restarts."""
+
+import pytest
+from builders import make_job, make_nodes, make_service
+
+from cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
+from cluster.model import Allocation
+from policies.base import PolicyDecision, PolicyState
+from policies.config import build_policy, parse_policy_config
+
+FAST_GUARDS = {"guards": {"job_resize_min_interval_s": 0, "service_downscale_delay_s": 0}}
+
+
+def make_arbiter(nodes=None, ttl_s=15.0, policy=None, **cfg):
+    backend = FakeBackend(nodes or make_nodes(H100=1))
+    clock = ManualClock(1000.0)
+    policy = policy or build_policy(parse_policy_config({**FAST_GUARDS, **cfg}))
+    arbiter = ResourceArbiter(policy, backend, clock, ArbiterConfig(registration_ttl_s=ttl_s), {"H100": 2.0})
+    return arbiter, backend, clock
+
+
+class ScriptedPolicy:
+    """Replays a queue of target maps, one per tick."""
+
+    name = "scripted"
+
+    def __init__(self, *targets):
+        self.queue = list(targets)
+
+    def decide(self, snapshot, state):
+        t = self.queue.pop(0) if self.queue else {}
+        return PolicyDecision({k: Allocation.of(v) for k, v in t.items()}), state
+
+
+def test_gpus_go_to_the_recipient_only_after_the_donor_reports_their_release():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    policy = ScriptedPolicy({"job": {"H100": 8}}, {"job": {"H100": 4}, "svc": {"H100": 4}}, {"job": {"H100": 4}, "svc": {"H100": 4}})
+    arb, _, clock = make_arbiter(policy=policy)
+    arb.register(job)
+    arb.register(svc)
+    arb.tick()
+    arb.heartbeat("job", held={"H100": 8})
+    clock.advance(1)
+    arb.tick()
+    assert arb.grant_of("job").grant == Allocation.of(H100=4)
+    assert arb.grant_of("svc").grant == Allocation()  # the job still holds 8
+    assert arb.grant_of("job").release_by_s == pytest.approx(clock.now() + job.yield_grace_s)
+    clock.advance(2)
+    arb.heartbeat("job", held={"H100": 4})
+    assert arb.needs_tick()
+    arb.tick()
+    assert arb.grant_of("svc").grant == Allocation.of(H100=4)
+    assert list(arb.reclaim_durations_s) == [2.0]
+
+
+def test_a_donor_that_ignores_the_shrink_is_stopped_by_force_after_its_grace():
+    job = make_job(max_workers=8, gpu_types=("H100",), yield_grace_s=10)
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    policy = ScriptedPolicy({"job": {"H100": 8}}, *([{"job": {"H100": 4}, "svc": {"H100": 4}}] * 3))
+    arb, backend, clock = make_arbiter(policy=policy)
+    arb.register(job, meta={"submission_id": "raysubmit_1"})
+    arb.register(svc)
+    arb.tick()
+    arb.heartbeat("job", held={"H100": 8})
+    arb.tick()
+    clock.advance(5)
+    arb.heartbeat("job", held={"H100": 8})
+    arb.tick()
+    assert backend.forced == [] and arb.grant_of("svc").grant == Allocation()
+    clock.advance(5)
+    arb.heartbeat("job", held={"H100": 8})
+    arb.tick()
+    assert backend.forced == ["job"]
+    assert arb.grant_of("svc").grant == Allocation.of(H100=4)
+    assert any(e.kind == "forced" for e in arb.events())
+
+
+def test_a_silent_workload_loses_its_registration_and_grant_after_the_ttl():
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    arb, _, clock = make_arbiter(ttl_s=10)
+    arb.register(job)
+    arb.tick()
+    assert arb.grant_of("job").grant == Allocation.of(H100=8)
+    clock.advance(9)
+    arb.tick()
+    assert arb.grant_of("job").registered
+    clock.advance(2)
+    arb.tick()
+    view = arb.heartbeat("job", held={"H100": 8})
+    assert not view.registered and view.grant == Allocation()
+    assert [e.kind for e in arb.events()][-1] == "expired"
+
+
+def test_state_survives_a_dump_and_restore_into_a_new_arbiter():
+    svc = make_service(max_replicas=4, gpu_types=("H100",))
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    arb, backend, clock = make_arbiter()
+    arb.register(svc)
+    arb.register(job)
+    arb.heartbeat("svc", demand_units=3, held={})
+    arb.tick()
+    state = arb.dump_state()
+    clock.advance(100)  # downtime longer than the TTL is not silence
+    fresh = ResourceArbiter(build_policy(parse_policy_config(FAST_GUARDS)), backend, clock)
+    fresh.restore_state(state)
+    assert fresh.grant_of("svc").grant == arb.grant_of("svc").grant
+    assert fresh.grant_of("job").grant == arb.grant_of("job").grant
+    fresh.tick()
+    assert fresh.grant_of("job").registered
+
+
+def test_restore_refuses_an_unknown_state_version():
+    arb, _, _ = make_arbiter()
+    with pytest.raises(ValueError, match="version"):
+        arb.restore_state({"version": 99})
+
+
+def test_a_name_registered_as_a_service_cannot_register_as_a_job():
+    arb, _, _ = make_arbiter()
+    arb.register(make_service("x"))
+    view = arb.register(make_job("x"))
+    assert not view.registered and "already registered as a service" in view.reason
+
+
+def test_unregister_gives_the_gpus_back_at_the_next_tick():
+    a = make_job("a", max_workers=8, gpu_types=("H100",))
+    b = make_job("b", max_workers=8, gpu_types=("H100",))
+    arb, _, clock = make_arbiter()
+    arb.register(a)
+    arb.tick()
+    arb.heartbeat("a", held={"H100": 8})
+    arb.register(b)
+    clock.advance(1)
+    arb.tick()
+    assert arb.grant_of("b").grant == Allocation()
+    assert arb.unregister("a") and not arb.unregister("a")
+    arb.tick()
+    assert arb.grant_of("b").grant == Allocation.of(H100=8)
+
+
+def test_status_reports_allocation_ratio_cost_and_infeasible_requests():
+    job = make_job(max_workers=4, gpu_types=("H100",))
+    big = make_job("big", gpus_per_worker=16, gpu_types=("H100",))
+    arb, _, _ = make_arbiter()
+    arb.register(job)
+    arb.register(big)
+    arb.tick()
+    s = arb.status()
+    assert s["capacity"] == {"H100": 8.0}
+    assert s["allocation_ratio"] == pytest.approx(0.5)
+    assert s["cost_per_hour"] == pytest.approx(4 * 2.0)
+    assert [i["workload"] for i in s["infeasible"]] == ["big"]
+
+
+def test_a_dead_node_takes_its_grants_back():
+    nodes = make_nodes(H100=2)
+    job = make_job(max_workers=16, gpu_types=("H100",))
+    arb, backend, clock = make_arbiter(nodes=nodes)
+    arb.register(job)
+    arb.tick()
+    assert arb.grant_of("job").grant == Allocation.of(H100=16)
+    backend.set_healthy(nodes[1].node_id, False)
+    arb.tick()
+    assert arb.grant_of("job").grant == Allocation.of(H100=8)
+
+
+def test_listeners_see_every_tick_report():
+    arb, _, _ = make_arbiter()
+    seen = []
+    arb.listeners.append(seen.append)
+    arb.register(make_job(max_workers=2, gpu_types=("H100",)))
+    arb.tick()
+    assert seen[0].grants["job"] == Allocation.of(H100=2)
+    assert seen[0].decide_ms >= 0.0
+
+
+def test_policy_state_persists_between_ticks():
+    class CountingPolicy:
+        name = "counting"
+
+        def decide(self, snapshot, state):
+            return PolicyDecision({}), PolicyState({"n": state.data.get("n", 0) + 1})
+
+    arb, _, _ = make_arbiter(policy=CountingPolicy())
+    arb.tick()
+    arb.tick()
+    assert arb.dump_state()["policy_state"] == {"n": 2}

@@ -1,0 +1,72 @@
+"""The policy file and workload specs at the boundary: clear errors, naming field, value and what is valid."""
+
+import pytest
+
+from cluster.specs import SpecError, parse_service_spec, parse_training_job_spec
+from policies.base import resolve_policy
+from policies.config import PolicyConfigError, build_policy, load_policy_config, parse_policy_config
+from policies.guards import GuardedPolicy
+from policies.static_split import StaticSplitPolicy
+from policies.tidal import TidalPolicy
+
+
+def test_defaults_build_the_guarded_tidal_policy():
+    policy = build_policy(load_policy_config(None))
+    assert isinstance(policy, GuardedPolicy) and isinstance(policy.inner, TidalPolicy)
+
+
+def test_a_policy_file_loads_from_yaml(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("policy: static\nstatic: {serving_share: {A100: 0.5}}\nguards: {job_resize_min_interval_s: 5}\n")
+    policy = build_policy(load_policy_config(path))
+    assert isinstance(policy.inner, StaticSplitPolicy)
+    assert policy.config.job_resize_min_interval_s == 5
+
+
+def test_an_unknown_gpu_type_names_the_field_and_the_valid_types():
+    with pytest.raises(PolicyConfigError, match=r"speeds: unknown GPU type 'B200'; valid: A100, H100, H200, RTX4090"):
+        parse_policy_config({"speeds": {"B200": 4.0}})
+
+
+def test_a_negative_price_is_refused():
+    with pytest.raises(PolicyConfigError, match=r"prices_per_gpu_hour: price for H100 is -1.0: must be >= 0"):
+        parse_policy_config({"prices_per_gpu_hour": {"H100": -1}})
+
+
+def test_an_unknown_policy_name_lists_the_known_ones():
+    with pytest.raises(PolicyConfigError, match=r"unknown policy 'fastest'; valid: ray-alone, static, tidal"):
+        parse_policy_config({"policy": "fastest"})
+
+
+def test_an_unknown_key_is_refused():
+    with pytest.raises(PolicyConfigError, match=r"guards.cooldown: Extra inputs are not permitted"):
+        parse_policy_config({"guards": {"cooldown": 3}})
+
+
+def test_a_policy_given_as_module_attr_is_resolved():
+    assert resolve_policy("policies.fcfs:FcfsPolicy")().name == "ray-alone"
+    with pytest.raises(PolicyConfigError, match="cannot import module"):
+        build_policy(parse_policy_config({"policy": "no_such_module:Policy"}))
+
+
+def test_a_missing_or_broken_file_says_what_is_wrong(tmp_path):
+    with pytest.raises(PolicyConfigError, match="cannot read policy config"):
+        load_policy_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: [unclosed\n")
+    with pytest.raises(PolicyConfigError, match="not valid YAML"):
+        load_policy_config(bad)
+
+
+def test_a_min_above_its_max_is_refused_for_services_and_jobs():
+    with pytest.raises(SpecError, match=r"min_replicas \(5\) is above max_replicas \(2\)"):
+        parse_service_spec({"name": "s", "gpu_types": ["A100"], "min_replicas": 5, "max_replicas": 2})
+    with pytest.raises(SpecError, match=r"min_workers \(4\) is above max_workers \(1\)"):
+        parse_training_job_spec({"name": "j", "gpu_types": ["A100"], "min_workers": 4, "max_workers": 1})
+
+
+def test_a_workload_gpu_type_the_cluster_lacks_is_refused():
+    with pytest.raises(SpecError, match=r"gpu_types: unknown GPU type 'TPU'; valid: A100, H100"):
+        parse_training_job_spec({"name": "j", "gpu_types": ["TPU"]}, known_gpu_types=["H100", "A100"])
+    spec = parse_service_spec({"name": "s", "gpu_types": ["A100"], "gpus_per_replica": 0.5, "max_replicas": 4})
+    assert spec.gpus_per_replica == 0.5 and spec.gpu_types == ("A100",)

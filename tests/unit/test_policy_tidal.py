@@ -1,0 +1,232 @@
+"""The default Tidal policy, decision by decision, on hand-built snapshots."""
+
+from builders import gpus_by_type, make_job, make_node, make_nodes, make_service, make_snapshot, make_workload
+
+from cluster.model import Allocation
+from policies.base import PolicyState
+from policies.tidal import TidalPolicy, TidalPolicyConfig, service_want
+
+SPEEDS = {"H100": 3.0, "A100": 2.0, "RTX4090": 1.0}
+
+
+def decide(snapshot, headroom=0.0):
+    decision, _ = TidalPolicy(TidalPolicyConfig(headroom_fraction=headroom, speeds=SPEEDS)).decide(
+        snapshot, PolicyState()
+    )
+    return decision
+
+
+def test_service_want_adds_headroom_rounded_down_within_bounds():
+    svc = make_service(min_replicas=1, max_replicas=8)
+    assert service_want(make_workload(svc, demand=10), 0.1) == 8
+    assert service_want(make_workload(svc, demand=5), 0.2) == 6
+    assert service_want(make_workload(svc, demand=1), 0.1) == 1
+    assert service_want(make_workload(svc, demand=0), 0.1) == 1
+
+
+def test_idle_cluster_gives_training_every_gpu_it_can_use():
+    job = make_job(max_workers=16, gpu_types=("H100",))
+    snap = make_snapshot(nodes=make_nodes(H100=2), workloads=[make_workload(job)])
+    # A new job gets its minimum first, then grows into the free GPUs in the same decision.
+    assert decide(snap).target_of("job") == Allocation.of(H100=16)
+
+
+def test_spike_on_full_cluster_is_met_from_training():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=5), make_workload(job)],
+        grants={"svc": {"H100": 1}, "job": {"H100": 7}},
+    )
+    d = decide(snap)
+    assert d.target_of("svc") == Allocation.of(H100=5)
+    assert d.target_of("job") == Allocation.of(H100=3)
+    assert [(r.donor, r.recipient) for r in d.reclaims] == [("job", "svc")]
+
+
+def test_spike_takes_from_lowest_priority_job_first():
+    svc = make_service(max_replicas=8, gpu_types=("A100",))
+    high = make_job("high", priority=50, max_workers=4, gpu_types=("A100",))
+    low = make_job("low", priority=5, max_workers=4, gpu_types=("A100",))
+    snap = make_snapshot(
+        nodes=make_nodes(A100=1),
+        workloads=[make_workload(svc, demand=3), make_workload(high), make_workload(low)],
+        grants={"svc": {"A100": 1}, "high": {"A100": 4}, "low": {"A100": 3}},
+    )
+    d = decide(snap)
+    assert d.target_of("high") == Allocation.of(A100=4)
+    assert d.target_of("low") == Allocation.of(A100=1)
+    assert d.target_of("svc") == Allocation.of(A100=3)
+
+
+def test_reclaim_prefers_the_job_with_least_work_since_its_checkpoint():
+    svc = make_service(max_replicas=8, gpu_types=("A100",))
+    fresh = make_job("fresh", max_workers=4, gpu_types=("A100",))
+    stale = make_job("stale", max_workers=4, gpu_types=("A100",))
+    snap = make_snapshot(
+        nodes=make_nodes(A100=1),
+        workloads=[
+            make_workload(svc, demand=2),
+            make_workload(fresh, seconds_since_checkpoint=5.0),
+            make_workload(stale, seconds_since_checkpoint=500.0),
+        ],
+        grants={"svc": {"A100": 1}, "fresh": {"A100": 4}, "stale": {"A100": 3}},
+    )
+    d = decide(snap)
+    assert d.target_of("fresh") == Allocation.of(A100=3)
+    assert d.target_of("stale") == Allocation.of(A100=3)
+
+
+def test_service_uses_idle_gpus_before_reclaiming_from_training():
+    svc = make_service(max_replicas=8, gpu_types=("RTX4090", "H100"))
+    job = make_job(max_workers=8, gpu_types=("RTX4090",))
+    snap = make_snapshot(
+        nodes=make_nodes(RTX4090=(1, 2), H100=(1, 4)),
+        workloads=[make_workload(svc, demand=3), make_workload(job, demand=2)],
+        grants={"svc": {"RTX4090": 0}, "job": {"RTX4090": 2}},
+    )
+    d = decide(snap)
+    assert d.target_of("job") == Allocation.of(RTX4090=2)
+    assert d.target_of("svc") == Allocation.of(H100=3)
+    assert d.reclaims == ()
+
+
+def test_reclaim_never_takes_a_job_below_its_minimum():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(min_workers=3, max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=8), make_workload(job)],
+        grants={"svc": {"H100": 1}, "job": {"H100": 7}},
+    )
+    d = decide(snap)
+    assert d.target_of("job") == Allocation.of(H100=3)
+    assert d.target_of("svc") == Allocation.of(H100=5)
+    assert any(i.workload == "svc" for i in d.infeasible)
+
+
+def test_non_preemptible_job_is_never_reclaimed():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(preemptible=False, max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=6), make_workload(job)],
+        grants={"svc": {"H100": 1}, "job": {"H100": 7}},
+    )
+    d = decide(snap)
+    assert d.target_of("job") == Allocation.of(H100=7)
+    assert d.target_of("svc") == Allocation.of(H100=1)
+    assert "no free or reclaimable" in d.infeasible[0].reason
+
+
+def test_when_the_spike_ends_training_gets_the_gpus_back():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=1), make_workload(job)],
+        grants={"svc": {"H100": 6}, "job": {"H100": 2}},
+    )
+    d = decide(snap)
+    assert d.target_of("svc") == Allocation.of(H100=1)
+    assert d.target_of("job") == Allocation.of(H100=7)
+
+
+def test_new_job_goes_to_the_fastest_accepted_type_that_fits():
+    job = make_job(min_workers=2, max_workers=4, gpu_types=("A100", "H100", "RTX4090"))
+    nodes = make_nodes(A100=(1, 4), H100=(1, 1), RTX4090=(1, 8))
+    d = decide(make_snapshot(nodes=nodes, workloads=[make_workload(job)]))
+    # H100 is fastest (3.0) but holds 1 worker, below the minimum of 2; A100 (2.0 x 4) beats
+    # RTX4090 (1.0 x 4), although RTX4090 has the most room.
+    assert d.target_of("job") == Allocation.of(A100=4)
+
+
+def test_running_job_keeps_its_gpu_type():
+    job = make_job(max_workers=8, gpu_types=("H100", "A100"))
+    nodes = make_nodes(H100=(1, 8), A100=(1, 8))
+    d = decide(make_snapshot(nodes=nodes, workloads=[make_workload(job)], grants={"job": {"A100": 2}}))
+    assert d.target_of("job") == Allocation.of(A100=8)
+
+
+def test_waiting_job_is_reported_infeasible_with_a_reason():
+    job = make_job(min_workers=2, gpus_per_worker=4, gpu_types=("H100",))
+    d = decide(make_snapshot(nodes=make_nodes(H100=(2, 4)), workloads=[make_workload(job)], grants={}))
+    assert d.target_of("job") == Allocation.of(H100=2)
+    big = make_job("big", min_workers=1, gpus_per_worker=8, gpu_types=("H100",))
+    d = decide(make_snapshot(nodes=make_nodes(H100=(2, 4)), workloads=[make_workload(big)]))
+    assert d.target_of("big") == Allocation()
+    assert "needs 1 worker(s) of 8 GPU" in d.infeasible[0].reason
+
+
+def test_multi_gpu_workers_respect_per_node_packing():
+    # 6 GPUs are free in total, but on nodes of 3: no 4-GPU worker fits.
+    nodes = (make_node("H100", 4), make_node("H100", 4))
+    svc = make_service(gpus_per_replica=1, max_replicas=2, gpu_types=("H100",))
+    job = make_job(gpus_per_worker=4, min_workers=1, max_workers=2, gpu_types=("H100",))
+    snap = make_snapshot(nodes=nodes, workloads=[make_workload(svc, demand=2), make_workload(job)], grants={"svc": {"H100": 2}})
+    d = decide(snap)
+    svc_units = d.target_of("svc").get("H100")
+    job_units = d.target_of("job").get("H100")
+    assert svc_units == 2
+    assert job_units <= 1
+
+
+def test_fractional_replicas_share_a_gpu():
+    svc = make_service(gpus_per_replica=0.25, max_replicas=16, gpu_types=("RTX4090",))
+    d = decide(make_snapshot(nodes=make_nodes(RTX4090=(1, 2)), workloads=[make_workload(svc, demand=8)]))
+    assert d.target_of("svc") == Allocation.of(RTX4090=8)
+    assert gpus_by_type(make_snapshot(workloads=[make_workload(svc)]), d.targets) == {"RTX4090": 2.0}
+
+
+def test_free_gpus_are_shared_by_weight_among_equal_priority_jobs():
+    heavy = make_job("heavy", weight=2.0, max_workers=16, gpu_types=("H100",))
+    light = make_job("light", weight=1.0, max_workers=16, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=(1, 8)),
+        workloads=[make_workload(heavy), make_workload(light)],
+        grants={"heavy": {"H100": 1}, "light": {"H100": 1}},
+    )
+    d = decide(snap)
+    assert d.target_of("heavy").get("H100") > d.target_of("light").get("H100") >= 2
+    assert d.target_of("heavy").get("H100") + d.target_of("light").get("H100") == 8
+
+
+def test_higher_priority_waiting_job_stops_lower_priority_growth_first():
+    low = make_job("low", priority=1, min_workers=2, max_workers=8, gpu_types=("H100",))
+    high = make_job("high", priority=50, min_workers=4, max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=(1, 8)),
+        workloads=[make_workload(low), make_workload(high, registered_s=5)],
+        grants={"low": {"H100": 8}},
+    )
+    d = decide(snap)
+    assert d.target_of("high").get("H100") >= 4
+    assert d.target_of("low").get("H100") >= 2
+
+
+def test_lost_node_trims_the_least_protected_units():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(max_workers=12, gpu_types=("H100",))
+    nodes = (make_node("H100", 8, "a"), make_node("H100", 8, "b", healthy=False))
+    snap = make_snapshot(
+        nodes=nodes,
+        workloads=[make_workload(svc, demand=4), make_workload(job)],
+        grants={"svc": {"H100": 4}, "job": {"H100": 12}},
+    )
+    d = decide(snap)
+    assert d.target_of("svc") == Allocation.of(H100=4)
+    assert d.target_of("job") == Allocation.of(H100=4)
+
+
+def test_decide_is_deterministic_and_leaves_its_input_unchanged():
+    svc = make_service(max_replicas=8)
+    jobs = [make_job(f"j{i}", max_workers=4, priority=i) for i in range(5)]
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1, A100=1, RTX4090=1),
+        workloads=[make_workload(svc, demand=6)] + [make_workload(j) for j in jobs],
+        grants={"j0": {"H100": 4}, "j1": {"A100": 4}},
+    )
+    before = repr(snap)
+    assert decide(snap) == decide(snap)
+    assert repr(snap) == before

@@ -1,0 +1,29 @@
+"""The deciding code imports neither ray nor torch: it runs in tests, the simulator and on Ray alike."""
+
+import subprocess
+import sys
+
+PURE_MODULES = [
+    "cluster.model",
+    "cluster.arbiter",
+    "cluster.specs",
+    "policies.base",
+    "policies.packing",
+    "policies.workspace",
+    "policies.tidal",
+    "policies.static_split",
+    "policies.fcfs",
+    "policies.guards",
+    "policies.config",
+]
+
+
+def test_policies_and_the_pure_cluster_modules_import_neither_ray_nor_torch():
+    code = (
+        "import importlib, sys\n"
+        f"for m in {PURE_MODULES!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in ('ray', 'torch') if m in sys.modules)\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"pure modules pulled in: {out.stdout.strip()}"
