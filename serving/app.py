@@ -1,0 +1,283 @@
+"""The Serve application: a torch model from a checkpoint behind a FastAPI ingress (the Ray glue).
+
+Deploy it the way Ray users do, with a Serve config file naming this builder::
+
+    applications:
+      - name: digits
+        route_prefix: /
+        import_path: serving.app:build_app
+        args: {service: {...}, model: {checkpoint: /path/to/ckpt}, autoscaling: {...}}
+
+(see ``serving/config.yaml``), with ``serve deploy``/``serve run``, or ``tidal serve deploy``.
+
+HTTP API:
+
+- ``POST /v1/predict`` ``{"instances": [[...64 numbers...], ...]}`` ->
+  ``{"model_version": "v3", "predictions": [7, ...], "outputs": [[logits...], ...]}``.
+- ``GET /v1/models``: what each replica that answers has loaded (version, class, shape, precision, device).
+- ``GET /healthz``: liveness (never needs the API key).
+
+Bad input gets a 4xx naming the problem: malformed JSON 400, missing/wrong API key 401, body or instance
+count too large 413, wrong shape/type/value 422. Nothing a client sends can take a replica down: every
+handler turns unexpected errors into a 500 and the replica carries on.
+
+Each replica runs where Ray placed it (on a granted GPU type, see ``serving.config.ray_actor_options_for``),
+loads the model on CUDA when it sees one, batches requests with ``@serve.batch``, and reports its node's GPU
+type to the autoscaling policy as a custom metric. A new checkpoint arrives as a new ``user_config``
+(``tidal serve promote``): :meth:`ModelServer.reconfigure` loads it beside the old one and swaps it in
+whole, so requests keep flowing during a rollout and each batch runs on one version.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from typing import Any
+
+import ray
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.model import GPU_TYPE_LABEL
+from serving.config import (
+    GPU_TYPE_METRIC_PREFIX,
+    ModelOptions,
+    ServeAppArgs,
+    autoscaling_config_for,
+    ray_actor_options_for,
+)
+from serving.inference import LoadedModel, load_for_inference, pick_device, run_batch, to_response
+from serving.manifest import load_manifest
+from serving.schemas import InputError, ModelInfo, PredictResponse, flatten_instances, parse_predict_body
+
+logger = logging.getLogger("ray.serve.tidal")
+
+api = FastAPI(title="Tidal model server", version="1")
+
+
+@api.exception_handler(InputError)
+async def _input_error(_: Request, e: InputError) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"field": None, "message": str(e.detail)}}, status_code=e.status_code, headers=e.headers
+    )
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": {"field": None, "message": str(e.errors())}}, status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+    logger.exception("unexpected error while serving a request")
+    return JSONResponse(
+        {"error": {"field": None, "message": f"internal error: {type(e).__name__}"}}, status_code=500
+    )
+
+
+def _node_gpu_type() -> str | None:
+    """The ``ray.io/accelerator-type`` label of this replica's node (None on an unlabelled node)."""
+    labels = ray.get_runtime_context().get_node_labels() or {}
+    value = labels.get(GPU_TYPE_LABEL)
+    if isinstance(value, list):  # some Ray versions give label values as lists
+        value = value[0] if value else None
+    return value or None
+
+
+@serve.deployment(name="TidalModel")
+@serve.ingress(api)
+class ModelServer:
+    """One replica: a loaded model, the HTTP routes, batching, and the GPU-type metric."""
+
+    def __init__(
+        self,
+        *,
+        service_name: str,
+        max_instances_per_request: int,
+        max_body_bytes: int,
+        api_key: str | None = None,
+        api_key_env: str | None = None,
+        num_cpus: float = 1.0,
+    ) -> None:
+        # One intra-op thread per CPU Ray gave the replica: replicas sharing a node must not
+        # oversubscribe its cores (on a GPU the forward runs on the device anyway).
+        torch.set_num_threads(max(1, round(num_cpus)))
+        self._service_name = service_name
+        self._max_instances = max_instances_per_request
+        self._max_body_bytes = max_body_bytes
+        self._api_key = (os.environ.get(api_key_env) if api_key_env else None) or api_key
+        self._device = pick_device()
+        self._gpu_type = _node_gpu_type()
+        self._loaded: LoadedModel | None = None
+        self._swap_lock = asyncio.Lock()
+        logger.info(
+            "replica of %r on %s (GPU type %s), API key %s",
+            service_name,
+            self._device,
+            self._gpu_type,
+            "required" if self._api_key else "off",
+        )
+
+    # --------------------------------------------------------------------------- Serve hooks
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the checkpoint in ``user_config`` and swap it in (Serve calls this on start and promote).
+
+        Loading runs in a thread, so the replica keeps answering with the old model meanwhile; the swap
+        is one assignment. A checkpoint that fails to load raises, and Serve reports the update as
+        failed; the old model stays in place on a running replica.
+        """
+        options = ModelOptions.model_validate(user_config)
+        async with self._swap_lock:
+            loaded = await asyncio.to_thread(load_for_inference, options, self._device)
+            self._infer.set_max_batch_size(options.max_batch_size)
+            self._infer.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+            previous = self._loaded
+            self._loaded = loaded
+        logger.info(
+            "serving version %s (was %s)", loaded.version, previous.version if previous else "nothing"
+        )
+
+    def check_health(self) -> None:
+        if self._loaded is None:
+            raise RuntimeError("no model loaded")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metric: which GPU type this replica runs on (read by the Tidal policy)."""
+        return {f"{GPU_TYPE_METRIC_PREFIX}{self._gpu_type or 'unknown'}": 1.0}
+
+    # ------------------------------------------------------------------------------- routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok" if self._loaded else "loading", "model_version": self._version()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        loaded = self._require_model()
+        m = loaded.manifest
+        info = ModelInfo(
+            name=self._service_name,
+            version=m.version,
+            model_class=m.model_class,
+            input_shape=m.input_shape,
+            input_dtype=m.input_dtype,
+            labels=m.labels,
+            precision=loaded.options.precision,
+            device=str(loaded.device),
+            gpu_type=self._gpu_type,
+            checkpoint=loaded.options.checkpoint,
+            loaded_s=loaded.loaded_s,
+        )
+        return {"models": [info.model_dump()]}
+
+    @api.post("/v1/predict", response_model=PredictResponse)
+    async def predict(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        body = await self._read_body(request)
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError("body", f"is not valid JSON: {e}", status=400) from None
+        instances = parse_predict_body(raw, self._max_instances)
+        loaded = self._require_model()
+        flat = flatten_instances(instances, loaded.manifest.input_shape)
+        used, outputs = await self._infer((loaded, flat))
+        return to_response(used, outputs)
+
+    # ----------------------------------------------------------------------------- batching
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _infer(
+        self, items: list[tuple[LoadedModel, list[float]]]
+    ) -> list[tuple[LoadedModel, torch.Tensor]]:
+        """Run a batch of requests. Requests validated against different versions (mid-rollout) run
+        in separate groups, each on the model it was validated for."""
+        groups: dict[int, list[int]] = {}
+        for i, (loaded, _) in enumerate(items):
+            groups.setdefault(id(loaded), []).append(i)
+        results: list[Any] = [None] * len(items)
+        for idxs in groups.values():
+            loaded = items[idxs[0]][0]
+            # The forward runs off the event loop: health checks and new requests keep being served.
+            outs = await asyncio.to_thread(run_batch, loaded, [items[i][1] for i in idxs])
+            for i, out in zip(idxs, outs, strict=True):
+                results[i] = (loaded, out)
+        return results
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _version(self) -> str | None:
+        return self._loaded.version if self._loaded else None
+
+    def _require_model(self) -> LoadedModel:
+        if self._loaded is None:
+            raise StarletteHTTPException(503, "model is loading; retry shortly")
+        return self._loaded
+
+    def _authorize(self, request: Request) -> None:
+        if not self._api_key:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), self._api_key.encode()):
+            raise StarletteHTTPException(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes ``max_body_bytes`` (never buffered beyond)."""
+        limit = self._max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InputError("body", f"is {declared} bytes, more than the limit of {limit}", status=413)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InputError("body", f"is more than the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder that Serve config files name (``import_path: serving.app:build_app``).
+
+    Validates ``args`` (:class:`serving.config.ServeAppArgs`) and the initial checkpoint's manifest, so
+    a bad config fails ``serve deploy`` with a message naming the field instead of failing replicas.
+    """
+    parsed = ServeAppArgs.model_validate(args)
+    load_manifest(parsed.model.checkpoint)
+    return ModelServer.options(
+        name=parsed.deployment_name,
+        ray_actor_options=ray_actor_options_for(parsed),
+        autoscaling_config=autoscaling_config_for(parsed),
+        user_config=parsed.model.model_dump(),
+        max_ongoing_requests=parsed.max_ongoing_requests,
+        max_queued_requests=parsed.max_queued_requests,
+        graceful_shutdown_timeout_s=parsed.graceful_shutdown_timeout_s,
+    ).bind(
+        service_name=parsed.service.name,
+        max_instances_per_request=parsed.max_instances_per_request,
+        max_body_bytes=parsed.max_body_bytes,
+        api_key=parsed.api_key,
+        api_key_env=parsed.api_key_env,
+        num_cpus=parsed.num_cpus_per_replica,
+    )

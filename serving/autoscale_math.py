@@ -1,0 +1,239 @@
+"""The arithmetic of Tidal's Serve autoscaling hook: pure, no Ray, no torch, no wall clock.
+
+The Ray glue (:mod:`serving.autoscale`) turns Serve's :class:`AutoscalingContext` into a
+:class:`LoadObservation`, calls :func:`decide_replicas`, and hands the demand to the arbiter. Everything
+that decides a number lives here so that it can be tested with plain values.
+
+Three numbers matter per decision:
+
+- **load replicas**: what the load needs now, Serve's own rule: ongoing plus queued requests over the
+  target per replica, rounded up. 7 requests at a target of 2 -> 4 replicas.
+- **demand**: the load replicas after a downscale hold (the load must stay low for ``downscale_delay_s``
+  before demand drops, so the arbiter does not flap GPUs on every lull) and clamped to ``[min, max]``.
+  This is what the arbiter hears.
+- **replicas**: what Serve is told to run: the demand, capped at the grant. With no arbiter reachable
+  (``grant_units is None``) it is the demand alone: Serve's default behaviour within ``[min, max]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class LoadObservation:
+    """What Serve reports at one control-loop tick.
+
+    Attributes:
+        now_s: the tick's time in seconds (any monotone clock; only differences are used).
+        total_requests: ongoing plus queued requests over all replicas and handles (may be fractional:
+            Serve averages over its look-back window).
+        current_replicas: replicas running now.
+        target_replicas: the target Serve is working towards.
+    """
+
+    now_s: float
+    total_requests: float
+    current_replicas: int
+    target_replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingBounds:
+    """The knobs of one service's scaling (validated at the boundary, in :mod:`serving.config`)."""
+
+    min_replicas: int
+    max_replicas: int
+    target_ongoing_requests: float
+    downscale_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                f"got min_replicas={self.min_replicas}, max_replicas={self.max_replicas}"
+            )
+        if self.target_ongoing_requests <= 0:
+            raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        if self.downscale_delay_s < 0:
+            raise ValueError(f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class HoldState:
+    """Carried between ticks: the demand in force and since when the load has wanted less.
+
+    ``lower_since_s`` is None while the load wants at least ``demand``; ``peak_lower`` is the highest
+    load seen since the load started wanting less (demand drops to it, not to the last sample).
+    """
+
+    demand: int = 0
+    lower_since_s: float | None = None
+    peak_lower: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingDecision:
+    """One tick's output.
+
+    Attributes:
+        load_replicas: what the load alone needs now (before hold and bounds).
+        demand_units: what to report to the arbiter (held, within ``[min, max]``).
+        num_replicas: what Serve should run (demand capped at the grant, when there is one).
+        capped_by_grant: the grant, not the load, set ``num_replicas``.
+        state: the :class:`HoldState` for the next tick.
+    """
+
+    load_replicas: int
+    demand_units: int
+    num_replicas: int
+    capped_by_grant: bool
+    state: HoldState
+
+
+def clamp(n: int, lo: int, hi: int) -> int:
+    """``n`` bounded to ``[lo, hi]``."""
+    return max(lo, min(hi, n))
+
+
+def replicas_for_load(total_requests: float, target_ongoing_requests: float) -> int:
+    """Replicas the load needs: ``ceil(total / target)``.
+
+    Examples: 7 requests at target 2 -> 4; 0 requests -> 0; 0.01 requests -> 1 (any load needs a replica).
+    A tiny tolerance keeps float noise from adding a replica: 6.0000000001 / 2 -> 3.
+    """
+    if total_requests <= 0:
+        return 0
+    return max(1, math.ceil(total_requests / target_ongoing_requests - 1e-9))
+
+
+def hold_demand(load_replicas: int, state: HoldState, now_s: float, downscale_delay_s: float) -> HoldState:
+    """Raise demand at once; lower it only after the load wanted less for ``downscale_delay_s``.
+
+    Example with a 30 s delay and demand 4: load wants 2 at t=0, 3 at t=10, 1 at t=20 -> demand stays 4;
+    at t=30 it drops to 3 (the highest the load wanted during the window), and the window restarts.
+    """
+    if load_replicas >= state.demand:
+        return HoldState(demand=load_replicas)
+    if state.lower_since_s is None:
+        state = HoldState(demand=state.demand, lower_since_s=now_s, peak_lower=load_replicas)
+    else:
+        state = replace(state, peak_lower=max(state.peak_lower, load_replicas))
+    if now_s - state.lower_since_s >= downscale_delay_s:
+        return HoldState(demand=state.peak_lower)
+    return state
+
+
+def decide_replicas(
+    obs: LoadObservation,
+    bounds: ScalingBounds,
+    state: HoldState,
+    grant_units: int | None,
+) -> ScalingDecision:
+    """One tick of the hook: demand for the arbiter, and replicas for Serve.
+
+    Args:
+        obs: Serve's metrics now.
+        bounds: min/max replicas, target requests per replica, downscale hold.
+        state: carried from the previous tick (``HoldState()`` at first).
+        grant_units: replicas the arbiter grants (all GPU types together); None when no arbiter is
+            reachable, which means: scale on load alone, within ``[min, max]``.
+
+    Returns:
+        The decision. ``num_replicas`` never exceeds ``grant_units`` unless ``min_replicas`` does (Serve
+        enforces its minimum whatever a policy says; the arbiter grants minimums first).
+
+    Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5, demand 5, replicas 3 (capped).
+    """
+    load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
+    new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
+    demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
+    if grant_units is None:
+        return ScalingDecision(load, demand, demand, False, new_state)
+    capped = max(bounds.min_replicas, min(demand, grant_units))
+    return ScalingDecision(load, demand, capped, capped < demand, new_state)
+
+
+def held_by_type(
+    replica_types: Mapping[str, str | None],
+    grant: Mapping[str, int],
+    preferred_types: Sequence[str],
+) -> dict[str, int]:
+    """Running replicas per GPU type, for the arbiter's ``held``.
+
+    ``replica_types`` maps each running replica to the GPU type its node carries, or None while the
+    replica has not reported it yet (its first metrics push is still on the way). An unknown replica is
+    counted, never dropped: under-reporting would let the arbiter hand out GPUs that are still in use.
+    It goes to the first type (in preference order, then the grant's other types) whose grant is not yet
+    filled by known replicas, else to the most preferred type.
+
+    Example: replicas a->H100, b->None, grant {H100: 1, A100: 1}, preferred [H100, A100]
+    -> {H100: 1, A100: 1}.
+    """
+    held: dict[str, int] = {}
+    unknown = 0
+    for gpu_type in replica_types.values():
+        if gpu_type is None:
+            unknown += 1
+        else:
+            held[gpu_type] = held.get(gpu_type, 0) + 1
+    order = list(dict.fromkeys([*preferred_types, *grant.keys()]))
+    for _ in range(unknown):
+        target = next((t for t in order if held.get(t, 0) < grant.get(t, 0)), None)
+        if target is None:
+            target = order[0] if order else "unknown"
+        held[target] = held.get(target, 0) + 1
+    return held
+
+
+def keepalive_demand(
+    *,
+    now_s: float,
+    last_call_s: float,
+    last_current_replicas: int,
+    last_demand: int,
+    min_replicas: int,
+    stale_after_s: float,
+) -> int:
+    """The demand to keep reporting when Serve has stopped calling the policy.
+
+    Serve calls the policy every control-loop tick (0.1 s) except in one case: at zero running replicas
+    with requests waiting, its cold-start fast path starts a replica without asking the policy. If the
+    policy's last call saw zero replicas and the calls have stopped for ``stale_after_s``, a request is
+    waiting for a replica: demand is at least 1, so the arbiter frees a GPU for it (otherwise a
+    ``min_replicas: 0`` service whose GPUs all went to training would wait forever).
+
+    Example: last call 2 s ago saw 0 replicas and demand 0, stale after 1 s -> 1.
+    """
+    if last_current_replicas == 0 and now_s - last_call_s >= stale_after_s:
+        return max(1, min_replicas, last_demand)
+    return last_demand
+
+
+def track_departures(
+    previous: Mapping[str, str | None],
+    current: Mapping[str, str | None],
+    departed: Mapping[str, tuple[str | None, float]],
+    now_s: float,
+    drain_hold_s: float,
+) -> dict[str, tuple[str | None, float]]:
+    """Replicas that left the running set recently, with their GPU type and when they left.
+
+    A replica Serve stops leaves the running set at once but keeps its GPU while it drains its requests
+    and exits; counting it as held for ``drain_hold_s`` keeps the arbiter from handing that GPU to
+    training before it is free (release before grant). A replica that comes back is no longer departed.
+
+    Example: previous {a: H100, b: A100}, current {a: H100}, at t=10 with a 3 s hold -> {b: (A100, 10)};
+    the same call at t=13 with that as ``departed`` and no change -> {}.
+    """
+    out = {
+        rid: (t, left_s)
+        for rid, (t, left_s) in departed.items()
+        if rid not in current and now_s - left_s < drain_hold_s
+    }
+    for rid, t in previous.items():
+        if rid not in current and rid not in out and drain_hold_s > 0:
+            out[rid] = (t, now_s)
+    return out

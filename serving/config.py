@@ -1,0 +1,186 @@
+"""Tidal's serving options, validated at the boundary (pure: pydantic only, no Ray, no torch).
+
+A Serve config file (``serving/config.yaml``) names the application builder
+``serving.app:build_app`` and passes it ``args``; :class:`ServeAppArgs` validates them before anything
+starts, so a typo fails ``serve deploy`` with a message naming the field, not a replica at 3 a.m.
+
+- ``service``: the :class:`~cluster.model.ServiceSpec` the arbiter sees (GPUs per replica, min/max,
+  accepted GPU types in preference order, SLO, priority). Serve's ``min_replicas``/``max_replicas`` are
+  derived from it, so the two can never disagree.
+- ``model``: the deployment's ``user_config`` (:class:`ModelOptions`): checkpoint, precision, batching.
+  Changing it reconfigures running replicas in place; that is how ``tidal serve promote`` rolls out a
+  new checkpoint without restarting a replica or dropping a request.
+- ``autoscaling``: target load per replica, delays, and which policy drives Serve (``tidal`` or Serve's
+  ``default``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.model import GPU_TYPE_LABEL
+from cluster.specs import ServiceSpecModel
+
+DEFAULT_API_KEY_ENV = "TIDAL_SERVE_API_KEY"
+TIDAL_POLICY_PATH = "serving.autoscale:TidalAutoscalingPolicy"
+GPU_TYPE_METRIC_PREFIX = "tidal_gpu_type:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# The service spec at the boundary is the cluster's own model (one validation for every entry point).
+ServiceOptions = ServiceSpecModel
+
+
+class ModelOptions(_Strict):
+    """The deployment's ``user_config``: reconfigurable on running replicas without a restart."""
+
+    checkpoint: str = Field(min_length=1, description="Checkpoint directory (model.pt + manifest.json).")
+    precision: Literal["fp32", "bf16", "int8"] = Field(
+        default="fp32",
+        description="fp32; bf16 (weights and inputs in bfloat16); int8 (dynamic quantization of "
+        "nn.Linear, CPU only).",
+    )
+    max_batch_size: int = Field(default=16, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1)
+
+
+class AutoscalingOptions(_Strict):
+    """How replicas follow load and grants.
+
+    ``policy: tidal`` uses :class:`serving.autoscale.TidalAutoscalingPolicy` (reports demand to the
+    arbiter, caps replicas at the grant); ``policy: default`` is Serve's own queue-length policy with the
+    same targets (for comparison, or for a cluster without Tidal).
+    """
+
+    policy: Literal["tidal", "default"] = "tidal"
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=0.5, ge=0, description="Serve waits this long before adding.")
+    downscale_delay_s: float = Field(
+        default=30.0, ge=0, description="Load must stay low this long before demand drops."
+    )
+    grant_shrink_delay_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Serve-level downscale delay: how fast a smaller grant (or decided demand) "
+        "removes replicas. The load hold above is applied by the Tidal policy itself.",
+    )
+    downscale_to_zero_delay_s: float | None = Field(default=None, ge=0)
+    look_back_period_s: float = Field(default=5.0, gt=0)
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
+    arbiter_name: str = "tidal-arbiter"
+    arbiter_namespace: str = "tidal"
+
+
+class TidalPolicyOptions(_Strict):
+    """What :class:`serving.autoscale.TidalAutoscalingPolicy` is built with (Serve's ``policy_kwargs``).
+
+    Attributes:
+        drain_hold_s: a replica that left the running set still counts as held this long (it drains its
+            requests and exits); the arbiter must not hand its GPU to someone else before that.
+        stale_after_s: no policy call for this long while the last call saw zero replicas means Serve's
+            cold-start path is starting a replica: report a demand of at least 1.
+        keepalive_s: keep heartbeating without policy calls at most this long (then let the arbiter
+            expire the registration: the deployment is gone).
+        grant_ttl_s: a grant older than this (the arbiter stopped answering) no longer caps replicas.
+    """
+
+    service: ServiceOptions
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+    heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
+    arbiter_name: str = "tidal-arbiter"
+    arbiter_namespace: str = "tidal"
+    drain_hold_s: float = Field(default=3.0, ge=0)
+    stale_after_s: float = Field(default=1.0, gt=0)
+    keepalive_s: float = Field(default=300.0, gt=0)
+    grant_ttl_s: float = Field(default=5.0, gt=0)
+
+
+class ServeAppArgs(_Strict):
+    """The ``args`` of the application in a Serve config file (see ``serving/config.yaml``)."""
+
+    service: ServiceOptions
+    model: ModelOptions
+    autoscaling: AutoscalingOptions = Field(default_factory=AutoscalingOptions)
+    deployment_name: str = Field(default="TidalModel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=-1, ge=-1, description="-1: unbounded (Serve default).")
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+    max_instances_per_request: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=64)
+    api_key: str | None = Field(
+        default=None,
+        min_length=8,
+        description="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but "
+        "/healthz. Prefer api_key_env: a key in a config file is readable by anyone who reads the config.",
+    )
+    api_key_env: str = Field(
+        default=DEFAULT_API_KEY_ENV,
+        description="Environment variable (on the replica's node) holding the API key, if set there.",
+    )
+
+
+def ray_actor_options_for(args: ServeAppArgs) -> dict[str, Any]:
+    """Replica resources and placement: GPUs per replica on the accepted types, preferred type first.
+
+    Ray tries ``label_selector`` (the most preferred type) and then each ``fallback_strategy`` entry in
+    order, so a replica lands on the first accepted type that has a free GPU. The arbiter decides which
+    types have free GPUs (it shrinks training there), so replicas follow the grant.
+
+    Example: gpu_types [A100, H100] ->
+    ``{"label_selector": {"ray.io/accelerator-type": "A100"},
+    "fallback_strategy": [{"label_selector": {"ray.io/accelerator-type": "H100"}}], ...}``.
+    """
+    types = args.service.gpu_types
+    opts: dict[str, Any] = {
+        "num_gpus": args.service.gpus_per_replica,
+        "num_cpus": args.num_cpus_per_replica,
+        "label_selector": {GPU_TYPE_LABEL: types[0]},
+    }
+    if len(types) > 1:
+        opts["fallback_strategy"] = [{"label_selector": {GPU_TYPE_LABEL: t}} for t in types[1:]]
+    return opts
+
+
+def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
+    """The JSON-able kwargs Serve passes to :class:`serving.autoscale.TidalAutoscalingPolicy`."""
+    a = args.autoscaling
+    return TidalPolicyOptions(
+        service=args.service,
+        target_ongoing_requests=a.target_ongoing_requests,
+        downscale_delay_s=a.downscale_delay_s,
+        heartbeat_period_s=a.heartbeat_period_s,
+        arbiter_name=a.arbiter_name,
+        arbiter_namespace=a.arbiter_namespace,
+        drain_hold_s=min(args.graceful_shutdown_timeout_s, 3.0),
+    ).model_dump()
+
+
+def autoscaling_config_for(args: ServeAppArgs) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` for the deployment, bounds taken from the service spec."""
+    a = args.autoscaling
+    cfg: dict[str, Any] = {
+        "min_replicas": args.service.min_replicas,
+        "max_replicas": args.service.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "look_back_period_s": a.look_back_period_s,
+        "metrics_interval_s": a.metrics_interval_s,
+    }
+    if a.policy == "tidal":
+        # The Tidal policy holds load-driven downscaling itself (downscale_delay_s); Serve's own
+        # delay only paces grant-driven shrinks, which must be quick (the arbiter waits for them).
+        cfg["downscale_delay_s"] = a.grant_shrink_delay_s
+        cfg["policy"] = {"policy_function": TIDAL_POLICY_PATH, "policy_kwargs": tidal_policy_kwargs(args)}
+    else:
+        cfg["downscale_delay_s"] = a.downscale_delay_s
+    if a.downscale_to_zero_delay_s is not None:
+        cfg["downscale_to_zero_delay_s"] = a.downscale_to_zero_delay_s
+    return cfg
