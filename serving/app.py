@@ -28,7 +28,6 @@ type to the autoscaling policy as a custom metric. A new checkpoint arrives as a
 whole, so requests keep flowing during a rollout and each batch runs on one version.
 """
 
-
 import asyncio
 import hmac
 import json
