@@ -210,8 +210,13 @@ def _run_link(link: ArbiterLink) -> None:
 class TidalAutoscalingPolicy:
     """Serve autoscaling policy that reports demand to Tidal's arbiter and caps replicas at its grant.
 
-    Serve passes ``policy_kwargs`` (validated as :class:`serving.config.TidalPolicyOptions`).
+    Serve passes ``policy_kwargs`` (validated as :class:`serving.config.TidalPolicyOptions`). The class
+    attributes are seams for unit tests (a fake client, a manual clock, no thread); production keeps them.
     """
+
+    client_factory: Callable[[str, str], ArbiterClientLike] = staticmethod(default_client_factory)
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    run_link_thread: bool = True
 
     def __init__(self, **policy_kwargs: Any) -> None:
         self.options = TidalPolicyOptions.model_validate(policy_kwargs)
@@ -222,7 +227,7 @@ class TidalAutoscalingPolicy:
             target_ongoing_requests=self.options.target_ongoing_requests,
             downscale_delay_s=self.options.downscale_delay_s,
         )
-        self.link = ArbiterLink(self.spec, self.options, **self._link_kwargs())
+        self.link = ArbiterLink(self.spec, self.options, self.client_factory, self.clock)
         self._hold = HoldState()
         self._running: dict[str, str | None] = {}
         self._departed: dict[str, tuple[str | None, float]] = {}
@@ -230,13 +235,10 @@ class TidalAutoscalingPolicy:
         # Stop the link thread when Serve drops this policy (deployment deleted or redeployed).
         weakref.finalize(self, self.link.stop)
 
-    def _link_kwargs(self) -> dict[str, Any]:
-        """Hook for tests (a fake client and clock); production uses the defaults."""
-        return {}
-
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        now = time.monotonic()
-        self.link.start()
+        now = self.clock()
+        if self.run_link_thread:
+            self.link.start()
         # 1. observe
         obs = LoadObservation(
             now_s=now,

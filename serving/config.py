@@ -16,9 +16,10 @@ starts, so a typo fails ``serve deploy`` with a message naming the field, not a 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.model import GPU_TYPE_LABEL
 from cluster.specs import ServiceSpecModel
@@ -47,6 +48,12 @@ class ModelOptions(_Strict):
     )
     max_batch_size: int = Field(default=16, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        # "~" and "$VARS" expand where the config is read (the deploying host, the replicas' nodes).
+        return os.path.expandvars(os.path.expanduser(v))
 
 
 class AutoscalingOptions(_Strict):

@@ -1,0 +1,143 @@
+"""The arithmetic of Tidal's Serve autoscaling hook: load -> demand -> replicas capped at the grant."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serving.autoscale_math import (
+    HoldState,
+    LoadObservation,
+    ScalingBounds,
+    decide_replicas,
+    held_by_type,
+    hold_demand,
+    keepalive_demand,
+    replicas_for_load,
+    track_departures,
+)
+
+
+def obs(total: float, now_s: float = 0.0, current: int = 1, target: int = 1) -> LoadObservation:
+    return LoadObservation(
+        now_s=now_s, total_requests=total, current_replicas=current, target_replicas=target
+    )
+
+
+BOUNDS = ScalingBounds(min_replicas=1, max_replicas=8, target_ongoing_requests=2.0, downscale_delay_s=30.0)
+
+
+@pytest.mark.parametrize(
+    ("total", "target", "expected"),
+    [(7, 2, 4), (8, 2, 4), (0, 2, 0), (0.01, 2, 1), (6.0000000001, 2, 3), (1, 0.5, 2)],
+)
+def test_replicas_for_load_is_requests_over_target_rounded_up(total, target, expected):
+    assert replicas_for_load(total, target) == expected
+
+
+def test_demand_is_capped_at_the_grant_and_reported_uncapped():
+    d = decide_replicas(obs(9), BOUNDS, HoldState(), grant_units=3)
+    assert (d.load_replicas, d.demand_units, d.num_replicas, d.capped_by_grant) == (5, 5, 3, True)
+
+
+def test_without_an_arbiter_replicas_follow_load_within_min_and_max():
+    assert decide_replicas(obs(100), BOUNDS, HoldState(), grant_units=None).num_replicas == 8
+    assert decide_replicas(obs(0), BOUNDS, HoldState(), grant_units=None).num_replicas == 1
+
+
+def test_a_grant_below_the_minimum_still_keeps_the_minimum():
+    # Serve enforces min_replicas whatever a policy returns; saying so keeps the two consistent.
+    d = decide_replicas(obs(9), BOUNDS, HoldState(), grant_units=0)
+    assert d.num_replicas == BOUNDS.min_replicas
+
+
+def test_demand_rises_at_once_and_falls_only_after_the_downscale_hold():
+    state = HoldState()
+    state = hold_demand(4, state, now_s=0.0, downscale_delay_s=30.0)
+    assert state.demand == 4
+    for t, load in [(1.0, 2), (11.0, 3), (21.0, 1)]:
+        state = hold_demand(load, state, now_s=t, downscale_delay_s=30.0)
+        assert state.demand == 4, f"dropped at t={t}"
+    state = hold_demand(1, state, now_s=31.0, downscale_delay_s=30.0)
+    # Drops to the highest load seen during the hold, not to the last sample.
+    assert state.demand == 3
+
+
+def test_a_load_spike_during_the_hold_restarts_it():
+    state = hold_demand(4, HoldState(), 0.0, 30.0)
+    state = hold_demand(1, state, 1.0, 30.0)
+    state = hold_demand(5, state, 20.0, 30.0)
+    state = hold_demand(1, state, 40.0, 30.0)
+    assert state.demand == 5  # the hold restarted at t=40
+
+
+def test_scaling_bounds_refuse_nonsense():
+    with pytest.raises(ValueError, match="min_replicas"):
+        ScalingBounds(min_replicas=3, max_replicas=2, target_ongoing_requests=1)
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=0)
+
+
+def test_unknown_replicas_fill_the_grant_before_spilling_to_the_preferred_type():
+    types = {"a": "H100", "b": None, "c": None}
+    assert held_by_type(types, {"H100": 1, "A100": 1}, ["H100", "A100"]) == {"H100": 2, "A100": 1}
+
+
+def test_known_replicas_are_counted_where_they_run_even_outside_the_grant():
+    assert held_by_type({"a": "RTX4090"}, {"H100": 1}, ["H100"]) == {"RTX4090": 1}
+
+
+def test_a_stopped_replica_counts_as_held_while_it_drains():
+    departed = track_departures({"a": "H100", "b": "A100"}, {"a": "H100"}, {}, now_s=10.0, drain_hold_s=3.0)
+    assert departed == {"b": ("A100", 10.0)}
+    assert track_departures({"a": "H100"}, {"a": "H100"}, departed, now_s=12.0, drain_hold_s=3.0) == departed
+    assert track_departures({"a": "H100"}, {"a": "H100"}, departed, now_s=13.0, drain_hold_s=3.0) == {}
+
+
+def test_a_replica_that_comes_back_is_not_departed():
+    departed = {"b": ("A100", 10.0)}
+    assert track_departures({"a": "H100"}, {"a": "H100", "b": "A100"}, departed, 11.0, 3.0) == {}
+
+
+def test_silence_after_zero_replicas_means_a_cold_start_needs_one():
+    assert (
+        keepalive_demand(
+            now_s=12.0,
+            last_call_s=10.0,
+            last_current_replicas=0,
+            last_demand=0,
+            min_replicas=0,
+            stale_after_s=1.0,
+        )
+        == 1
+    )
+
+
+def test_recent_calls_or_running_replicas_keep_the_last_demand():
+    kw = {"min_replicas": 0, "stale_after_s": 1.0, "last_demand": 0}
+    assert keepalive_demand(now_s=10.5, last_call_s=10.0, last_current_replicas=0, **kw) == 0
+    assert keepalive_demand(now_s=20.0, last_call_s=10.0, last_current_replicas=2, **kw) == 0
+
+
+@given(
+    total=st.floats(min_value=0, max_value=1e4, allow_nan=False),
+    min_r=st.integers(0, 5),
+    extra=st.integers(0, 10),
+    grant=st.one_of(st.none(), st.integers(0, 20)),
+    target=st.floats(min_value=0.1, max_value=50),
+)
+def test_replicas_never_exceed_the_grant_unless_the_minimum_does(total, min_r, extra, grant, target):
+    bounds = ScalingBounds(min_r, max(1, min_r + extra), target, downscale_delay_s=0)
+    d = decide_replicas(obs(total), bounds, HoldState(), grant)
+    assert bounds.min_replicas <= d.demand_units <= bounds.max_replicas
+    assert bounds.min_replicas <= d.num_replicas <= bounds.max_replicas
+    assert d.num_replicas <= d.demand_units
+    if grant is not None:
+        assert d.num_replicas <= max(grant, bounds.min_replicas)
+
+
+@given(loads=st.lists(st.integers(0, 20), min_size=1, max_size=30), delay=st.floats(0, 10))
+def test_held_demand_is_never_below_the_current_load(loads, delay):
+    state = HoldState()
+    for i, load in enumerate(loads):
+        state = hold_demand(load, state, float(i), delay)
+        assert state.demand >= load

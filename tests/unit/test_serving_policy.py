@@ -1,0 +1,204 @@
+"""The Tidal Serve autoscaling policy and its arbiter link, driven with a fake arbiter client and a manual
+clock (no Ray: the policy is plain Python that Serve calls with an AutoscalingContext)."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cluster.arbiter import GrantView, ManualClock
+from cluster.model import EMPTY, Allocation
+from serving.autoscale import TidalAutoscalingPolicy, replica_gpu_types
+from serving.config import GPU_TYPE_METRIC_PREFIX
+
+
+class FakeArbiterClient:
+    """Answers like the arbiter: a grant per heartbeat; records every call."""
+
+    def __init__(self, grant: Allocation = EMPTY, available: bool = True) -> None:
+        self.grant = grant
+        self.is_available = available
+        self.registered: list[Any] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.known = True
+
+    def available(self) -> bool:
+        return self.is_available
+
+    def register(self, spec, meta=None):
+        self.registered.append(spec)
+        self.known = True
+        return GrantView(spec.name, self.grant)
+
+    def heartbeat(self, name, *, demand_units=None, held=None, **kw):
+        self.heartbeats.append({"demand_units": demand_units, "held": held})
+        if not self.known:
+            return GrantView(name, EMPTY, registered=False, reason="expired")
+        return GrantView(name, self.grant)
+
+
+@dataclass(frozen=True)
+class Rid:
+    unique_id: str
+
+
+@dataclass
+class Ctx:
+    """The fields of Serve's AutoscalingContext the policy reads."""
+
+    total_num_requests: float = 0.0
+    current_num_replicas: int = 1
+    target_num_replicas: int = 1
+    running_replicas: list[Rid] = field(default_factory=list)
+    aggregated_metrics: dict[str, dict[Rid, float]] = field(default_factory=dict)
+
+
+def make_policy(client: FakeArbiterClient, clock: ManualClock, **service_overrides):
+    service = {"name": "digits", "gpu_types": ["A100", "H100"], "min_replicas": 0, "max_replicas": 8}
+    service.update(service_overrides)
+
+    class Policy(TidalAutoscalingPolicy):
+        client_factory = staticmethod(lambda name, ns: client)
+        run_link_thread = False
+
+    Policy.clock = staticmethod(clock.now)
+    return Policy(service=service, target_ongoing_requests=2.0, downscale_delay_s=30.0)
+
+
+def running(*types: str | None) -> tuple[list[Rid], dict[str, dict[Rid, float]]]:
+    rids = [Rid(f"r{i}") for i in range(len(types))]
+    metrics: dict[str, dict[Rid, float]] = {}
+    for rid, t in zip(rids, types, strict=True):
+        if t is not None:
+            metrics.setdefault(GPU_TYPE_METRIC_PREFIX + t, {})[rid] = 1.0
+    return rids, metrics
+
+
+def test_before_any_grant_the_policy_scales_on_load_within_bounds():
+    clock = ManualClock(100.0)
+    policy = make_policy(FakeArbiterClient(), clock)
+    replicas, _ = policy(Ctx(total_num_requests=9))
+    assert replicas == 5
+
+
+def test_replicas_are_capped_at_the_grant_while_the_full_demand_is_reported():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=2))
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=9))
+    policy.link.step()  # registers, heartbeats demand 5, receives grant A100=2
+    assert [s.name for s in client.registered] == ["digits"]
+    assert client.heartbeats[-1]["demand_units"] == 5
+    replicas, _ = policy(Ctx(total_num_requests=9))
+    assert replicas == 2
+
+
+def test_a_bigger_grant_lets_replicas_grow_and_a_smaller_one_shrinks_them_at_once():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=2))
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=9))
+    policy.link.step()
+    assert policy(Ctx(total_num_requests=9))[0] == 2
+    client.grant = Allocation.of(A100=2, H100=2)
+    clock.advance(0.5)
+    policy.link.step()
+    assert policy(Ctx(total_num_requests=9))[0] == 4
+    client.grant = Allocation.of(A100=1)
+    clock.advance(0.5)
+    policy.link.step()
+    # No load hold for a grant shrink: the arbiter waits for these GPUs.
+    assert policy(Ctx(total_num_requests=9))[0] == 1
+
+
+def test_held_units_are_the_running_replicas_per_gpu_type_they_report():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=2, H100=1))
+    policy = make_policy(client, clock)
+    rids, metrics = running("A100", "H100", None)
+    policy(
+        Ctx(total_num_requests=6, current_num_replicas=3, running_replicas=rids, aggregated_metrics=metrics)
+    )
+    policy.link.step()
+    assert client.heartbeats[-1]["held"] == {"A100": 2, "H100": 1}
+
+
+def test_a_replica_that_stopped_is_still_held_while_it_drains():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=2))
+    policy = make_policy(client, clock)
+    rids, metrics = running("A100", "A100")
+    policy(Ctx(6, 2, 2, rids, metrics))
+    clock.advance(1.0)
+    policy(Ctx(6, 1, 1, rids[:1], metrics))
+    policy.link.step()
+    assert client.heartbeats[-1]["held"] == {"A100": 2}
+    clock.advance(policy.options.drain_hold_s)
+    policy(Ctx(6, 1, 1, rids[:1], metrics))
+    policy.link.step()
+    assert client.heartbeats[-1]["held"] == {"A100": 1}
+
+
+def test_an_unreachable_arbiter_means_no_registration_and_load_based_scaling():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=1), available=False)
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=9))
+    policy.link.step()
+    assert client.registered == [] and client.heartbeats == []
+    assert policy(Ctx(total_num_requests=9))[0] == 5
+
+
+def test_a_grant_goes_stale_when_the_arbiter_stops_answering():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=1))
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=9))
+    policy.link.step()
+    assert policy(Ctx(total_num_requests=9))[0] == 1
+    clock.advance(policy.options.grant_ttl_s + 0.1)
+    assert policy(Ctx(total_num_requests=9))[0] == 5
+
+
+def test_an_expired_registration_is_renewed_on_the_next_round():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=1))
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=2))
+    policy.link.step()
+    client.known = False  # e.g. the arbiter restarted without our registration
+    policy.link.step()
+    policy.link.step()
+    assert len(client.registered) == 2
+
+
+def test_a_cold_start_reports_demand_while_serve_does_not_call_the_policy():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient()
+    policy = make_policy(client, clock, min_replicas=0)
+    policy(Ctx(total_num_requests=0, current_num_replicas=0, target_num_replicas=0))
+    policy.link.step()
+    assert client.heartbeats[-1]["demand_units"] == 0
+    # A request arrives: Serve's cold-start path starts a replica without calling the policy.
+    clock.advance(policy.options.stale_after_s + 0.5)
+    policy.link.step()
+    assert client.heartbeats[-1]["demand_units"] == 1
+
+
+def test_a_policy_silent_for_longer_than_keepalive_stops_heartbeating():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient()
+    policy = make_policy(client, clock)
+    policy(Ctx(total_num_requests=2))
+    policy.link.step()
+    n = len(client.heartbeats)
+    clock.advance(policy.options.keepalive_s + 1)
+    policy.link.step()
+    assert len(client.heartbeats) == n
+
+
+def test_replica_gpu_types_come_from_the_custom_metrics_of_running_replicas_only():
+    rids, metrics = running("A100", None)
+    metrics[GPU_TYPE_METRIC_PREFIX + "H100"] = {Rid("gone"): 1.0}
+    assert replica_gpu_types(Ctx(running_replicas=rids, aggregated_metrics=metrics)) == {
+        "r0": "A100",
+        "r1": None,
+    }

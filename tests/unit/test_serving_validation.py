@@ -1,0 +1,133 @@
+"""Request validation and Tidal's serving options: every refusal names the field and what is valid."""
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.model import GPU_TYPE_LABEL
+from serving.config import (
+    TIDAL_POLICY_PATH,
+    ModelOptions,
+    ServeAppArgs,
+    autoscaling_config_for,
+    ray_actor_options_for,
+)
+from serving.schemas import InputError, flatten_instances, parse_predict_body
+
+
+def test_instances_of_the_right_shape_flatten_in_order():
+    assert flatten_instances([[1, 2], [3.5, 4]], [2]) == [1.0, 2.0, 3.5, 4.0]
+    assert flatten_instances([[[1, 2], [3, 4]]], [2, 2]) == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    ("instances", "shape", "field", "message"),
+    [
+        ([[1, 2, 3]], [2], "instances[0]", "expected 2 values"),
+        ([[1, 2], [1]], [2], "instances[1]", "got 1"),
+        ([[1, "2"]], [2], "instances[0][1]", "expected a number, got string '2'"),
+        ([[1, True]], [2], "instances[0][1]", "boolean"),
+        ([[1, None]], [2], "instances[0][1]", "null"),
+        ([[1, math.nan]], [2], "instances[0][1]", "finite"),
+        ([[1, math.inf]], [2], "instances[0][1]", "finite"),
+        ([5], [2], "instances[0]", "got number 5"),
+        ([[[1, 2], [3]]], [2, 2], "instances[0][1]", "expected 2 values"),
+        ([[1, [2]]], [2], "instances[0][1]", "a list of 1"),
+    ],
+)
+def test_bad_instances_are_refused_naming_where_and_why(instances, shape, field, message):
+    with pytest.raises(InputError) as e:
+        flatten_instances(instances, shape)
+    assert e.value.field == field
+    assert message in e.value.message
+    assert e.value.status == 422
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "status", "message"),
+    [
+        ([], "body", 422, "expected a JSON object"),
+        ({"instance": []}, "instance", 422, "unknown field"),
+        ({}, "instances", 422, "missing"),
+        ({"instances": {"a": 1}}, "instances", 422, "expected a list"),
+        ({"instances": []}, "instances", 422, "empty"),
+        ({"instances": [[0]] * 5}, "instances", 413, "more than the limit of 4"),
+    ],
+)
+def test_bad_request_bodies_get_the_right_status_and_message(body, field, status, message):
+    with pytest.raises(InputError) as e:
+        parse_predict_body(body, max_instances=4)
+    assert (e.value.field, e.value.status) == (field, status)
+    assert message in e.value.message
+    assert e.value.to_json() == {"error": {"field": field, "message": e.value.message}}
+
+
+def test_error_messages_never_echo_a_huge_value():
+    with pytest.raises(InputError) as e:
+        flatten_instances([["x" * 10_000]], [1])
+    assert len(e.value.message) < 100
+
+
+def args(**overrides) -> dict:
+    base = {
+        "service": {"name": "digits", "gpu_types": ["A100", "H100"], "min_replicas": 0, "max_replicas": 3},
+        "model": {"checkpoint": "/ckpt/v1"},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_replicas_prefer_the_first_gpu_type_and_fall_back_in_order():
+    opts = ray_actor_options_for(ServeAppArgs.model_validate(args(num_cpus_per_replica=0.5)))
+    assert opts["label_selector"] == {GPU_TYPE_LABEL: "A100"}
+    assert opts["fallback_strategy"] == [{"label_selector": {GPU_TYPE_LABEL: "H100"}}]
+    assert (opts["num_gpus"], opts["num_cpus"]) == (1.0, 0.5)
+
+
+def test_a_single_gpu_type_needs_no_fallback():
+    a = args()
+    a["service"]["gpu_types"] = ["H100"]
+    assert "fallback_strategy" not in ray_actor_options_for(ServeAppArgs.model_validate(a))
+
+
+def test_serve_bounds_come_from_the_service_spec_and_the_tidal_policy_gets_the_spec():
+    cfg = autoscaling_config_for(ServeAppArgs.model_validate(args()))
+    assert (cfg["min_replicas"], cfg["max_replicas"]) == (0, 3)
+    assert cfg["policy"]["policy_function"] == TIDAL_POLICY_PATH
+    assert cfg["policy"]["policy_kwargs"]["service"]["gpu_types"] == ["A100", "H100"]
+    # Serve's own delay paces grant shrinks; the load hold is the policy's.
+    assert cfg["downscale_delay_s"] == 1.0
+    assert cfg["policy"]["policy_kwargs"]["downscale_delay_s"] == 30.0
+
+
+def test_the_default_policy_option_leaves_serve_in_charge():
+    cfg = autoscaling_config_for(ServeAppArgs.model_validate(args(autoscaling={"policy": "default"})))
+    assert "policy" not in cfg
+    assert cfg["downscale_delay_s"] == 30.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"model": {"checkpoint": "/c", "precision": "fp8"}}, "model.precision"),
+        ({"model": {"checkpoint": "/c", "max_batch_size": 0}}, "model.max_batch_size"),
+        ({"model": {"checkpoint": ""}}, "model.checkpoint"),
+        ({"service": {"name": "d", "gpu_types": []}}, "service.gpu_types"),
+        ({"service": {"name": "d", "gpu_types": ["H100"], "min_replicas": 3, "max_replicas": 2}}, "service"),
+        ({"autoscaling": {"policy": "magic"}}, "autoscaling.policy"),
+        ({"max_body_bytes": 1}, "max_body_bytes"),
+        ({"api_key": "short"}, "api_key"),
+        ({"typo_field": 1}, "typo_field"),
+    ],
+)
+def test_bad_app_args_fail_naming_the_field(overrides, field):
+    with pytest.raises(ValidationError) as e:
+        ServeAppArgs.model_validate(args(**overrides))
+    assert field in str(e.value)
+
+
+def test_checkpoint_paths_expand_home_and_variables(monkeypatch):
+    monkeypatch.setenv("TIDAL_HOME", "/data/tidal")
+    assert ModelOptions(checkpoint="${TIDAL_HOME}/ck").checkpoint == "/data/tidal/ck"
+    assert not ModelOptions(checkpoint="~/ck").checkpoint.startswith("~")
