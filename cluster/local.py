@@ -1,0 +1,884 @@
+"""The local heterogeneous Ray cluster: a Ray head plus one real raylet per node of a YAML spec.
+
+Every node is a ``ray start`` on this machine with *logical* GPUs and the node label
+``ray.io/accelerator-type=<gpu_type>``, exactly as Ray labels real GPUs. It is how ``tidal up``, the demo and
+the integration tests get a heterogeneous cluster without GPUs.
+
+Several clusters may run on one machine at once (other test sessions, other users), so a cluster:
+
+- takes every port Ray opens from a *lease* of a contiguous port range (``PortLease``), recorded under
+  ``/tmp/tidal-port-leases`` and guarded by a file lock, in 20000-32767: below the kernel's ephemeral range (so
+  outgoing connections never take them) and above Ray's default worker ports (10002-19999, used by every
+  plain ``ray.init()``);
+- gives each raylet its own temp dir and its own ``--min-worker-port``/``--max-worker-port`` range;
+- has its own auth token file (Ray 2.60 token auth), passed to its processes by ``RAY_AUTH_TOKEN_PATH``;
+- starts each node's ``ray start`` in a new session and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so
+  that ``stop()`` and ``kill_node()`` end exactly its own processes (``ray stop`` would end everyone's).
+
+The spec part (``LocalClusterSpec``, ``load_cluster_spec``) is pure: it imports neither ray nor torch. Ray is
+imported lazily, only to poll the node table while the cluster starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.model import GPU_TYPE_LABEL
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPEC_PATH = Path(__file__).parent / "configs" / "local.yaml"
+CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
+STATE_FILE_NAME = "cluster.json"
+
+# Ray's minimum object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES is 75 MiB).
+_MIN_OBJECT_STORE_MB = 75
+
+
+# ------------------------------------------------------------------------------------------ the spec
+
+
+class _SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeadSpec(_SpecModel):
+    """The head node: GCS, dashboard, the arbiter actor. No GPUs, so no workload lands here by accident."""
+
+    num_cpus: int = Field(1, ge=0, description="logical CPUs of the head")
+    object_store_memory_mb: int = Field(150, ge=_MIN_OBJECT_STORE_MB)
+    resources: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeGroupSpec(_SpecModel):
+    """``count`` identical nodes with ``num_gpus`` GPUs of ``gpu_type`` each.
+
+    Example: ``{gpu_type: H100, count: 2, num_gpus: 8}`` is two nodes named ``h100-0`` and ``h100-1`` with
+    eight H100s each, 16 H100s in all.
+    """
+
+    gpu_type: str = Field(min_length=1, description="value of the ray.io/accelerator-type label")
+    num_gpus: int = Field(ge=0, description="GPUs per node (Ray's --num-gpus takes an integer)")
+    count: int = Field(1, ge=0, description="nodes in the group")
+    num_cpus: int | None = Field(None, ge=0, description="logical CPUs per node; default num_gpus + 1")
+    name: str | None = Field(None, description="node name prefix; default the GPU type in lower case")
+    object_store_memory_mb: int = Field(200, ge=_MIN_OBJECT_STORE_MB)
+    resources: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type_is_a_label_value(cls, v: str) -> str:
+        # Ray label values: alphanumerics, '-', '_' and '.', at most 63 characters.
+        if len(v) > 63 or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(
+                f"gpu_type {v!r} is not a valid Ray label value (valid: up to 63 letters, digits, '-', '_', '.')"
+            )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_do_not_override_the_gpu_type(cls, v: dict[str, str]) -> dict[str, str]:
+        if GPU_TYPE_LABEL in v:
+            raise ValueError(f"labels must not set {GPU_TYPE_LABEL!r}: it comes from gpu_type")
+        return v
+
+    @property
+    def prefix(self) -> str:
+        return self.name or self.gpu_type.lower()
+
+    @property
+    def cpus_per_node(self) -> int:
+        return self.num_gpus + 1 if self.num_cpus is None else self.num_cpus
+
+
+class LocalClusterSpec(_SpecModel):
+    """A cluster: a head and groups of GPU nodes. The format of ``cluster/configs/local.yaml``.
+
+    ``health_check_period_ms`` and ``health_check_failure_threshold`` go to the GCS: a node that stops
+    answering is declared dead after about their product (3 s by default here, 15 s in stock Ray), so that
+    the arbiter sees a lost node quickly.
+    """
+
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    node_groups: list[NodeGroupSpec] = Field(default_factory=list)
+    worker_ports_per_node: int = Field(100, ge=20, le=2000)
+    health_check_period_ms: int = Field(1000, ge=100)
+    health_check_failure_threshold: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _node_names_are_unique(self) -> LocalClusterSpec:
+        seen: dict[str, int] = {}
+        for i, g in enumerate(self.node_groups):
+            if g.prefix in seen or g.prefix == "head":
+                raise ValueError(
+                    f"node_groups.{i}.name: {g.prefix!r} is used twice (groups {seen.get(g.prefix, 'head')} and {i});"
+                    " give each group a distinct name"
+                )
+            seen[g.prefix] = i
+        return self
+
+    def nodes(self) -> list[NodePlan]:
+        """One plan per worker node, in spec order: ``h100-0``, ``a100-0``, ..."""
+        out = []
+        for g in self.node_groups:
+            for i in range(g.count):
+                out.append(
+                    NodePlan(
+                        name=f"{g.prefix}-{i}",
+                        gpu_type=g.gpu_type,
+                        num_gpus=g.num_gpus,
+                        num_cpus=g.cpus_per_node,
+                        object_store_memory_mb=g.object_store_memory_mb,
+                        resources=dict(g.resources),
+                        labels={**g.labels, GPU_TYPE_LABEL: g.gpu_type},
+                    )
+                )
+        return out
+
+    def gpus_by_type(self) -> dict[str, int]:
+        """Total GPUs per type, e.g. ``{"H100": 4, "A100": 2, "RTX4090": 2}`` for the default spec."""
+        out: dict[str, int] = {}
+        for n in self.nodes():
+            out[n.gpu_type] = out.get(n.gpu_type, 0) + n.num_gpus
+        return out
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One worker node to start."""
+
+    name: str
+    gpu_type: str
+    num_gpus: int
+    num_cpus: int
+    object_store_memory_mb: int
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def load_cluster_spec(path: str | os.PathLike | None = None) -> LocalClusterSpec:
+    """Reads and validates a cluster spec YAML (default: ``cluster/configs/local.yaml``).
+
+    Raises:
+        ValueError: naming the file, the field, the bad value and what is valid.
+    """
+    p = Path(path) if path is not None else DEFAULT_SPEC_PATH
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ValueError(f"cluster spec {p}: cannot read it: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"cluster spec {p}: not valid YAML: {e}") from e
+    return parse_cluster_spec(raw if raw is not None else {}, source=str(p))
+
+
+def parse_cluster_spec(raw: Any, source: str = "<dict>") -> LocalClusterSpec:
+    """Validates a spec given as a dict (see ``load_cluster_spec``)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"cluster spec {source}: expected a mapping with head/node_groups, got {type(raw).__name__}")
+    try:
+        return LocalClusterSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ValueError(f"cluster spec {source}: {_describe_validation_error(e)}") from e
+
+
+def _describe_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown field (got {err['input']!r})")
+        else:
+            parts.append(f"{loc}: {msg} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ the ports
+
+PORT_POOL_START = 20000
+PORT_POOL_END = 32700  # exclusive; the kernel's ephemeral range starts at 32768 here
+LEASE_DIR = Path(os.environ.get("TIDAL_PORT_LEASE_DIR", "/tmp/tidal-port-leases"))
+_LEASE_GRACE_S = 300.0  # a lease whose owners are all gone is stale after this long (start-up time)
+
+
+class PortLease:
+    """A contiguous range of ports reserved for one cluster on this machine.
+
+    Leases are JSON files under ``LEASE_DIR`` (``<start>-<end>.json``) that name the pids which keep them
+    alive; a lease whose pids have all exited (and which is older than its start-up grace) is stale and
+    taken over. A file lock makes look-up-and-create atomic between processes.
+    """
+
+    def __init__(self, start: int, end: int, path: Path) -> None:
+        self.start = start
+        self.end = end
+        self.path = path
+        self._next = start
+
+    @classmethod
+    def acquire(cls, num_ports: int, owner: str, *, attempts: int = 50) -> PortLease:
+        if num_ports > PORT_POOL_END - PORT_POOL_START:
+            raise ValueError(f"cannot lease {num_ports} ports: the pool has {PORT_POOL_END - PORT_POOL_START}")
+        LEASE_DIR.mkdir(parents=True, exist_ok=True)
+        with _locked(LEASE_DIR / ".lock"):
+            taken = []
+            for f in LEASE_DIR.glob("*.json"):
+                info = _read_json(f)
+                if info is None or _lease_is_stale(info, f):
+                    logger.info("removing stale port lease %s", f.name)
+                    f.unlink(missing_ok=True)
+                    continue
+                taken.append((int(info["start"]), int(info["end"])))
+            rng = random.Random()
+            for _ in range(attempts):
+                start = rng.randrange(PORT_POOL_START, PORT_POOL_END - num_ports)
+                end = start + num_ports
+                if any(s < end and start < e for s, e in taken):
+                    continue
+                if not _all_ports_free(start, end):
+                    taken.append((start, end))
+                    continue
+                path = LEASE_DIR / f"{start}-{end}.json"
+                info = {"start": start, "end": end, "owner": owner, "pids": [os.getpid()], "created_s": time.time()}
+                path.write_text(json.dumps(info))
+                return cls(start, end, path)
+        raise RuntimeError(f"no free range of {num_ports} ports in {PORT_POOL_START}-{PORT_POOL_END}")
+
+    @classmethod
+    def from_range(cls, start: int, end: int) -> PortLease:
+        return cls(start, end, LEASE_DIR / f"{start}-{end}.json")
+
+    def take(self, n: int = 1) -> int:
+        """The next ``n`` consecutive ports of the lease; returns the first."""
+        if self._next + n > self.end:
+            raise RuntimeError(f"port lease {self.start}-{self.end} is exhausted")
+        port = self._next
+        self._next += n
+        return port
+
+    def keep_alive_with(self, pids: list[int]) -> None:
+        """Ties the lease to the cluster's processes, so that it outlives the process that started them."""
+        info = _read_json(self.path) or {"start": self.start, "end": self.end, "created_s": time.time()}
+        info["pids"] = sorted(set(pids))
+        self.path.write_text(json.dumps(info))
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lease_is_stale(info: dict, path: Path) -> bool:
+    if any(_pid_alive(p) for p in info.get("pids", [])):
+        return False
+    return time.time() - float(info.get("created_s", 0.0)) > _LEASE_GRACE_S or not info.get("pids")
+
+
+def _all_ports_free(start: int, end: int) -> bool:
+    for port in range(start, end):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes (its parent has not reaped it yet).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, session id) for every live (non-zombie) process."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        out[int(d)] = (int(fields[1]), int(fields[3]))
+    return out
+
+
+def _has_marker(pid: int, marker: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def find_cluster_processes(cluster_id: str, sids: list[int]) -> set[int]:
+    """Every live process of a cluster: its sessions, their descendants, and anything carrying its marker.
+
+    The marker catches processes that left the session and lost their parent, e.g. a job driver whose
+    supervisor died first.
+    """
+    table = _proc_table()
+    mine = {pid for pid, (_, sid) in table.items() if sid in set(sids)}
+    marker = f"{CLUSTER_MARKER_ENV}={cluster_id}"
+    me = os.getpid()
+    mine |= {pid for pid in table if pid != me and pid not in mine and _has_marker(pid, marker)}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(mine)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in mine:
+                mine.add(c)
+                stack.append(c)
+    mine.discard(me)
+    return mine
+
+
+def _terminate(pids: set[int], timeout_s: float) -> set[int]:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the pids that are still alive (none, normally)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _pid_alive(p)}
+        if alive:
+            time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _pid_alive(p)}
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ the cluster
+
+
+@dataclass
+class NodeRecord:
+    """A started node, as written to the state file."""
+
+    name: str
+    gpu_type: str | None
+    num_gpus: int
+    temp_dir: str
+    sid: int
+    node_manager_port: int
+    min_worker_port: int
+    max_worker_port: int
+    killed: bool = False
+
+
+class LocalClusterError(RuntimeError):
+    """The local cluster could not start (the message carries the tail of the failing node's log)."""
+
+
+class LocalCluster:
+    """A Ray head plus one raylet per node of a ``LocalClusterSpec``, all on this machine.
+
+    Usage::
+
+        with LocalCluster(load_cluster_spec()) as c:
+            ray.init(address=c.address)   # after os.environ.update(c.auth_env()), see ``auth_env``
+            ...
+
+    Attributes (after ``start``):
+        address: the GCS address, ``"127.0.0.1:PORT"`` (for ``ray.init`` and ``RAY_ADDRESS``).
+        dashboard_url: ``"http://127.0.0.1:PORT"`` (for ``ray job submit`` and ``serve deploy``).
+        serve_http_port: a port reserved for Serve's HTTP proxy (``http_options.port``).
+        metrics_port: a port reserved for the arbiter's Prometheus exporter.
+        state_path: the JSON state file recording what was started.
+    """
+
+    def __init__(
+        self,
+        spec: LocalClusterSpec | None = None,
+        *,
+        root_dir: str | os.PathLike | None = None,
+        startup_timeout_s: float = 90.0,
+    ) -> None:
+        self.spec = spec or load_cluster_spec()
+        self.startup_timeout_s = startup_timeout_s
+        self._root_arg = Path(root_dir) if root_dir is not None else None
+        self.root_dir: Path | None = None
+        self.cluster_id = ""
+        self.lease: PortLease | None = None
+        self.gcs_port = 0
+        self.dashboard_port = 0
+        self.client_server_port = 0
+        self.serve_http_port = 0
+        self.metrics_port = 0
+        self.spare_ports: list[int] = []
+        self.token_path: Path | None = None
+        self.head: NodeRecord | None = None
+        self.nodes: dict[str, NodeRecord] = {}
+        self.started_s = 0.0
+        self.startup_s = 0.0
+        self._owns_root = False
+
+    # ------------------------------------------------------------------------------- properties
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def state_path(self) -> Path:
+        assert self.root_dir is not None, "the cluster has not started"
+        return self.root_dir / STATE_FILE_NAME
+
+    @property
+    def session_dir(self) -> Path | None:
+        """The head's Ray session dir (``<temp>/session_latest``), where the arbiter persists its state."""
+        if self.head is None:
+            return None
+        p = Path(self.head.temp_dir) / "session_latest"
+        return p.resolve() if p.exists() else None
+
+    def auth_env(self) -> dict[str, str]:
+        """The variables that turn Ray 2.60 token auth on and point at this cluster's token.
+
+        A process that talks to the cluster (a driver, ``ray.init(address=...)``) needs them in its
+        environment *before* Ray reads its config; ``activate()`` puts them into this process.
+        """
+        assert self.token_path is not None, "the cluster has not started"
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def env(self) -> dict[str, str]:
+        """The environment for Ray's CLIs against this cluster (only the variables to add).
+
+        ``ray status``/``serve run``/``ray.init()`` read ``RAY_ADDRESS``; ``ray job submit`` reads
+        ``RAY_API_SERVER_ADDRESS``; ``serve deploy``/``serve status`` read ``RAY_DASHBOARD_ADDRESS``; all of
+        them need ``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN_PATH``).
+        """
+        return {
+            "RAY_ADDRESS": self.address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
+            **self.auth_env(),
+        }
+
+    def activate(self) -> None:
+        """Puts ``auth_env()`` into this process's environment and reloads Ray's auth settings.
+
+        Call before ``ray.init(address=self.address)`` in this process. Ray caches its auth mode and token
+        in C++; both are refreshed here (only safe while this process is not connected to another cluster).
+        """
+        os.environ.update(self.auth_env())
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    # ------------------------------------------------------------------------------- start / stop
+
+    def start(self) -> LocalCluster:
+        """Starts the head and every node, and waits until all are registered and alive.
+
+        It also ``activate()``s the cluster's auth settings in this process, so that ``ray.init(address=
+        self.address)`` works from here right away.
+
+        Raises:
+            LocalClusterError: a node did not start (with its log), or not all registered in time.
+        """
+        t0 = time.monotonic()
+        plans = self.spec.nodes()
+        if self._root_arg is not None:
+            self._root_arg.mkdir(parents=True, exist_ok=True)
+            self.root_dir = self._root_arg
+        else:
+            # Short: Ray's unix socket paths must stay under 108 bytes.
+            self.root_dir = Path(tempfile.mkdtemp(prefix="tidal-rt-", dir="/tmp"))
+            self._owns_root = True
+        self.cluster_id = f"{self.root_dir.name}-{secrets.token_hex(4)}"
+        per_raylet = 6 + self.spec.worker_ports_per_node
+        self.lease = PortLease.acquire(10 + per_raylet * (1 + len(plans)), owner=str(self.root_dir))
+        self.gcs_port, self.dashboard_port, self.client_server_port = (self.lease.take() for _ in range(3))
+        self.serve_http_port, self.metrics_port = self.lease.take(), self.lease.take()
+        autoscaler_metrics_port, dashboard_metrics_port = self.lease.take(), self.lease.take()
+        self.spare_ports = [self.lease.take() for _ in range(3)]
+        self.token_path = self.root_dir / "auth_token"
+        fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        self.started_s = time.time()
+        try:
+            head_args = [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_server_port}",
+                "--num-gpus=0",
+                f"--num-cpus={self.spec.head.num_cpus}",
+                "--system-config="
+                + json.dumps(
+                    {
+                        "health_check_period_ms": self.spec.health_check_period_ms,
+                        "health_check_failure_threshold": self.spec.health_check_failure_threshold,
+                    }
+                ),
+            ]
+            head_env = {
+                # Ray's fixed defaults (44217, 44227) would collide between clusters.
+                "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics_port),
+                "DASHBOARD_METRIC_PORT": str(dashboard_metrics_port),
+            }
+            self.head, head_proc = self._launch(
+                "head", None, 0, self.spec.head.num_cpus, self.spec.head.object_store_memory_mb,
+                self.spec.head.resources, self.spec.head.labels, head_args, head_env,
+            )
+            self.write_state()
+            # The worker nodes start right away, without waiting for the head's `ray start` to return: each
+            # retries until the GCS answers, and on two cores the overlap saves several seconds.
+            procs = {"head": head_proc}
+            for plan in plans:
+                rec, proc = self._launch(
+                    plan.name, plan.gpu_type, plan.num_gpus, plan.num_cpus, plan.object_store_memory_mb,
+                    plan.resources, plan.labels, [f"--address={self.address}", f"--num-gpus={plan.num_gpus}"], {},
+                )
+                self.nodes[plan.name] = rec
+                procs[plan.name] = proc
+            self.write_state()
+            self._wait_exit(procs)
+            # Reading the node table from here needs this cluster's token.
+            self.activate()
+            self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
+        except BaseException:
+            logger.exception("local cluster %s failed to start; stopping what was started", self.root_dir)
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        self.lease.keep_alive_with(sorted(self.pids()))
+        self.write_state()
+        logger.info(
+            "local cluster up in %.1f s: %s, dashboard %s, nodes %s",
+            self.startup_s, self.address, self.dashboard_url, ", ".join(self.nodes),
+        )
+        return self
+
+    def _launch(
+        self,
+        name: str,
+        gpu_type: str | None,
+        num_gpus: int,
+        num_cpus: int,
+        object_store_mb: int,
+        resources: Mapping[str, float],
+        labels: Mapping[str, str],
+        extra_args: list[str],
+        extra_env: Mapping[str, str],
+    ) -> tuple[NodeRecord, subprocess.Popen]:
+        assert self.lease is not None and self.root_dir is not None
+        temp_dir = self.root_dir / name
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        nm, om, mx, al, ag, re_ = (self.lease.take() for _ in range(6))
+        wmin = self.lease.take(self.spec.worker_ports_per_node)
+        wmax = wmin + self.spec.worker_ports_per_node - 1
+        args = [
+            _ray_cli(),
+            "start",
+            *extra_args,
+            "--node-ip-address=127.0.0.1",
+            f"--node-name={name}",
+            f"--temp-dir={temp_dir}",
+            f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_mb * 1024 * 1024}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--metrics-export-port={mx}",
+            f"--dashboard-agent-listen-port={al}",
+            f"--dashboard-agent-grpc-port={ag}",
+            f"--runtime-env-agent-port={re_}",
+            f"--min-worker-port={wmin}",
+            f"--max-worker-port={wmax}",
+            "--disable-usage-stats",
+        ]
+        if resources:
+            args.append(f"--resources={json.dumps(dict(resources))}")
+        if labels:
+            args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+        env = _clean_env()
+        env.update(self.auth_env())
+        env[CLUSTER_MARKER_ENV] = self.cluster_id
+        # Job entrypoints (`ray job submit -- python ...`) resolve `python` on the raylet's PATH: make it
+        # this environment's interpreter, with Ray and Tidal installed.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env.update(extra_env)
+        log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - closed when the process exits
+        # A new session per node: its processes (raylet, agents, workers) keep that session id, which is
+        # how stop() and kill_node() find exactly them.
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        rec = NodeRecord(
+            name=name, gpu_type=gpu_type, num_gpus=num_gpus, temp_dir=str(temp_dir), sid=proc.pid,
+            node_manager_port=nm, min_worker_port=wmin, max_worker_port=wmax,
+        )
+        return rec, proc
+
+    def _wait_exit(self, procs: Mapping[str, subprocess.Popen]) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        for name, proc in procs.items():
+            try:
+                rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as e:
+                raise LocalClusterError(f"`ray start` for node {name} did not return in time:\n{self._log_tail(name)}") from e
+            if rc != 0:
+                raise LocalClusterError(f"`ray start` for node {name} failed (exit {rc}):\n{self._log_tail(name)}")
+
+    def _log_tail(self, name: str, lines: int = 30) -> str:
+        assert self.root_dir is not None
+        try:
+            return "\n".join((self.root_dir / name / "ray-start.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _wait_registered(self, deadline: float) -> None:
+        expected = {"head", *self.nodes}
+        last: dict[str, Any] = {}
+        while True:
+            try:
+                last = self.node_table()
+            except Exception as e:  # the GCS may still be coming up
+                logger.debug("node table not readable yet: %s", e)
+            alive = {n for n, info in last.items() if info["alive"]}
+            if expected <= alive:
+                return
+            if time.monotonic() > deadline:
+                raise LocalClusterError(
+                    f"nodes not registered after {self.startup_timeout_s:.0f} s: missing {sorted(expected - alive)}"
+                )
+            time.sleep(0.1)
+
+    def node_table(self) -> dict[str, dict[str, Any]]:
+        """Node name -> {alive, node_id, gpu_type, num_gpus, labels}, read from the GCS.
+
+        Reads the GCS directly (no ``ray.init``), so it works from a process connected elsewhere; the
+        process needs this cluster's auth settings (see ``activate``) unless auth is off.
+        """
+        from ray._raylet import GcsClient
+
+        if not hasattr(self, "_gcs") or self._gcs is None:
+            self._gcs = GcsClient(address=self.address)
+        infos = self._gcs.get_all_node_info(timeout=5)
+        out: dict[str, dict[str, Any]] = {}
+        for info in sorted(infos.values(), key=lambda i: i.start_time_ms):
+            # A restarted node reuses its name: the newest entry wins.
+            labels = dict(info.labels)
+            out[info.node_name] = {
+                "alive": info.state == 0,
+                "node_id": info.node_id.hex(),
+                "gpu_type": labels.get(GPU_TYPE_LABEL),
+                "num_gpus": float(info.resources_total.get("GPU", 0.0)),
+                "labels": labels,
+            }
+        return out
+
+    def pids(self) -> set[int]:
+        """Every live process of this cluster (see ``find_cluster_processes``)."""
+        recs = ([self.head] if self.head else []) + list(self.nodes.values())
+        return find_cluster_processes(self.cluster_id, [r.sid for r in recs])
+
+    def kill_node(self, name: str) -> set[int]:
+        """Kills a worker node's raylet and everything on it with SIGKILL, as a machine failure would.
+
+        The GCS declares the node dead once its health checks fail (about ``health_check_period_ms *
+        health_check_failure_threshold``). Returns the pids killed.
+        """
+        rec = self.nodes.get(name)
+        if rec is None:
+            raise ValueError(f"no worker node named {name!r}; valid: {', '.join(self.nodes) or '(none)'}")
+        table = _proc_table()
+        pids = {pid for pid, (_, sid) in table.items() if sid == rec.sid}
+        # Workers forked by that raylet stay in its session; their descendants are found by parent links.
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        stack = list(pids)
+        while stack:
+            for c in children.get(stack.pop(), []):
+                if c not in pids:
+                    pids.add(c)
+                    stack.append(c)
+        _kill(pids)
+        rec.killed = True
+        self.write_state()
+        logger.info("killed node %s (%d processes)", name, len(pids))
+        return pids
+
+    def stop(self, timeout_s: float = 3.0) -> set[int]:
+        """Stops exactly the processes of this cluster: worker nodes first, then the head.
+
+        Returns the pids that were stopped. Raises ``LocalClusterError`` if any survived SIGKILL.
+        """
+        stopped: set[int] = set()
+        if self.head is None and not self.nodes:
+            return stopped
+        if getattr(self, "_gcs", None) is not None:
+            self._gcs = None
+        recs = list(self.nodes.values())
+        worker_pids = find_cluster_processes(self.cluster_id, [r.sid for r in recs]) if recs else set()
+        head_sids = [self.head.sid] if self.head else []
+        # Worker-node processes first, so that the raylets do not spend their grace reconnecting to a dead GCS.
+        survivors = _terminate(worker_pids, timeout_s)
+        stopped |= worker_pids
+        rest = find_cluster_processes(self.cluster_id, head_sids + [r.sid for r in recs])
+        # The GCS and the autoscaler monitor may linger on SIGTERM; they hold nothing worth a longer wait.
+        survivors |= _terminate(rest, min(timeout_s, 1.5))
+        stopped |= rest
+        if self.lease is not None:
+            self.lease.release()
+        if self.root_dir is not None and self.state_path.exists():
+            state = _read_json(self.state_path) or {}
+            state["stopped_s"] = time.time()
+            self.state_path.write_text(json.dumps(state, indent=2))
+        if survivors:
+            raise LocalClusterError(f"processes survived SIGKILL: {sorted(survivors)}")
+        logger.info("local cluster %s stopped (%d processes)", self.root_dir, len(stopped))
+        return stopped
+
+    def cleanup(self) -> None:
+        """Removes the temp dir (logs included) if this object created it. Call after ``stop``."""
+        if self._owns_root and self.root_dir is not None:
+            shutil.rmtree(self.root_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------- state file
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "cluster_id": self.cluster_id,
+            "root_dir": str(self.root_dir),
+            "owns_root": self._owns_root,
+            "address": self.address,
+            "dashboard_url": self.dashboard_url,
+            "gcs_port": self.gcs_port,
+            "dashboard_port": self.dashboard_port,
+            "client_server_port": self.client_server_port,
+            "serve_http_port": self.serve_http_port,
+            "metrics_port": self.metrics_port,
+            "spare_ports": self.spare_ports,
+            "port_lease": [self.lease.start, self.lease.end] if self.lease else None,
+            "token_path": str(self.token_path) if self.token_path else None,
+            "started_s": self.started_s,
+            "startup_s": self.startup_s,
+            "spec": self.spec.model_dump(),
+            "head": asdict(self.head) if self.head else None,
+            "nodes": [asdict(r) for r in self.nodes.values()],
+        }
+
+    def write_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.replace(self.state_path)
+
+    @classmethod
+    def attach(cls, state_path: str | os.PathLike) -> LocalCluster:
+        """A handle on a cluster started by another process, from its state file (for ``tidal down``)."""
+        p = Path(state_path)
+        s = _read_json(p)
+        if s is None or s.get("version") != 1:
+            raise ValueError(f"{p} is not a Tidal local cluster state file (version 1)")
+        c = cls(LocalClusterSpec.model_validate(s["spec"]), root_dir=s["root_dir"])
+        c.root_dir = Path(s["root_dir"])
+        c._owns_root = bool(s.get("owns_root"))
+        c.cluster_id = s["cluster_id"]
+        for k in ("gcs_port", "dashboard_port", "client_server_port", "serve_http_port", "metrics_port", "startup_s", "started_s"):
+            setattr(c, k, s[k])
+        c.spare_ports = list(s.get("spare_ports") or [])
+        if s.get("port_lease"):
+            c.lease = PortLease.from_range(*s["port_lease"])
+        c.token_path = Path(s["token_path"]) if s.get("token_path") else None
+        c.head = NodeRecord(**s["head"]) if s.get("head") else None
+        c.nodes = {r["name"]: NodeRecord(**r) for r in s.get("nodes", [])}
+        return c
+
+
+def _ray_cli() -> str:
+    """The ``ray`` script of this interpreter's environment (not whatever ``ray`` is first on PATH)."""
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without variables that would point a node at another cluster."""
+    drop = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_TOKEN", CLUSTER_MARKER_ENV}
+    return {k: v for k, v in os.environ.items() if k not in drop}

@@ -1,0 +1,120 @@
+"""Shared fixtures: the session's local heterogeneous Ray cluster, a connected driver, and ``wait_for``.
+
+``local_cluster`` starts once per test session, and only if a test asks for it: a Ray head plus one raylet
+per node of ``cluster/configs/local.yaml`` (4x H100, 2x A100, 2x RTX4090, logical GPUs), on ports and temp
+dirs of its own, so that other sessions on this machine are not disturbed. It is stopped, with every process
+it started, at the end of the session.
+
+Usage in a test module::
+
+    from conftest import wait_for
+
+    pytestmark = pytest.mark.integration
+
+    def test_something(ray_driver, local_cluster):
+        ...  # this process is connected to local_cluster; local_cluster.env() for subprocess CLIs
+        wait_for(lambda: predicate(), timeout_s=10, message="what we waited for")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout_s: float,
+    interval_s: float = 0.2,
+    message: str = "condition",
+) -> T:
+    """Polls ``predicate`` until it returns a truthy value, and returns that value.
+
+    Exceptions raised by the predicate count as "not yet" (a service still starting refuses connections),
+    and the last one is reported if time runs out.
+
+    Raises:
+        TimeoutError: naming ``message``, the last value and the last exception.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_value: Any = None
+    last_error: BaseException | None = None
+    while True:
+        try:
+            last_value = predicate()
+            if last_value:
+                return last_value
+        except Exception as e:  # noqa: BLE001 - reported below if it never clears
+            last_error = e
+        if time.monotonic() >= deadline:
+            detail = f"; last value {last_value!r}" + (f"; last error {last_error!r}" if last_error else "")
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {message}{detail}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(name="wait_for")
+def _wait_for_fixture() -> Callable[..., Any]:
+    """``wait_for`` as a fixture, for tests that prefer not to import from conftest."""
+    return wait_for
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tidal_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private TIDAL_HOME for the session, so that no test reads or writes the user's ~/.tidal."""
+    home = str(tmp_path_factory.mktemp("tidal-home"))
+    old = os.environ.get("TIDAL_HOME")
+    os.environ["TIDAL_HOME"] = home
+    yield home
+    if old is None:
+        os.environ.pop("TIDAL_HOME", None)
+    else:
+        os.environ["TIDAL_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[Any]:
+    """The default local cluster (``cluster/configs/local.yaml``), started once per session.
+
+    Its auth settings are active in this process (``LocalCluster.activate``); ``local_cluster.env()`` is the
+    environment for Ray's CLIs (``ray job submit``, ``serve deploy``, ``ray status``) against it, and
+    ``local_cluster.serve_http_port`` the port reserved for Serve's HTTP proxy.
+    """
+    from cluster.local import LocalCluster, load_cluster_spec
+
+    cluster = LocalCluster(load_cluster_spec())
+    cluster.start()
+    logger.info("session cluster up in %.1f s at %s", cluster.startup_s, cluster.address)
+    try:
+        yield cluster
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            cluster.stop()
+            cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def ray_driver(local_cluster: Any) -> Iterator[Any]:
+    """This test process connected to ``local_cluster`` as a Ray driver (``ray.init``), for the session."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    local_cluster.activate()
+    ray.init(address=local_cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,106 @@
+"""The local cluster spec (pure): the default file, validation messages, node naming, port leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cluster.local as local
+from cluster.local import (
+    DEFAULT_SPEC_PATH,
+    LocalClusterSpec,
+    PortLease,
+    load_cluster_spec,
+    parse_cluster_spec,
+)
+
+
+def test_default_spec_has_four_h100_two_a100_two_rtx4090_on_three_nodes():
+    spec = load_cluster_spec()
+    assert spec.gpus_by_type() == {"H100": 4, "A100": 2, "RTX4090": 2}
+    assert [n.name for n in spec.nodes()] == ["h100-0", "a100-0", "rtx4090-0"]
+    assert all(n.labels["ray.io/accelerator-type"] == n.gpu_type for n in spec.nodes())
+
+
+def test_a_group_of_two_nodes_gets_numbered_names_and_default_cpus():
+    spec = parse_cluster_spec({"node_groups": [{"gpu_type": "H200", "count": 2, "num_gpus": 8}]})
+    nodes = spec.nodes()
+    assert [n.name for n in nodes] == ["h200-0", "h200-1"]
+    assert [n.num_cpus for n in nodes] == [9, 9]
+    assert spec.gpus_by_type() == {"H200": 16}
+
+
+def test_negative_gpu_count_is_refused_naming_the_field_and_value():
+    with pytest.raises(ValueError) as e:
+        parse_cluster_spec({"node_groups": [{"gpu_type": "A100", "num_gpus": -2}]})
+    msg = str(e.value)
+    assert "node_groups.0.num_gpus" in msg and "-2" in msg and "greater than or equal to 0" in msg
+
+
+def test_unknown_field_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"node_groups\.0\.gpus: unknown field"):
+        parse_cluster_spec({"node_groups": [{"gpu_type": "A100", "num_gpus": 2, "gpus": 2}]})
+
+
+def test_gpu_type_that_is_not_a_label_value_is_refused():
+    with pytest.raises(ValueError, match="not a valid Ray label value"):
+        parse_cluster_spec({"node_groups": [{"gpu_type": "A100 80GB", "num_gpus": 2}]})
+
+
+def test_two_groups_with_one_name_are_refused():
+    with pytest.raises(ValueError, match="used twice"):
+        parse_cluster_spec(
+            {"node_groups": [{"gpu_type": "A100", "num_gpus": 2}, {"gpu_type": "A100", "num_gpus": 4}]}
+        )
+
+
+def test_labels_cannot_override_the_gpu_type():
+    with pytest.raises(ValueError, match="comes from gpu_type"):
+        parse_cluster_spec(
+            {"node_groups": [{"gpu_type": "A100", "num_gpus": 2, "labels": {"ray.io/accelerator-type": "H100"}}]}
+        )
+
+
+def test_unreadable_and_invalid_yaml_files_are_reported_with_their_path(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_cluster_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node_groups: [\n")
+    with pytest.raises(ValueError, match=f"{bad}: not valid YAML"):
+        load_cluster_spec(bad)
+
+
+def test_spec_survives_a_round_trip_through_the_state_file_format():
+    spec = load_cluster_spec()
+    again = LocalClusterSpec.model_validate(json.loads(json.dumps(spec.model_dump())))
+    assert again == spec
+
+
+def test_port_leases_do_not_overlap_and_stale_leases_are_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(local, "LEASE_DIR", tmp_path)
+    leases = [PortLease.acquire(300, owner="t") for _ in range(5)]
+    ranges = sorted((lease.start, lease.end) for lease in leases)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:], strict=False))
+    assert all(local.PORT_POOL_START <= s and e <= local.PORT_POOL_END for s, e in ranges)
+    # A lease whose processes are gone, and past its start-up grace, no longer blocks its range.
+    info = json.loads(leases[0].path.read_text())
+    info.update(pids=[2**22 + 12345], created_s=0.0)
+    leases[0].path.write_text(json.dumps(info))
+    PortLease.acquire(10, owner="t")
+    assert not leases[0].path.exists()
+    ports = [leases[1].take() for _ in range(3)]
+    assert ports == [leases[1].start, leases[1].start + 1, leases[1].start + 2]
+
+
+def test_local_cluster_module_imports_without_ray():
+    code = "import sys, cluster.local; assert 'ray' not in sys.modules, 'ray imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
+    assert r.returncode == 0, r.stderr
+
+
+def test_default_spec_path_points_at_the_shipped_file():
+    assert DEFAULT_SPEC_PATH.name == "local.yaml" and DEFAULT_SPEC_PATH.exists()
