@@ -208,6 +208,7 @@ class ResourceArbiter:
         self._policy_state = PolicyState()
         self._nodes: tuple[NodeSnapshot, ...] = ()
         self._infeasible: tuple[Infeasible, ...] = ()
+        self._infeasible_by_name: dict[WorkloadName, str] = {}
         self._events: deque[ArbiterEvent] = deque(maxlen=self.config.max_events)
         self._pending_events: list[ArbiterEvent] = []
         self._generation = 0
@@ -323,6 +324,7 @@ class ResourceArbiter:
         decision, self._policy_state = self.policy.decide(snapshot, self._policy_state)
         self.last_decide_ms = (time.perf_counter() - t0) * 1e3
         self._infeasible = decision.infeasible
+        self._infeasible_by_name = {i.workload: i.reason for i in decision.infeasible}
         # 4. plan
         new_grants = plan_grants(snapshot, decision)
         self._commit(new_grants, decision, now)
@@ -455,7 +457,7 @@ class ResourceArbiter:
         reg = self._regs.get(name)
         if reg is None:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
-        reason = next((i.reason for i in self._infeasible if i.workload == name), None)
+        reason = self._infeasible_by_name.get(name)
         release_by = None
         if reg.shrink_issued_s is not None:
             release_by = reg.shrink_issued_s + self._grace_s(reg.spec)
@@ -553,28 +555,39 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
     grants S its 4.
     """
     cap = snapshot.capacity_by_type()
-    by_name = {w.name: w for w in snapshot.workloads}
-    grants: dict[WorkloadName, dict[GpuType, int]] = {}
+    current_of = snapshot.grants.get
+    target_of = decision.targets.get
+    out: dict[WorkloadName, Allocation] = {}
+    partial: dict[WorkloadName, dict[GpuType, int]] = {}
     used: dict[GpuType, float] = {}
     growers: list[tuple[WorkloadSnapshot, GpuType, int]] = []
     for w in snapshot.workloads:
+        name = w.spec.name
         g = w.spec.gpus_per_unit
-        current = snapshot.grant_of(w.name)
-        target = decision.target_of(w.name)
-        new = {}
-        for t in set(current.types()) | set(target.types()) | set(w.held.types()):
-            cur_n, tgt_n, held_n = current.get(t), target.get(t), w.held.get(t)
+        current = current_of(name, EMPTY)
+        target = target_of(name, EMPTY)
+        held = w.held
+        if target == current and (held == current or not held.items):
+            # The common case: nothing moves.
+            for t, n in current.items:
+                used[t] = used.get(t, 0.0) + n * g
+            if current.items:
+                out[name] = current
+            continue
+        new: dict[GpuType, int] = {}
+        for t in {*current.types(), *target.types(), *held.types()}:
+            cur_n, tgt_n, held_n = current.get(t), target.get(t), held.get(t)
             if tgt_n > cur_n:
                 growers.append((w, t, tgt_n - cur_n))
             kept = min(cur_n, tgt_n)
             if kept:
                 new[t] = kept
             used[t] = used.get(t, 0.0) + max(kept, held_n) * g
-        grants[w.name] = new
+        partial[name] = new
     growers.sort(key=lambda x: _grow_order(x[0]))
     for w, t, want in growers:
         g = w.spec.gpus_per_unit
-        have = grants[w.name].get(t, 0)
+        have = partial[w.name].get(t, 0)
         held_n = w.held.get(t)
         free = cap.get(t, 0.0) - used.get(t, 0.0)
         # Units already counted through `held` cost nothing extra.
@@ -584,8 +597,11 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
             continue
         extra = max(0, have + k - max(have, held_n))
         used[t] = used.get(t, 0.0) + extra * g
-        grants[w.name][t] = have + k
-    return {n: Allocation.of(d) for n, d in grants.items() if n in by_name and any(d.values())}
+        partial[w.name][t] = have + k
+    for name, d in partial.items():
+        if any(d.values()):
+            out[name] = Allocation.of(d)
+    return out
 
 
 def _grow_order(w: WorkloadSnapshot) -> tuple:

@@ -1,13 +1,14 @@
 """Per-node packing of units onto the nodes of one GPU type.
 
 A grant counts units per GPU type, but a unit needs all its GPUs on one node: two 4-GPU workers do not
-fit on two nodes with 3 free GPUs each, although 6 GPUs are free. ``TypePacker`` keeps the free
-capacity of one type's nodes as a histogram (free centi-GPUs -> number of nodes) and places units
-best-fit, a batch at a time, so packing 10,000 units costs about as much as the number of distinct
-free values, not the number of nodes.
+fit on two nodes with 3 free GPUs each, although 6 GPUs are free. ``TypePacker`` keeps each node's free
+capacity (in centi-GPUs, so fractional replicas pack exactly) and an index from free capacity to nodes,
+and places units best-fit: the fullest node that still fits goes first, which keeps large holes for
+large workers. Placing or releasing touches only the nodes involved, so a decision on 100,000 GPUs
+stays cheap.
 
 Example: nodes of 8, 8 and 4 GPUs; place three 3-GPU units: best fit puts one on the 4-GPU node
-(1 left) and two on an 8-GPU node (2 left); free histogram {100: 1, 200: 1, 800: 1}.
+(1 left) and two on an 8-GPU node (2 left); the free capacities are then 1, 2 and 8.
 """
 
 from __future__ import annotations
@@ -24,65 +25,81 @@ def to_centi(gpus: float) -> int:
 
 
 class TypePacker:
-    """Free capacity of one GPU type's healthy nodes; places units best-fit."""
+    """Free capacity of one GPU type's healthy nodes; places and releases units on nodes."""
 
-    __slots__ = ("hist", "_keys")
+    __slots__ = ("free", "buckets")
 
     def __init__(self, node_gpus: Iterable[float] = ()) -> None:
-        self.hist: dict[int, int] = {}
-        for g in node_gpus:
-            c = math.floor(g * CENTI + 1e-6)
-            if c > 0:
-                self.hist[c] = self.hist.get(c, 0) + 1
-        self._keys: list[int] | None = None
+        self.free: list[int] = [max(0, math.floor(g * CENTI + 1e-6)) for g in node_gpus]
+        # free capacity -> nodes with exactly that much free (dicts as ordered sets: deterministic).
+        self.buckets: dict[int, dict[int, None]] = {}
+        for i, f in enumerate(self.free):
+            if f > 0:
+                self.buckets.setdefault(f, {})[i] = None
 
     def copy(self) -> TypePacker:
         p = TypePacker()
-        p.hist = dict(self.hist)
+        p.free = list(self.free)
+        p.buckets = {f: dict(nodes) for f, nodes in self.buckets.items()}
         return p
 
     @property
     def free_gpus(self) -> float:
-        return sum(f * c for f, c in self.hist.items()) / CENTI
+        return sum(f * len(nodes) for f, nodes in self.buckets.items()) / CENTI
+
+    @property
+    def hist(self) -> dict[int, int]:
+        """Free centi-GPUs -> number of nodes with that much free."""
+        return {f: len(nodes) for f, nodes in self.buckets.items()}
 
     def max_units(self, unit_gpus: float) -> int:
         """How many units of this size would fit now (without placing them)."""
         need = to_centi(unit_gpus)
         if need == 0:
             return 1 << 30
-        return sum((f // need) * c for f, c in self.hist.items())
+        return sum((f // need) * len(nodes) for f, nodes in self.buckets.items())
 
     def place(self, unit_gpus: float, n: int) -> int:
         """Places up to ``n`` units of ``unit_gpus`` each, best fit first; returns how many it placed."""
+        return sum(k for _, k in self.place_on_nodes(unit_gpus, n))
+
+    def place_on_nodes(self, unit_gpus: float, n: int) -> list[tuple[int, int]]:
+        """Like ``place``, returning ``(node index, units)`` for every node that took units."""
+        out: list[tuple[int, int]] = []
         if n <= 0:
-            return 0
+            return out
         need = to_centi(unit_gpus)
         if need == 0:
-            return n
+            return [(-1, n)]
         remaining = n
-        for f in sorted(k for k in self.hist if k >= need):
-            if remaining == 0:
-                break
-            count = self.hist.get(f, 0)
-            if count == 0:
+        for f in sorted(k for k in self.buckets if k >= need):
+            nodes = self.buckets.get(f)
+            if not nodes:
                 continue
             per_node = f // need
-            nodes = min(count, -(-remaining // per_node))
-            placed = min(remaining, nodes * per_node)
-            # All but the last node take `per_node` units; the last takes the rest.
-            last_units = placed - (nodes - 1) * per_node
-            self._move(f, f - per_node * need, nodes - 1)
-            self._move(f, f - last_units * need, 1)
-            remaining -= placed
-        return n - remaining
+            for i in list(nodes):
+                k = min(remaining, per_node)
+                self._set(i, f - k * need)
+                out.append((i, k))
+                remaining -= k
+                if remaining == 0:
+                    return out
+        return out
 
-    def _move(self, old: int, new: int, k: int) -> None:
-        if k <= 0 or old == new:
+    def release(self, node: int, centi: int) -> None:
+        """Gives ``centi`` centi-GPUs back to ``node``."""
+        if node >= 0:
+            self._set(node, self.free[node] + centi)
+
+    def _set(self, i: int, new: int) -> None:
+        old = self.free[i]
+        if old == new:
             return
-        left = self.hist[old] - k
-        if left:
-            self.hist[old] = left
-        else:
-            del self.hist[old]
+        if old > 0:
+            b = self.buckets[old]
+            del b[i]
+            if not b:
+                del self.buckets[old]
         if new > 0:
-            self.hist[new] = self.hist.get(new, 0) + k
+            self.buckets.setdefault(new, {})[i] = None
+        self.free[i] = new

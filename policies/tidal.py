@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from cluster.model import ClusterSnapshot, GpuType, TrainingJobSpec, WorkloadSnapshot
+from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
 from policies.workspace import Workspace
 
@@ -108,7 +108,9 @@ def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> N
                 break
         if need > 0 and reclaim:
             for t in s.spec.gpu_types:
-                donors = _donors(ws, t, below_priority=s.spec.priority, needed_gpus=need * s.spec.gpus_per_unit)
+                if ws.reclaimable_gpus(t, s.spec.priority, include_min=False) < s.spec.gpus_per_unit - 1e-9:
+                    continue
+                donors = _donors(ws, t, s.spec.priority, need * s.spec.gpus_per_unit)
                 if donors:
                     need -= ws.reclaim_for(s.name, t, need, donors, [])
                 if need <= 0:
@@ -123,26 +125,33 @@ def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> N
             )
 
 
-def _donors(ws: Workspace, gpu_type: GpuType, below_priority: int, needed_gpus: float) -> list[str]:
+def _donors(
+    ws: Workspace, gpu_type: GpuType, below_priority: int, needed_gpus: float, include_min: bool = False
+) -> list[str]:
     """Preemptible jobs on ``gpu_type`` with lower priority, cheapest loss first.
 
     Order: lowest priority; then a job that covers the whole need by itself (fewest jobs disturbed);
-    then the least work since its last checkpoint; then the newest job.
+    then the least work since its last checkpoint; then the newest job. Only the lowest priority
+    levels that together cover the need are looked at, so a reclaim costs what it touches.
     """
-    cands = []
-    for w in ws.jobs():
-        spec = w.spec
-        assert isinstance(spec, TrainingJobSpec)
-        have = ws.units_on(w.name, gpu_type)
-        if not have or not spec.preemptible or spec.priority >= below_priority:
-            continue
-        spare_gpus = (have - min(have, spec.min_units)) * spec.gpus_per_unit
-        covers = spare_gpus + 1e-9 >= needed_gpus
-        cands.append(
-            (spec.priority, 0 if covers else 1, w.seconds_since_checkpoint or 0.0, -w.registered_s, w.name)
-        )
-    cands.sort()
-    return [c[-1] for c in cands]
+    out: list[str] = []
+    covered = 0.0
+    levels = (ws.preemptible_holders if include_min else ws.spare_holders).get(gpu_type, {})
+    for prio in sorted(p for p in levels if p < below_priority):
+        cands = []
+        for name in levels[prio]:
+            w = ws.workloads[name]
+            spec = w.spec
+            have = ws.units_on(name, gpu_type)
+            spare_gpus = (have - min(have, spec.min_units)) * spec.gpus_per_unit
+            covered += have * spec.gpus_per_unit if include_min else spare_gpus
+            covers = spare_gpus + 1e-9 >= needed_gpus
+            cands.append((0 if covers else 1, w.seconds_since_checkpoint or 0.0, -w.registered_s, name))
+        cands.sort()
+        out += [c[-1] for c in cands]
+        if covered + 1e-9 >= needed_gpus:
+            break
+    return out
 
 
 def _levels(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[list[WorkloadSnapshot]]:
@@ -209,10 +218,10 @@ def _start_job(
         return
     if preempt:
         for t in sorted(spec.gpu_types, key=lambda t: -speed(t)):
-            donors = _donors(ws, t, below_priority=spec.priority, needed_gpus=need * spec.gpus_per_unit)
-            reclaimable = sum(ws.units_on(d, t) * ws.workloads[d].spec.gpus_per_unit for d in donors)
+            reclaimable = ws.reclaimable_gpus(t, spec.priority, include_min=True)
             if ws.free_gpus(t) + reclaimable + 1e-9 < need * spec.gpus_per_unit:
                 continue
+            donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min=True)
             cp = ws.checkpoint()
             if ws.reclaim_for(w.name, t, need, donors, donors) >= need:
                 return

@@ -25,7 +25,7 @@ from cluster.model import (
     WorkloadSnapshot,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
-from policies.packing import TypePacker
+from policies.packing import TypePacker, to_centi
 
 
 def protection_key(w: WorkloadSnapshot, above_min: bool) -> tuple:
@@ -52,6 +52,8 @@ class Workspace:
         for n in snapshot.nodes:
             if n.healthy and n.num_gpus > 0:
                 self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
+        self._services = [w for w in self.workloads.values() if w.kind is WorkloadKind.SERVICE]
+        self._jobs = [w for w in self.workloads.values() if w.kind is WorkloadKind.TRAINING]
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
         for name, w in self.workloads.items():
             current = snapshot.grant_of(name)
@@ -63,15 +65,79 @@ class Workspace:
                 cur = {keep: cur[keep]}
             self.alloc[name] = cur
         self.packers: dict[GpuType, TypePacker] = {}
+        # Where each workload's units sit: name -> type -> node index -> units. A virtual placement,
+        # re-derived each decision, so that a shrink frees capacity on the nodes it really frees.
+        self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {n: {} for n in self.workloads}
         self.reclaims: list[Reclaim] = []
         self.infeasible: list[Infeasible] = []
+        self._reindex()
         for t in self.node_gpus:
             self.repack(t)
+
+    def _reindex(self) -> None:
+        """Indexes of who holds what, kept up to date by every move (see ``_adjust``).
+
+        ``holders[t]``: jobs with units on type t (an ordered set); ``preemptible_holders[t][p]``: the
+        preemptible ones among them, by priority (``spare_holders``: those above their minimum); ``_total[t][p]`` and
+        ``_spare[t][p]``: GPUs that preemptible jobs of priority p hold on t, in all and above their
+        minimum. They make "is anything reclaimable here?" cost O(priorities), not O(jobs).
+        """
+        self._units: dict[WorkloadName, int] = {n: sum(a.values()) for n, a in self.alloc.items()}
+        self.holders: dict[GpuType, dict[WorkloadName, None]] = {}
+        self.preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
+        self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
+        self._total: dict[GpuType, dict[int, float]] = {}
+        self._spare: dict[GpuType, dict[int, float]] = {}
+        for w in self._jobs:
+            for t, n in self.alloc[w.name].items():
+                self._index(w, t, 0, n)
+
+    def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
+        spec = w.spec
+        if new:
+            self.holders.setdefault(t, {})[w.name] = None
+        else:
+            self.holders.get(t, {}).pop(w.name, None)
+        if isinstance(spec, TrainingJobSpec) and spec.preemptible:
+            g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
+            level = self.preemptible_holders.setdefault(t, {}).setdefault(p, {})
+            spare_level = self.spare_holders.setdefault(t, {}).setdefault(p, {})
+            if new:
+                level[w.spec.name] = None
+            else:
+                level.pop(w.spec.name, None)
+            if new > m:
+                spare_level[w.spec.name] = None
+            else:
+                spare_level.pop(w.spec.name, None)
+            tot = self._total.setdefault(t, {})
+            tot[p] = tot.get(p, 0.0) + (new - old) * g
+            spare = self._spare.setdefault(t, {})
+            spare[p] = spare.get(p, 0.0) + (max(0, new - m) - max(0, old - m)) * g
+
+    def _adjust(self, name: WorkloadName, t: GpuType, delta: int) -> None:
+        a = self.alloc[name]
+        old = a.get(t, 0)
+        new = old + delta
+        if new:
+            a[t] = new
+        else:
+            a.pop(t, None)
+        self._units[name] += delta
+        w = self.workloads[name]
+        if w.kind is WorkloadKind.TRAINING:
+            self._index(w, t, old, new)
+
+    def reclaimable_gpus(self, gpu_type: GpuType, below_priority: int, include_min: bool) -> float:
+        """GPUs on ``gpu_type`` held by preemptible jobs of lower priority (above their minimum only,
+        unless ``include_min``)."""
+        by_prio = (self._total if include_min else self._spare).get(gpu_type, {})
+        return sum(v for p, v in by_prio.items() if p < below_priority)
 
     # -------------------------------------------------------------------------------- inspection
 
     def units(self, name: WorkloadName) -> int:
-        return sum(self.alloc[name].values())
+        return self._units[name]
 
     def units_on(self, name: WorkloadName, gpu_type: GpuType) -> int:
         return self.alloc[name].get(gpu_type, 0)
@@ -95,22 +161,35 @@ class Workspace:
         p = self.packers.get(gpu_type)
         if p is None or n <= 0:
             return 0
-        placed = p.place(self.workloads[name].spec.gpus_per_unit, n)
+        placed = 0
+        where = self.where[name].setdefault(gpu_type, {})
+        for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
+            where[node] = where.get(node, 0) + k
+            placed += k
         if placed:
-            a = self.alloc[name]
-            a[gpu_type] = a.get(gpu_type, 0) + placed
+            self._adjust(name, gpu_type, placed)
         return placed
 
-    def shrink(self, name: WorkloadName, gpu_type: GpuType, n: int, *, repack: bool = True) -> int:
-        a = self.alloc[name]
-        k = min(n, a.get(gpu_type, 0))
+    def shrink(self, name: WorkloadName, gpu_type: GpuType, n: int) -> int:
+        """Takes up to ``n`` units of ``name`` off ``gpu_type``, freeing them on their nodes."""
+        k = min(n, self.alloc[name].get(gpu_type, 0))
         if k <= 0:
             return 0
-        a[gpu_type] -= k
-        if a[gpu_type] == 0:
-            del a[gpu_type]
-        if repack:
-            self.repack(gpu_type)
+        need = to_centi(self.workloads[name].spec.gpus_per_unit)
+        where = self.where[name][gpu_type]
+        packer = self.packers[gpu_type]
+        left = k
+        # Free the nodes where it holds least first: whole nodes come free sooner, for big units.
+        for node in sorted(where, key=lambda i: (where[i], i)):
+            take = min(left, where[node])
+            packer.release(node, take * need)
+            where[node] -= take
+            if not where[node]:
+                del where[node]
+            left -= take
+            if left == 0:
+                break
+        self._adjust(name, gpu_type, -k)
         return k
 
     def repack(self, gpu_type: GpuType) -> None:
@@ -119,6 +198,7 @@ class Workspace:
         Trimming only happens when capacity shrank (a node died): the least protected units go first.
         """
         p = TypePacker(self.node_gpus.get(gpu_type, ()))
+        self.packers[gpu_type] = p
         groups = []
         for name, a in self.alloc.items():
             n = a.get(gpu_type, 0)
@@ -131,14 +211,17 @@ class Workspace:
             if n - min_here:
                 groups.append((protection_key(w, True), name, n - min_here))
         groups.sort(key=lambda g: g[0])
+        for _, name, _n in groups:
+            self.where[name].pop(gpu_type, None)
         for _, name, n in groups:
-            placed = p.place(self.workloads[name].spec.gpus_per_unit, n)
+            where = self.where[name].setdefault(gpu_type, {})
+            placed = 0
+            for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
+                where[node] = where.get(node, 0) + k
+                placed += k
             if placed < n:
-                a = self.alloc[name]
-                a[gpu_type] -= n - placed
-                if a[gpu_type] == 0:
-                    del a[gpu_type]
-        self.packers[gpu_type] = p
+                # The nodes no longer hold it all (a node died): the least protected units go.
+                self._adjust(name, gpu_type, placed - n)
 
     def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
         """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.
@@ -200,14 +283,17 @@ class Workspace:
         return (
             {n: dict(a) for n, a in self.alloc.items()},
             {t: p.copy() for t, p in self.packers.items()},
+            {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in self.where.items()},
             len(self.reclaims),
         )
 
     def rollback(self, cp: tuple) -> None:
-        alloc, packers, num_reclaims = cp
+        alloc, packers, where, num_reclaims = cp
         self.alloc = {n: dict(a) for n, a in alloc.items()}
         self.packers = {t: p.copy() for t, p in packers.items()}
+        self.where = {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in where.items()}
         del self.reclaims[num_reclaims:]
+        self._reindex()
 
     # ------------------------------------------------------------------------------------ result
 
@@ -216,10 +302,10 @@ class Workspace:
         return PolicyDecision(targets, tuple(self.infeasible), tuple(self.reclaims))
 
     def services(self) -> list[WorkloadSnapshot]:
-        return [w for w in self.workloads.values() if w.kind is WorkloadKind.SERVICE]
+        return list(self._services)
 
     def jobs(self) -> list[WorkloadSnapshot]:
-        return [w for w in self.workloads.values() if w.kind is WorkloadKind.TRAINING]
+        return list(self._jobs)
 
 
 def _clip_total(a: dict[GpuType, int], max_units: int, order: tuple[GpuType, ...]) -> None:
