@@ -519,13 +519,15 @@ class LocalCluster:
 
         ``ray status``/``serve run``/``ray.init()`` read ``RAY_ADDRESS``; ``ray job submit`` reads
         ``RAY_API_SERVER_ADDRESS``; ``serve deploy``/``serve status`` read ``RAY_DASHBOARD_ADDRESS``; all of
-        them need ``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN_PATH``).
+        them need ``RAY_AUTH_MODE=token`` and the token (``RAY_AUTH_TOKEN_PATH``). ``TIDAL_SERVE_HTTP_PORT``
+        is the port reserved for Serve's HTTP proxy (``tidal serve deploy`` reads it).
         """
         return {
             "RAY_ADDRESS": self.address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
             "RAY_DASHBOARD_ADDRESS": self.dashboard_url,
             **self.auth_env(),
+            "TIDAL_SERVE_HTTP_PORT": str(self.serve_http_port),
         }
 
     def activate(self) -> None:

@@ -1,0 +1,452 @@
+"""The ``tidal`` command: a local heterogeneous cluster, the arbiter, and the status of both.
+
+::
+
+    tidal up [--config cluster.yaml] [--policy policy.yaml] [--no-arbiter]
+    tidal down [--keep-logs]
+    tidal env                          # `eval "$(tidal env)"`: Ray's CLIs then work against the cluster
+    tidal status [--json] [--address ADDR]
+    tidal arbiter start [--config policy.yaml] [--address ADDR] [--metrics-port N] [--tick-interval S]
+    tidal arbiter stop [--address ADDR]
+
+Subcommands owned by other packages are added when present: ``tidal serve ...`` (``serving.cli``), ``tidal
+train ...`` (``training.cli``), ``tidal simulate ...`` (``cluster.sim.cli``).
+
+What ``tidal up`` started is recorded in ``$TIDAL_HOME/local-cluster.json`` (default ``~/.tidal``), which
+points at the cluster's own state file; ``tidal down`` stops exactly the processes recorded there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("tidal")
+
+POINTER_FILE = "local-cluster.json"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def tidal_home() -> Path:
+    """``$TIDAL_HOME``, default ``~/.tidal``."""
+    return Path(os.environ.get("TIDAL_HOME") or Path.home() / ".tidal").expanduser()
+
+
+def _out(msg: str = "") -> None:
+    # The CLI's own output (the rest of the package logs).
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"tidal: {msg}\n")
+    sys.stderr.flush()
+
+
+# ------------------------------------------------------------------------------------ recorded cluster
+
+
+def _recorded_cluster() -> Any | None:
+    """The local cluster recorded in TIDAL_HOME (a ``LocalCluster`` handle), or None."""
+    from cluster.local import LocalCluster
+
+    pointer = tidal_home() / POINTER_FILE
+    if not pointer.exists():
+        return None
+    try:
+        state_path = json.loads(pointer.read_text())["state_path"]
+        return LocalCluster.attach(state_path)
+    except (OSError, ValueError, KeyError) as e:
+        _err(f"ignoring an unreadable record {pointer}: {e}")
+        return None
+
+
+def _forget_recorded() -> None:
+    (tidal_home() / POINTER_FILE).unlink(missing_ok=True)
+
+
+def _connect(address: str | None) -> str:
+    """``ray.init`` to ``address``, else the recorded local cluster, else ``$RAY_ADDRESS``; returns the address."""
+    cluster = None
+    if address is None:
+        cluster = _recorded_cluster()
+        if cluster is not None and cluster.pids():
+            address = cluster.address
+        else:
+            cluster = None
+            address = os.environ.get("RAY_ADDRESS")
+    if address is None:
+        raise RuntimeError(
+            "no cluster to talk to: run `tidal up`, or pass --address (or set RAY_ADDRESS) for a running cluster"
+        )
+    if cluster is not None:
+        cluster.activate()
+    import ray
+
+    ray.init(address=address, namespace="tidal", log_to_driver=False, logging_level=logging.WARNING)
+    return address
+
+
+# ------------------------------------------------------------------------------------ up / down / env
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from cluster.local import LocalCluster, load_cluster_spec
+
+    existing = _recorded_cluster()
+    if existing is not None:
+        if existing.pids():
+            _err(
+                f"Tidal is already up: a local cluster runs at {existing.address} (dashboard "
+                f"{existing.dashboard_url}), recorded in {tidal_home() / POINTER_FILE}. Run `tidal down` first."
+            )
+            return EXIT_ERROR
+        _out(f"Found a record of a cluster whose processes are gone ({existing.address}); replacing it.")
+        existing.stop()
+        _forget_recorded()
+    try:
+        spec = load_cluster_spec(args.config)
+        policy_cfg = None
+        if not args.no_arbiter:
+            from policies.config import load_policy_config
+
+            policy_cfg = load_policy_config(args.policy)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    gpus = ", ".join(f"{n}x {t}" for t, n in spec.gpus_by_type().items())
+    _out(f"Starting a local Ray cluster: head + {len(spec.nodes())} GPU nodes ({gpus}) ...")
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start()
+    except Exception as e:
+        _err(f"the local cluster did not start: {e}")
+        return EXIT_ERROR
+    home = tidal_home()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / POINTER_FILE).write_text(json.dumps({"state_path": str(cluster.state_path)}, indent=2))
+    arbiter_line = "Arbiter: not started (--no-arbiter); start it with `tidal arbiter start`"
+    if policy_cfg is not None:
+        import ray
+
+        from cluster.actor import get_or_create_arbiter
+
+        try:
+            ray.init(address=cluster.address, namespace="tidal", log_to_driver=False, logging_level=logging.WARNING)
+            get_or_create_arbiter(config=policy_cfg, metrics_port=cluster.metrics_port)
+            arbiter_line = (
+                f"Arbiter: tidal-arbiter (namespace tidal), policy {policy_cfg.policy}, "
+                f"metrics http://127.0.0.1:{cluster.metrics_port}/metrics"
+            )
+        except Exception as e:
+            _err(f"the cluster is up, but the arbiter did not start: {e}")
+            arbiter_line = "Arbiter: FAILED to start (see above); retry with `tidal arbiter start`"
+        finally:
+            ray.shutdown()
+    _out(f"Local cluster up in {cluster.startup_s:.1f} s.")
+    _out(f"  Ray address:   {cluster.address}")
+    _out(f"  Dashboard:     {cluster.dashboard_url}")
+    _out(f"  Serve HTTP:    port {cluster.serve_http_port} (reserved for Serve's proxy)")
+    _out(f"  Nodes:         {', '.join(f'{n} ({r.num_gpus}x {r.gpu_type})' for n, r in cluster.nodes.items())}")
+    _out(f"  {arbiter_line}")
+    _out(f"  State:         {cluster.state_path}")
+    _out("")
+    _out("Token authentication is on. For Ray's CLIs (`ray job submit`, `serve deploy`, `ray status`):")
+    _out('  eval "$(tidal env)"      # or paste:')
+    for line in _export_lines(cluster.env()):
+        _out(f"  {line}")
+    _out("Stop everything with `tidal down`.")
+    return EXIT_OK
+
+
+def _export_lines(env: dict[str, str]) -> list[str]:
+    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    cluster = _recorded_cluster()
+    if cluster is None or not cluster.pids():
+        _err(f"nothing is up (no running local cluster recorded in {tidal_home()}); run `tidal up`")
+        return EXIT_ERROR
+    for line in _export_lines(cluster.env()):
+        _out(line)
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cluster = _recorded_cluster()
+    if cluster is None:
+        _out(f"Nothing is up: no local cluster is recorded in {tidal_home()}. Nothing was stopped.")
+        return EXIT_OK
+    running = cluster.pids()
+    try:
+        stopped = cluster.stop()
+    except Exception as e:
+        _err(f"could not stop every process of the cluster at {cluster.address}: {e}")
+        return EXIT_ERROR
+    left = cluster.pids()
+    if left:
+        _err(f"processes of the cluster still run: {sorted(left)}")
+        return EXIT_ERROR
+    _forget_recorded()
+    root = cluster.root_dir
+    if not args.keep_logs and cluster._owns_root and root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+        where = f"removed {root}"
+    else:
+        where = f"logs kept in {root}"
+    if running:
+        _out(f"Stopped the local cluster at {cluster.address}: {len(stopped)} processes ({where}).")
+    else:
+        _out(f"The recorded cluster at {cluster.address} was no longer running; record removed ({where}).")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    try:
+        address = _connect(args.address)
+    except Exception as e:
+        _err(str(e))
+        return EXIT_ERROR
+    try:
+        from cluster.actor import get_arbiter
+
+        handle = get_arbiter()
+        if handle is None:
+            status = _inventory_only_status()
+            status["arbiter"] = None
+        else:
+            status = ray.get(handle.status.remote(), timeout=15)
+        status["address"] = address
+    finally:
+        ray.shutdown()
+    if args.json:
+        _out(json.dumps(status, indent=2, sort_keys=True, default=str))
+    else:
+        render_status(status)
+    return EXIT_OK
+
+
+def _inventory_only_status() -> dict[str, Any]:
+    """Capacity by type from Ray's node table, for a cluster without an arbiter."""
+    import ray
+
+    from cluster.ray_backend import nodes_from_table
+
+    cap: dict[str, float] = {}
+    nodes: dict[str, int] = {}
+    for n in nodes_from_table(ray.nodes()):
+        if n.healthy:
+            cap[n.gpu_type] = cap.get(n.gpu_type, 0.0) + n.num_gpus
+            nodes[n.gpu_type] = nodes.get(n.gpu_type, 0) + 1
+    return {
+        "capacity": cap, "nodes": nodes, "granted": {}, "free": dict(cap), "allocation_ratio": 0.0,
+        "cost_per_hour": 0.0, "workloads": [], "infeasible": [],
+    }
+
+
+def render_status(status: dict[str, Any]) -> None:
+    """Prints ``status`` (an arbiter ``status()`` dict) as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cap: dict[str, float] = status.get("capacity", {})
+    granted: dict[str, float] = status.get("granted", {})
+    free: dict[str, float] = status.get("free", {})
+    inv = Table(title=f"Inventory  ({status.get('address', '?')})")
+    for col in ("GPU type", "nodes", "GPUs", "granted", "free"):
+        inv.add_column(col, justify="right" if col != "GPU type" else "left")
+    for t in sorted(set(cap) | set(granted)):
+        inv.add_row(
+            t, str(status.get("nodes", {}).get(t, 0)), _num(cap.get(t, 0.0)), _num(granted.get(t, 0.0)),
+            _num(free.get(t, 0.0)),
+        )
+    inv.add_row(
+        "[b]all[/b]", str(sum(status.get("nodes", {}).values())), _num(sum(cap.values())),
+        _num(sum(granted.values())), _num(sum(free.values())),
+    )
+    console.print(inv)
+    wl = Table(title="Workloads")
+    for col in ("name", "kind", "prio", "units (min-max)", "demand", "grant by type", "held", "GPUs", "$/hour"):
+        wl.add_column(col)
+    for w in status.get("workloads", []):
+        wl.add_row(
+            w["name"], w["kind"], str(w["priority"]), f"{w['min_units']}-{w['max_units']}", str(w["demand_units"]),
+            _alloc(w.get("grant", {})), _alloc(w.get("held", {})),
+            _num(sum(w.get("grant_gpus", {}).values())), f"{w.get('cost_per_hour', 0.0):.2f}",
+        )
+    if not status.get("workloads"):
+        wl.add_row("(none)", "", "", "", "", "", "", "", "")
+    console.print(wl)
+    console.print(
+        f"Allocation ratio: [b]{status.get('allocation_ratio', 0.0):.0%}[/b]   "
+        f"Cost: [b]${status.get('cost_per_hour', 0.0):.2f}/hour[/b]   "
+        f"Policy: {status.get('policy', '-')}"
+    )
+    for inf in status.get("infeasible", []):
+        console.print(f"[yellow]infeasible[/yellow] {inf['workload']}: {inf['reason']}")
+    arb = status.get("arbiter")
+    if arb is None:
+        console.print("[yellow]No arbiter is running[/yellow]: start it with `tidal arbiter start`.")
+    elif arb:
+        p50 = arb.get("tick_p50_s")
+        console.print(
+            f"Arbiter: {arb.get('ticks', 0)} ticks every {arb.get('tick_interval_s')} s"
+            + (f", tick p50 {p50 * 1e3:.1f} ms" if p50 is not None else "")
+            + (f", [red]{arb['tick_errors']} failed ticks[/red] (last: {arb.get('last_error')})" if arb.get("tick_errors") else "")
+        )
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _alloc(d: dict[str, float]) -> str:
+    return ", ".join(f"{t}: {n}" for t, n in sorted(d.items())) or "-"
+
+
+# ------------------------------------------------------------------------------------ arbiter
+
+
+def cmd_arbiter_start(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.actor import get_arbiter, get_or_create_arbiter
+    from policies.config import load_policy_config
+
+    # Validate before touching the cluster: a bad file changes nothing, a running arbiter keeps its config.
+    try:
+        cfg = load_policy_config(args.config)
+    except ValueError as e:
+        _err(f"{e}\nThe policy config was refused; nothing was changed.")
+        return EXIT_USAGE
+    try:
+        address = _connect(args.address)
+    except Exception as e:
+        _err(str(e))
+        return EXIT_ERROR
+    try:
+        handle = get_arbiter()
+        if handle is not None:
+            try:
+                result = ray.get(handle.reload_config.remote(cfg.model_dump()), timeout=30)
+            except ray.exceptions.RayTaskError as e:
+                _err(f"the arbiter refused the config and keeps its old one: {e.cause if hasattr(e, 'cause') else e}")
+                return EXIT_USAGE
+            _out(f"The arbiter was already running at {address}; its config was reloaded (policy {result['policy']}).")
+            return EXIT_OK
+        metrics_port = args.metrics_port
+        if metrics_port is None and cfg.arbiter.metrics_port is None:
+            recorded = _recorded_cluster()
+            if recorded is not None and recorded.address == address:
+                metrics_port = recorded.metrics_port
+        get_or_create_arbiter(config=cfg, metrics_port=metrics_port, tick_interval_s=args.tick_interval)
+        port = metrics_port or cfg.arbiter.metrics_port
+        _out(
+            f"Arbiter started at {address}: tidal-arbiter (namespace tidal), policy {cfg.policy}"
+            + (f", metrics on port {port}" if port else "")
+        )
+        return EXIT_OK
+    finally:
+        ray.shutdown()
+
+
+def cmd_arbiter_stop(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.actor import kill_arbiter
+
+    try:
+        address = _connect(args.address)
+    except Exception as e:
+        _err(str(e))
+        return EXIT_ERROR
+    try:
+        if kill_arbiter():
+            _out(f"Arbiter stopped at {address} (its persisted state was deleted).")
+        else:
+            _out(f"No arbiter is running at {address}.")
+        return EXIT_OK
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="Training and inference on one heterogeneous GPU cluster.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="start a local heterogeneous Ray cluster and the arbiter")
+    p.add_argument("--config", default=None, help="cluster spec YAML (default: cluster/configs/local.yaml)")
+    p.add_argument("--policy", default=None, help="policy config YAML for the arbiter (default: built-in)")
+    p.add_argument("--no-arbiter", action="store_true", help="do not start the arbiter")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the local cluster that `tidal up` started")
+    p.add_argument("--keep-logs", action="store_true", help="keep the cluster's temp dir (logs)")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("env", help='print the environment for Ray\'s CLIs: eval "$(tidal env)"')
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("status", help="inventory, demand, grants, allocation ratio and cost")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--address", default=None, help="Ray address (default: the local cluster, else $RAY_ADDRESS)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("arbiter", help="the arbiter actor")
+    asub = p.add_subparsers(dest="arbiter_command", required=True)
+    a = asub.add_parser("start", help="start the arbiter (or reload its config if it runs)")
+    a.add_argument("--config", default=None, help="policy config YAML (validated first)")
+    a.add_argument("--address", default=None, help="Ray address (default: the local cluster, else $RAY_ADDRESS)")
+    a.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: config or the local cluster's)")
+    a.add_argument("--tick-interval", type=float, default=None, help="seconds between ticks (default: config)")
+    a.set_defaults(func=cmd_arbiter_start)
+    a = asub.add_parser("stop", help="stop the arbiter and delete its persisted state")
+    a.add_argument("--address", default=None)
+    a.set_defaults(func=cmd_arbiter_stop)
+
+    for module_name in ("serving.cli", "training.cli", "cluster.sim.cli"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            if e.name and module_name.startswith(e.name):
+                continue  # the package is not there: no subcommand
+            # A broken optional subcommand must not take `tidal up`/`down` with it.
+            logger.warning("`tidal` subcommands of %s are unavailable: %s", module_name, e)
+            continue
+        register = getattr(module, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
