@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPEC_PATH = Path(__file__).parent / "configs" / "local.yaml"
 CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
 STATE_FILE_NAME = "cluster.json"
+SPARE_NODES = 2  # nodes add_node() can start beyond the spec's
 
 # Ray's minimum object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES is 75 MiB).
 _MIN_OBJECT_STORE_MB = 75
@@ -564,7 +565,10 @@ class LocalCluster:
             self._owns_root = True
         self.cluster_id = f"{self.root_dir.name}-{secrets.token_hex(4)}"
         per_raylet = 6 + self.spec.worker_ports_per_node
-        self.lease = PortLease.acquire(10 + per_raylet * (1 + len(plans)), owner=str(self.root_dir))
+        # Room for SPARE_NODES more raylets, for add_node() (fault tests add a node they can kill).
+        self.lease = PortLease.acquire(
+            10 + per_raylet * (1 + len(plans) + SPARE_NODES), owner=str(self.root_dir)
+        )
         self.gcs_port, self.dashboard_port, self.client_server_port = (self.lease.take() for _ in range(3))
         self.serve_http_port, self.metrics_port = self.lease.take(), self.lease.take()
         autoscaler_metrics_port, dashboard_metrics_port = self.lease.take(), self.lease.take()
@@ -708,7 +712,7 @@ class LocalCluster:
             return "(no log)"
 
     def _wait_registered(self, deadline: float) -> None:
-        expected = {"head", *self.nodes}
+        expected = {"head", *(n for n, r in self.nodes.items() if not r.killed)}
         last: dict[str, Any] = {}
         while True:
             try:
@@ -752,6 +756,35 @@ class LocalCluster:
         """Every live process of this cluster (see ``find_cluster_processes``)."""
         recs = ([self.head] if self.head else []) + list(self.nodes.values())
         return find_cluster_processes(self.cluster_id, [r.sid for r in recs])
+
+    def add_node(
+        self,
+        name: str,
+        gpu_type: str,
+        num_gpus: int,
+        num_cpus: int | None = None,
+        object_store_memory_mb: int = 100,
+    ) -> NodeRecord:
+        """Starts one more worker node (beyond the spec) and waits until it is registered.
+
+        For fault tests on a shared cluster: add a node, kill it, and the spec's nodes stay untouched. At
+        most ``SPARE_NODES`` nodes can be added (their ports are part of the cluster's lease).
+        """
+        if name in self.nodes or name == "head":
+            raise ValueError(f"node name {name!r} is taken; taken: head, {', '.join(self.nodes)}")
+        group = NodeGroupSpec(gpu_type=gpu_type, num_gpus=num_gpus, num_cpus=num_cpus)  # validates
+        labels = {GPU_TYPE_LABEL: group.gpu_type}
+        rec, proc = self._launch(
+            name, group.gpu_type, group.num_gpus, group.cpus_per_node, object_store_memory_mb, {}, labels,
+            [f"--address={self.address}", f"--num-gpus={group.num_gpus}"], {},
+        )
+        self.nodes[name] = rec
+        self.write_state()
+        self._wait_exit({name: proc})
+        self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
+        if self.lease is not None:
+            self.lease.keep_alive_with(sorted(self.pids()))
+        return rec
 
     def kill_node(self, name: str) -> set[int]:
         """Kills a worker node's raylet and everything on it with SIGKILL, as a machine failure would.
@@ -838,7 +871,7 @@ class LocalCluster:
             "serve_http_port": self.serve_http_port,
             "metrics_port": self.metrics_port,
             "spare_ports": self.spare_ports,
-            "port_lease": [self.lease.start, self.lease.end] if self.lease else None,
+            "port_lease": [self.lease.start, self.lease.end, self.lease._next] if self.lease else None,
             "token_path": str(self.token_path) if self.token_path else None,
             "started_s": self.started_s,
             "startup_s": self.startup_s,
@@ -867,7 +900,9 @@ class LocalCluster:
             setattr(c, k, s[k])
         c.spare_ports = list(s.get("spare_ports") or [])
         if s.get("port_lease"):
-            c.lease = PortLease.from_range(*s["port_lease"])
+            start, end, *rest = s["port_lease"]
+            c.lease = PortLease.from_range(start, end)
+            c.lease._next = rest[0] if rest else end  # unknown: take no more ports from it
         c.token_path = Path(s["token_path"]) if s.get("token_path") else None
         c.head = NodeRecord(**s["head"]) if s.get("head") else None
         c.nodes = {r["name"]: NodeRecord(**r) for r in s.get("nodes", [])}
