@@ -301,7 +301,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _lease_is_stale(info: dict, path: Path) -> bool:
-    if any(_pid_alive(p) for p in info.get("pids", [])):
+    if any(pid_alive(p) for p in info.get("pids", [])):
         return False
     return time.time() - float(info.get("created_s", 0.0)) > _LEASE_GRACE_S or not info.get("pids")
 
@@ -326,7 +326,7 @@ def _read_json(path: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------ processes
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -398,7 +398,7 @@ def _terminate(pids: set[int], timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if _pid_alive(p)}
+        alive = {p for p in alive if pid_alive(p)}
         if alive:
             time.sleep(0.1)
     for pid in alive:
@@ -406,7 +406,7 @@ def _terminate(pids: set[int], timeout_s: float) -> set[int]:
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
     while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if _pid_alive(p)}
+        alive = {p for p in alive if pid_alive(p)}
         if alive:
             time.sleep(0.05)
     return alive
