@@ -158,7 +158,9 @@ class ArbiterLink:
         if self._client is None:
             self._client = self._client_factory(self.options.arbiter_name, self.options.arbiter_namespace)
         if not self._registered:
-            if not self._client.available():
+            # (Re-)register only while Serve is calling the policy: a deleted deployment must not be
+            # brought back by a heartbeat that was in flight when it went.
+            if now - report.at_s > self.options.stale_after_s or not self._client.available():
                 return
             view = self._client.register(self.spec, meta={"kind": "serve-deployment"})
             self._registered = bool(getattr(view, "registered", True))

@@ -44,8 +44,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--http-port",
         type=int,
-        default=int(os.environ["TIDAL_SERVE_HTTP_PORT"]) if os.environ.get("TIDAL_SERVE_HTTP_PORT") else None,
-        help="Serve's HTTP port (default: $TIDAL_SERVE_HTTP_PORT, else the config's)",
+        default=None,
+        help="Serve's HTTP port (default: $TIDAL_SERVE_HTTP_PORT, else the local cluster's reserved port, "
+        "else the config's)",
     )
     p.add_argument("--no-wait", action="store_true", help="return without waiting for RUNNING")
     common(p)
@@ -73,14 +74,32 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _connect(address: str | None) -> None:
+    """Connect as ``tidal`` does (the recorded local cluster with its auth, else ``$RAY_ADDRESS``)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address=address or os.environ.get("RAY_ADDRESS") or "auto",
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+    if ray.is_initialized():
+        return
+    try:
+        from cluster.cli import _connect as tidal_connect
+    except ImportError:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+        return
+    tidal_connect(address)
+
+
+def _reserved_http_port(flag: int | None) -> int | None:
+    """``--http-port``, else ``$TIDAL_SERVE_HTTP_PORT``, else the recorded local cluster's reserved port."""
+    if flag is not None:
+        return flag
+    if os.environ.get("TIDAL_SERVE_HTTP_PORT"):
+        return int(os.environ["TIDAL_SERVE_HTTP_PORT"])
+    try:
+        from cluster.cli import _recorded_cluster
+
+        cluster = _recorded_cluster()
+    except ImportError:
+        return None
+    return cluster.serve_http_port if cluster is not None and cluster.serve_http_port else None
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -99,7 +118,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                 )
     _connect(args.address)
     try:
-        names = deploy_config(config, http_port=args.http_port, wait=not args.no_wait)
+        names = deploy_config(config, http_port=_reserved_http_port(args.http_port), wait=not args.no_wait)
     except RolloutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,7 +105,7 @@ class TidalPolicyOptions(_Strict):
     arbiter_namespace: str = "tidal"
     drain_hold_s: float = Field(default=3.0, ge=0)
     stale_after_s: float = Field(default=1.0, gt=0)
-    keepalive_s: float = Field(default=300.0, gt=0)
+    keepalive_s: float = Field(default=120.0, gt=0)
     grant_ttl_s: float = Field(default=5.0, gt=0)
 
 

@@ -1,0 +1,241 @@
+"""The Tidal Serve application on a real local cluster, over real HTTP.
+
+One application (one replica of the default digits model) serves the tests of this module; it runs
+without an arbiter (its policy falls back to Serve's behaviour), so these tests do not depend on what
+other test modules did to the shared arbiter. Placement on granted GPU types and the grants themselves
+are tested in ``test_serving_arbiter.py``.
+"""
+
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import torch
+
+from serving.examples import digits_data
+from serving.manifest import load_model
+from serving.rollout import replicas_by_gpu_type, serve_details
+
+pytestmark = pytest.mark.integration
+
+APP = "digits-http"
+ROUTE = "/digits-http"
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(digits_checkpoints):
+    return digits_checkpoints
+
+
+def app_config(name, route, checkpoint, service, **args):
+    return {
+        "name": name,
+        "route_prefix": route,
+        "import_path": "serving.app:build_app",
+        "args": {
+            "service": {"name": name, **service},
+            "model": {"checkpoint": str(checkpoint)},
+            "num_cpus_per_replica": 0.25,
+            **args,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_driver, local_cluster, checkpoints):
+    """Serve on the cluster's reserved port with the digits app; shut down (all apps) at the end."""
+    from ray import serve
+
+    from serving.rollout import deploy_config
+
+    cfg = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": local_cluster.serve_http_port},
+        "applications": [
+            app_config(
+                APP,
+                ROUTE,
+                checkpoints["v1"],
+                {"gpu_types": ["A100", "H100"], "min_replicas": 1, "max_replicas": 1},
+                api_key=API_KEY,
+                max_instances_per_request=64,
+                max_body_bytes=64 * 1024,
+                # No arbiter under this name: the policy runs in its fallback mode.
+                autoscaling={"arbiter_name": "tidal-sv-no-arbiter"},
+            )
+        ],
+    }
+    deploy_config(cfg, http_port=local_cluster.serve_http_port)
+    base = f"http://127.0.0.1:{local_cluster.serve_http_port}{ROUTE}"
+    yield {"base": base, "config": cfg}
+    serve.shutdown()
+
+
+def tidal_serve(*argv: str) -> int:
+    """Run ``tidal serve ARGV`` in this process (already connected to the cluster)."""
+    import argparse
+
+    from serving.cli import register_cli
+
+    parser = argparse.ArgumentParser(prog="tidal")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", *argv])
+    return args.func(args)
+
+
+def auth():
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_predictions_over_http_match_the_model_run_directly(serve_app, checkpoints):
+    x, _ = digits_data()
+    batch = x[:20]
+    r = httpx.post(
+        f"{serve_app['base']}/v1/predict", json={"instances": batch.tolist()}, headers=auth(), timeout=30
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = load_model(checkpoints["v1"], "cpu")
+    with torch.no_grad():
+        expected = model(batch)
+    assert body["model_version"] == "digits-v1"
+    assert torch.allclose(torch.tensor(body["outputs"]), expected, atol=1e-4)
+    assert body["predictions"] == [str(i) for i in expected.argmax(1).tolist()]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field", "message"),
+    [
+        (b"{not json", 400, "body", "not valid JSON"),
+        (b'{"instances": [[1, 2, 3]]}', 422, "instances[0]", "expected 64 values"),
+        (json.dumps({"instances": [["a"] * 64]}).encode(), 422, "instances[0][0]", "expected a number"),
+        (json.dumps({"instances": [[0] * 64] * 65}).encode(), 413, "instances", "limit of 64"),
+        (json.dumps({"instances": [[0.5] * 64] * 300}).encode(), 413, "body", "limit of 65536"),
+        (b'{"inputs": []}', 422, "inputs", "unknown field"),
+        (b"[1, 2]", 422, "body", "expected a JSON object"),
+    ],
+)
+def test_bad_input_gets_a_4xx_naming_the_problem(serve_app, body, status, field, message):
+    r = httpx.post(f"{serve_app['base']}/v1/predict", content=body, headers=auth(), timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and message in err["message"]
+
+
+def test_every_route_but_health_needs_the_api_key(serve_app):
+    base = serve_app["base"]
+    one = {"instances": [[0] * 64]}
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    r = httpx.post(f"{base}/v1/predict", json=one, headers={"X-API-Key": "wrong-key-000"}, timeout=30)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert (
+        httpx.post(f"{base}/v1/predict", json=one, headers={"X-API-Key": API_KEY}, timeout=30).status_code
+        == 200
+    )
+    models = httpx.get(f"{base}/v1/models", headers=auth(), timeout=30).json()["models"]
+    assert models[0]["input_shape"] == [64] and models[0]["model_class"] == "training.models:DigitsMLP"
+
+
+def test_a_new_checkpoint_rolls_out_without_a_failed_request(serve_app, checkpoints, wait_for):
+    base = serve_app["base"]
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                r = c.post(f"{base}/v1/predict", json={"instances": [[1.0] * 64]}, headers=auth())
+                results.append(
+                    (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text)
+                )
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(results) > 10, timeout_s=30, message="traffic before the rollout")
+        assert tidal_serve("promote", str(checkpoints["v2"]), "--app", APP) == 0
+        n = len(results)
+        wait_for(lambda: len(results) > n + 10, timeout_s=30, message="traffic after the rollout")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = Counter(s for s, _ in results)
+    assert statuses == Counter({200: len(results)}), statuses
+    versions = [v for _, v in results]
+    assert versions[0] == "digits-v1" and versions[-1] == "digits-v2"
+    # Once every replica serves v2, no request sees v1 again.
+    last_v1 = max(i for i, v in enumerate(versions) if v == "digits-v1")
+    assert all(v == "digits-v2" for v in versions[last_v1 + 1 :])
+
+
+def test_promote_refuses_a_checkpoint_that_clients_could_not_use(serve_app, tmp_path, capsys):
+    from serving.manifest import write_model_checkpoint
+    from training.models import DigitsMLP
+
+    bad = write_model_checkpoint(
+        DigitsMLP(in_features=32, hidden=8),
+        tmp_path / "bad",
+        model_class="training.models:DigitsMLP",
+        model_kwargs={"in_features": 32, "hidden": 8},
+        version="bad",
+        input_shape=[32],
+    )
+    assert tidal_serve("promote", str(bad), "--app", APP) == 2
+    assert "input_shape [32] differs" in capsys.readouterr().err
+    assert tidal_serve("promote", str(tmp_path / "missing"), "--app", APP) == 2
+
+
+def test_a_killed_replica_is_replaced(serve_app, ray_driver, wait_for):
+    ray = ray_driver
+
+    def running_ids():
+        dep = serve_details().applications[APP].deployments["TidalModel"]
+        return {r.replica_id: r.actor_name for r in dep.replicas if r.state == "RUNNING"}
+
+    before = running_ids()
+    assert len(before) == 1
+    victim_id, victim_name = next(iter(before.items()))
+    ray.kill(ray.get_actor(victim_name, namespace="serve"), no_restart=True)
+    wait_for(
+        lambda: victim_id not in running_ids() and len(running_ids()) == 1,
+        timeout_s=90,
+        message="a new replica in place of the killed one",
+    )
+    with pytest.raises(ValueError):
+        ray.get_actor(victim_name, namespace="serve")  # the victim's name is gone with it
+    r = httpx.post(
+        f"{serve_app['base']}/v1/predict", json={"instances": [[0] * 64]}, headers=auth(), timeout=30
+    )
+    assert r.status_code == 200
+
+
+def test_min_replicas_zero_holds_nothing_when_idle_and_the_first_request_waits_for_a_replica(
+    serve_app, local_cluster, checkpoints
+):
+    from serving.rollout import deploy_config
+
+    cold = app_config(
+        "digits-cold",
+        "/digits-cold",
+        checkpoints["v1"],
+        {"gpu_types": ["RTX4090"], "min_replicas": 0, "max_replicas": 1},
+        autoscaling={"arbiter_name": "tidal-sv-no-arbiter", "downscale_to_zero_delay_s": 1},
+    )
+    cfg = dict(serve_app["config"])
+    cfg["applications"] = [*cfg["applications"], cold]
+    deploy_config(cfg, http_port=local_cluster.serve_http_port)
+    assert replicas_by_gpu_type("digits-cold", "TidalModel") == {}
+    url = f"http://127.0.0.1:{local_cluster.serve_http_port}/digits-cold/v1/predict"
+    t0 = time.monotonic()
+    r = httpx.post(url, json={"instances": [[0] * 64]}, timeout=120)
+    cold_start_s = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert replicas_by_gpu_type("digits-cold", "TidalModel") == {"RTX4090": 1}
+    print(f"cold start from zero replicas: {cold_start_s:.1f} s")
