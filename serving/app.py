@@ -190,6 +190,8 @@ class ModelServer:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError("body", f"is not valid JSON: {e}", status=400) from None
+        except RecursionError:
+            raise InputError("body", "is nested too deeply to parse", status=400) from None
         instances = parse_predict_body(raw, self._max_instances)
         loaded = self._require_model()
         flat = flatten_instances(instances, loaded.manifest.input_shape)

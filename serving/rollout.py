@@ -78,7 +78,8 @@ def deploy_config(
         The names of the applications deployed.
     """
     cfg = dict(config)
-    for app in cfg.get("applications", []):
+    cfg["applications"] = [dict(a) for a in cfg.get("applications", [])]
+    for app in cfg["applications"]:
         if app.get("import_path") == BUILDER_PATH:
             name = app.get("name", "default")
             try:
@@ -86,6 +87,11 @@ def deploy_config(
                 load_manifest(args.model.checkpoint)
             except (ValueError, CheckpointError) as e:
                 raise RolloutError(f"application {name!r}: invalid args: {e}") from e
+            # Send the path as resolved here ("~", $VARS), not as written: the cluster's env may differ.
+            app["args"] = {
+                **app.get("args", {}),
+                "model": {**app["args"].get("model", {}), "checkpoint": args.model.checkpoint},
+            }
     http = dict(cfg.get("http_options") or {})
     if http_port is not None:
         http.update(host=host, port=http_port)

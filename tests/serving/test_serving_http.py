@@ -117,6 +117,8 @@ def test_predictions_over_http_match_the_model_run_directly(serve_app, checkpoin
         (json.dumps({"instances": [[0.5] * 64] * 300}).encode(), 413, "body", "limit of 65536"),
         (b'{"inputs": []}', 422, "inputs", "unknown field"),
         (b"[1, 2]", 422, "body", "expected a JSON object"),
+        (b"[" * 50_000, 400, "body", "nested too deeply"),
+        (b"\xff\xfe\x00garbage", 400, "body", "not valid JSON"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(serve_app, body, status, field, message):

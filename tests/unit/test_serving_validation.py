@@ -131,3 +131,21 @@ def test_checkpoint_paths_expand_home_and_variables(monkeypatch):
     monkeypatch.setenv("TIDAL_HOME", "/data/tidal")
     assert ModelOptions(checkpoint="${TIDAL_HOME}/ck").checkpoint == "/data/tidal/ck"
     assert not ModelOptions(checkpoint="~/ck").checkpoint.startswith("~")
+
+
+def test_the_shipped_serve_config_is_valid_for_serve_and_for_tidal():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving import config as serving_config
+
+    # (serving.config's file, not the package's: under pytest "serving" can resolve to tests/serving.)
+    raw = yaml.safe_load((Path(serving_config.__file__).parent / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serving.app:build_app"
+    parsed = ServeAppArgs.model_validate(app.args)
+    assert parsed.service.min_replicas == 0 and parsed.autoscaling.policy == "tidal"
+    assert raw["http_options"]["port"] != 8000
