@@ -40,7 +40,7 @@ def test_every_example_job_validates_with_its_model_and_data_imported(path: Path
 def test_min_workers_above_max_workers_is_refused_naming_both_values():
     with pytest.raises(SpecError) as e:
         parse_spec(make_spec(min_workers=5, max_workers=4))
-    assert "min_workers=5 is above max_workers=4" in str(e.value)
+    assert "max_workers: min_workers=5 is above max_workers=4" in str(e.value)
     assert "min_workers <= max_workers" in str(e.value)
 
 
@@ -108,7 +108,7 @@ def test_a_bad_value_is_shown_with_the_field():
 
 
 def test_steps_and_epochs_are_exclusive():
-    with pytest.raises(SpecError, match="exactly one of steps or epochs"):
+    with pytest.raises(SpecError, match="steps, epochs: give exactly one of them"):
         parse_spec(make_spec(epochs=2.0))
 
 

@@ -1,0 +1,245 @@
+"""Measures what a shrink costs an elastic training job, on a real local Ray cluster.
+
+A digits job (``training.run``, submitted with ``ray job submit``) trains on 4 H100 workers under the real
+arbiter. Each cycle, a high-priority competitor service asks for 2 H100s; the arbiter shrinks the job, the job
+yields at a step boundary, checkpoints and restarts on 2; the competitor then *places* a placement group of
+2 H100 GPUs (the proof that the GPUs are free). The competitor leaves and the job grows back to 4.
+
+Per shrink it records:
+
+- ``decision_to_release_s``: from the arbiter's shrink decision (its ``shrink`` event) to the job's
+  heartbeat saying it let the GPUs go (the arbiter's ``released`` event, its reclaim time).
+- ``decision_to_usable_s``: from the shrink decision to the competitor's placement group being ready on
+  the freed GPUs (what a service waiting for them sees).
+- ``overhead_s``: seconds with no training: from the job's last step before the yield (its acknowledgement)
+  to the first step of the restarted attempt.
+- ``steps_lost``: steps computed and thrown away (0 for a cooperative yield).
+
+Usage::
+
+    .venv/bin/python bench/resize.py                      # starts its own local cluster (about 30 s)
+    .venv/bin/python bench/resize.py --cycles 5 --output bench/results/resize.json
+
+Writes JSON; asserts nothing about time (numbers depend on the machine: see ``machine`` in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+logger = logging.getLogger("bench.resize")
+
+JOB_NAME = "bench-resize"
+COMPETITOR = "bench-resize-competitor"
+POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_resize_min_interval_s": 0}}
+
+
+def job_yaml(storage: str, grace_s: float) -> str:
+    return f"""
+name: {JOB_NAME}
+model: {{class: "training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
+data: {{factory: "training.data:digits"}}
+gpu_types: [H100]
+min_workers: 1
+max_workers: 4
+global_batch_size: 64
+steps: 1000000
+lr: 0.003
+checkpoint_every_steps: 200
+yield_grace_s: {grace_s}
+resize_min_interval_s: 5
+report_every_steps: 50
+storage_path: {storage}
+fault_injection: {{step_delay_s: 0.05}}
+"""
+
+
+def wait_for(pred: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cycles", type=int, default=5)
+    p.add_argument("--grace-s", type=float, default=60.0)
+    p.add_argument("--output", default=str(PROJECT / "bench" / "results" / "resize.json"))
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per wait")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import ray
+
+    from cluster.local import LocalCluster, load_cluster_spec
+
+    cluster = LocalCluster(load_cluster_spec())
+    cluster.start()
+    storage = tempfile.mkdtemp(prefix="tidal-tr-bench-")
+    results: dict[str, Any] = {}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+        results = run_cycles(cluster, storage, args)
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        cluster.cleanup()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    logger.info("wrote %s", out)
+    print(json.dumps(results["summary"], indent=2))
+    return 0
+
+
+def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cluster.actor import get_or_create_arbiter
+    from cluster.client import ArbiterClient
+    from cluster.model import GPU_TYPE_LABEL, ServiceSpec
+    from training.runner import NAMESPACE, SUMMARY_FILE, signal_actor_name
+
+    arbiter = get_or_create_arbiter(config=POLICY)
+    ray.get(arbiter.reload_config.remote(POLICY))
+    client = ArbiterClient()
+    spec_path = Path(storage) / "job.yaml"
+    spec_path.write_text(job_yaml(storage, args.grace_s))
+    env = {**os.environ, **cluster.env()}
+    sub_id = f"bench-resize-{int(time.time())}"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sub_id,
+         "--working-dir", str(PROJECT), "--", "python", "-m", "training.run", str(spec_path)],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+
+    def job() -> dict[str, Any] | None:
+        for w in ray.get(arbiter.status.remote())["workloads"]:
+            if w["name"] == JOB_NAME:
+                return w
+        return None
+
+    def signal_snapshot() -> dict[str, Any]:
+        return ray.get(ray.get_actor(signal_actor_name(JOB_NAME), namespace=NAMESPACE).snapshot.remote())
+
+    cycles = []
+    for i in range(args.cycles):
+        # 1. The job trains at 4 for a while.
+        attempt_at_4 = wait_for(
+            lambda: (j := job()) and j["progress"].get("num_workers") == 4 and j["progress"].get("phase") == "running"
+            and (s := signal_snapshot())["progress"].get("num_workers") == 4 and s["progress"].get("step", 0) > 0 and s,
+            args.timeout_s, "the job training on 4 workers",
+        )  # fmt: skip
+        step_before = attempt_at_4["progress"]["step"]
+        time.sleep(2.0)
+        since = time.time()
+        # 2. A competitor asks for 2 H100s.
+        client.register(ServiceSpec(COMPETITOR, 1.0, 2, 2, ("H100",), priority=100))
+        stop = threading.Event()
+
+        def beat(stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
+                time.sleep(0.2)
+
+        beater = threading.Thread(target=beat, daemon=True)
+        beater.start()
+        acked: dict[str, Any] = {}
+
+        def granted(acked: dict[str, Any] = acked) -> bool:
+            s = signal_snapshot()
+            if s.get("acked"):
+                acked.update(s["acked"])
+            view = client.latest(COMPETITOR)
+            return bool(view and view.grant.get("H100") >= 2)
+
+        wait_for(granted, args.timeout_s, "the competitor's grant", interval_s=0.05)
+        # 3. The competitor takes the GPUs for real.
+        pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "H100"}] * 2)
+        ray.get(pg.ready(), timeout=args.timeout_s)
+        usable_s = time.time()
+        events = ray.get(arbiter.events.remote(since))
+        shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == JOB_NAME)
+        released = next((e for e in events if e["kind"] == "released" and e["workload"] == JOB_NAME), None)
+        forced = any(e["kind"] == "forced" and e["workload"] == JOB_NAME for e in events)
+        # 4. The job trains at 2: its first step there ends the no-training gap.
+        at_2 = wait_for(
+            lambda: (s := signal_snapshot())["progress"].get("num_workers") == 2 and s.get("first_report_s") and s,
+            args.timeout_s, "the job training on 2 workers",
+        )  # fmt: skip
+        cycle = {
+            "cycle": i,
+            "step_before": step_before,
+            "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
+            "decision_to_usable_s": usable_s - shrink["t_s"],
+            "overhead_s": at_2["first_report_s"] - acked["t_s"] if acked.get("t_s") else None,
+            "acked_step": acked.get("step"),
+            "resumed_step": at_2["progress"]["step"] - 1,
+            "forced": forced,
+        }
+        cycle["steps_lost"] = max(0, (cycle["acked_step"] or 0) - cycle["resumed_step"]) if acked else None
+        logger.info("cycle %d: %s", i, cycle)
+        cycles.append(cycle)
+        # 5. The competitor leaves; the job grows back.
+        remove_placement_group(pg)
+        stop.set()
+        beater.join()
+        client.unregister(COMPETITOR)
+
+    subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True)
+    summary_path = Path(storage) / JOB_NAME / "tidal" / SUMMARY_FILE
+    wait_for(summary_path.exists, 120, "the run summary")
+    run = json.loads(summary_path.read_text())
+
+    def med(key: str) -> float | None:
+        vals = [c[key] for c in cycles if c[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    yielded = [a for a in run["attempts"] if a["outcome"] == "yielded"]
+    return {
+        "benchmark": "resize",
+        "what": "digits job on 4 H100 workers shrunk to 2 by a competitor service, then grown back; median over cycles",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+        },
+        "summary": {
+            "cycles": len(cycles),
+            "decision_to_release_s_median": med("decision_to_release_s"),
+            "decision_to_usable_s_median": med("decision_to_usable_s"),
+            "overhead_s_median": med("overhead_s"),
+            "steps_lost_per_shrink": [c["steps_lost"] for c in cycles],
+            "forced_stops": sum(c["forced"] for c in cycles),
+            "run_steps_lost_total": run["steps_lost"],
+            "yielded_attempts": len(yielded),
+        },
+        "cycles": cycles,
+        "run_attempts": run["attempts"],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Elastic training on the session's local cluster, under the real arbiter, through the real ``ray job submit``.
+
+Every job here is the digits classifier (small, so that restarts dominate), slowed to about 0.1 s a step so
+that the test can act while it trains. Grants are steered by a competing high-priority service registered
+with the arbiter (the Tidal policy reclaims GPUs from training for it).
+
+The loss-curve tolerance: a run that resizes must follow the loss curve of the same job trained on one
+worker in this process (``training.loop.reference_history``) within ``LOSS_TOLERANCE`` at every step. The
+data order, the shares and the loss scale make the optimisation identical at every size; only the
+floating-point summation order differs (4 gloo workers vs one process: at most 3e-7 over 100 steps here).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import wait_for
+from ray.util.placement_group import placement_group, remove_placement_group
+from training_harness import (
+    TEST_POLICY,
+    Competitor,
+    ExtraNodes,
+    digits_job,
+    max_loss_gap,
+    progress,
+    reference_losses,
+    submit_job,
+    wait_progress,
+    workload,
+)
+
+from cluster.model import GPU_TYPE_LABEL
+
+pytestmark = pytest.mark.integration
+
+LOSS_TOLERANCE = 1e-4
+# A worker group starts in 10-40 s on this 2-core machine (several processes importing torch); waits are
+# generous because other test sessions may share the machine. They bound failures, not the expected run time.
+START_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def arbiter(ray_driver: Any) -> Iterator[Any]:
+    """The session cluster's arbiter, with the test policy for this module (its old config is put back)."""
+    from cluster.actor import get_or_create_arbiter
+
+    handle = get_or_create_arbiter(config=TEST_POLICY)
+    old = ray_driver.get(handle.config.remote())
+    ray_driver.get(handle.reload_config.remote(TEST_POLICY))
+    try:
+        yield handle
+    finally:
+        ray_driver.get(handle.reload_config.remote(old))
+
+
+@pytest.fixture()
+def storage() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="tidal-tr-store-") as d:
+        yield Path(d)
+
+
+@pytest.fixture()
+def competitors(arbiter: Any) -> Iterator[list[Competitor]]:
+    made: list[Competitor] = []
+    yield made
+    for c in made:
+        c.leave()
+
+
+@pytest.fixture()
+def jobs() -> Iterator[list[Any]]:
+    submitted: list[Any] = []
+    yield submitted
+    for job in submitted:
+        if job.status() in ("RUNNING", "PENDING"):
+            job.stop()
+
+
+def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a_run_that_never_resized(
+    arbiter, local_cluster, storage, tmp_path, competitors, jobs
+):
+    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=100)
+    job = submit_job(spec, local_cluster, tmp_path)
+    jobs.append(job)
+    first = wait_progress(
+        arbiter, job.name, lambda p: p.get("num_workers") == 4 and (p.get("step") or 0) >= 10, START_TIMEOUT_S,
+        "the job training on 4 H100 workers",
+    )  # fmt: skip
+
+    rival = Competitor("rival-424", "H100", max_replicas=2)
+    competitors.append(rival)
+    rival.want(2)
+    shrunk = wait_progress(
+        arbiter, job.name,
+        lambda p: p.get("num_workers") == 2 and p.get("phase") == "running" and (p.get("step") or 0) > first["step"],
+        START_TIMEOUT_S, "the job training on 2 workers",
+    )  # fmt: skip
+    wait_progress(
+        arbiter, job.name, lambda p: (p.get("step") or 0) >= shrunk["step"] + 5, START_TIMEOUT_S,
+        "a few steps at 2 workers",
+    )  # fmt: skip
+    rival.want(0)
+    wait_progress(
+        arbiter, job.name, lambda p: p.get("num_workers") == 4 and p.get("phase") == "running", START_TIMEOUT_S,
+        "the job grown back to 4",
+    )  # fmt: skip
+
+    assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
+    summary = job.summary()
+    assert [(a["num_workers"], a["outcome"]) for a in summary["attempts"]] == [
+        (4, "yielded"), (2, "yielded"), (4, "finished"),
+    ], summary["attempts"]  # fmt: skip
+    assert summary["steps_lost"] == 0
+    # Each attempt resumed exactly at the step where the previous one checkpointed as it yielded.
+    for before, after in zip(summary["attempts"], summary["attempts"][1:], strict=False):
+        assert after["start_step"] == before["checkpoint_step"] == before["last_step"]
+    gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
+    assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
+    assert Path(summary["export_path"], "manifest.json").is_file()
+
+
+def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_checkpoint(
+    arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
+):
+    spec = digits_job("elastic-wait", storage, gpu_types=["A100"], min_workers=2, max_workers=2, steps=60)
+    job = submit_job(spec, local_cluster, tmp_path)
+    jobs.append(job)
+    wait_progress(
+        arbiter, job.name, lambda p: p.get("num_workers") == 2 and (p.get("step") or 0) >= 5, START_TIMEOUT_S,
+        "the job training on 2 A100 workers",
+    )  # fmt: skip
+
+    rival = Competitor("rival-wait", "A100", max_replicas=1)
+    competitors.append(rival)
+    rival.want(1)  # one A100 left: below the job's minimum of 2
+    waiting = wait_progress(
+        arbiter, job.name, lambda p: p.get("phase") == "waiting", START_TIMEOUT_S, "the job waiting"
+    )
+    w = workload(arbiter, job.name)
+    assert w is not None and w["held"] == {} and w["grant"] == {}, w
+    # Holding nothing for real: both A100s can be placed by someone else while the job waits.
+    pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "A100"}] * 2)
+    try:
+        assert pg.wait(timeout_seconds=60), "the waiting job still holds A100s"
+    finally:
+        remove_placement_group(pg)
+    assert progress(arbiter, job.name).get("step") == waiting["step"], "a waiting job does not train"
+
+    rival.want(0)
+    assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
+    summary = job.summary()
+    assert [(a["num_workers"], a["outcome"]) for a in summary["attempts"]] == [(2, "yielded"), (2, "finished")]
+    assert summary["attempts"][1]["start_step"] == summary["attempts"][0]["checkpoint_step"] > 0
+    assert any(e["event"] == "wait" for e in summary["resizes"])
+    assert summary["steps_lost"] == 0
+
+
+def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_loses_only_steps_since_its_checkpoint(
+    arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
+):
+    every = 10
+    spec = digits_job(
+        "elastic-stubborn", storage, gpu_types=["RTX4090"], min_workers=1, max_workers=2, steps=100,
+        checkpoint_every_steps=every, yield_grace_s=5,
+        fault_injection={"ignore_yield": True, "step_delay_s": 0.15},
+    )  # fmt: skip
+    job = submit_job(spec, local_cluster, tmp_path)
+    jobs.append(job)
+    wait_progress(
+        arbiter, job.name, lambda p: p.get("num_workers") == 2 and (p.get("step") or 0) >= every + 2,
+        START_TIMEOUT_S, "the job training on 2 RTX4090 workers past its first checkpoint",
+    )  # fmt: skip
+    since = time.time()
+    rival = Competitor("rival-stubborn", "RTX4090", max_replicas=1)
+    competitors.append(rival)
+    rival.want(1)
+    assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
+    shrink = next(e for e in ray_driver.get(arbiter.events.remote(since)) if e["kind"] == "shrink" and e["workload"] == job.name)
+
+    summary = job.summary()
+    forced, resumed = summary["attempts"][0], summary["attempts"][1]
+    assert (forced["num_workers"], forced["outcome"]) == (2, "forced")
+    assert (resumed["num_workers"], resumed["outcome"]) == (1, "finished")
+    # It kept training past the request (it ignored it) until stopped: the grace after the arbiter's shrink.
+    stop = next(e for e in summary["resizes"] if e["event"] == "force_stop")
+    assert stop["t_s"] - shrink["t_s"] >= spec["yield_grace_s"]
+    asked = next(e for e in summary["resizes"] if e["event"] == "yield_requested")
+    assert forced["last_step"] > asked["step"], "it trained on after the request"
+    # Lost: only the steps after its last checkpoint, and the next attempt resumed from that checkpoint.
+    assert forced["checkpoint_step"] % every == 0 and forced["checkpoint_step"] > 0
+    assert 0 <= forced["steps_lost"] < every
+    assert resumed["start_step"] == forced["checkpoint_step"]
+    # Resuming is exact: the recomputed steps give the losses the lost ones had.
+    gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
+    assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
+
+
+def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_left(
+    arbiter, local_cluster, ray_driver, storage, tmp_path, jobs
+):
+    nodes = ExtraNodes(local_cluster, ray_driver)
+    try:
+        nodes.add("l4-kill-a", "L4", num_gpus=1)
+        doomed = nodes.add("l4-kill-b", "L4", num_gpus=1)
+        wait_for(
+            lambda: ray_driver.get(arbiter.status.remote())["capacity"].get("L4") == 2.0, 30,
+            message="the arbiter seeing 2 L4s",
+        )  # fmt: skip
+        every = 10
+        spec = digits_job(
+            "elastic-nodeloss", storage, gpu_types=["L4"], min_workers=1, max_workers=2, steps=80,
+            checkpoint_every_steps=every, cpus_per_worker=1,
+        )  # fmt: skip
+        job = submit_job(spec, local_cluster, tmp_path)
+        jobs.append(job)
+        wait_progress(
+            arbiter, job.name, lambda p: p.get("num_workers") == 2 and (p.get("step") or 0) >= every + 2,
+            START_TIMEOUT_S, "the job training on both L4 nodes past its first checkpoint",
+        )  # fmt: skip
+        doomed.kill()
+        assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
+    finally:
+        nodes.kill_all()
+
+    summary = job.summary()
+    failed, resumed = summary["attempts"][0], summary["attempts"][-1]
+    assert (failed["num_workers"], failed["outcome"]) == (2, "failed")
+    assert (resumed["num_workers"], resumed["outcome"]) == (1, "finished")
+    assert resumed["start_step"] == failed["checkpoint_step"] > 0
+    assert failed["steps_lost"] < every + 2  # the progress report may trail the last step by one poll
+    gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
+    assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
+
+
+def test_a_bad_job_spec_is_refused_before_anything_starts_naming_field_value_and_what_is_valid(
+    arbiter, local_cluster, storage, tmp_path, jobs
+):
+    bad_fields = digits_job("elastic-bad", storage, min_workers=5, max_workers=4)
+    bad_fields["model"] = {"class": "training.models:NoSuchNet"}
+    job = submit_job(bad_fields, local_cluster, tmp_path)
+    jobs.append(job)
+    assert job.wait_done(120) == "FAILED"
+    logs = job.logs()
+    assert "max_workers: min_workers=5 is above max_workers=4" in logs
+    assert "model.class: 'training.models:NoSuchNet' does not import" in logs
+
+    bad_type = digits_job("elastic-bad-type", storage, gpu_types=["H100", "V100"])
+    job2 = submit_job(bad_type, local_cluster, tmp_path)
+    jobs.append(job2)
+    assert job2.wait_done(120) == "FAILED"
+    logs2 = job2.logs()
+    assert "gpu_types: 'V100' is not a GPU type of this cluster; valid: A100, H100" in logs2
+    # Refused before registering: the arbiter never heard of either job.
+    assert workload(arbiter, "elastic-bad") is None and workload(arbiter, "elastic-bad-type") is None
+
+
+def test_tidal_train_refuses_an_unknown_gpu_type_without_submitting_anything(local_cluster, storage, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    from training.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(digits_job("elastic-cli-bad", storage, gpu_types=["B200"])))
+    before = {j.submission_id for j in JobSubmissionClient(local_cluster.dashboard_url).list_jobs()}
+    assert main(["train", str(path), "--address", local_cluster.dashboard_url]) == 2
+    err = capsys.readouterr().err
+    assert "nothing submitted" in err
+    assert "gpu_types: 'B200' is not a GPU type of this cluster; valid: A100, H100" in err
+    after = {j.submission_id for j in JobSubmissionClient(local_cluster.dashboard_url).list_jobs()}
+    assert after == before

@@ -1,0 +1,840 @@
+"""The elastic training runner: the Ray glue of ``training`` (the driver that ``ray job submit`` starts).
+
+It registers the job with the arbiter, waits for a grant of at least ``min_workers``, and runs a Ray Train
+``TorchTrainer`` with that many workers on the granted GPU type (``ScalingConfig.label_selector``). Each
+trainer run is one *attempt*; all attempts share one Ray Train run name and storage path, so each one
+resumes from the latest checkpoint (``ray.train.get_checkpoint()``).
+
+What to do next is decided by the pure ``training.elastic.decide``; this module observes and acts:
+
+- **Grant**: through a :class:`GrantSource` (``cluster.client.ArbiterClient`` in production), heartbeating
+  what it holds and its progress.
+- **Yield**: a small named actor per job (:class:`JobSignal`) that rank 0 of the training loop polls every
+  step without blocking; the loop checkpoints at its next step boundary, acknowledges and returns.
+- **Force**: a Ray Train controller callback hands the controller's handle to the signal actor; a yield
+  that misses its deadline is ended with ``TrainController.abort()`` (what Ctrl-C on ``fit()`` does),
+  and the next attempt resumes from the last checkpoint.
+- **Failure** (a node died under the job): the attempt ends with an error; the next attempt starts on the
+  GPUs left (the runner caps the grant by the GPUs alive) from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal as signal_module
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.arbiter import GrantView
+from cluster.model import GPU_TYPE_LABEL, TrainingJobSpec
+from training.elastic import (
+    AttemptRecord,
+    ElasticConfig,
+    ElasticState,
+    ForceStop,
+    Keep,
+    Phase,
+    RunLedger,
+    Start,
+    Target,
+    Wait,
+    Yield,
+    decide,
+)
+from training.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "tidal"
+SUMMARY_FILE = "summary.json"
+# Ray Train's controller polls its workers every 2 s by default; a finished (yielded) loop is noticed, and
+# its GPUs freed, only at the next poll. 0.25 s keeps a shrink quick at a negligible cost.
+DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.25"
+
+
+def signal_actor_name(job_name: str) -> str:
+    return f"tidal-train-signal-{job_name}"
+
+
+# ------------------------------------------------------------------------------------- the seams
+
+
+class GrantSource(Protocol):
+    """Where the grant comes from: ``cluster.client.ArbiterClient`` in production."""
+
+    def register(self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None) -> GrantView: ...
+
+    def heartbeat_nowait(
+        self,
+        name: str,
+        *,
+        demand_units: int | None = None,
+        held: Mapping[str, int] | None = None,
+        progress: Mapping[str, Any] | None = None,
+        seconds_since_checkpoint: float | None = None,
+    ) -> GrantView | None: ...
+
+    def heartbeat(
+        self,
+        name: str,
+        *,
+        demand_units: int | None = None,
+        held: Mapping[str, int] | None = None,
+        progress: Mapping[str, Any] | None = None,
+        seconds_since_checkpoint: float | None = None,
+        timeout_s: float = 5.0,
+    ) -> GrantView: ...
+
+    def unregister(self, name: str) -> Any: ...
+
+
+def gpu_capacity() -> dict[str, float]:
+    """GPUs per GPU type on the alive nodes (``ray.io/accelerator-type`` label), from the GCS."""
+    out: dict[str, float] = {}
+    for node in ray.nodes():
+        labels = node.get("Labels") or {}
+        gpu_type = labels.get(GPU_TYPE_LABEL)
+        if node.get("Alive") and gpu_type:
+            out[gpu_type] = out.get(gpu_type, 0.0) + float((node.get("Resources") or {}).get("GPU", 0.0))
+    return out
+
+
+def known_gpu_types() -> set[str]:
+    """Every GPU type a node of this cluster has had (alive or not: a type may be between nodes)."""
+    return {
+        (node.get("Labels") or {}).get(GPU_TYPE_LABEL)
+        for node in ray.nodes()
+        if (node.get("Labels") or {}).get(GPU_TYPE_LABEL)
+    }
+
+
+# ------------------------------------------------------------------------------- the signal actor
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class JobSignal:
+    """The per-job rendezvous between the runner and its training loop (one per runner, on its node).
+
+    Rank 0 of the loop calls ``poll`` every step (progress in, "yield?" out), ``checkpointed`` after each
+    checkpoint and ``ack_yield`` when it yields. The runner calls ``begin_attempt``, ``request_yield`` and
+    reads ``snapshot``. The Ray Train controller registers itself with ``set_controller`` (for a forced stop).
+    """
+
+    def __init__(self, job_name: str) -> None:
+        self.job_name = job_name
+        self.attempt = -1
+        self.yield_for: int | None = None
+        self.yield_reason: str | None = None
+        self.progress: dict[str, Any] = {}
+        self.checkpoint_step: int | None = None
+        self.checkpoint_s: float | None = None
+        self.acked: dict[str, Any] | None = None
+        self.first_report_s: float | None = None
+        self.controllers: dict[int, Any] = {}
+
+    def begin_attempt(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.yield_for = None
+        self.yield_reason = None
+        self.acked = None
+        self.first_report_s = None
+        self.progress = {}
+
+    def request_yield(self, attempt: int, reason: str) -> bool:
+        if attempt != self.attempt:
+            return False
+        self.yield_for, self.yield_reason = attempt, reason
+        return True
+
+    def poll(self, attempt: int, progress: dict[str, Any]) -> dict[str, Any]:
+        self.report(attempt, progress)
+        return {"yield": self.yield_for == attempt}
+
+    def report(self, attempt: int, progress: dict[str, Any]) -> None:
+        if attempt == self.attempt:
+            self.progress = dict(progress, reported_s=time.time())
+            if self.first_report_s is None:
+                self.first_report_s = self.progress["reported_s"]
+            if self.checkpoint_step is None and "last_checkpoint_step" in progress:
+                self.checkpoint_step = int(progress["last_checkpoint_step"])
+
+    def checkpointed(self, attempt: int, step: int) -> None:
+        self.checkpoint_step, self.checkpoint_s = step, time.time()
+
+    def ack_yield(self, attempt: int, step: int) -> None:
+        if attempt == self.attempt:
+            self.acked = {"attempt": attempt, "step": step, "t_s": time.time()}
+
+    def set_controller(self, attempt: int, handle: Any) -> None:
+        self.controllers = {attempt: handle}
+
+    def get_controller(self, attempt: int) -> Any:
+        return self.controllers.get(attempt)
+
+    def force_stop(self) -> bool:
+        """Aborts the current attempt's trainer (for an arbiter that stops workloads through this actor).
+
+        The runner sees its attempt end with an error and resumes from the last checkpoint.
+        """
+        controller = self.controllers.get(self.attempt)
+        if controller is None:
+            return False
+        controller.abort.remote()
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "progress": dict(self.progress),
+            "checkpoint_step": self.checkpoint_step,
+            "checkpoint_s": self.checkpoint_s,
+            "acked": self.acked,
+            "first_report_s": self.first_report_s,
+            "yield_requested": self.yield_for == self.attempt,
+        }
+
+
+class _RegisterController(ControllerCallback):
+    """Runs inside Ray Train's controller actor: hands its handle to the job's signal actor.
+
+    Ray Train keeps the controller handle inside ``fit()``; its own Ctrl-C handler stops a run with
+    ``controller.abort()``. This callback (``RunConfig(callbacks=...)`` passes non-user callbacks through to
+    the controller) is how the runner gets the same handle, for a forced stop.
+    """
+
+    def __init__(self, signal_name: str, attempt: int) -> None:
+        self.signal_name = signal_name
+        self.attempt = attempt
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        me = ray.get_runtime_context().current_actor
+        ray.get_actor(self.signal_name, namespace=NAMESPACE).set_controller.remote(self.attempt, me)
+
+
+# --------------------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class _Attempt:
+    index: int
+    target: Target
+    started_s: float
+    start_step: int
+    thread: threading.Thread | None = None
+    result: Any = None
+    error: BaseException | None = None
+    forced: bool = False
+    force_reason: str | None = None
+    yield_requested_s: float | None = None
+    yield_reason: str | None = None
+    first_step_noted: bool = False
+
+
+@dataclass
+class RunSummary:
+    """What a run did, written to ``<storage_path>/<name>/tidal/summary.json``."""
+
+    name: str
+    finished: bool
+    final_step: int
+    total_steps: int | None
+    restarts: int
+    steps_lost: int
+    attempts: list[dict[str, Any]]
+    resizes: list[dict[str, Any]]
+    history: list[list[float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    expected_metrics: dict[str, float] = field(default_factory=dict)
+    reached_expected: bool | None = None
+    export_path: str | None = None
+    checkpoint_path: str | None = None
+
+
+class RunnerError(RuntimeError):
+    """The run cannot go on (e.g. the training code fails again and again)."""
+
+
+class ElasticRunner:
+    """Runs one job to completion under a changing grant. See the module docstring.
+
+    Args:
+        spec: the validated job spec.
+        grants: the grant source (an ``ArbiterClient``).
+        poll_interval_s: how often the runner heartbeats and decides.
+        max_consecutive_failures: attempts that fail (not yielded, not forced) without progress in a row
+            before the run gives up.
+        capacity: GPUs per type alive now (``gpu_capacity`` by default).
+        clock: wall-clock seconds, the arbiter's clock (``release_by_s`` is on it).
+    """
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        grants: GrantSource,
+        *,
+        poll_interval_s: float = 0.25,
+        max_consecutive_failures: int = 3,
+        capacity: Callable[[], Mapping[str, float]] = gpu_capacity,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = spec
+        self.grants = grants
+        self.poll_interval_s = poll_interval_s
+        self.max_consecutive_failures = max_consecutive_failures
+        self.capacity = capacity
+        self.clock = clock
+        self.cfg = ElasticConfig(
+            gpu_types=tuple(spec.gpu_types),
+            min_workers=spec.min_workers,
+            max_workers=spec.max_workers,
+            gpus_per_worker=spec.gpus_per_worker,
+            yield_grace_s=spec.yield_grace_s,
+            resize_min_interval_s=spec.resize_min_interval_s,
+        )
+        self.state = ElasticState()
+        self.ledger = RunLedger()
+        self.held: dict[str, int] = {}
+        self.view: GrantView | None = None
+        self.attempt: _Attempt | None = None
+        self.attempt_index = 0
+        self.last_snapshot: dict[str, Any] = {}
+        self.checkpoint_step = 0
+        self.last_result: Any = None
+        self._stop = threading.Event()
+        self._signal: Any = None
+        self._capacity_cache: tuple[float, Mapping[str, float]] = (0.0, {})
+
+    # ------------------------------------------------------------------------------------ public
+
+    def run(self) -> RunSummary:
+        """Registers, trains through grants and resizes to the last step, exports, unregisters."""
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_HEALTH_CHECK_INTERVAL_S)
+        self._signal = JobSignal.options(
+            name=signal_actor_name(self.spec.name),
+            namespace=NAMESPACE,
+            # On the driver's node, like Ray Train's controller: it lives and dies with the runner.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote(self.spec.name)
+        try:
+            self.view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
+        except Exception as e:  # e.g. ArbiterUnavailableError: no arbiter on this cluster
+            raise RunnerError(f"cannot register job {self.spec.name!r} with the arbiter: {e}") from e
+        if not self.view.registered:
+            raise RunnerError(f"the arbiter refused job {self.spec.name!r}: {self.view.reason}")
+        logger.info("job %s registered; grant %s", self.spec.name, self.view.grant)
+        finished = False
+        try:
+            finished = self._loop()
+        finally:
+            if self.attempt is not None and self.attempt.thread is not None and self.attempt.thread.is_alive():
+                self._force_stop(self.attempt, "the runner is stopping")
+                self.attempt.thread.join(timeout=30)
+            try:
+                self.grants.unregister(self.spec.name)
+            except Exception as e:  # the arbiter may be gone; its registration then expires on its own
+                logger.warning("could not unregister %s: %s", self.spec.name, e)
+        return self._finish(finished)
+
+    def stop(self) -> None:
+        """Asks the run to end (e.g. on SIGTERM from ``ray job stop``); ``run`` then returns unfinished."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def _loop(self) -> bool:
+        failures = 0
+        waiting_logged: str | None = None
+        while not self._stop.is_set():
+            now = self.clock()
+            self._heartbeat()
+            grant = self.view.grant.as_dict() if self.view is not None else {}
+            decision = decide(
+                self.state, grant, now, self.cfg,
+                capacity_gpus=self._capacity(),
+                release_by_s=self.view.release_by_s if self.view is not None else None,
+            )  # fmt: skip
+            match decision:
+                case Keep():
+                    pass
+                case Wait(reason=reason):
+                    self.held = {}
+                    if reason != waiting_logged:
+                        logger.info("job %s waits: %s", self.spec.name, reason)
+                        self.ledger = self.ledger.note({"t_s": now, "event": "wait", "reason": reason})
+                        waiting_logged = reason
+                case Start(target=target):
+                    waiting_logged = None
+                    self._start_attempt(target, now)
+                case Yield(reason=reason, target=target, deadline_s=deadline):
+                    assert self.attempt is not None
+                    ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
+                    self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
+                    self.state = self.state.yielding(reason, now, deadline)
+                    logger.info(
+                        "job %s: %s from %s to %s; asked the loop to yield (deadline %s)",
+                        self.spec.name, reason, self.state.current, target,
+                        "none" if deadline is None else f"{deadline - now:.1f}s",
+                    )  # fmt: skip
+                    self.ledger = self.ledger.note(
+                        {"t_s": now, "event": "yield_requested", "reason": str(reason), "grant": grant,
+                         "step": (self.last_snapshot.get("progress") or {}).get("step"),
+                         "from": asdict(self.state.current) if self.state.current else None,
+                         "to": asdict(target) if target else None}
+                    )  # fmt: skip
+                case ForceStop(reason=reason):
+                    assert self.attempt is not None
+                    self._force_stop(self.attempt, reason)
+                case _:
+                    raise AssertionError(f"unknown decision {decision!r}")
+
+            attempt = self.attempt
+            if attempt is None:
+                self._stop.wait(self.poll_interval_s)
+                continue
+            assert attempt.thread is not None
+            attempt.thread.join(timeout=self.poll_interval_s)
+            if attempt.thread.is_alive():
+                continue
+            record = self._end_attempt(attempt)
+            if record.outcome == "finished":
+                self.state = self.state.done()
+                return True
+            if record.outcome == "failed":
+                failures = failures + 1 if record.last_step <= record.start_step else 1
+                if failures >= self.max_consecutive_failures:
+                    raise RunnerError(
+                        f"job {self.spec.name}: {failures} attempts in a row failed without progress; last error: "
+                        f"{attempt.error!r}"
+                    )
+            else:
+                failures = 0
+        return False
+
+    # ------------------------------------------------------------------------------ attempts
+
+    def _start_attempt(self, target: Target, now: float) -> None:
+        index = self.attempt_index
+        self.attempt_index += 1
+        ray.get(self._signal.begin_attempt.remote(index))
+        attempt = _Attempt(index=index, target=target, started_s=now, start_step=self.checkpoint_step)
+        self.held = {target.gpu_type: target.num_workers}
+        # Tell the arbiter at once what we now hold (acknowledges a shrink: held = the new size).
+        self._heartbeat(blocking=True)
+        torch_config = self._torch_config()
+        backend = torch_config.backend or "auto"
+        trainer = TorchTrainer(
+            _train_fn(),
+            train_loop_config=self._loop_config(index, target),
+            torch_config=torch_config,
+            scaling_config=ScalingConfig(
+                num_workers=target.num_workers,
+                use_gpu=True,
+                resources_per_worker={"GPU": self.spec.gpus_per_worker, "CPU": self.spec.cpus_per_worker},
+                label_selector={GPU_TYPE_LABEL: target.gpu_type},
+            ),
+            run_config=RunConfig(
+                name=self.spec.name,
+                storage_path=self.spec.storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=self.spec.num_checkpoints_to_keep),
+                # The runner, not Ray Train, decides how to go on after a failure (maybe on fewer GPUs).
+                failure_config=FailureConfig(max_failures=0),
+                callbacks=[_RegisterController(signal_actor_name(self.spec.name), index)],
+            ),
+        )
+
+        def fit() -> None:
+            try:
+                attempt.result = trainer.fit()
+            except BaseException as e:  # the attempt's outcome; the runner decides what follows
+                attempt.error = e
+
+        attempt.thread = threading.Thread(target=fit, name=f"fit-{self.spec.name}-{index}", daemon=True)
+        self.attempt = attempt
+        self.state = self.state.started(target, now)
+        self.ledger = self.ledger.note(
+            {"t_s": now, "event": "start", "attempt": index, "gpu_type": target.gpu_type,
+             "num_workers": target.num_workers, "from_step": self.checkpoint_step, "backend": backend}
+        )  # fmt: skip
+        logger.info(
+            "job %s attempt %d: %d workers on %s (backend %s) from step %d",
+            self.spec.name, index, target.num_workers, target.gpu_type, backend, self.checkpoint_step,
+        )  # fmt: skip
+        attempt.thread.start()
+
+    def _end_attempt(self, attempt: _Attempt) -> AttemptRecord:
+        now = self.clock()
+        snap = ray.get(self._signal.snapshot.remote())
+        self.last_snapshot = snap
+        progress = snap.get("progress") or {}
+        last_step = max(int(progress.get("step", attempt.start_step)), attempt.start_step)
+        ckpt_step = snap.get("checkpoint_step")
+        ckpt_step = attempt.start_step if ckpt_step is None else int(ckpt_step)
+        finished = False
+        if attempt.error is None and attempt.result is not None:
+            self.last_result = attempt.result
+            metrics = attempt.result.metrics or {}
+            finished = bool(metrics.get("done"))
+            if attempt.result.checkpoint is not None:
+                ckpt_step = max(ckpt_step, int(metrics.get("step", ckpt_step)))
+        if finished:
+            outcome = "finished"
+        elif attempt.forced:
+            outcome = "forced"
+        elif attempt.error is None and snap.get("acked"):
+            outcome = "yielded"
+            last_step = max(last_step, int(snap["acked"]["step"]))
+        else:
+            outcome = "failed"
+        record = AttemptRecord(
+            index=attempt.index,
+            gpu_type=attempt.target.gpu_type,
+            num_workers=attempt.target.num_workers,
+            started_s=attempt.started_s,
+            ended_s=now,
+            start_step=attempt.start_step,
+            last_step=max(last_step, ckpt_step),
+            checkpoint_step=ckpt_step,
+            outcome=outcome,
+            reason=attempt.force_reason or attempt.yield_reason or (repr(attempt.error) if attempt.error else None),
+            yield_requested_s=attempt.yield_requested_s,
+        )
+        self.ledger = self.ledger.add(record)
+        self.checkpoint_step = ckpt_step
+        self.attempt = None
+        self.held = {}
+        self.state = self.state.ended()
+        if outcome != "finished":
+            # The GPUs are free (Ray Train shut the worker group down before fit() returned): say so now.
+            self._heartbeat(blocking=True)
+        self.ledger = self.ledger.note(
+            {"t_s": now, "event": "end", "attempt": attempt.index, "outcome": outcome,
+             "last_step": record.last_step, "checkpoint_step": ckpt_step, "steps_lost": record.steps_lost,
+             "acked_s": (snap.get("acked") or {}).get("t_s"),
+             "release_s": (now - attempt.yield_requested_s) if attempt.yield_requested_s else None}
+        )  # fmt: skip
+        log = logger.warning if outcome in ("failed", "forced") else logger.info
+        log(
+            "job %s attempt %d %s at step %d (checkpoint %d, %d steps lost)%s",
+            self.spec.name, attempt.index, outcome, record.last_step, ckpt_step, record.steps_lost,
+            f": {attempt.error!r}" if outcome == "failed" else "",
+        )  # fmt: skip
+        return record
+
+    def _force_stop(self, attempt: _Attempt, reason: str) -> None:
+        """Stops the attempt's trainer the way Ray Train's Ctrl-C does: ``TrainController.abort()``."""
+        if attempt.forced:
+            return
+        logger.warning("job %s attempt %d: stopping by force: %s", self.spec.name, attempt.index, reason)
+        attempt.forced, attempt.force_reason = True, reason
+        self.ledger = self.ledger.note({"t_s": self.clock(), "event": "force_stop", "attempt": attempt.index, "reason": reason})
+        controller = None
+        deadline = time.monotonic() + 10.0
+        while controller is None and time.monotonic() < deadline:
+            controller = ray.get(self._signal.get_controller.remote(attempt.index))
+            if controller is None:
+                time.sleep(0.1)  # the controller registers itself as it starts
+        if controller is None:
+            logger.error("job %s attempt %d: no controller handle to abort", self.spec.name, attempt.index)
+            return
+        try:
+            ray.get(controller.abort.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            # abort() ends the controller actor, so its own call reports the actor gone: expected.
+            logger.debug("controller abort returned %r", e)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _heartbeat(self, blocking: bool = False) -> None:
+        snap = self.last_snapshot
+        if self.attempt is not None:
+            try:
+                snap = ray.get(self._signal.snapshot.remote(), timeout=5)
+                self.last_snapshot = snap
+            except ray.exceptions.GetTimeoutError:
+                pass
+        since_ckpt = None
+        if snap.get("checkpoint_s"):
+            since_ckpt = max(0.0, self.clock() - snap["checkpoint_s"])
+        if (
+            self.attempt is not None
+            and not self.attempt.first_step_noted
+            and snap.get("attempt") == self.attempt.index
+            and snap.get("first_report_s")
+        ):
+            self.attempt.first_step_noted = True
+            self.ledger = self.ledger.note(
+                {"t_s": snap["first_report_s"], "event": "first_step", "attempt": self.attempt.index,
+                 "step": (snap.get("progress") or {}).get("step"),
+                 "startup_s": snap["first_report_s"] - self.attempt.started_s}
+            )  # fmt: skip
+        kwargs = dict(
+            demand_units=self.spec.max_workers,
+            held=dict(self.held),
+            progress=self._progress(snap),
+            seconds_since_checkpoint=since_ckpt,
+        )
+        if blocking:
+            view = self.grants.heartbeat(self.spec.name, **kwargs)
+        else:
+            view = self.grants.heartbeat_nowait(self.spec.name, **kwargs)
+        if view is None:
+            return
+        if not view.registered:
+            logger.warning("job %s not registered at the arbiter (%s); registering again", self.spec.name, view.reason)
+            view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
+        self.view = view
+
+    def _progress(self, snap: Mapping[str, Any]) -> dict[str, Any]:
+        p = snap.get("progress") or {}
+        current = self.state.current
+        return {
+            "phase": str(self.state.phase),
+            "step": p.get("step", self.checkpoint_step),
+            "total_steps": p.get("total_steps"),
+            "loss": p.get("loss"),
+            "samples_per_s": p.get("samples_per_s") if self.state.phase is not Phase.WAITING else 0.0,
+            "num_workers": current.num_workers if current else 0,
+            "gpu_type": current.gpu_type if current else None,
+            "restarts": max(0, self.attempt_index - 1),
+            "steps_lost": self.ledger.steps_lost,
+            "last_checkpoint_step": snap.get("checkpoint_step"),
+        }
+
+    def _capacity(self) -> Mapping[str, float]:
+        t, cap = self._capacity_cache
+        if time.monotonic() - t > 1.0:
+            try:
+                cap = dict(self.capacity())
+                self._capacity_cache = (time.monotonic(), cap)
+            except Exception as e:  # a slow GCS: keep the last good view
+                logger.warning("could not read the GPU inventory: %s", e)
+        return cap
+
+    def _torch_config(self) -> TorchConfig:
+        if self.spec.backend == "auto":
+            return AutoTorchConfig()
+        return TorchConfig(backend=self.spec.backend)
+
+    def _loop_config(self, index: int, target: Target) -> dict[str, Any]:
+        return {
+            "spec": self.spec.model_dump(mode="json", by_alias=True),
+            "attempt": index,
+            "gpu_type": target.gpu_type,
+            "restarts": len(self.ledger.attempts),
+            "steps_lost": self.ledger.steps_lost,
+            "signal_name": signal_actor_name(self.spec.name),
+            "namespace": NAMESPACE,
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+        return {
+            "runner": "training.run",
+            "ray_job_id": ray.get_runtime_context().get_job_id(),
+            "ray_job_submission_id": (job_config.get("metadata") or {}).get("job_submission_id"),
+            # Not `submission_id`: stopping the Ray job would end this runner, and the job would never resume.
+            # A forced stop goes to the trainer: the runner does it itself at its deadline, and an arbiter
+            # backend can do it by calling `force_stop` on the signal actor.
+            "stop_actor": signal_actor_name(self.spec.name),
+            "stop_actor_namespace": NAMESPACE,
+            "stop_method": "force_stop",
+            "storage_path": self.spec.storage_path,
+        }
+
+    # ------------------------------------------------------------------------------- the end
+
+    def _finish(self, finished: bool) -> RunSummary:
+        history: list[list[float]] = []
+        metrics: dict[str, Any] = {}
+        export_path = None
+        ckpt_path = None
+        result = self.last_result
+        if result is not None and result.checkpoint is not None:
+            ckpt_path = result.checkpoint.path
+            with result.checkpoint.as_directory() as d:
+                history, metrics, export_path = _export(self.spec, Path(d), finished)
+        expected = dict(self.spec.expected_metrics)
+        reached = None
+        if finished and expected:
+            reached = all(metric_reached(k, metrics.get(k), v) for k, v in expected.items())
+        summary = RunSummary(
+            name=self.spec.name,
+            finished=finished,
+            final_step=int(history[-1][0]) if history else self.checkpoint_step,
+            total_steps=(self.last_snapshot.get("progress") or {}).get("total_steps"),
+            restarts=self.ledger.restarts,
+            steps_lost=self.ledger.steps_lost,
+            attempts=[{**asdict(a), "steps_lost": a.steps_lost} for a in self.ledger.attempts],
+            resizes=[dict(e) for e in self.ledger.events],
+            history=history,
+            metrics=metrics,
+            expected_metrics=expected,
+            reached_expected=reached,
+            export_path=export_path,
+            checkpoint_path=ckpt_path,
+        )
+        _write_text(f"{self.spec.storage_path.rstrip('/')}/{self.spec.name}/tidal/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=1))
+        return summary
+
+
+def metric_reached(name: str, value: Any, threshold: float) -> bool:
+    """A metric named ``*loss`` must be at most its threshold, any other at least: test_loss 1.9 <= 2.0."""
+    if value is None:
+        return False
+    return float(value) <= threshold if name.endswith("loss") else float(value) >= threshold
+
+
+def _train_fn() -> Callable[[dict[str, Any]], None]:
+    # Imported here so that the driver does not need the loop's imports until it starts a trainer.
+    from training.loop import train_loop_per_worker
+
+    return train_loop_per_worker
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class _AutoTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with the process-group backend chosen on the workers themselves:
+    NCCL where rank 0 sees CUDA, gloo where it does not (logical GPUs, as on this machine).
+
+    The driver cannot tell (it may run on a node without GPUs), and asking a separate task would start a
+    process and import torch once more per resize.
+    """
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        cuda = bool(worker_group.execute_single(0, _cuda_available))
+        chosen = dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo")
+        logger.info("workers %s CUDA: torch.distributed backend %s", "see" if cuda else "do not see", chosen.backend)
+        super().on_start(worker_group, chosen)
+
+
+@dataclasses.dataclass
+class AutoTorchConfig(TorchConfig):
+    """``TorchConfig`` with ``backend`` left to the workers: NCCL on CUDA, gloo on CPU."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _AutoTorchBackend
+
+
+def _export(spec: JobSpec, ckpt_dir: Path, finished: bool) -> tuple[list[list[float]], dict[str, Any], str | None]:
+    """Loads the final checkpoint and, if the run finished, writes the model for serving."""
+    import torch
+
+    from training.loop import META_FILE, STATE_FILE, build_model
+
+    state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    meta = json.loads((ckpt_dir / META_FILE).read_text())
+    history = [list(h) for h in state["history"]]
+    metrics = dict(meta.get("metrics") or {})
+    if not finished:
+        return history, metrics, None
+    from serving.manifest import write_model_checkpoint
+
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    target = spec.resolved_export_path()
+    local = target
+    if "://" in target:
+        local = tempfile.mkdtemp(prefix="tidal-tr-export-")
+        local = os.path.join(local, "model")
+    write_model_checkpoint(
+        model,
+        local,
+        model_class=spec.model.class_path,
+        model_kwargs=dict(spec.model.kwargs),
+        version=f"{spec.name}-step{state['step']}",
+        input_shape=meta["input_shape"],
+        labels=meta.get("labels"),
+        metrics={k: v for k, v in metrics.items() if k in ("step", "loss", "test_loss", "test_accuracy", "epoch")},
+    )
+    if local != target:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(target)
+        pyarrow.fs.copy_files(local, path, destination_filesystem=fs)
+    logger.info("job %s: exported the final model (step %d) to %s", spec.name, state["step"], target)
+    return history, metrics, target
+
+
+def _write_text(uri_or_path: str, text: str) -> None:
+    if "://" in uri_or_path:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri_or_path)
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+        return
+    p = Path(uri_or_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(p)
+
+
+def install_sigterm_handler(runner: ElasticRunner) -> None:
+    """``ray job stop`` sends SIGTERM to the driver: stop the trainer and unregister before exiting."""
+
+    def handler(signum: int, frame: Any) -> None:
+        logger.warning("job %s: signal %d, stopping", runner.spec.name, signum)
+        runner.stop()
+
+    signal_module.signal(signal_module.SIGTERM, handler)
+
+
+class CapacityGrantSource:
+    """A grant source for running without an arbiter (``--standalone``): it grants every GPU of the
+    job's most preferred type that has at least ``min_workers`` worth, up to ``max_workers``.
+
+    It never shrinks a job; it is for trying a job on a cluster that runs nothing else.
+    """
+
+    def __init__(self, capacity: Callable[[], Mapping[str, float]] = gpu_capacity) -> None:
+        self.capacity = capacity
+        self.specs: dict[str, TrainingJobSpec] = {}
+
+    def _view(self, name: str) -> GrantView:
+        from cluster.model import Allocation
+
+        spec = self.specs.get(name)
+        if spec is None:
+            return GrantView(name, Allocation(), registered=False, reason="not registered")
+        cap = self.capacity()
+        for t in spec.gpu_types:
+            n = min(spec.max_workers, int(cap.get(t, 0.0) / spec.gpus_per_worker + 1e-9))
+            if n >= spec.min_workers:
+                return GrantView(name, Allocation.of({t: n}))
+        return GrantView(name, Allocation(), reason=f"no accepted GPU type has {spec.min_workers} workers' worth")
+
+    def register(self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None) -> GrantView:
+        self.specs[spec.name] = spec
+        return self._view(spec.name)
+
+    def heartbeat_nowait(self, name: str, **kwargs: Any) -> GrantView | None:
+        return self._view(name)
+
+    def heartbeat(self, name: str, **kwargs: Any) -> GrantView:
+        return self._view(name)
+
+    def unregister(self, name: str) -> bool:
+        return self.specs.pop(name, None) is not None
