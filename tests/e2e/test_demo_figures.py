@@ -1,0 +1,202 @@
+"""Pure tests of the demo's and the spike benchmark's figures, scenario, display and plot (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from cluster.demo_scenario import ScenarioError, load_scenario, parse_scenario
+from cluster.demo_timeline import (
+    Sample,
+    allocation_ratio,
+    classify_actors,
+    gpus_back_to_training_s,
+    reclaim_durations_s,
+    slo_attainment,
+    spike_figures,
+    time_to_capacity_s,
+    train_steps_between,
+)
+
+CAP = {"H100": 4.0, "A100": 2.0, "RTX4090": 2.0}
+
+
+@dataclass
+class Rec:
+    scheduled_s: float
+    latency_ms: float
+    status: int
+
+
+def sample(t: float, running: int = 1, training: float = 6.0, serving: float = 1.0, **kw) -> Sample:
+    return Sample(
+        t_s=t,
+        phase=kw.pop("phase", "pre"),
+        capacity=dict(CAP),
+        serving_gpus={"RTX4090": serving} if serving else {},
+        training_gpus={"H100": training} if training else {},
+        replicas_running=running,
+        **kw,
+    )
+
+
+def test_classify_actors_splits_gpus_by_type_and_workload_and_ignores_dead_and_cpu_actors():
+    nodes = {"n-h100": "H100", "n-rtx": "RTX4090", "n-head": None}
+    actors = [
+        {"class_name": "RayTrainWorker", "state": "ALIVE", "node_id": "n-h100", "required_resources": {"GPU": 1, "CPU": 1}},
+        {"class_name": "RayTrainWorker", "state": "ALIVE", "node_id": "n-h100", "required_resources": {"GPU_group_ab12": 1}},
+        {"class_name": "ServeReplica:demo:TidalModel", "state": "ALIVE", "node_id": "n-rtx", "required_resources": {"GPU": 1}},
+        {"class_name": "ServeReplica:other:X", "state": "ALIVE", "node_id": "n-rtx", "required_resources": {"GPU": 1}},
+        {"class_name": "RayTrainWorker", "state": "DEAD", "node_id": "n-h100", "required_resources": {"GPU": 1}},
+        {"class_name": "ServeReplica:demo:TidalModel", "state": "PENDING_CREATION", "node_id": None, "required_resources": {"GPU": 1}},
+        {"class_name": "ProxyActor", "state": "ALIVE", "node_id": "n-head", "required_resources": {}},
+        {"class_name": "JobSignal", "state": "ALIVE", "node_id": "n-h100", "required_resources": {"CPU": 0}},
+    ]
+    serving, training = classify_actors(actors, nodes, service_app="demo")
+    assert serving == {"RTX4090": 1.0}
+    assert training == {"H100": 2.0}
+
+
+def test_time_to_capacity_is_the_first_sample_in_the_spike_with_the_needed_replicas():
+    samples = [sample(10, running=4), sample(20, 1), sample(24, 3), sample(29, 4), sample(31, 4)]
+    assert time_to_capacity_s(samples, 20, 80, 4) == pytest.approx(9.0)
+
+
+def test_time_to_capacity_is_none_when_the_spike_never_gets_its_replicas():
+    samples = [sample(t, running=2) for t in range(20, 81, 5)] + [sample(85, running=4)]
+    assert time_to_capacity_s(samples, 20, 80, 4) is None
+
+
+def test_gpus_back_to_training_waits_for_the_pre_spike_training_level():
+    samples = [sample(19, training=6), sample(30, training=4), sample(82, training=4), sample(95, training=5), sample(101, training=6)]
+    assert gpus_back_to_training_s(samples, 20, 80) == pytest.approx(21.0)
+    assert gpus_back_to_training_s(samples[:-1], 20, 80) is None
+
+
+def test_allocation_ratio_weights_each_sample_by_the_time_until_the_next():
+    samples = [sample(0, training=6, serving=1), sample(10, training=6, serving=2), sample(20, training=6, serving=2)]
+    # 7 of 8 GPUs for 10 s, then 8 of 8 for 10 s.
+    assert allocation_ratio(samples, 0, 20) == pytest.approx(150 / 160)
+
+
+def test_slo_attainment_counts_failures_and_slow_successes_as_misses():
+    recs = [Rec(0, 10, 200)] * 98 + [Rec(0, 1500, 200), Rec(0, 5, 503)]
+    assert slo_attainment(recs, 1000) == pytest.approx(0.98)
+    assert slo_attainment([], 1000) is None
+
+
+def test_reclaim_durations_take_released_events_of_training_jobs_within_the_window():
+    events = [
+        {"t_s": 21.0, "kind": "shrink", "workload": "lo", "detail": {}},
+        {"t_s": 23.5, "kind": "released", "workload": "lo", "detail": {"reclaim_s": 2.5}},
+        {"t_s": 22.0, "kind": "shrink", "workload": "hi", "detail": {}},
+        {"t_s": 42.0, "kind": "forced", "workload": "hi", "detail": {}},
+        {"t_s": 25.0, "kind": "released", "workload": "svc", "detail": {"reclaim_s": 1.0}},
+        {"t_s": 95.0, "kind": "released", "workload": "lo", "detail": {"reclaim_s": 4.0}},
+    ]
+    assert reclaim_durations_s(events, ["lo", "hi"], 20, 80) == [2.5, 20.0]
+
+
+def test_train_steps_between_uses_the_highest_step_seen_by_each_time():
+    samples = [sample(-5, steps={"a": 100}), sample(0, steps={"a": 120, "b": 5}), sample(50, steps={"a": 300, "b": 90})]
+    assert train_steps_between(samples, 0, 50) == {"a": 180, "b": 85}
+
+
+def test_spike_figures_combine_load_cluster_and_job_figures():
+    samples = [
+        sample(-1, training=6, steps={"hi": 10}),
+        sample(20, running=1, training=6, steps={"hi": 50}, phase="spike"),
+        sample(26, running=4, training=4, serving=4, steps={"hi": 60}, phase="spike", service_demand=4),
+        sample(80, running=2, training=4, serving=2, steps={"hi": 90}, phase="post"),
+        sample(100, running=1, training=6, serving=1, steps={"hi": 120}, steps_lost={"hi": 0}, phase="post"),
+    ]
+    recs = [Rec(1, 20, 200), Rec(30, 40, 200), Rec(40, 2000, 200), Rec(50, 30, 500)]
+    f = spike_figures(
+        samples, recs, [], spike_start_s=20, spike_end_s=80, end_s=100, replicas_needed=4, slo_ms=1000,
+        job_names=["hi"], lost_steps_by_job={"hi": 3},
+    )  # fmt: skip
+    assert f["time_to_capacity_s"] == pytest.approx(6.0)
+    assert f["requests"] == 4 and f["failed_requests"] == 1
+    assert f["slo_attainment"] == pytest.approx(0.5)
+    assert f["train_steps"] == 110 and f["lost_steps"] == 3
+    assert f["gpus_back_to_training_s"] == pytest.approx(20.0)
+    assert f["peak_demand_replicas"] == 4 and f["reclaim_s"] is None
+
+
+def test_default_scenario_spikes_eight_times_and_needs_the_services_max():
+    sc = load_scenario()
+    p = sc.phases()
+    assert p.spike_rps == pytest.approx(8 * p.base_rps)
+    assert p.rate_windows()[-1] == (p.end_s, 0.0)
+    assert sc.load.replicas_needed == sc.service["service"]["max_replicas"]
+    assert [p.phase_at(t) for t in (0, p.spike_start_s, p.spike_end_s, p.end_s)] == ["pre", "spike", "post", "done"]
+
+
+def test_scenario_refuses_a_spike_that_needs_more_replicas_than_the_service_may_run():
+    data = load_scenario().model_dump()
+    data["load"]["replicas_needed"] = 9
+    with pytest.raises(ScenarioError, match=r"replicas_needed=9 is above service.service.max_replicas=4"):
+        parse_scenario(data)
+
+
+def test_scenario_refuses_an_unknown_load_field_naming_it():
+    data = load_scenario().model_dump()
+    data["load"]["spike_factr"] = 3
+    with pytest.raises(ScenarioError, match="load.spike_factr"):
+        parse_scenario(data)
+
+
+def test_scenario_service_and_jobs_validate_with_their_own_packages():
+    from serving.config import ServeAppArgs
+    from training.spec import parse_spec
+
+    sc = load_scenario()
+    args = ServeAppArgs.model_validate(sc.service_args("/tmp/ckpt", "default"))
+    assert args.autoscaling.policy == "default"
+    assert list(args.service.gpu_types) == ["RTX4090", "A100", "H100"]
+    for name in sc.job_names:
+        assert parse_spec(sc.job_spec(name, "/tmp/tidal-e2e-x")).storage_path == "/tmp/tidal-e2e-x"
+
+
+def test_demo_policy_file_is_valid_and_shortens_the_delays():
+    from cluster.demo_scenario import DEFAULT_POLICY_PATH
+    from policies.config import build_policy, load_policy_config
+
+    cfg = load_policy_config(DEFAULT_POLICY_PATH)
+    build_policy(cfg)
+    assert cfg.guards.service_downscale_delay_s < 30 and cfg.guards.job_resize_min_interval_s < 60
+
+
+def test_plain_display_prints_phase_changes_and_status_lines_without_escape_codes():
+    from cluster.demo_display import make_display
+
+    out = io.StringIO()
+    d = make_display("t", 1000, ["H100", "A100", "RTX4090"], stream=out)  # StringIO is not a TTY
+    d.line("hello")
+    d.update(sample(21, running=3, phase="spike", steps={"demo-hi": 7}, job_workers={"demo-hi": 4}, job_gpu_type={"demo-hi": "H100"}))
+    d.close()
+    text = out.getvalue()
+    assert "hello" in text and "SPIKE" in text and "demo-hi 4xH100 step 7" in text
+    assert "\x1b[" not in text
+
+
+def test_timeline_plot_writes_a_png(tmp_path):
+    from cluster.demo_plot import plot_timeline
+
+    sc = load_scenario()
+    samples = [sample(t, running=1 + (20 <= t < 80) * 3, steps={"demo-hi": t * 3}, p99_ms=50.0) for t in range(-10, 150, 5)]
+    path = plot_timeline(samples, sc.phases(), tmp_path / "t.png", title="x", slo_ms=1000, gpu_types=["H100", "A100", "RTX4090"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pure_demo_modules_import_neither_ray_nor_torch():
+    code = (
+        "import sys; import cluster.demo_scenario, cluster.demo_timeline, cluster.demo_display, cluster.demo_plot;"
+        "bad = [m for m in ('ray', 'torch') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
