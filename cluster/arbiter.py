@@ -167,6 +167,10 @@ class _Registration:
     meta: dict[str, Any] = field(default_factory=dict)
     # When the grant first fell below what the workload holds; None while it holds no excess.
     shrink_issued_s: float | None = None
+    # One (deadline, grant it set) per shrink still unreleased: a workload is late only if it still
+    # holds more than *that* shrink's grant at *that* shrink's deadline (a second shrink issued while
+    # the first is being released gets its own full grace).
+    release_deadlines: list[tuple[float, Allocation]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +451,9 @@ class ResourceArbiter:
                 shrink_issued_s=r.get("shrink_issued_s"),
             )
         self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
+        for name, reg in self._regs.items():
+            if reg.shrink_issued_s is not None:
+                reg.release_deadlines = [(reg.shrink_issued_s + self._grace_s(reg.spec), self._grants.get(name, EMPTY))]
         self._policy_state = PolicyState(dict(state.get("policy_state") or {}))
         self._generation = int(state.get("generation", 0))
         self._dirty = True
@@ -458,9 +465,7 @@ class ResourceArbiter:
         if reg is None:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
         reason = self._infeasible_by_name.get(name)
-        release_by = None
-        if reg.shrink_issued_s is not None:
-            release_by = reg.shrink_issued_s + self._grace_s(reg.spec)
+        release_by = min((d for d, _ in reg.release_deadlines), default=None)
         return GrantView(
             name, self._grants.get(name, EMPTY), True, reason, release_by, self._generation
         )
@@ -484,10 +489,14 @@ class ResourceArbiter:
                 self._grants[name] = new
             else:
                 self._grants.pop(name, None)
-            if _exceeds(reg.held, new) and reg.shrink_issued_s is None:
-                reg.shrink_issued_s = now
-            elif not _exceeds(reg.held, new):
+            if _exceeds(reg.held, new):
+                if reg.shrink_issued_s is None:
+                    reg.shrink_issued_s = now
+                if new.total() < old.total() or _exceeds(old, new):
+                    reg.release_deadlines.append((now + self._grace_s(reg.spec), new))
+            else:
                 reg.shrink_issued_s = None
+                reg.release_deadlines.clear()
         for r in decision.reclaims:
             self._record(
                 ArbiterEvent(
@@ -504,7 +513,9 @@ class ResourceArbiter:
             self._generation += 1
 
     def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:
+        reg.release_deadlines = [(d, g) for d, g in reg.release_deadlines if _exceeds(reg.held, g)]
         if reg.shrink_issued_s is not None and not _exceeds(reg.held, self._grants.get(name, EMPTY)):
+            reg.release_deadlines.clear()
             duration = now - reg.shrink_issued_s
             self.reclaim_durations_s.append(duration)
             self._record(ArbiterEvent(now, "released", name, {"reclaim_s": duration}))
@@ -514,7 +525,7 @@ class ResourceArbiter:
         for name, reg in self._regs.items():
             if reg.shrink_issued_s is None:
                 continue
-            if now - reg.shrink_issued_s < self._grace_s(reg.spec):
+            if not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
                 continue
             grant = self._grants.get(name, EMPTY)
             logger.warning(
@@ -527,6 +538,7 @@ class ResourceArbiter:
             # The backend stopped it: what it held beyond the grant is free from now on.
             reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in reg.held.items})
             reg.shrink_issued_s = None
+            reg.release_deadlines.clear()
             self._dirty = True
 
     def _record(self, event: ArbiterEvent) -> None:

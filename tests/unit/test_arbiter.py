@@ -186,3 +186,25 @@ def test_policy_state_persists_between_ticks():
     arb.tick()
     arb.tick()
     assert arb.dump_state()["policy_state"] == {"n": 2}
+
+
+def test_a_second_shrink_during_a_release_gets_its_own_full_grace():
+    job = make_job(max_workers=8, gpu_types=("H100",), yield_grace_s=10)
+    policy = ScriptedPolicy({"job": {"H100": 8}}, {"job": {"H100": 6}}, {"job": {"H100": 6}}, *([{"job": {"H100": 4}}] * 4))
+    arb, backend, clock = make_arbiter(policy=policy)
+    arb.register(job)
+    arb.tick()
+    arb.heartbeat("job", held={"H100": 8})
+    arb.tick()  # t=0: shrink to 6, deadline t=10
+    clock.advance(8)
+    arb.heartbeat("job", held={"H100": 6})  # released in time
+    arb.tick()
+    arb.tick()  # t=8: shrink to 4, deadline t=18
+    clock.advance(4)
+    arb.heartbeat("job", held={"H100": 6})
+    arb.tick()  # t=12: past the first deadline, but the first shrink was honoured
+    assert backend.forced == []
+    clock.advance(7)
+    arb.heartbeat("job", held={"H100": 6})
+    arb.tick()  # t=19: the second shrink's grace is over
+    assert backend.forced == ["job"]
