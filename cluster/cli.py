@@ -140,6 +140,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         from cluster.actor import get_or_create_arbiter
 
         try:
+            cluster.activate()
             ray.init(address=cluster.address, namespace="tidal", log_to_driver=False, logging_level=logging.WARNING)
             get_or_create_arbiter(config=policy_cfg, metrics_port=cluster.metrics_port)
             arbiter_line = (

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -462,9 +463,11 @@ class LocalCluster:
         spec: LocalClusterSpec | None = None,
         *,
         root_dir: str | os.PathLike | None = None,
-        startup_timeout_s: float = 90.0,
+        startup_timeout_s: float = 180.0,
+        autoscaling_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.spec = spec or load_cluster_spec()
+        self.autoscaling_config = dict(autoscaling_config) if autoscaling_config is not None else None
         self.startup_timeout_s = startup_timeout_s
         self._root_arg = Path(root_dir) if root_dir is not None else None
         self.root_dir: Path | None = None
@@ -548,8 +551,8 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         """Starts the head and every node, and waits until all are registered and alive.
 
-        It also ``activate()``s the cluster's auth settings in this process, so that ``ray.init(address=
-        self.address)`` works from here right away.
+        It leaves this process's Ray settings alone: call ``activate()`` before ``ray.init(address=
+        self.address)`` from this process.
 
         Raises:
             LocalClusterError: a node did not start (with its log), or not all registered in time.
@@ -601,6 +604,19 @@ class LocalCluster:
                 "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics_port),
                 "DASHBOARD_METRIC_PORT": str(dashboard_metrics_port),
             }
+            if self.autoscaling_config is not None:
+                head_args.append(f"--autoscaling-config={self._write_autoscaling_config()}")
+                head_env["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
+                # Autoscaler v2: v1 ignores label selectors and would start any node type with GPUs.
+                head_env["RAY_enable_autoscaler_v2"] = "1"
+                if _is_fake_provider(self.autoscaling_config.get("provider", {})):
+                    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+                    head_env.update(
+                        RAY_FAKE_CLUSTER="1",
+                        RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID,
+                        RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
+                    )
             self.head, head_proc = self._launch(
                 "head", None, 0, self.spec.head.num_cpus, self.spec.head.object_store_memory_mb,
                 self.spec.head.resources, self.spec.head.labels, head_args, head_env,
@@ -618,8 +634,6 @@ class LocalCluster:
                 procs[plan.name] = proc
             self.write_state()
             self._wait_exit(procs)
-            # Reading the node table from here needs this cluster's token.
-            self.activate()
             self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
         except BaseException:
             logger.exception("local cluster %s failed to start; stopping what was started", self.root_dir)
@@ -633,6 +647,29 @@ class LocalCluster:
             self.startup_s, self.address, self.dashboard_url, ", ".join(self.nodes),
         )
         return self
+
+    def _write_autoscaling_config(self) -> Path:
+        """Writes the autoscaler config for the head, pointed at this cluster's GCS.
+
+        Ray's fake multi-node provider assumes the GCS on port 6379 unless ``provider.gcs_address`` is set,
+        and the head node type must declare the head's own resources.
+        """
+        assert self.root_dir is not None and self.autoscaling_config is not None
+        cfg = json.loads(json.dumps(self.autoscaling_config))
+        provider = cfg.setdefault("provider", {})
+        provider["gcs_address"] = self.address
+        if _is_fake_provider(provider):
+            from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+
+            # What autoscaler v2 needs from the fake provider (as ray.cluster_utils.AutoscalingCluster sets).
+            provider.setdefault("launch_multiple", True)
+            provider.setdefault("head_node_id", FAKE_HEAD_NODE_ID)
+        head_type = cfg.get("head_node_type")
+        if head_type and head_type in cfg.get("available_node_types", {}):
+            cfg["available_node_types"][head_type]["resources"] = {"CPU": self.spec.head.num_cpus, "GPU": 0}
+        path = self.root_dir / "autoscaling.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
 
     def _launch(
         self,
@@ -701,6 +738,11 @@ class LocalCluster:
                 rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired as e:
                 raise LocalClusterError(f"`ray start` for node {name} did not return in time:\n{self._log_tail(name)}") from e
+            if rc != 0 and "timed out during startup" in self._log_tail(name):
+                # `ray start` gives a raylet 30 s (hard-coded) to register; on a loaded machine it can take
+                # longer. The raylet keeps running and registers later: _wait_registered decides.
+                logger.warning("`ray start` for node %s gave up waiting for its raylet; still waiting", name)
+                continue
             if rc != 0:
                 raise LocalClusterError(f"`ray start` for node {name} failed (exit {rc}):\n{self._log_tail(name)}")
 
@@ -728,26 +770,29 @@ class LocalCluster:
                 )
             time.sleep(0.1)
 
-    def node_table(self) -> dict[str, dict[str, Any]]:
-        """Node name -> {alive, node_id, gpu_type, num_gpus, labels}, read from the GCS.
+    def node_table(self, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
+        """Node name -> {alive, node_id, gpu_type, num_gpus, labels}, from the dashboard's state API.
 
-        Reads the GCS directly (no ``ray.init``), so it works from a process connected elsewhere; the
-        process needs this cluster's auth settings (see ``activate``) unless auth is off.
+        Read over HTTP with this cluster's token, so it works from any process, whatever cluster that
+        process is connected to (Ray caches one auth token per process).
         """
-        from ray._raylet import GcsClient
-
-        if not hasattr(self, "_gcs") or self._gcs is None:
-            self._gcs = GcsClient(address=self.address)
-        infos = self._gcs.get_all_node_info(timeout=5)
+        assert self.token_path is not None, "the cluster has not started"
+        req = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=10000&detail=true",
+            headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = json.loads(resp.read())
+        rows = body["data"]["result"]["result"]
         out: dict[str, dict[str, Any]] = {}
-        for info in sorted(infos.values(), key=lambda i: i.start_time_ms):
+        for row in sorted(rows, key=lambda r: r.get("start_time_ms") or 0):
             # A restarted node reuses its name: the newest entry wins.
-            labels = dict(info.labels)
-            out[info.node_name] = {
-                "alive": info.state == 0,
-                "node_id": info.node_id.hex(),
+            labels = dict(row.get("labels") or {})
+            out[row["node_name"]] = {
+                "alive": row["state"] == "ALIVE",
+                "node_id": row["node_id"],
                 "gpu_type": labels.get(GPU_TYPE_LABEL),
-                "num_gpus": float(info.resources_total.get("GPU", 0.0)),
+                "num_gpus": float((row.get("resources_total") or {}).get("GPU", 0.0)),
                 "labels": labels,
             }
         return out
@@ -821,8 +866,6 @@ class LocalCluster:
         stopped: set[int] = set()
         if self.head is None and not self.nodes:
             return stopped
-        if getattr(self, "_gcs", None) is not None:
-            self._gcs = None
         recs = list(self.nodes.values())
         worker_pids = find_cluster_processes(self.cluster_id, [r.sid for r in recs]) if recs else set()
         head_sids = [self.head.sid] if self.head else []
@@ -907,6 +950,16 @@ class LocalCluster:
         c.head = NodeRecord(**s["head"]) if s.get("head") else None
         c.nodes = {r["name"]: NodeRecord(**r) for r in s.get("nodes", [])}
         return c
+
+
+FAKE_PROVIDER_MODULE = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+
+
+def _is_fake_provider(provider: Mapping[str, Any]) -> bool:
+    """Ray's fake multi-node provider, named by type or loaded as an external provider module."""
+    return provider.get("type") == "fake_multinode" or (
+        provider.get("type") == "external" and provider.get("module") == FAKE_PROVIDER_MODULE
+    )
 
 
 def _ray_cli() -> str:

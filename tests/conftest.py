@@ -91,6 +91,7 @@ def local_cluster() -> Iterator[Any]:
 
     cluster = LocalCluster(load_cluster_spec())
     cluster.start()
+    cluster.activate()
     logger.info("session cluster up in %.1f s at %s", cluster.startup_s, cluster.address)
     try:
         yield cluster
