@@ -148,3 +148,16 @@ def test_up_refuses_a_bad_cluster_spec_without_starting_anything(tmp_path, monke
     assert main(["up", "--config", str(spec)]) == 2
     assert "node_groups.0.num_gpus" in capsys.readouterr().err
     assert not (tmp_path / "local-cluster.json").exists()
+
+
+def test_grafana_dashboard_charts_only_metrics_the_arbiter_exports():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\btidal_[a-z_]+", e)}
+    families = {fam.name for fam in ArbiterMetrics().registry.collect()}
+    missing = {u for u in used if re.sub(r"_(bucket|sum|count|total)$", "", u) not in families}
+    assert used and not missing, f"dashboard uses metrics nobody exports: {sorted(missing)}"
