@@ -42,7 +42,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument(
         "--address",
         default=None,
-        help="the cluster's dashboard URL (default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS, as for `ray job submit`)",
+        help="the cluster's dashboard URL (default: the `tidal up` cluster, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS"
+        " as for `ray job submit`)",
     )
     p.add_argument(
         "--known-gpu-types",
@@ -92,8 +93,25 @@ def build_entrypoint(job: Path, working_dir: Path, extra: Sequence[str]) -> tupl
         )
 
 
+def resolve_address(address: str | None) -> str | None:
+    """``--address``, else the local cluster ``tidal up`` recorded (its auth settings activated), else None
+    (``JobSubmissionClient`` then reads ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS``, as ``ray job submit`` does)."""
+    if address is not None:
+        return address
+    try:
+        from cluster.cli import _recorded_cluster
+    except ImportError:
+        return None
+    cluster = _recorded_cluster()
+    if cluster is None or not cluster.pids():
+        return None
+    cluster.activate()
+    return cluster.dashboard_url
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     job = Path(args.job)
+    args.address = resolve_address(args.address)
     extra_types = split_types(args.known_gpu_types)
     try:
         spec = load_spec(job, check_imports=True)

@@ -278,6 +278,7 @@ class ElasticRunner:
         poll_interval_s: how often the runner heartbeats and decides.
         max_consecutive_failures: attempts that fail (not yielded, not forced) without progress in a row
             before the run gives up.
+        failure_backoff_s: wait this long (times the failures in a row) before restarting after a failure.
         capacity: GPUs per type alive now (``gpu_capacity`` by default).
         clock: wall-clock seconds, the arbiter's clock (``release_by_s`` is on it).
     """
@@ -289,6 +290,7 @@ class ElasticRunner:
         *,
         poll_interval_s: float = 0.25,
         max_consecutive_failures: int = 3,
+        failure_backoff_s: float = 3.0,
         capacity: Callable[[], Mapping[str, float]] = gpu_capacity,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -296,6 +298,7 @@ class ElasticRunner:
         self.grants = grants
         self.poll_interval_s = poll_interval_s
         self.max_consecutive_failures = max_consecutive_failures
+        self.failure_backoff_s = failure_backoff_s
         self.capacity = capacity
         self.clock = clock
         self.cfg = ElasticConfig(
@@ -318,6 +321,7 @@ class ElasticRunner:
         self._stop = threading.Event()
         self._signal: Any = None
         self._capacity_cache: tuple[float, Mapping[str, float]] = (0.0, {})
+        self._not_before_s = float("-inf")
 
     # ------------------------------------------------------------------------------------ public
 
@@ -378,10 +382,17 @@ class ElasticRunner:
                         self.ledger = self.ledger.note({"t_s": now, "event": "wait", "reason": reason})
                         waiting_logged = reason
                 case Start(target=target):
-                    waiting_logged = None
-                    self._start_attempt(target, now)
+                    # After a failed attempt, back off a little: a lost node takes the GCS a few seconds to
+                    # declare dead, and the arbiter a tick more to shrink the grant to the GPUs left.
+                    if now >= self._not_before_s:
+                        waiting_logged = None
+                        self._start_attempt(target, now)
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
+                    if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
+                        # Still starting: there is nothing to checkpoint, so stop it now rather than after
+                        # the grace (its placement group may even wait for GPUs that are gone).
+                        deadline = now
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
                     self.state = self.state.yielding(reason, now, deadline)
@@ -416,6 +427,8 @@ class ElasticRunner:
                 return True
             if record.outcome == "failed":
                 failures = failures + 1 if record.last_step <= record.start_step else 1
+                self._not_before_s = self.clock() + self.failure_backoff_s * failures
+                self._capacity_cache = (0.0, self._capacity_cache[1])
                 if failures >= self.max_consecutive_failures:
                     raise RunnerError(
                         f"job {self.spec.name}: {failures} attempts in a row failed without progress; last error: "
@@ -624,6 +637,13 @@ class ElasticRunner:
             except Exception as e:  # a slow GCS: keep the last good view
                 logger.warning("could not read the GPU inventory: %s", e)
         return cap
+
+    def _not_started_training(self) -> bool:
+        try:
+            snap = ray.get(self._signal.snapshot.remote(), timeout=5)
+        except ray.exceptions.GetTimeoutError:
+            return False
+        return not snap.get("first_report_s")
 
     def _torch_config(self) -> TorchConfig:
         if self.spec.backend == "auto":

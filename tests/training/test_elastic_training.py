@@ -1,7 +1,8 @@
 """Elastic training on the session's local cluster, under the real arbiter, through the real ``ray job submit``.
 
 Every job here is the digits classifier (small, so that restarts dominate), slowed to about 0.1 s a step so
-that the test can act while it trains. Grants are steered by a competing high-priority service registered
+that the test can act while it trains: a job must run long enough (20-30 s of steps) that it cannot finish
+before the test's next move lands, however slow the machine. Grants are steered by a competing high-priority service registered
 with the arbiter (the Tidal policy reclaims GPUs from training for it).
 
 The loss-curve tolerance: a run that resizes must follow the loss curve of the same job trained on one
@@ -25,7 +26,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from training_harness import (
     TEST_POLICY,
     Competitor,
-    ExtraNodes,
     digits_job,
     max_loss_gap,
     progress,
@@ -86,7 +86,7 @@ def jobs() -> Iterator[list[Any]]:
 def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a_run_that_never_resized(
     arbiter, local_cluster, storage, tmp_path, competitors, jobs
 ):
-    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=100)
+    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=200)
     job = submit_job(spec, local_cluster, tmp_path)
     jobs.append(job)
     first = wait_progress(
@@ -129,7 +129,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
 def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_checkpoint(
     arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
-    spec = digits_job("elastic-wait", storage, gpu_types=["A100"], min_workers=2, max_workers=2, steps=60)
+    spec = digits_job("elastic-wait", storage, gpu_types=["A100"], min_workers=2, max_workers=2, steps=200)
     job = submit_job(spec, local_cluster, tmp_path)
     jobs.append(job)
     wait_progress(
@@ -167,7 +167,7 @@ def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_lo
 ):
     every = 10
     spec = digits_job(
-        "elastic-stubborn", storage, gpu_types=["RTX4090"], min_workers=1, max_workers=2, steps=100,
+        "elastic-stubborn", storage, gpu_types=["RTX4090"], min_workers=1, max_workers=2, steps=200,
         checkpoint_every_steps=every, yield_grace_s=5,
         fault_injection={"ignore_yield": True, "step_delay_s": 0.15},
     )  # fmt: skip
@@ -205,18 +205,19 @@ def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_lo
 def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_left(
     arbiter, local_cluster, ray_driver, storage, tmp_path, jobs
 ):
-    nodes = ExtraNodes(local_cluster, ray_driver)
+    # Two nodes of a type of their own, added for this test, so that the session's nodes stay untouched.
+    added = ["l4-kill-a", "l4-kill-b"]
+    for name in added:
+        local_cluster.add_node(name, "L4", num_gpus=1)
     try:
-        nodes.add("l4-kill-a", "L4", num_gpus=1)
-        doomed = nodes.add("l4-kill-b", "L4", num_gpus=1)
         wait_for(
-            lambda: ray_driver.get(arbiter.status.remote())["capacity"].get("L4") == 2.0, 30,
+            lambda: ray_driver.get(arbiter.status.remote())["capacity"].get("L4") == 2.0, 60,
             message="the arbiter seeing 2 L4s",
         )  # fmt: skip
         every = 10
         spec = digits_job(
-            "elastic-nodeloss", storage, gpu_types=["L4"], min_workers=1, max_workers=2, steps=80,
-            checkpoint_every_steps=every, cpus_per_worker=1,
+            "elastic-nodeloss", storage, gpu_types=["L4"], min_workers=1, max_workers=2, steps=300,
+            checkpoint_every_steps=every,
         )  # fmt: skip
         job = submit_job(spec, local_cluster, tmp_path)
         jobs.append(job)
@@ -224,10 +225,12 @@ def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_l
             arbiter, job.name, lambda p: p.get("num_workers") == 2 and (p.get("step") or 0) >= every + 2,
             START_TIMEOUT_S, "the job training on both L4 nodes past its first checkpoint",
         )  # fmt: skip
-        doomed.kill()
+        local_cluster.kill_node(added[1])
         assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
     finally:
-        nodes.kill_all()
+        for name in added:
+            if not local_cluster.nodes[name].killed:
+                local_cluster.kill_node(name)
 
     summary = job.summary()
     failed, resumed = summary["attempts"][0], summary["attempts"][-1]

@@ -1,7 +1,6 @@
 """Helpers of the elastic-training integration tests: jobs submitted with the real ``ray job submit``, a
-competing service that steers the arbiter's grant, and extra GPU nodes a test may kill.
+competing service that steers the arbiter's grant, and the reference loss curve.
 
-Ports of the extra nodes come from this test area's range (45000-49999); their temp dirs are /tmp/tidal-tr-*.
 (A plain module, not a conftest: a second ``conftest`` module would shadow ``from conftest import wait_for``.)
 """
 
@@ -10,14 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 PROJECT = Path(__file__).resolve().parents[2]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
-PORT_RANGE = (45000, 49999)
 # Guards at zero so that the test's competitor moves grants at once (the defaults batch them by a minute).
 TEST_POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_resize_min_interval_s": 0}}
 
@@ -177,124 +172,6 @@ class Competitor:
         self._stop.set()
         self._thread.join(timeout=5)
         self.client.unregister(self.name)
-
-
-# ------------------------------------------------------------------------------------- extra nodes
-
-
-@dataclass
-class ExtraNode:
-    """A raylet this test started on the session cluster, in its own session (so it can be killed alone)."""
-
-    name: str
-    sid: int
-    temp_dir: Path
-    ports: list[int] = field(default_factory=list)
-    killed: bool = False
-
-    def pids(self) -> set[int]:
-        return _session_and_children(self.sid)
-
-    def kill(self) -> None:
-        """SIGKILL on the raylet and every process it started, as a machine failure would."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.killed = True
-
-
-def _session_and_children(sid: int) -> set[int]:
-    table: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]))  # ppid, session id
-    pids = {pid for pid, (_, s) in table.items() if s == sid}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    stack = list(pids)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in pids:
-                pids.add(c)
-                stack.append(c)
-    return pids
-
-
-def _free_block(start: int, size: int) -> int:
-    """The first block of ``size`` free ports at or after ``start`` inside this area's port range."""
-    base = start
-    while base + size <= PORT_RANGE[1]:
-        ok = True
-        for port in range(base, base + size):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-        base += size
-    raise RuntimeError(f"no {size} free ports in {PORT_RANGE}")
-
-
-class ExtraNodes:
-    """GPU nodes joined to the session cluster by a test: ``add(name, gpu_type, num_gpus)``; ``kill_all()``
-    ends every one (the killed ones stay dead in the GCS's node table)."""
-
-    def __init__(self, local_cluster: Any, ray_module: Any) -> None:
-        self.local_cluster = local_cluster
-        self.ray = ray_module
-        self.nodes: list[ExtraNode] = []
-        self.root = Path(tempfile.mkdtemp(prefix="tidal-tr-nodes-", dir="/tmp"))
-        self.next_port = PORT_RANGE[0]
-
-    def add(self, name: str, gpu_type: str, num_gpus: int, num_cpus: int | None = None) -> ExtraNode:
-        local_cluster, ray_driver = self.local_cluster, self.ray
-        base = _free_block(self.next_port, 120)
-        self.next_port = base + 120
-        temp_dir = self.root / name
-        temp_dir.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-        env.update(local_cluster.auth_env())
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        args = [
-            RAY_CLI, "start", f"--address={local_cluster.address}", "--node-ip-address=127.0.0.1",
-            f"--node-name={name}", f"--temp-dir={temp_dir}", f"--num-gpus={num_gpus}",
-            f"--num-cpus={num_cpus if num_cpus is not None else num_gpus + 1}",
-            f"--object-store-memory={100 * 1024 * 1024}",
-            f"--node-manager-port={base}", f"--object-manager-port={base + 1}", f"--metrics-export-port={base + 2}",
-            f"--dashboard-agent-listen-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
-            f"--runtime-env-agent-port={base + 5}", f"--min-worker-port={base + 20}", f"--max-worker-port={base + 119}",
-            f"--labels=ray.io/accelerator-type={gpu_type}", "--disable-usage-stats",
-        ]  # fmt: skip
-        log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - closed below, the child keeps its copy
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        node = ExtraNode(name, proc.pid, temp_dir, list(range(base, base + 120)))
-        self.nodes.append(node)
-        if proc.wait(timeout=120) != 0:
-            raise RuntimeError(f"ray start for {name} failed: {(temp_dir / 'ray-start.log').read_text()[-2000:]}")
-        wait_for(
-            lambda: any(n["NodeName"] == name and n["Alive"] for n in ray_driver.nodes()),
-            timeout_s=90,
-            message=f"node {name} to register",
-        )
-        return node
-
-    def kill_all(self) -> None:
-        for node in self.nodes:
-            node.kill()
-        subprocess.run(["rm", "-rf", str(self.root)], check=False)
 
 
 def wait_progress(arbiter: Any, name: str, cond: Any, timeout_s: float, what: str) -> dict[str, Any]:

@@ -1,0 +1,27 @@
+"""The runner's pieces that need no cluster: stated metrics, and the grant source used without an arbiter."""
+
+from __future__ import annotations
+
+from cluster.model import Allocation, TrainingJobSpec
+from training.runner import CapacityGrantSource, metric_reached
+
+
+def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
+    assert metric_reached("test_loss", 1.9, 2.0)
+    assert not metric_reached("test_loss", 2.1, 2.0)
+    assert metric_reached("test_accuracy", 0.96, 0.95)
+    assert not metric_reached("test_accuracy", 0.94, 0.95)
+    assert not metric_reached("test_accuracy", None, 0.95)
+
+
+def test_without_an_arbiter_a_job_gets_its_preferred_type_that_fits_up_to_its_maximum():
+    capacity = {"H100": 1.0, "A100": 8.0}
+    source = CapacityGrantSource(capacity=lambda: capacity)
+    view = source.register(TrainingJobSpec("j", 1.0, 2, 4, ("H100", "A100")))
+    assert view.registered and view.grant == Allocation.of(A100=4)  # 1 H100 is below the minimum of 2
+    capacity["H100"] = 3.0
+    assert source.heartbeat("j").grant == Allocation.of(H100=3)
+    capacity.clear()
+    view = source.heartbeat_nowait("j")
+    assert view is not None and view.grant == Allocation() and "no accepted GPU type" in (view.reason or "")
+    assert source.unregister("j") and not source.heartbeat("j").registered
