@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = train_digits_checkpoint(work / "digits", epochs=3)
     cluster = LocalCluster(parse_cluster_spec(SPEC), root_dir=work / "cluster")
     cluster.start()
+    cluster.activate()  # this process uses the cluster's auth token for ray.init
     result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cluster": SPEC}
     try:
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)

@@ -3,9 +3,10 @@
 The module runs its own arbiter actor (``tidal-arbiter-sv``), so that other modules' workloads on the
 session's arbiter cannot change its grants. Its policy is the static split, whose grants an operator sets
 by config (``reload_config``): A100 for serving only -> the service may hold at most 2 replicas (one
-A100 GPU each) however high its load; H100 added -> up to 4 (2 A100 + 2 H100). That is how these tests
-move the grant up and down while a steady load (8 concurrent clients, closed loop: 8 requests always
-outstanding, a demand of 4 replicas at 2 per replica) keeps the service wanting more.
+A100 GPU each) however high its load; H100 added -> up to its max of 3 (2 A100 + 1 H100). That is how
+these tests move the grant up and down while a steady load (8 concurrent clients, closed loop: 8 requests
+always outstanding, a demand of 4 replicas at 2 per replica, capped at the max of 3) keeps the service
+wanting more.
 """
 
 import threading
@@ -71,7 +72,7 @@ def tidal_app(ray_driver, local_cluster, arbiter, digits_checkpoints):
                         "name": APP,
                         "gpu_types": ["A100", "H100"],
                         "min_replicas": 1,
-                        "max_replicas": 4,
+                        "max_replicas": 3,
                     },
                     "model": {"checkpoint": str(ckpt)},
                     "num_cpus_per_replica": 0.25,
@@ -134,18 +135,18 @@ def serve_target_replicas() -> int:
 
 def test_the_service_registers_with_its_spec_when_deployed(ray_driver, arbiter, tidal_app, wait_for):
     w = wait_for(lambda: workload(ray_driver, arbiter), timeout_s=30, message="the service registered")
-    assert (w["kind"], w["gpus_per_unit"], w["min_units"], w["max_units"]) == ("service", 1.0, 1, 4)
+    assert (w["kind"], w["gpus_per_unit"], w["min_units"], w["max_units"]) == ("service", 1.0, 1, 3)
 
 
 def test_under_load_replicas_grow_up_to_the_grant_and_no_further(
     ray_driver, arbiter, tidal_app, load, wait_for
 ):
     ray_driver.get(arbiter.reload_config.remote(policy_config(A100_ONLY)))
-    # The load needs 4 replicas; the grant allows 2 (the A100s); the H100s stay free in Ray.
+    # The load needs 3 replicas (the max); the grant allows 2 (the A100s); the H100s stay free in Ray.
     wait_for(
-        lambda: (w := workload(ray_driver, arbiter)) and w["demand_units"] >= 4 and w["held"] == {"A100": 2},
-        timeout_s=90,
-        message="demand of 4 reported while holding the 2 granted A100 replicas",
+        lambda: (w := workload(ray_driver, arbiter)) and w["demand_units"] == 3 and w["held"] == {"A100": 2},
+        timeout_s=180,
+        message="demand of 3 reported while holding the 2 granted A100 replicas",
     )
     assert workload(ray_driver, arbiter)["grant"] == {"A100": 2}
     assert serve_target_replicas() == 2
@@ -158,17 +159,17 @@ def test_when_the_grant_grows_replicas_grow_onto_the_granted_type(
 ):
     ray_driver.get(arbiter.reload_config.remote(policy_config(A100_AND_H100)))
     wait_for(
-        lambda: workload(ray_driver, arbiter)["grant"] == {"A100": 2, "H100": 2},
+        lambda: workload(ray_driver, arbiter)["grant"] == {"A100": 2, "H100": 1},
         timeout_s=30,
-        message="grant {A100: 2, H100: 2}",
+        message="grant {A100: 2, H100: 1}",
     )
     wait_for(
-        lambda: replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2, "H100": 2},
-        timeout_s=120,
-        message="4 replicas: 2 on A100 nodes, 2 on H100 nodes",
+        lambda: replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2, "H100": 1},
+        timeout_s=240,
+        message="3 replicas: 2 on the A100 node, 1 on the H100 node",
     )
     wait_for(
-        lambda: workload(ray_driver, arbiter)["held"] == {"A100": 2, "H100": 2},
+        lambda: workload(ray_driver, arbiter)["held"] == {"A100": 2, "H100": 1},
         timeout_s=30,
         message="the arbiter sees the replicas held per type",
     )
@@ -179,19 +180,19 @@ def test_when_the_grant_shrinks_replicas_drain_without_failing_a_request(
 ):
     ray_driver.get(arbiter.reload_config.remote(policy_config(A100_AND_H100)))
     wait_for(
-        lambda: replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2, "H100": 2}, timeout_s=120, message="4"
+        lambda: replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2, "H100": 1}, timeout_s=240, message="3"
     )
     t0 = time.monotonic()
     ray_driver.get(arbiter.reload_config.remote(policy_config(A100_ONLY)))
     wait_for(
         lambda: replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2} and serve_target_replicas() == 2,
         timeout_s=120,
-        message="the H100 replicas drained away",
+        message="the H100 replica drained away",
     )
     wait_for(
         lambda: workload(ray_driver, arbiter)["held"] == {"A100": 2},
         timeout_s=30,
-        message="the H100s reported released",
+        message="the H100 reported released",
     )
     statuses = load.statuses_since(t0)
     assert statuses[200] > 0 and set(statuses) == {200}, statuses
