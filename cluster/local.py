@@ -52,6 +52,7 @@ DEFAULT_SPEC_PATH = Path(__file__).parent / "configs" / "local.yaml"
 CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
 STATE_FILE_NAME = "cluster.json"
 SPARE_NODES = 2  # nodes add_node() can start beyond the spec's
+_HEAD_NOT_READY = "No node info found for head node"
 
 # Ray's minimum object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES is 75 MiB).
 _MIN_OBJECT_STORE_MB = 75
@@ -485,6 +486,7 @@ class LocalCluster:
         self.started_s = 0.0
         self.startup_s = 0.0
         self._owns_root = False
+        self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
 
     # ------------------------------------------------------------------------------- properties
 
@@ -720,31 +722,56 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.update(extra_env)
-        log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - closed when the process exits
-        # A new session per node: its processes (raylet, agents, workers) keep that session id, which is
-        # how stop() and kill_node() find exactly them.
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self._commands[name] = (args, env)
+        proc = self._spawn(name)
         rec = NodeRecord(
             name=name, gpu_type=gpu_type, num_gpus=num_gpus, temp_dir=str(temp_dir), sid=proc.pid,
             node_manager_port=nm, min_worker_port=wmin, max_worker_port=wmax,
         )
         return rec, proc
 
-    def _wait_exit(self, procs: Mapping[str, subprocess.Popen]) -> None:
+    def _spawn(self, name: str) -> subprocess.Popen:
+        assert self.root_dir is not None
+        args, env = self._commands[name]
+        log = open(self.root_dir / name / "ray-start.log", "a")  # noqa: SIM115 - closed right after Popen
+        # A new session per node: its processes (raylet, agents, workers) keep that session id, which is
+        # how stop() and kill_node() find exactly them.
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return proc
+
+    def _wait_exit(self, procs: Mapping[str, subprocess.Popen], *, retries: int = 2) -> None:
+        """Waits for each `ray start` to return (the head first); relaunches a node that came too early."""
         deadline = time.monotonic() + self.startup_timeout_s
-        for name, proc in procs.items():
+        pending = dict(procs)
+        attempts: dict[str, int] = {}
+        while pending:
+            name, proc = next(iter(pending.items()))
             try:
                 rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired as e:
                 raise LocalClusterError(f"`ray start` for node {name} did not return in time:\n{self._log_tail(name)}") from e
-            if rc != 0 and "timed out during startup" in self._log_tail(name):
+            del pending[name]
+            tail = self._log_tail(name)
+            if rc != 0 and "timed out during startup" in tail:
                 # `ray start` gives a raylet 30 s (hard-coded) to register; on a loaded machine it can take
                 # longer. The raylet keeps running and registers later: _wait_registered decides.
                 logger.warning("`ray start` for node %s gave up waiting for its raylet; still waiting", name)
                 continue
+            if rc != 0 and name != "head" and _HEAD_NOT_READY in tail and attempts.get(name, 0) < retries:
+                # The worker started before the head had registered (they start together to save time), and
+                # gave up before starting anything. The head has returned by now (it is waited for first).
+                attempts[name] = attempts.get(name, 0) + 1
+                logger.info("node %s started before the head was ready; starting it again", name)
+                leftovers = find_cluster_processes(self.cluster_id, [self.nodes[name].sid]) if name in self.nodes else set()
+                _kill(leftovers)
+                proc = self._spawn(name)
+                if name in self.nodes:
+                    self.nodes[name].sid = proc.pid
+                pending[name] = proc
+                continue
             if rc != 0:
-                raise LocalClusterError(f"`ray start` for node {name} failed (exit {rc}):\n{self._log_tail(name)}")
+                raise LocalClusterError(f"`ray start` for node {name} failed (exit {rc}):\n{tail}")
 
     def _log_tail(self, name: str, lines: int = 30) -> str:
         assert self.root_dir is not None
