@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import multiprocessing
 import sys
 import threading
 import time
@@ -57,7 +58,12 @@ class WindowStats:
 
 
 class LiveLoad:
-    """Sends one POST per arrival time, on schedule, from a background thread.
+    """Sends one POST per arrival time, on schedule, from a child process, and collects the records live.
+
+    The driver runs in its own process (``multiprocessing``, spawned): the demo's process also observes the
+    cluster, and sharing one interpreter lock with that would delay requests and inflate their measured
+    latency. Finished requests stream back over a pipe (every 0.1 s) and a thread appends them to
+    ``records()``. Both processes time with ``time.monotonic()`` (one clock on Linux).
 
     Args:
         url: the ``/v1/predict`` URL (loopback only, as for the load generator).
@@ -95,51 +101,90 @@ class LiveLoad:
         self.body: bytes = lg.default_body(instances, 64, seed)
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
-        self._records: list[Any] = []  # bench.loadgen.RequestRecord, appended from the load thread
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
+        self._records: list[Any] = []  # bench.loadgen.RequestRecord, appended by the reader thread
+        self._proc: Any = None
+        self._conn: Any = None
+        self._reader: threading.Thread | None = None
+        self._finished = threading.Event()
         self.started_mono: float | None = None
         self.wall_s: float = 0.0
-        self.error: BaseException | None = None
+        self.error: str | None = None
 
     # ------------------------------------------------------------------------------------ control
 
-    def start(self) -> float:
+    def start(self, timeout_s: float = 60.0) -> float:
         """Starts the load; returns its start on ``time.monotonic()`` (the schedule's time zero)."""
-        ready = threading.Event()
-
-        def run() -> None:
-            try:
-                asyncio.run(self._run(ready))
-            except BaseException as e:  # reported by wait(); the thread must not die silently
-                self.error = e
-                ready.set()
-
-        self._thread = threading.Thread(target=run, name="demo-load", daemon=True)
-        self._thread.start()
-        ready.wait(timeout=30)
-        if self.error is not None:
-            raise RuntimeError(f"the load generator failed to start: {self.error!r}") from self.error
-        assert self.started_mono is not None
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(
+            target=_child_main,
+            args=(child, self.url, self.arrivals_s, self.body, self.timeout_s, self.max_in_flight),
+            name="demo-load",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(timeout_s):
+            self._kill()
+            raise RuntimeError(f"the load generator did not start within {timeout_s:.0f} s")
+        kind, value = self._conn.recv()
+        if kind != "started":
+            self._kill()
+            raise RuntimeError(f"the load generator failed to start: {value}")
+        self.started_mono = float(value)
+        self._reader = threading.Thread(target=self._read, name="demo-load-reader", daemon=True)
+        self._reader.start()
         return self.started_mono
+
+    def _read(self) -> None:
+        RequestRecord = self._lg.RequestRecord
+        try:
+            while True:
+                kind, value = self._conn.recv()
+                if kind == "records":
+                    self._records.extend(RequestRecord(*r) for r in value)
+                elif kind == "done":
+                    self.wall_s = float(value)
+                    break
+                elif kind == "error":
+                    self.error = str(value)
+                    logger.error("the load generator failed: %s", value)
+                    break
+        except (EOFError, OSError) as e:  # the child died: what arrived is what there is
+            self.error = self.error or f"the load generator exited: {e!r}"
+        finally:
+            self._finished.set()
 
     def stop(self) -> None:
         """Stops sending; requests in flight are given up (recorded as ``cancelled``)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 5)
+        if self._proc is None:
+            return
+        try:
+            self._conn.send(("stop", None))
+        except (OSError, ValueError):
+            pass
+        self._finished.wait(timeout=10)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Waits for the schedule to end and every request to finish; True if it did."""
-        if self._thread is None:
+        if self._proc is None:
             return True
-        self._thread.join(timeout=timeout_s)
-        return not self._thread.is_alive()
+        done = self._finished.wait(timeout=timeout_s)
+        if done:
+            self._kill()
+        return done
 
     @property
     def done(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
+        return self._finished.is_set()
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -153,7 +198,7 @@ class LiveLoad:
     def window(self, window_s: float = 5.0) -> WindowStats:
         """Throughput and latency of the requests that finished in the last ``window_s`` seconds."""
         now = self.elapsed_s()
-        recent = [r for r in reversed(self._records[-20000:]) if _finished_s(r) >= now - window_s]
+        recent = [r for r in self._records[-20000:] if _finished_s(r) >= now - window_s]
         ok = sorted(r.latency_ms for r in recent if 200 <= r.status < 300)
         span = min(window_s, now) or window_s
         return WindowStats(
@@ -170,65 +215,97 @@ class LiveLoad:
         """``bench.loadgen.summarize`` of every finished request."""
         return self._lg.summarize(self.records(), self.wall_s or self.elapsed_s())
 
-    # ------------------------------------------------------------------------------------ the driver
 
-    async def _run(self, ready: threading.Event) -> None:
-        import httpx
+# ---------------------------------------------------------------------------------- the child process
 
-        lg = self._lg
-        loop = asyncio.get_running_loop()
-        limits = httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight)
-        in_flight = 0
-        headers = {"content-type": "application/json"}
-        async with httpx.AsyncClient(timeout=self.timeout_s, limits=limits) as client:
-            t0 = loop.time()
-            self.started_mono = time.monotonic()
-            ready.set()
 
-            async def one(scheduled: float) -> None:
-                nonlocal in_flight
-                sent = loop.time() - t0
-                status, error = 0, None
-                try:
-                    r = await client.post(self.url, content=self.body, headers=headers)
-                    status = r.status_code
-                except httpx.TimeoutException:
-                    error = "timeout"
-                except httpx.HTTPError as e:
-                    error = type(e).__name__
-                except asyncio.CancelledError:
-                    error = "cancelled"
-                finally:
-                    in_flight -= 1
-                done = loop.time() - t0
-                self._records.append(lg.RequestRecord(scheduled, sent, (done - scheduled) * 1000, status, error))
+def _child_main(conn: Any, url: str, arrivals_s: list[float], body: bytes, timeout_s: float, max_in_flight: int) -> None:
+    """The load generator's process: the open-loop driver of ``bench/loadgen.py``, streaming its records."""
+    try:
+        asyncio.run(_drive(conn, url, arrivals_s, body, timeout_s, max_in_flight))
+    except BaseException as e:  # reported to the parent; the child must not die silently
+        try:
+            conn.send(("error", repr(e)))
+        except OSError:
+            pass
 
-            tasks: set[asyncio.Task] = set()
-            for at in self.arrivals_s:
-                if self._stop.is_set():
-                    break
+
+async def _drive(conn: Any, url: str, arrivals_s: list[float], body: bytes, timeout_s: float, max_in_flight: int) -> None:
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    headers = {"content-type": "application/json"}
+    pending: list[tuple] = []
+    in_flight = 0
+    stopping = False
+
+    def stop_asked() -> bool:
+        nonlocal stopping
+        if not stopping and conn.poll():
+            kind, _ = conn.recv()
+            stopping = kind == "stop"
+        return stopping
+
+    async def flusher() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if pending:
+                batch = pending[:]
+                pending.clear()
+                conn.send(("records", batch))
+
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = loop.time()
+        conn.send(("started", time.monotonic()))
+        flush_task = asyncio.create_task(flusher())
+
+        async def one(scheduled: float) -> None:
+            nonlocal in_flight
+            sent = loop.time() - t0
+            status, error = 0, None
+            try:
+                r = await client.post(url, content=body, headers=headers)
+                status = r.status_code
+            except httpx.TimeoutException:
+                error = "timeout"
+            except httpx.HTTPError as e:
+                error = type(e).__name__
+            except asyncio.CancelledError:
+                error = "cancelled"
+            finally:
+                in_flight -= 1
+            done = loop.time() - t0
+            # The fields of bench.loadgen.RequestRecord, in order.
+            pending.append((scheduled, sent, (done - scheduled) * 1000, status, error))
+
+        tasks: set[asyncio.Task] = set()
+        for at in arrivals_s:
+            delay = at - (loop.time() - t0)
+            # Sleep in short slices so that a stop is honoured promptly.
+            while delay > 0 and not stop_asked():
+                await asyncio.sleep(min(delay, 0.2))
                 delay = at - (loop.time() - t0)
-                if delay > 0:
-                    # Sleep in short slices so that stop() is honoured promptly.
-                    while delay > 0 and not self._stop.is_set():
-                        await asyncio.sleep(min(delay, 0.2))
-                        delay = at - (loop.time() - t0)
-                    if self._stop.is_set():
-                        break
-                if in_flight >= self.max_in_flight:
-                    self._records.append(lg.RequestRecord(at, loop.time() - t0, 0.0, 0, "client_overload"))
-                    continue
-                in_flight += 1
-                task = asyncio.create_task(one(at))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks and not self._stop.is_set():
-                await asyncio.wait(set(tasks), timeout=0.2)
-            for task in list(tasks):
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            self.wall_s = loop.time() - t0
+            if stop_asked():
+                break
+            if in_flight >= max_in_flight:
+                pending.append((at, loop.time() - t0, 0.0, 0, "client_overload"))
+                continue
+            in_flight += 1
+            task = asyncio.create_task(one(at))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while tasks and not stop_asked():
+            await asyncio.wait(set(tasks), timeout=0.2)
+        for task in list(tasks):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        wall = loop.time() - t0
+        flush_task.cancel()
+        if pending:
+            conn.send(("records", pending[:]))
+        conn.send(("done", wall))
 
 
 def _finished_s(record: Any) -> float:

@@ -34,11 +34,13 @@ def plot_timeline(
     slo_ms: float,
     gpu_types: Sequence[str],
     events: Sequence[TimelineEvent] = (),
+    setup_shown_s: float = 60.0,
 ) -> Path:
     """Writes the PNG to ``path`` and returns it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    shown = [s for s in samples if s.phase != "setup"]
+    # The set-up can take minutes on a small machine: show only its last ``setup_shown_s`` seconds.
+    shown = [s for s in samples if s.phase != "setup" and s.t_s >= -setup_shown_s]
     if not shown:
         shown = list(samples)
     t = [s.t_s for s in shown]
@@ -56,12 +58,12 @@ def plot_timeline(
         labels.append(f"training on {gt}")
         colours.append(_TRAINING_COLOURS[i % len(_TRAINING_COLOURS)])
     if t:
-        ax_gpu.stackplot(t, *series, labels=labels, colors=colours, step="post", alpha=0.9)
+        ax_gpu.stackplot(t, *series, labels=labels, colors=colours, step="post", linewidth=0, zorder=2)
         ax_gpu.step(t, [s.capacity_total for s in shown], where="post", color="black", lw=1, label="GPUs in the cluster")
     ax_gpu.set_ylabel("GPUs held")
     ax_gpu.legend(loc="upper left", fontsize=7, ncol=2)
     for e in events:
-        if e.kind in ("shrink", "grow", "released", "forced"):
+        if e.kind in ("shrink", "grow", "released", "forced") and t and e.t_s >= t[0]:
             ax_gpu.axvline(e.t_s, color="grey", lw=0.4, alpha=0.5)
 
     ax_load.plot(t, [s.offered_rps for s in shown], color="#5c6bc0", label="offered req/s")
@@ -85,7 +87,7 @@ def plot_timeline(
         ax_steps.legend(loc="upper left", fontsize=7)
 
     for ax in (ax_gpu, ax_load, ax_steps):
-        ax.axvspan(phases.spike_start_s, phases.spike_end_s, color="#ffcdd2", alpha=0.35, lw=0)
+        ax.axvspan(phases.spike_start_s, phases.spike_end_s, color="#ffcdd2", alpha=0.35, lw=0, zorder=0)
         ax.grid(alpha=0.3)
     ax_gpu.text(phases.spike_start_s, ax_gpu.get_ylim()[1] * 0.98, " spike", va="top", fontsize=8, color="#b71c1c")
     fig.tight_layout()

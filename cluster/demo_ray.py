@@ -261,10 +261,11 @@ class DemoRuntime:
     def submit_jobs(self, runner: str) -> None:
         """Submits every job of the scenario with ``ray job submit`` (``runner``: tidal | ray-train).
 
-        The CLIs run side by side: each is a Python process that imports Ray, seconds on a busy machine.
+        One after the other: two submissions of the same working directory at once upload the same package
+        (``gcs://_ray_pkg_<hash>.zip``), and the loser's job then fails to find it ("prematurely deleted").
         """
-        pending = [self._start_submit(name, runner) for name in self.scenario.job_names]
-        for name, proc, handle in pending:
+        for name in self.scenario.job_names:
+            name, proc, handle = self._start_submit(name, runner)
             try:
                 stdout, stderr = proc.communicate(timeout=180)
             except subprocess.TimeoutExpired:
@@ -456,6 +457,20 @@ class DemoRuntime:
 
         client = JobSubmissionClient(self.cluster.dashboard_url)
         return {n: str(client.get_job_status(h.submission_id)) for n, h in self.jobs.items()}
+
+    def check_jobs_alive(self) -> None:
+        """Raises if a job ended (it should train until it is stopped), with the tail of its log."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.cluster.dashboard_url)
+        for name, h in self.jobs.items():
+            status = client.get_job_status(h.submission_id)
+            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.SUCCEEDED):
+                tail = "\n".join(client.get_job_logs(h.submission_id).splitlines()[-15:])
+                info = client.get_job_info(h.submission_id)
+                raise RuntimeError(
+                    f"training job {name} ({h.submission_id}) ended: {status}: {info.message}\n{tail}"
+                )
 
     # ------------------------------------------------------------------------------- stop
 

@@ -97,7 +97,11 @@ def run_system(
     if rt.jobs:
         emit("waiting for training to fill the idle GPUs")
         deadline = time.monotonic() + fill_timeout_s
+        checked = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - checked > 5.0:
+                rt.check_jobs_alive()
+                checked = time.monotonic()
             s = rt.observe(time.monotonic() - t_ref, "fill")
             _diff(prev, s, emit, events)
             prev = s

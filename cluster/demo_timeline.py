@@ -173,20 +173,27 @@ def time_to_capacity_s(
 
 
 def training_gpus_before(samples: Sequence[Sample], t_s: float) -> float:
-    """GPUs training held at the last sample before ``t_s`` (0 if none)."""
+    """The most GPUs training held between the load's start and ``t_s`` (the spike's start).
+
+    The most, not the last: a job that happened to be between two sizes just before the spike would
+    otherwise set the bar at nothing. Without samples in that window, the last sample before it counts.
+    """
+    pre = [s.training_total for s in samples if 0.0 <= s.t_s < t_s]
+    if pre:
+        return max(pre)
     before = [s for s in samples if s.t_s < t_s]
     return before[-1].training_total if before else 0.0
 
 
 def gpus_back_to_training_s(samples: Sequence[Sample], spike_start_s: float, spike_end_s: float) -> float | None:
-    """Seconds from the spike's end until training holds as many GPUs as just before the spike.
+    """Seconds from the spike's end until training holds as many GPUs as before the spike.
 
-    None if it never does (or if training held nothing to begin with, there is nothing to give back:
-    then 0.0).
+    None if it never does, or if training held no GPU before the spike (nothing to give back; the
+    figures report ``training_gpus_before_spike`` next to it).
     """
     baseline = training_gpus_before(samples, spike_start_s)
     if baseline <= 0:
-        return 0.0
+        return None
     for s in samples:
         if s.t_s >= spike_end_s and s.training_total >= baseline - 1e-9:
             return s.t_s - spike_end_s

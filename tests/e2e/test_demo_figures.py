@@ -77,6 +77,12 @@ def test_gpus_back_to_training_waits_for_the_pre_spike_training_level():
     assert gpus_back_to_training_s(samples[:-1], 20, 80) is None
 
 
+def test_gpus_back_to_training_takes_the_most_training_held_before_the_spike_as_the_bar():
+    samples = [sample(5, training=6), sample(15, training=3), sample(30, training=2), sample(90, training=5), sample(99, training=6)]
+    assert gpus_back_to_training_s(samples, 20, 80) == pytest.approx(19.0)
+    assert gpus_back_to_training_s([sample(5, training=0), sample(90, training=0)], 20, 80) is None
+
+
 def test_allocation_ratio_weights_each_sample_by_the_time_until_the_next():
     samples = [sample(0, training=6, serving=1), sample(10, training=6, serving=2), sample(20, training=6, serving=2)]
     # 7 of 8 GPUs for 10 s, then 8 of 8 for 10 s.
@@ -200,3 +206,28 @@ def test_pure_demo_modules_import_neither_ray_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_live_display_draws_the_gpu_split_service_and_jobs_on_a_terminal():
+    from rich.console import Console
+
+    from cluster.demo_display import LiveDisplay, render_text
+
+    out = io.StringIO()
+    d = LiveDisplay("Tidal demo", 1000, ["H100", "A100", "RTX4090"], Console(file=out, force_terminal=True, width=120))
+    s = sample(30, running=3, serving=2, training=4, phase="spike", steps={"demo-hi": 1234}, job_workers={"demo-hi": 4},
+               job_gpu_type={"demo-hi": "H100"}, p99_ms=1500.0, service_demand=4)  # fmt: skip
+    d.line("arbiter: shrink demo-lo {A100 2} -> {A100 1}")
+    d.update(s)
+    text = render_text(d._render(), width=120)
+    d.close()
+    rows = {}
+    for line in text.splitlines():
+        cells = line.replace("│", " ").split()
+        if cells and cells[0] in ("H100", "A100", "RTX4090"):
+            rows[cells[0]] = cells
+    # type, GPUs, serving, training, idle, split
+    assert rows["H100"] == ["H100", "4", "0", "4", "0", "TTTT"]
+    assert rows["RTX4090"] == ["RTX4090", "2", "2", "0", "0", "SS"]
+    assert rows["A100"] == ["A100", "2", "0", "0", "2", ".."]
+    assert "SPIKE" in text and "1,234" in text and "demand 4" in text and "shrink demo-lo" in text
