@@ -43,7 +43,7 @@ class SimBackend:
         self.capacity_area = 0.0
         self._recount_capacity()
         self.applies = 0
-        self.forced = 0
+        self.forced_services = 0
 
     # ------------------------------------------------------------------------------- the protocol
 
@@ -87,10 +87,16 @@ class SimBackend:
                 self.sim.loop.schedule(GrantNotice(now + self.heartbeat_delay_s, w))
 
     def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
-        self.forced += 1
+        """Stops a workload that kept GPUs past its yield grace. A job loses its work since the last
+        checkpoint. A service is only counted: its draining replicas end on their own a few seconds later
+        (the arbiter already counts their GPUs as free)."""
         w = self.sim.workloads.get(name)
-        if w is not None and w.kind == "training":
+        if w is None:
+            return
+        if w.kind == "training":
             w.stopped(self.sim.clock.now(), reason="forced")
+        else:
+            self.forced_services += 1
 
     # ----------------------------------------------------------------------------------- metrics
 

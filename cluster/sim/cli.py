@@ -148,6 +148,9 @@ def simulate_command(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        # One warning per forced stop would flood the terminal at datacenter scale; summary.json counts them.
+        logging.getLogger("cluster.arbiter").setLevel(logging.ERROR)
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     valid = known_policies()
     for p in policies:

@@ -455,6 +455,7 @@ class Simulator:
             "jobs_never_started": never_started,
             "median_jct_s": _quantile(jct, 0.5),
             "forced_stops": self.forced_stops,
+            "service_forced_stops": self.backend.forced_services,
             "restart_overhead_gpu_hours": self.overhead_gpu_s / 3600.0,
             "allocation_by_kind": {k: v / cap_area for k, v in sorted(by_kind.items())} if cap_area else {},
             "oracle_allocation_ratio": self._oracle_area / cap_area if cap_area else 0.0,

@@ -1,0 +1,80 @@
+"""The headline simulation: 8 weeks of Philly and ServeGen on 2,048 GPUs, tidal vs static vs Ray alone.
+
+Runs ``tidal simulate`` (``cluster.sim.cli``) with the flags below (extra flags are passed through and
+override them), and writes ``bench/results/simulate.json``: the summary of every policy, the wall-clock and
+CPU time of the run, the machine's load, and the exact command. Plots go to ``bench/results/simulate/``.
+
+Run: ``python bench/simulate.py [--days 56] [--training-load 2] [...any tidal simulate flag]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from cluster.sim.cli import main as simulate_main
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACES = ROOT.parent / "shared" / "traces"
+RESULTS = ROOT / "bench" / "results"
+
+HEADLINE = [
+    "--cluster",
+    str(ROOT / "cluster" / "configs" / "sim-2048.yaml"),
+    "--training-trace",
+    str(TRACES / "philly_2017-09_10.csv"),
+    "--inference-trace",
+    str(TRACES / "servegen_m-large_days1-7.csv"),
+    "--inference-peak-share",
+    "0.333",
+    "--days",
+    "56",
+    "--training-load",
+    "2",
+    "--policy",
+    "tidal,static,ray-alone",
+]
+
+
+def _cpu_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def main(argv: list[str]) -> int:
+    out_dir = RESULTS / "simulate"
+    args = [*HEADLINE, *argv]
+    if "--out" not in args:
+        args += ["--out", str(out_dir)]
+    else:
+        out_dir = Path(args[args.index("--out") + 1])
+    load_before = os.getloadavg()
+    t0, c0 = time.perf_counter(), _cpu_s()
+    rc = simulate_main(args)
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    if rc != 0:
+        return rc
+    summary = json.loads((out_dir / "summary.json").read_text())
+    result = {
+        "command": "python bench/simulate.py " + " ".join(argv),
+        "equivalent_cli": "tidal simulate " + " ".join(args),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cores": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "simulate.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wall {wall:.0f} s, CPU {cpu:.0f} s; wrote {RESULTS / 'simulate.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
