@@ -392,6 +392,23 @@ def find_cluster_processes(cluster_id: str, sids: list[int]) -> set[int]:
     return mine
 
 
+def _session_processes(sid: int) -> set[int]:
+    """The live processes of one node: its session, and their descendants (found by parent links)."""
+    table = _proc_table()
+    pids = {pid for pid, (_, s) in table.items() if s == sid}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(pids)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in pids:
+                pids.add(c)
+                stack.append(c)
+    pids.discard(os.getpid())
+    return pids
+
+
 def _terminate(pids: set[int], timeout_s: float) -> set[int]:
     """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the pids that are still alive (none, normally)."""
     for pid in pids:
@@ -598,6 +615,11 @@ class LocalCluster:
                     {
                         "health_check_period_ms": self.spec.health_check_period_ms,
                         "health_check_failure_threshold": self.spec.health_check_failure_threshold,
+                        # Patience on a loaded machine (several clusters on two cores): a raylet whose
+                        # dashboard agent takes longer than 30 s to start crashes, and slow workers
+                        # time out registering.
+                        "agent_register_timeout_ms": 180_000,
+                        "worker_register_timeout_seconds": 180,
                     }
                 ),
             ]
@@ -624,8 +646,10 @@ class LocalCluster:
                 self.spec.head.resources, self.spec.head.labels, head_args, head_env,
             )
             self.write_state()
-            # The worker nodes start right away, without waiting for the head's `ray start` to return: each
-            # retries until the GCS answers, and on two cores the overlap saves several seconds.
+            # The worker nodes start as soon as the head's raylet listens, without waiting for the head's
+            # `ray start` to return (it still starts the dashboard then): on two cores the overlap saves
+            # seconds. A worker that still comes too early is started again (see _wait_exit).
+            self._wait_head_raylet(head_proc)
             procs = {"head": head_proc}
             for plan in plans:
                 rec, proc = self._launch(
@@ -691,29 +715,29 @@ class LocalCluster:
         nm, om, mx, al, ag, re_ = (self.lease.take() for _ in range(6))
         wmin = self.lease.take(self.spec.worker_ports_per_node)
         wmax = wmin + self.spec.worker_ports_per_node - 1
-        args = [
-            _ray_cli(),
-            "start",
-            *extra_args,
-            "--node-ip-address=127.0.0.1",
-            f"--node-name={name}",
-            f"--temp-dir={temp_dir}",
-            f"--num-cpus={num_cpus}",
-            f"--object-store-memory={object_store_mb * 1024 * 1024}",
-            f"--node-manager-port={nm}",
-            f"--object-manager-port={om}",
-            f"--metrics-export-port={mx}",
-            f"--dashboard-agent-listen-port={al}",
-            f"--dashboard-agent-grpc-port={ag}",
-            f"--runtime-env-agent-port={re_}",
-            f"--min-worker-port={wmin}",
-            f"--max-worker-port={wmax}",
-            "--disable-usage-stats",
-        ]
-        if resources:
-            args.append(f"--resources={json.dumps(dict(resources))}")
-        if labels:
-            args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+        node_args = {
+            "node_name": name,
+            "temp_dir": str(temp_dir),
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "object_store_memory": object_store_mb * 1024 * 1024,
+            "node_manager_port": nm,
+            "object_manager_port": om,
+            "metrics_export_port": mx,
+            "dashboard_agent_listen_port": al,
+            "metrics_agent_port": ag,
+            "runtime_env_agent_port": re_,
+            "min_worker_port": wmin,
+            "max_worker_port": wmax,
+            "resources": dict(resources),
+            "labels": dict(labels),
+        }
+        if name == "head" or not LEAN_WORKER_START:
+            args = [_ray_cli(), "start", *extra_args, *_ray_start_flags(node_args)]
+        else:
+            # `ray start` imports Ray's whole CLI (about 2 s of CPU per node, a lot on two cores): a worker
+            # node is started by the same Node() call, from a process that imports only what it needs.
+            args = [sys.executable, "-m", "cluster.local", "start-worker-node", json.dumps({**node_args, "address": self.address})]
         env = _clean_env()
         env.update(self.auth_env())
         env[CLUSTER_MARKER_ENV] = self.cluster_id
@@ -729,6 +753,16 @@ class LocalCluster:
             node_manager_port=nm, min_worker_port=wmin, max_worker_port=wmax,
         )
         return rec, proc
+
+    def _wait_head_raylet(self, head_proc: subprocess.Popen) -> None:
+        assert self.head is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while head_proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                if s.connect_ex(("127.0.0.1", self.head.node_manager_port)) == 0:
+                    return
+            time.sleep(0.1)
 
     def _spawn(self, name: str) -> subprocess.Popen:
         assert self.root_dir is not None
@@ -763,8 +797,8 @@ class LocalCluster:
                 # gave up before starting anything. The head has returned by now (it is waited for first).
                 attempts[name] = attempts.get(name, 0) + 1
                 logger.info("node %s started before the head was ready; starting it again", name)
-                leftovers = find_cluster_processes(self.cluster_id, [self.nodes[name].sid]) if name in self.nodes else set()
-                _kill(leftovers)
+                if name in self.nodes:
+                    _kill(_session_processes(self.nodes[name].sid))
                 proc = self._spawn(name)
                 if name in self.nodes:
                     self.nodes[name].sid = proc.pid
@@ -867,18 +901,7 @@ class LocalCluster:
         rec = self.nodes.get(name)
         if rec is None:
             raise ValueError(f"no worker node named {name!r}; valid: {', '.join(self.nodes) or '(none)'}")
-        table = _proc_table()
-        pids = {pid for pid, (_, sid) in table.items() if sid == rec.sid}
-        # Workers forked by that raylet stay in its session; their descendants are found by parent links.
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        stack = list(pids)
-        while stack:
-            for c in children.get(stack.pop(), []):
-                if c not in pids:
-                    pids.add(c)
-                    stack.append(c)
+        pids = _session_processes(rec.sid)
         _kill(pids)
         rec.killed = True
         self.write_state()
@@ -979,6 +1002,72 @@ class LocalCluster:
         return c
 
 
+# Worker nodes start through start_worker_node() (False: through `ray start`, like the head).
+LEAN_WORKER_START = os.environ.get("TIDAL_LOCAL_LEAN_START", "1") != "0"
+
+
+def _ray_start_flags(a: Mapping[str, Any]) -> list[str]:
+    """The `ray start` flags for a node's arguments (see ``LocalCluster._launch``)."""
+    flags = [
+        "--node-ip-address=127.0.0.1",
+        f"--node-name={a['node_name']}",
+        f"--temp-dir={a['temp_dir']}",
+        f"--num-cpus={a['num_cpus']}",
+        f"--object-store-memory={a['object_store_memory']}",
+        f"--node-manager-port={a['node_manager_port']}",
+        f"--object-manager-port={a['object_manager_port']}",
+        f"--metrics-export-port={a['metrics_export_port']}",
+        f"--dashboard-agent-listen-port={a['dashboard_agent_listen_port']}",
+        f"--dashboard-agent-grpc-port={a['metrics_agent_port']}",
+        f"--runtime-env-agent-port={a['runtime_env_agent_port']}",
+        f"--min-worker-port={a['min_worker_port']}",
+        f"--max-worker-port={a['max_worker_port']}",
+        "--disable-usage-stats",
+    ]
+    if a["resources"]:
+        flags.append(f"--resources={json.dumps(a['resources'])}")
+    if a["labels"]:
+        flags.append("--labels=" + ",".join(f"{k}={v}" for k, v in a["labels"].items()))
+    return flags
+
+
+def start_worker_node(a: Mapping[str, Any]) -> None:
+    """Starts a worker node as ``ray start --address=...`` does (Ray 2.60 ``scripts.start``), and returns.
+
+    Runs in its own process (``python -m cluster.local start-worker-node '<json>'``); the raylet and its agents
+    outlive it, as they outlive ``ray start``.
+    """
+    import ray._private.node
+    from ray._private import services
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._private.parameter import RayParams
+    from ray._private.resource_isolation_config import ResourceIsolationConfig
+
+    params = RayParams(
+        node_ip_address=services.resolve_ip_for_localhost("127.0.0.1"),
+        node_name=a["node_name"],
+        temp_dir=a["temp_dir"],
+        num_cpus=a["num_cpus"],
+        num_gpus=a["num_gpus"],
+        resources=a["resources"] or None,
+        labels=a["labels"] or None,
+        object_store_memory=a["object_store_memory"],
+        node_manager_port=a["node_manager_port"],
+        object_manager_port=a["object_manager_port"],
+        metrics_export_port=a["metrics_export_port"],
+        dashboard_agent_listen_port=a["dashboard_agent_listen_port"],
+        metrics_agent_port=a["metrics_agent_port"],
+        runtime_env_agent_port=a["runtime_env_agent_port"],
+        min_worker_port=a["min_worker_port"],
+        max_worker_port=a["max_worker_port"],
+        resource_isolation_config=ResourceIsolationConfig(enable_resource_isolation=False),
+    )
+    params.gcs_address = services.canonicalize_bootstrap_address(a["address"], temp_dir=a["temp_dir"])
+    ensure_token_if_auth_enabled(None, create_token_if_missing=False)
+    ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False, connect_only=False)
+    logger.info("worker node %s started", a["node_name"])
+
+
 FAKE_PROVIDER_MODULE = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 
 
@@ -999,3 +1088,11 @@ def _clean_env() -> dict[str, str]:
     """This process's environment without variables that would point a node at another cluster."""
     drop = {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "RAY_AUTH_TOKEN", CLUSTER_MARKER_ENV}
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "start-worker-node":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        start_worker_node(json.loads(sys.argv[2]))
+    else:
+        sys.exit(f"usage: python -m cluster.local start-worker-node '<json>' (got {sys.argv[1:]})")
