@@ -9,10 +9,11 @@ Per shrink it records:
 
 - ``decision_to_release_s``: from the arbiter's shrink decision (its ``shrink`` event) to the job's
   heartbeat saying it let the GPUs go (the arbiter's ``released`` event, its reclaim time).
+- ``decision_to_grant_s``: from the shrink decision to the competitor's grant (release before grant).
 - ``decision_to_usable_s``: from the shrink decision to the competitor's placement group being ready on
-  the freed GPUs (what a service waiting for them sees).
+  the freed GPUs (what a service waiting for them sees): "the GPUs are free".
 - ``overhead_s``: seconds with no training: from the job's last step before the yield (its acknowledgement)
-  to the first step of the restarted attempt.
+  to the first step of the restarted attempt; ``restart_s`` is the part spent starting the new attempt.
 - ``steps_lost``: steps computed and thrown away (0 for a cooperative yield).
 
 Usage::
@@ -119,7 +120,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
     from cluster.actor import get_or_create_arbiter
     from cluster.client import ArbiterClient
     from cluster.model import GPU_TYPE_LABEL, ServiceSpec
-    from training.runner import NAMESPACE, SUMMARY_FILE, signal_actor_name
+    from training.runner import NAMESPACE, signal_actor_name
 
     arbiter = get_or_create_arbiter(config=POLICY)
     ray.get(arbiter.reload_config.remote(POLICY))
@@ -146,12 +147,11 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
     cycles = []
     for i in range(args.cycles):
         # 1. The job trains at 4 for a while.
-        attempt_at_4 = wait_for(
-            lambda: (j := job()) and j["progress"].get("num_workers") == 4 and j["progress"].get("phase") == "running"
-            and (s := signal_snapshot())["progress"].get("num_workers") == 4 and s["progress"].get("step", 0) > 0 and s,
+        wait_for(
+            lambda: (s := signal_snapshot())["progress"].get("num_workers") == 4 and s.get("first_report_s")
+            and (j := job()) and j["held"].get("H100") == 4,
             args.timeout_s, "the job training on 4 workers",
         )  # fmt: skip
-        step_before = attempt_at_4["progress"]["step"]
         time.sleep(2.0)
         since = time.time()
         # 2. A competitor asks for 2 H100s.
@@ -161,20 +161,15 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         def beat(stop: threading.Event = stop) -> None:
             while not stop.is_set():
                 client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
-                time.sleep(0.2)
+                time.sleep(0.05)
 
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
-        acked: dict[str, Any] = {}
-
-        def granted(acked: dict[str, Any] = acked) -> bool:
-            s = signal_snapshot()
-            if s.get("acked"):
-                acked.update(s["acked"])
-            view = client.latest(COMPETITOR)
-            return bool(view and view.grant.get("H100") >= 2)
-
-        wait_for(granted, args.timeout_s, "the competitor's grant", interval_s=0.05)
+        wait_for(
+            lambda: (v := client.latest(COMPETITOR)) is not None and v.grant.get("H100") >= 2,
+            args.timeout_s, "the competitor's grant", interval_s=0.02,
+        )  # fmt: skip
+        granted_s = time.time()
         # 3. The competitor takes the GPUs for real.
         pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "H100"}] * 2)
         ray.get(pg.ready(), timeout=args.timeout_s)
@@ -184,21 +179,26 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         released = next((e for e in events if e["kind"] == "released" and e["workload"] == JOB_NAME), None)
         forced = any(e["kind"] == "forced" and e["workload"] == JOB_NAME for e in events)
         # 4. The job trains at 2: its first step there ends the no-training gap.
-        at_2 = wait_for(
+        snap = wait_for(
             lambda: (s := signal_snapshot())["progress"].get("num_workers") == 2 and s.get("first_report_s") and s,
             args.timeout_s, "the job training on 2 workers",
         )  # fmt: skip
+        hist = {h["attempt"]: h for h in snap["history"]}
+        new, old = hist[snap["attempt"]], hist.get(snap["attempt"] - 1, {})
         cycle = {
             "cycle": i,
-            "step_before": step_before,
             "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
+            "decision_to_grant_s": granted_s - shrink["t_s"],
             "decision_to_usable_s": usable_s - shrink["t_s"],
-            "overhead_s": at_2["first_report_s"] - acked["t_s"] if acked.get("t_s") else None,
-            "acked_step": acked.get("step"),
-            "resumed_step": at_2["progress"]["step"] - 1,
+            "overhead_s": new["first_report_s"] - old["acked_s"] if "acked_s" in old else None,
+            "restart_s": new["first_report_s"] - new["begun_s"],
+            "acked_step": old.get("acked_step"),
+            "resumed_step": new["first_step"] - 1,
             "forced": forced,
         }
-        cycle["steps_lost"] = max(0, (cycle["acked_step"] or 0) - cycle["resumed_step"]) if acked else None
+        cycle["steps_lost"] = (
+            max(0, cycle["acked_step"] - cycle["resumed_step"]) if cycle["acked_step"] is not None else None
+        )
         logger.info("cycle %d: %s", i, cycle)
         cycles.append(cycle)
         # 5. The competitor leaves; the job grows back.
@@ -208,15 +208,11 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         client.unregister(COMPETITOR)
 
     subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True)
-    summary_path = Path(storage) / JOB_NAME / "tidal" / SUMMARY_FILE
-    wait_for(summary_path.exists, 120, "the run summary")
-    run = json.loads(summary_path.read_text())
 
     def med(key: str) -> float | None:
         vals = [c[key] for c in cycles if c[key] is not None]
         return statistics.median(vals) if vals else None
 
-    yielded = [a for a in run["attempts"] if a["outcome"] == "yielded"]
     return {
         "benchmark": "resize",
         "what": "digits job on 4 H100 workers shrunk to 2 by a competitor service, then grown back; median over cycles",
@@ -233,11 +229,9 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
             "overhead_s_median": med("overhead_s"),
             "steps_lost_per_shrink": [c["steps_lost"] for c in cycles],
             "forced_stops": sum(c["forced"] for c in cycles),
-            "run_steps_lost_total": run["steps_lost"],
-            "yielded_attempts": len(yielded),
+            "restart_s_median": med("restart_s"),
         },
         "cycles": cycles,
-        "run_attempts": run["attempts"],
     }
 
 

@@ -146,8 +146,11 @@ class JobSignal:
         self.acked: dict[str, Any] | None = None
         self.first_report_s: float | None = None
         self.controllers: dict[int, Any] = {}
+        # Per attempt: when it began, trained its first step, yielded (for benchmarks and post-mortems).
+        self.history: dict[int, dict[str, Any]] = {}
 
     def begin_attempt(self, attempt: int) -> None:
+        self.history[attempt] = {"attempt": attempt, "begun_s": time.time()}
         self.attempt = attempt
         self.yield_for = None
         self.yield_reason = None
@@ -170,6 +173,9 @@ class JobSignal:
             self.progress = dict(progress, reported_s=time.time())
             if self.first_report_s is None:
                 self.first_report_s = self.progress["reported_s"]
+                self.history.setdefault(attempt, {}).update(
+                    first_report_s=self.first_report_s, first_step=progress.get("step")
+                )
             if self.checkpoint_step is None and "last_checkpoint_step" in progress:
                 self.checkpoint_step = int(progress["last_checkpoint_step"])
 
@@ -179,6 +185,7 @@ class JobSignal:
     def ack_yield(self, attempt: int, step: int) -> None:
         if attempt == self.attempt:
             self.acked = {"attempt": attempt, "step": step, "t_s": time.time()}
+            self.history.setdefault(attempt, {}).update(acked_s=self.acked["t_s"], acked_step=step)
 
     def set_controller(self, attempt: int, handle: Any) -> None:
         self.controllers = {attempt: handle}
@@ -206,6 +213,7 @@ class JobSignal:
             "acked": self.acked,
             "first_report_s": self.first_report_s,
             "yield_requested": self.yield_for == self.attempt,
+            "history": [dict(h) for _, h in sorted(self.history.items())],
         }
 
 
@@ -345,7 +353,11 @@ class ElasticRunner:
         try:
             finished = self._loop()
         finally:
-            if self.attempt is not None and self.attempt.thread is not None and self.attempt.thread.is_alive():
+            alive = self.attempt is not None and self.attempt.thread is not None and self.attempt.thread.is_alive()
+            # On `ray job stop` (SIGTERM) Ray kills this process 3 s later, and the trainer with it (its
+            # controller and workers are this driver's actors): only unregister and write the summary then.
+            if alive and not self._stop.is_set():
+                assert self.attempt is not None and self.attempt.thread is not None
                 self._force_stop(self.attempt, "the runner is stopping")
                 self.attempt.thread.join(timeout=30)
             try:

@@ -94,7 +94,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         "the job training on 4 H100 workers",
     )  # fmt: skip
 
-    rival = Competitor("rival-424", "H100", max_replicas=2)
+    rival = Competitor("rival-424", "H100", max_units=2)
     competitors.append(rival)
     rival.want(2)
     shrunk = wait_progress(
@@ -137,14 +137,15 @@ def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_che
         "the job training on 2 A100 workers",
     )  # fmt: skip
 
-    rival = Competitor("rival-wait", "A100", max_replicas=1)
+    # A higher-priority job that needs one A100: the policy stops ours (it cannot run on 1, its minimum is 2).
+    rival = Competitor("rival-wait", "A100", max_units=1, kind="job")
     competitors.append(rival)
-    rival.want(1)  # one A100 left: below the job's minimum of 2
+    rival.want(1)
     waiting = wait_progress(
         arbiter, job.name, lambda p: p.get("phase") == "waiting", START_TIMEOUT_S, "the job waiting"
     )
     w = workload(arbiter, job.name)
-    assert w is not None and w["held"] == {} and w["grant"] == {}, w
+    assert w is not None and w["held"] == {} and w["grant"].get("A100", 0) < 2, w
     # Holding nothing for real: both A100s can be placed by someone else while the job waits.
     pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "A100"}] * 2)
     try:
@@ -178,7 +179,7 @@ def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_lo
         START_TIMEOUT_S, "the job training on 2 RTX4090 workers past its first checkpoint",
     )  # fmt: skip
     since = time.time()
-    rival = Competitor("rival-stubborn", "RTX4090", max_replicas=1)
+    rival = Competitor("rival-stubborn", "RTX4090", max_units=1)
     competitors.append(rival)
     rival.want(1)
     assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]

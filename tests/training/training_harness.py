@@ -140,26 +140,33 @@ def progress(arbiter: Any, name: str) -> dict[str, Any]:
 
 
 class Competitor:
-    """A high-priority service registered with the arbiter that wants ``demand`` replicas of one GPU type.
+    """A high-priority workload registered with the arbiter that wants ``demand`` units of one GPU type.
 
+    ``kind="service"``: a service; the Tidal policy reclaims GPUs above a job's minimum for it.
+    ``kind="job"``: a training job; the policy may stop a lower-priority job below its minimum for it.
     It holds nothing (the test only steers the grant); a thread heartbeats it so that it does not expire.
     """
 
-    def __init__(self, name: str, gpu_type: str, max_replicas: int, priority: int = 100) -> None:
+    def __init__(self, name: str, gpu_type: str, max_units: int, priority: int = 100, kind: str = "service") -> None:
         from cluster.client import ArbiterClient
-        from cluster.model import ServiceSpec
+        from cluster.model import ServiceSpec, TrainingJobSpec
 
         self.name = name
         self.client = ArbiterClient()
-        self.client.register(ServiceSpec(name, 1.0, 0, max_replicas, (gpu_type,), priority=priority))
+        if kind == "service":
+            spec: Any = ServiceSpec(name, 1.0, 0, max_units, (gpu_type,), priority=priority)
+        else:
+            spec = TrainingJobSpec(name, 1.0, 1, max_units, (gpu_type,), priority=priority, preemptible=False)
         self.demand = 0
+        self.client.register(spec)
+        self.want(0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"competitor-{name}")
         self._thread.start()
 
-    def want(self, replicas: int) -> None:
-        self.demand = replicas
-        self.client.heartbeat(self.name, demand_units=replicas, held={})
+    def want(self, units: int) -> None:
+        self.demand = units
+        self.client.heartbeat(self.name, demand_units=units, held={})
 
     def _beat(self) -> None:
         while not self._stop.wait(0.5):
