@@ -99,6 +99,7 @@ def main() -> int:
     storage = tempfile.mkdtemp(prefix="tidal-tr-bench-")
     results: dict[str, Any] = {}
     try:
+        cluster.activate()
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
         results = run_cycles(cluster, storage, args)
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from conftest import wait_for
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -36,6 +37,9 @@ from training_harness import (
 )
 
 from cluster.model import GPU_TYPE_LABEL
+from serving.manifest import load_manifest, load_model
+from training.data import digits
+from training.loop import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +127,11 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         assert after["start_step"] == before["checkpoint_step"] == before["last_step"]
     gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
-    assert Path(summary["export_path"], "manifest.json").is_file()
+    # The final model is a checkpoint serving loads, and it scores what the run reported.
+    manifest = load_manifest(summary["export_path"])
+    assert manifest.model_class == "training.models:DigitsMLP" and manifest.version == "elastic-424-step200"
+    scores = evaluate(load_model(summary["export_path"]), digits(), torch.device("cpu"))
+    assert scores["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-9)
 
 
 def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_checkpoint(
