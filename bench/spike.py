@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.setdefault(system_name, []).append(r)
                 logger.info("=== %s run %d: %s", system_name, i + 1, _brief(r.figures))
                 if i == 0:
-                    _plot(r, rt.scenario, RESULTS_DIR / f"spike-{system_name}.png")
+                    _plot(r, rt.scenario, out.parent / f"spike-{system_name}.png")
             except KeyboardInterrupt:
                 raise
             except Exception as e:
@@ -235,7 +235,7 @@ def build_report(
             "time_to_capacity_s": "spike start -> first sample with replicas_needed replicas RUNNING (Serve's "
             "replica states), null if never within the spike; median over runs (null if fewer than half reached it)",
             "reclaim_s": "arbiter shrink decision -> the job's heartbeat shows the GPUs free (arbiter 'released' "
-            "event), median over the spike's reclaims",
+            "event), median over the reclaims from training jobs during the load",
             "gpu_allocation_ratio": "GPU-seconds held by Serve replicas and Ray Train workers (Ray's actor table) "
             "over GPU-seconds that exist, during the load",
             "gpus_back_to_training_s": "spike end -> first sample where training holds as many GPUs as just "

@@ -139,6 +139,7 @@ class DemoRuntime:
         self._checkpoint_thread: threading.Thread | None = None
         self.jobs: dict[str, JobHandle] = {}
         self.service_deployed = False
+        self._deploy_t0 = time.monotonic()
         self._ray_connected = False
         self._cache = _ObserverCache()
         self._closed = False
@@ -216,7 +217,13 @@ class DemoRuntime:
         self.arbiter = get_or_create_arbiter(self.policy_path, metrics_port=self.cluster.metrics_port)
 
     def deploy_service(self, autoscaling_policy: str) -> None:
-        """Deploys the scenario's service (``serving.rollout.deploy_config``) and waits for it to run."""
+        """Deploys the scenario's service and waits until it answers over HTTP."""
+        self.start_service(autoscaling_policy)
+        self.wait_service_ready()
+
+    def start_service(self, autoscaling_policy: str) -> None:
+        """Deploys the scenario's service (``serving.rollout.deploy_config``, the path of ``serve deploy``)
+        without waiting for it to run."""
         from serving.rollout import deploy_config
 
         args = self.scenario.service_args(self.prepare_checkpoint(), autoscaling_policy)
@@ -238,11 +245,50 @@ class DemoRuntime:
             ],
         }
         (self.work_dir / "serve-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        t0 = time.monotonic()
-        deploy_config(config, http_port=self.cluster.serve_http_port, wait=True)
+        self._deploy_t0 = time.monotonic()
+        deploy_config(config, http_port=self.cluster.serve_http_port, wait=False)
         self.service_deployed = True
-        self._wait(lambda: self._service_http_ok(), 120, "the service to answer over HTTP")
-        self.progress(f"service answers at {self.predict_url} ({time.monotonic() - t0:.1f} s)")
+
+    def wait_service_settled(self, timeout_s: float = 60.0) -> None:
+        """Waits until the arbiter knows the service and its grant is back to its minimum.
+
+        A service registers asking for its max replicas until its first report of the load (the client
+        cannot pass a demand with the registration); jobs that registered in that window would start small
+        and then restart to grow. Waiting for it costs a few seconds; a restart costs much more.
+        """
+        import ray
+
+        name = self.scenario.service_name
+        min_units = int(self.scenario.service["service"]["min_replicas"])
+
+        def settled() -> bool:
+            status = ray.get(self.arbiter.status.remote(), timeout=5)
+            for w in status.get("workloads", []):
+                if w["name"] == name:
+                    return sum((w.get("grant") or {}).values()) <= min_units and w.get("demand_units", 0) <= min_units
+            return False
+
+        try:
+            self._wait(settled, timeout_s, f"the arbiter to settle service {name!r} at its minimum")
+            self.progress(f"service {name!r} registered with the arbiter; its grant is back to its minimum")
+        except TimeoutError as e:
+            logger.warning("%s; going on", e)
+
+    def wait_service_ready(self, timeout_s: float = 180.0) -> None:
+        """Waits until the service's application runs and answers ``/v1/predict`` with 200."""
+        from serving.rollout import serve_details
+
+        name = self.scenario.service_name
+
+        def running() -> bool:
+            app = serve_details().applications.get(name)
+            status = str(getattr(app.status, "value", app.status)) if app is not None else "missing"
+            if status == "DEPLOY_FAILED":
+                raise RuntimeError(f"service {name!r} failed to deploy: {app.message}")
+            return status == "RUNNING" and self._service_http_ok()
+
+        self._wait(running, timeout_s, "the service to answer over HTTP", fatal=(RuntimeError,))
+        self.progress(f"service answers at {self.predict_url} ({time.monotonic() - self._deploy_t0:.1f} s)")
 
     @property
     def predict_url(self) -> str:
@@ -582,7 +628,14 @@ class DemoRuntime:
 
     # ------------------------------------------------------------------------------- helpers
 
-    def _wait(self, cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
+    def _wait(
+        self,
+        cond: Callable[[], Any],
+        timeout_s: float,
+        what: str,
+        interval_s: float = 0.5,
+        fatal: tuple[type[BaseException], ...] = (),
+    ) -> Any:
         deadline = time.monotonic() + timeout_s
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -590,6 +643,8 @@ class DemoRuntime:
                 value = cond()
                 if value:
                     return value
+            except fatal:
+                raise
             except Exception as e:  # a service still starting refuses connections: not yet
                 last_error = e
             time.sleep(interval_s)

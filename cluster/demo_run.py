@@ -84,11 +84,14 @@ def run_system(
     t0 = time.monotonic()
     if system.arbiter:
         rt.start_arbiter()
-    # The service first: a service registers with the arbiter asking for its max replicas until its first
-    # report of the load, and that must not take GPUs from jobs that are still starting.
-    rt.deploy_service(system.autoscaling_policy)
+    rt.start_service(system.autoscaling_policy)
     if system.job_runner is not None:
+        if system.arbiter:
+            # A service registers asking for its max replicas until its first report of the load: let that
+            # settle before the jobs register, or they start small and restart to grow.
+            rt.wait_service_settled()
         rt.submit_jobs(system.job_runner)
+    rt.wait_service_ready()
     timings["setup_s"] = time.monotonic() - t0
 
     # 2. fill: every job trains

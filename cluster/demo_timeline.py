@@ -319,7 +319,7 @@ def spike_figures(
     for s in samples:
         for job, n in s.steps_lost.items():
             lost[job] = max(lost.get(job, 0), n)
-    reclaims = reclaim_durations_s(events, job_names, spike_start_s, spike_end_s)
+    reclaims = reclaim_durations_s(events, job_names, 0.0, end_s)
     in_spike = [s for s in samples if spike_start_s <= s.t_s <= spike_end_s]
     demand = [s.service_demand if s.service_demand is not None else s.replicas_target for s in in_spike]
     demand = [d for d in demand if d is not None]
@@ -332,6 +332,7 @@ def spike_figures(
         "spike_p99_ms": spike_lat["p99_ms"],
         "requests": len(records),
         "failed_requests": sum(1 for r in records if not 200 <= r.status < 300),
+        "failed_by_kind": _failures_by_kind(records),
         "slo_ms": slo_ms,
         "slo_attainment": slo_attainment(records, slo_ms),
         "spike_slo_attainment": slo_attainment(spike_recs, slo_ms),
@@ -346,3 +347,13 @@ def spike_figures(
         "peak_replicas_running": max((s.replicas_running for s in in_spike), default=0),
         "peak_demand_replicas": max(demand, default=None),
     }
+
+
+def _failures_by_kind(records: Iterable[Any]) -> dict[str, int]:
+    """Failed requests by kind: ``http_503``, ``timeout``, ``cancelled`` (given up at the end), ..."""
+    out: dict[str, int] = {}
+    for r in records:
+        if not 200 <= r.status < 300:
+            kind = r.error or f"http_{r.status}"
+            out[kind] = out.get(kind, 0) + 1
+    return out

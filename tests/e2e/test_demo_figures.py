@@ -30,6 +30,7 @@ class Rec:
     scheduled_s: float
     latency_ms: float
     status: int
+    error: str | None = None
 
 
 def sample(t: float, running: int = 1, training: float = 6.0, serving: float = 1.0, **kw) -> Sample:
@@ -126,7 +127,7 @@ def test_spike_figures_combine_load_cluster_and_job_figures():
         job_names=["hi"], lost_steps_by_job={"hi": 3},
     )  # fmt: skip
     assert f["time_to_capacity_s"] == pytest.approx(6.0)
-    assert f["requests"] == 4 and f["failed_requests"] == 1
+    assert f["requests"] == 4 and f["failed_requests"] == 1 and f["failed_by_kind"] == {"http_500": 1}
     assert f["slo_attainment"] == pytest.approx(0.5)
     assert f["train_steps"] == 110 and f["lost_steps"] == 3
     assert f["gpus_back_to_training_s"] == pytest.approx(20.0)
