@@ -456,7 +456,14 @@ class NodeRecord:
 
 
 class LocalClusterError(RuntimeError):
-    """The local cluster could not start (the message carries the tail of the failing node's log)."""
+    """The local cluster could not start (the message carries the tail of the failing node's log).
+
+    ``retryable``: a start from scratch may succeed (a crash under load, not a configuration error).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class LocalCluster:
@@ -483,8 +490,11 @@ class LocalCluster:
         root_dir: str | os.PathLike | None = None,
         startup_timeout_s: float = 180.0,
         autoscaling_config: Mapping[str, Any] | None = None,
+        start_concurrency: int | None = None,
     ) -> None:
         self.spec = spec or load_cluster_spec()
+        # Worker nodes starting at once; 1 unless TIDAL_LOCAL_START_CONCURRENCY says otherwise (see start()).
+        self.start_concurrency = max(1, start_concurrency or int(os.environ.get("TIDAL_LOCAL_START_CONCURRENCY", "1")))
         self.autoscaling_config = dict(autoscaling_config) if autoscaling_config is not None else None
         self.startup_timeout_s = startup_timeout_s
         self._root_arg = Path(root_dir) if root_dir is not None else None
@@ -504,6 +514,7 @@ class LocalCluster:
         self.startup_s = 0.0
         self._owns_root = False
         self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self._relaunches: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------- properties
 
@@ -567,16 +578,46 @@ class LocalCluster:
 
     # ------------------------------------------------------------------------------- start / stop
 
-    def start(self) -> LocalCluster:
+    def start(self, attempts: int = 2) -> LocalCluster:
         """Starts the head and every node, and waits until all are registered and alive.
 
         It leaves this process's Ray settings alone: call ``activate()`` before ``ray.init(address=
-        self.address)`` from this process.
+        self.address)`` from this process. On a machine so loaded that the head's raylet dies during
+        start-up (Ray gives its dashboard agent 30 s, hard-coded), everything is stopped and started again,
+        up to ``attempts`` times; a worker node whose raylet dies is started again on its own.
 
         Raises:
             LocalClusterError: a node did not start (with its log), or not all registered in time.
         """
         t0 = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once()
+                break
+            except LocalClusterError as e:
+                if not e.retryable or attempt == attempts:
+                    raise
+                logger.warning("local cluster start failed (%s); starting again (attempt %d)", e, attempt + 1)
+                self._reset()
+        self.startup_s = time.monotonic() - t0
+        logger.info(
+            "local cluster up in %.1f s: %s, dashboard %s, nodes %s",
+            self.startup_s, self.address, self.dashboard_url, ", ".join(self.nodes),
+        )
+        return self
+
+    def _reset(self) -> None:
+        """Forgets a failed start (already stopped), so that _start_once can begin afresh."""
+        if self._owns_root and self.root_dir is not None:
+            shutil.rmtree(self.root_dir, ignore_errors=True)
+        self.root_dir = None
+        self.head = None
+        self.nodes = {}
+        self._commands = {}
+        self._relaunches = {}
+        self.lease = None
+
+    def _start_once(self) -> None:
         plans = self.spec.nodes()
         if self._root_arg is not None:
             self._root_arg.mkdir(parents=True, exist_ok=True)
@@ -646,33 +687,30 @@ class LocalCluster:
                 self.spec.head.resources, self.spec.head.labels, head_args, head_env,
             )
             self.write_state()
-            # The worker nodes start as soon as the head's raylet listens, without waiting for the head's
-            # `ray start` to return (it still starts the dashboard then): on two cores the overlap saves
-            # seconds. A worker that still comes too early is started again (see _wait_exit).
-            self._wait_head_raylet(head_proc)
-            procs = {"head": head_proc}
+            # Nodes start one after the other (start_concurrency at a time), the head first. Ray gives a
+            # starting raylet's dashboard agent 30 s (hard-coded) and the raylet dies past that: on a busy
+            # two-core machine, nodes starting side by side slow each other past it, and gain nothing.
+            self._wait_exit({"head": head_proc})
+            batch: dict[str, subprocess.Popen] = {}
             for plan in plans:
                 rec, proc = self._launch(
                     plan.name, plan.gpu_type, plan.num_gpus, plan.num_cpus, plan.object_store_memory_mb,
                     plan.resources, plan.labels, [f"--address={self.address}", f"--num-gpus={plan.num_gpus}"], {},
                 )
                 self.nodes[plan.name] = rec
-                procs[plan.name] = proc
-            self.write_state()
-            self._wait_exit(procs)
+                self.write_state()
+                batch[plan.name] = proc
+                if len(batch) >= self.start_concurrency:
+                    self._wait_exit(batch)
+                    batch = {}
+            self._wait_exit(batch)
             self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
         except BaseException:
             logger.exception("local cluster %s failed to start; stopping what was started", self.root_dir)
             self.stop()
             raise
-        self.startup_s = time.monotonic() - t0
         self.lease.keep_alive_with(sorted(self.pids()))
         self.write_state()
-        logger.info(
-            "local cluster up in %.1f s: %s, dashboard %s, nodes %s",
-            self.startup_s, self.address, self.dashboard_url, ", ".join(self.nodes),
-        )
-        return self
 
     def _write_autoscaling_config(self) -> Path:
         """Writes the autoscaler config for the head, pointed at this cluster's GCS.
@@ -754,16 +792,6 @@ class LocalCluster:
         )
         return rec, proc
 
-    def _wait_head_raylet(self, head_proc: subprocess.Popen) -> None:
-        assert self.head is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while head_proc.poll() is None and time.monotonic() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                if s.connect_ex(("127.0.0.1", self.head.node_manager_port)) == 0:
-                    return
-            time.sleep(0.1)
-
     def _spawn(self, name: str) -> subprocess.Popen:
         assert self.root_dir is not None
         args, env = self._commands[name]
@@ -808,11 +836,20 @@ class LocalCluster:
                 raise LocalClusterError(f"`ray start` for node {name} failed (exit {rc}):\n{tail}")
 
     def _log_tail(self, name: str, lines: int = 30) -> str:
+        """The end of a node's start log, and the raylet's fatal error if it crashed."""
         assert self.root_dir is not None
         try:
-            return "\n".join((self.root_dir / name / "ray-start.log").read_text().splitlines()[-lines:])
+            out = "\n".join((self.root_dir / name / "ray-start.log").read_text().splitlines()[-lines:])
         except OSError:
-            return "(no log)"
+            out = "(no start log)"
+        raylet_log = self.root_dir / name / "session_latest" / "logs" / "raylet.out"
+        try:
+            fatal = [ln for ln in raylet_log.read_text(errors="replace").splitlines() if "Check failed" in ln]
+        except OSError:
+            fatal = []
+        if fatal:
+            out += "\nraylet: " + fatal[-1][-400:]
+        return out
 
     def _wait_registered(self, deadline: float) -> None:
         expected = {"head", *(n for n, r in self.nodes.items() if not r.killed)}
@@ -825,11 +862,45 @@ class LocalCluster:
             alive = {n for n, info in last.items() if info["alive"]}
             if expected <= alive:
                 return
+            for name in sorted(expected - alive):
+                if self._raylet_died(name):
+                    self._recover_node(name)
             if time.monotonic() > deadline:
                 raise LocalClusterError(
                     f"nodes not registered after {self.startup_timeout_s:.0f} s: missing {sorted(expected - alive)}"
                 )
             time.sleep(0.1)
+
+    def _raylet_died(self, name: str) -> bool:
+        """True when a node's start has finished and no raylet runs in its session (it crashed)."""
+        rec = self.head if name == "head" else self.nodes.get(name)
+        if rec is None or pid_alive(rec.sid):
+            return False  # its `ray start` (or launcher) still runs: not decided yet
+        for pid in _session_processes(rec.sid):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == "raylet":
+                        return False
+            except OSError:
+                continue
+        return True
+
+    def _recover_node(self, name: str, max_relaunches: int = 2) -> None:
+        """A worker node whose raylet died during start-up is started again."""
+        log_tail = self._log_tail(name)
+        if name == "head":
+            raise LocalClusterError(f"the head's raylet died during start-up:\n{log_tail}", retryable=True)
+        n = self._relaunches.get(name, 0)
+        if n >= max_relaunches:
+            raise LocalClusterError(f"node {name}'s raylet died {n + 1} times during start-up:\n{log_tail}")
+        self._relaunches[name] = n + 1
+        logger.warning("node %s's raylet died during start-up; starting it again", name)
+        _kill(_session_processes(self.nodes[name].sid))
+        # Same command, same ports: what listened on them died with the raylet.
+        proc = self._spawn(name)
+        self.nodes[name].sid = proc.pid
+        self.write_state()
+        self._wait_exit({name: proc})
 
     def node_table(self, timeout_s: float = 10.0) -> dict[str, dict[str, Any]]:
         """Node name -> {alive, node_id, gpu_type, num_gpus, labels}, from the dashboard's state API.
