@@ -67,6 +67,7 @@ def deploy_config(
     http_port: int | None = None,
     host: str = "127.0.0.1",
     wait: bool = True,
+    timeout_s: float = 300.0,
 ) -> list[str]:
     """Deploy a Serve config (the format of ``serving/config.yaml``), as ``serve deploy`` does.
 
@@ -101,8 +102,27 @@ def deploy_config(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,
     )
-    _get_global_client().deploy_apps(schema, _blocking=wait)
-    return [a.name for a in schema.applications]
+    _get_global_client().deploy_apps(schema)
+    names = [a.name for a in schema.applications]
+    if wait:
+        _wait_running(names, deadline=time.monotonic() + timeout_s)
+    return names
+
+
+def _wait_running(names: list[str], deadline: float) -> None:
+    """Until every named application is RUNNING; raises on DEPLOY_FAILED or at the deadline."""
+    last: dict[str, str] = {}
+    while True:
+        apps = serve_details().applications
+        last = {n: (str(apps[n].status) if n in apps else "missing") for n in names}
+        failed = [n for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"]
+        if failed:
+            raise RolloutError(f"application {failed[0]!r} failed to deploy: {apps[failed[0]].message}")
+        if all(n in apps and apps[n].status == "RUNNING" for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise RolloutError(f"applications not running in time: {last}")
+        time.sleep(0.5)
 
 
 def check_promotable(checkpoint: str | Path, current: ModelOptions | None) -> str:

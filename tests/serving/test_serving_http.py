@@ -194,6 +194,13 @@ def test_promote_refuses_a_checkpoint_that_clients_could_not_use(serve_app, tmp_
     assert tidal_serve("promote", str(tmp_path / "missing"), "--app", APP) == 2
 
 
+def test_tidal_serve_status_lists_the_application_with_its_replicas_by_gpu_type(serve_app, capsys):
+    assert tidal_serve("status", "--json") == 0
+    rows = {r["app"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[APP]["service"] == APP
+    assert sum(rows[APP]["replicas_by_gpu_type"].values()) == 1
+
+
 def test_a_killed_replica_is_replaced(serve_app, ray_driver, wait_for):
     ray = ray_driver
 
