@@ -71,6 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR / "spike.json"))
     p.add_argument("--keep-work-dir", action="store_true")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("runs", "ray_alone_runs", "free_gpu_runs"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -212,7 +213,7 @@ def build_report(
         }
     return {
         "benchmark": "spike",
-        "command": "python bench/spike.py " + " ".join(sys.argv[1:] if argv_is_cli() else []),
+        "command": " ".join([".venv/bin/python bench/spike.py", *args.argv]),
         "started": started,
         "duration_s": duration_s,
         "machine": {
@@ -252,10 +253,6 @@ def build_report(
         "failures": failures,
         "leftover_processes": sorted(leftovers),
     }
-
-
-def argv_is_cli() -> bool:
-    return Path(sys.argv[0]).name == "spike.py"
 
 
 def _brief(f: dict[str, Any]) -> dict[str, Any]:

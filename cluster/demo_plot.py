@@ -49,16 +49,16 @@ def plot_timeline(
     fig.suptitle(title)
 
     series, labels, colours = [], [], []
-    for i, gt in enumerate(types):
-        series.append([s.serving_gpus.get(gt, 0.0) for s in shown])
-        labels.append(f"serving on {gt}")
-        colours.append(_SERVING_COLOURS[i % len(_SERVING_COLOURS)])
-    for i, gt in enumerate(types):
-        series.append([s.training_gpus.get(gt, 0.0) for s in shown])
-        labels.append(f"training on {gt}")
-        colours.append(_TRAINING_COLOURS[i % len(_TRAINING_COLOURS)])
-    if t:
+    for kind, palette in (("serving", _SERVING_COLOURS), ("training", _TRAINING_COLOURS)):
+        for i, gt in enumerate(types):
+            values = [(s.serving_gpus if kind == "serving" else s.training_gpus).get(gt, 0.0) for s in shown]
+            if any(values):  # a workload never on that type gets no band and no legend entry
+                series.append(values)
+                labels.append(f"{kind} on {gt}")
+                colours.append(palette[i % len(palette)])
+    if t and series:
         ax_gpu.stackplot(t, *series, labels=labels, colors=colours, step="post", linewidth=0, zorder=2)
+    if t:
         ax_gpu.step(t, [s.capacity_total for s in shown], where="post", color="black", lw=1, label="GPUs in the cluster")
     ax_gpu.set_ylabel("GPUs held")
     ax_gpu.legend(loc="upper left", fontsize=7, ncol=2)

@@ -95,6 +95,8 @@ class _ObserverCache:
     node_types: dict[str, str | None] = field(default_factory=dict)
     capacity: dict[str, float] = field(default_factory=dict)
     nodes_read_mono: float = float("-inf")
+    actors_read_mono: float = float("-inf")
+    split: tuple[dict[str, float], dict[str, float]] = ({}, {})
     signals: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     # Steps seen and then gone: a job that restarted from a checkpoint older than its last step.
@@ -379,11 +381,15 @@ class DemoRuntime:
         """One sample of the cluster (the load's figures are filled in by the caller)."""
         self._refresh_nodes()
         sample = Sample(t_s=t_s, phase=phase, capacity=dict(self._cache.capacity))
-        with _logged("actor table"):
-            actors = self._list_actors()
-            sample.serving_gpus, sample.training_gpus = classify_actors(
-                actors, self._cache.node_types, self.scenario.service_name
-            )
+        # The actor table goes through the dashboard: read it at most once a second (Serve's replica states,
+        # which time to capacity is measured from, are read on every sample).
+        if time.monotonic() - self._cache.actors_read_mono >= 1.0:
+            with _logged("actor table"):
+                self._cache.split = classify_actors(
+                    self._list_actors(), self._cache.node_types, self.scenario.service_name
+                )
+                self._cache.actors_read_mono = time.monotonic()
+        sample.serving_gpus, sample.training_gpus = (dict(d) for d in self._cache.split)
         if self.service_deployed:
             with _logged("serve details"):
                 self._observe_serve(sample)
@@ -589,6 +595,7 @@ class DemoRuntime:
         self.delete_service()
         self.stop_arbiter()
         self.jobs.clear()
+        self._cache.actors_read_mono = float("-inf")
         self._cache.steps.clear()
         self._cache.regressed.clear()
         self._cache.reported_lost.clear()
