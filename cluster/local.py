@@ -1,8 +1,12 @@
 """The local heterogeneous Ray cluster: a Ray head plus one real raylet per node of a YAML spec.
 
-Every node is a ``ray start`` on this machine with *logical* GPUs and the node label
+Every node is a real raylet on this machine with *logical* GPUs and the node label
 ``ray.io/accelerator-type=<gpu_type>``, exactly as Ray labels real GPUs. It is how ``tidal up``, the demo and
-the integration tests get a heterogeneous cluster without GPUs.
+the integration tests get a heterogeneous cluster without GPUs. The head is started with ``ray start --head``;
+each worker node by ``start_worker_node`` (what ``ray start --address`` does, from a process that imports
+only what it needs: Ray's CLI costs about 2 s of CPU per node, a lot on two cores). Nodes start one at a
+time: Ray gives a starting raylet's dashboard agent 30 s, and on a busy machine nodes starting side by side
+push each other past it.
 
 Several clusters may run on one machine at once (other test sessions, other users), so a cluster:
 
@@ -12,11 +16,11 @@ Several clusters may run on one machine at once (other test sessions, other user
   plain ``ray.init()``);
 - gives each raylet its own temp dir and its own ``--min-worker-port``/``--max-worker-port`` range;
 - has its own auth token file (Ray 2.60 token auth), passed to its processes by ``RAY_AUTH_TOKEN_PATH``;
-- starts each node's ``ray start`` in a new session and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so
+- starts each node in a new session and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so
   that ``stop()`` and ``kill_node()`` end exactly its own processes (``ray stop`` would end everyone's).
 
 The spec part (``LocalClusterSpec``, ``load_cluster_spec``) is pure: it imports neither ray nor torch. Ray is
-imported lazily, only to poll the node table while the cluster starts.
+imported lazily (``activate``, ``start_worker_node``); the node table is read over the dashboard's HTTP API.
 """
 
 from __future__ import annotations
@@ -656,9 +660,8 @@ class LocalCluster:
                     {
                         "health_check_period_ms": self.spec.health_check_period_ms,
                         "health_check_failure_threshold": self.spec.health_check_failure_threshold,
-                        # Patience on a loaded machine (several clusters on two cores): a raylet whose
-                        # dashboard agent takes longer than 30 s to start crashes, and slow workers
-                        # time out registering.
+                        # Patience on a loaded machine (several clusters on two cores): agents and
+                        # worker processes that are slow to start are waited for, not failed.
                         "agent_register_timeout_ms": 180_000,
                         "worker_register_timeout_seconds": 180,
                     }
