@@ -5,9 +5,9 @@ per node of ``cluster/configs/local.yaml`` (4x H100, 2x A100, 2x RTX4090, logica
 dirs of its own, so that other sessions on this machine are not disturbed. It is stopped, with every process
 it started, at the end of the session.
 
-Usage in a test module::
+Usage in a test module (``tidal_testing`` is a plain module in tests/, importable from every test)::
 
-    from conftest import wait_for
+    from tidal_testing import wait_for
 
     pytestmark = pytest.mark.integration
 
@@ -20,44 +20,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-T = TypeVar("T")
+# Re-exported for `from conftest import wait_for`; prefer `from tidal_testing import wait_for`, which a
+# conftest.py in a sub-directory (tests/serving/ has one) cannot shadow.
+from tidal_testing import wait_for
+
 logger = logging.getLogger(__name__)
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout_s: float,
-    interval_s: float = 0.2,
-    message: str = "condition",
-) -> T:
-    """Polls ``predicate`` until it returns a truthy value, and returns that value.
-
-    Exceptions raised by the predicate count as "not yet" (a service still starting refuses connections),
-    and the last one is reported if time runs out.
-
-    Raises:
-        TimeoutError: naming ``message``, the last value and the last exception.
-    """
-    deadline = time.monotonic() + timeout_s
-    last_value: Any = None
-    last_error: BaseException | None = None
-    while True:
-        try:
-            last_value = predicate()
-            if last_value:
-                return last_value
-        except Exception as e:  # noqa: BLE001 - reported below if it never clears
-            last_error = e
-        if time.monotonic() >= deadline:
-            detail = f"; last value {last_value!r}" + (f"; last error {last_error!r}" if last_error else "")
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {message}{detail}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(name="wait_for")

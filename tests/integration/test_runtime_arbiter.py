@@ -10,8 +10,8 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from tidal_testing import wait_for
 
 from cluster.actor import get_or_create_arbiter, kill_arbiter
 from cluster.client import ArbiterClient
