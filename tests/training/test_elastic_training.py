@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import wait_for
+from tidal_testing import wait_for
 from ray.util.placement_group import placement_group, remove_placement_group
 from training_harness import (
     TEST_POLICY,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import wait_for
+from tidal_testing import wait_for
 
 logger = logging.getLogger(__name__)
 
