@@ -231,13 +231,12 @@ class ArbiterActor:
         new_policy = build_policy(new_cfg)
         with self._lock:
             old_policy_name = self.cfg.policy
-            self.arbiter.policy = new_policy
-            self.arbiter.config = arbiter_config(new_cfg)
-            self.arbiter.prices = dict(new_cfg.prices_per_gpu_hour)
-            if new_cfg.policy != old_policy_name:
-                from policies.base import PolicyState
-
-                self.arbiter._policy_state = PolicyState()
+            self.arbiter.reconfigure(
+                new_policy,
+                arbiter_config(new_cfg),
+                new_cfg.prices_per_gpu_hour,
+                reset_policy_state=new_cfg.policy != old_policy_name,
+            )
             self.cfg = new_cfg
             self._kv_put(self._config_key, json.dumps(new_cfg.model_dump()).encode())
         self._wake.set()

@@ -295,6 +295,27 @@ class ResourceArbiter:
     def grant_of(self, name: WorkloadName) -> GrantView:
         return self._view(name)
 
+    def reconfigure(
+        self,
+        policy: Policy,
+        config: ArbiterConfig | None = None,
+        prices_per_gpu_hour: Mapping[GpuType, float] | None = None,
+        *,
+        reset_policy_state: bool = False,
+    ) -> None:
+        """Swaps the policy and knobs in place, keeping registrations and grants.
+
+        Reset the policy state when the policy changes: a state means something only to its author.
+        """
+        self.policy = policy
+        if config is not None:
+            self.config = config
+        if prices_per_gpu_hour is not None:
+            self.prices = dict(prices_per_gpu_hour)
+        if reset_policy_state:
+            self._policy_state = PolicyState()
+        self._dirty = True
+
     def needs_tick(self) -> bool:
         """True when a registration or a release arrived since the last tick (tick early)."""
         return self._dirty

@@ -208,3 +208,15 @@ def test_a_second_shrink_during_a_release_gets_its_own_full_grace():
     arb.heartbeat("job", held={"H100": 6})
     arb.tick()  # t=19: the second shrink's grace is over
     assert backend.forced == ["job"]
+
+
+def test_reconfigure_swaps_the_policy_and_keeps_grants():
+    arb, _, _ = make_arbiter()
+    arb.register(make_job(max_workers=4, gpu_types=("H100",)))
+    arb.tick()
+    before = arb.grant_of("job").grant
+    arb.reconfigure(ScriptedPolicy({"job": {"H100": 2}}), prices_per_gpu_hour={"H100": 1.0}, reset_policy_state=True)
+    assert arb.grant_of("job").grant == before and arb.needs_tick()
+    arb.tick()
+    assert arb.grant_of("job").grant == Allocation.of(H100=2)
+    assert arb.status()["cost_per_hour"] == 2.0
