@@ -108,12 +108,22 @@ class ArbiterClient:
     # ------------------------------------------------------------------------------------ calls
 
     def register(
-        self, spec: WorkloadSpec, meta: Mapping[str, Any] | None = None, *, timeout_s: float = 30.0
+        self,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        demand_units: int | None = None,
+        timeout_s: float = 30.0,
     ) -> GrantView:
-        """Registers ``spec`` (idempotent; keeps an existing grant). Blocking: call it at start-up."""
+        """Registers ``spec`` (idempotent; keeps an existing grant). Blocking: call it at start-up.
+
+        ``demand_units`` is the demand to start from (default: the spec's max): a service registering at
+        deploy time should pass what its load needs now, or it asks for ``max_replicas`` until its first
+        heartbeat.
+        """
         handle = self._require()
         meta_d = dict(meta or {})
-        view = self._get(handle.register.remote(spec, meta_d), timeout_s, "register")
+        view = self._get(handle.register.remote(spec, meta_d, demand_units), timeout_s, "register")
         if view.registered:
             self._registrations[spec.name] = (spec, meta_d)
             p = self._pending.setdefault(spec.name, _Pending())
