@@ -143,7 +143,11 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         return None
 
     def signal_snapshot() -> dict[str, Any]:
-        return ray.get(ray.get_actor(signal_actor_name(JOB_NAME), namespace=NAMESPACE).snapshot.remote())
+        try:
+            handle = ray.get_actor(signal_actor_name(JOB_NAME), namespace=NAMESPACE)
+        except ValueError:  # the job's runner has not started yet
+            return {"progress": {}, "history": []}
+        return ray.get(handle.snapshot.remote())
 
     cycles = []
     for i in range(args.cycles):
@@ -158,16 +162,19 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         # 2. A competitor asks for 2 H100s.
         client.register(ServiceSpec(COMPETITOR, 1.0, 2, 2, ("H100",), priority=100))
         stop = threading.Event()
+        views: list[Any] = []  # the newest GrantView; the client is used from the beating thread only
 
-        def beat(stop: threading.Event = stop) -> None:
+        def beat(stop: threading.Event = stop, views: list[Any] = views) -> None:
             while not stop.is_set():
-                client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
-                time.sleep(0.05)
+                view = client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
+                if view is not None:
+                    views[:] = [view]
+                time.sleep(0.02)
 
         beater = threading.Thread(target=beat, daemon=True)
         beater.start()
         wait_for(
-            lambda: (v := client.latest(COMPETITOR)) is not None and v.grant.get("H100") >= 2,
+            lambda views=views: views and views[0].grant.get("H100") >= 2,
             args.timeout_s, "the competitor's grant", interval_s=0.02,
         )  # fmt: skip
         granted_s = time.time()
@@ -226,6 +233,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         "summary": {
             "cycles": len(cycles),
             "decision_to_release_s_median": med("decision_to_release_s"),
+            "decision_to_grant_s_median": med("decision_to_grant_s"),
             "decision_to_usable_s_median": med("decision_to_usable_s"),
             "overhead_s_median": med("overhead_s"),
             "steps_lost_per_shrink": [c["steps_lost"] for c in cycles],

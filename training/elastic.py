@@ -256,6 +256,7 @@ class AttemptRecord:
     outcome: str  # finished | yielded | forced | failed
     reason: str | None = None
     yield_requested_s: float | None = None
+    resumed_from: int | None = None  # the step the loop loaded from its checkpoint (None: it never trained)
 
     @property
     def steps_lost(self) -> int:

@@ -257,6 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "restarts": config["restarts"],
         "steps_lost": config["steps_lost"],
         "total_steps": total_steps,
+        "resumed_from": step,
     }
 
     while step < total_steps:

@@ -174,7 +174,9 @@ class JobSignal:
             if self.first_report_s is None:
                 self.first_report_s = self.progress["reported_s"]
                 self.history.setdefault(attempt, {}).update(
-                    first_report_s=self.first_report_s, first_step=progress.get("step")
+                    first_report_s=self.first_report_s,
+                    first_step=progress.get("step"),
+                    resumed_from=progress.get("resumed_from"),
                 )
             if self.checkpoint_step is None and "last_checkpoint_step" in progress:
                 self.checkpoint_step = int(progress["last_checkpoint_step"])
@@ -525,6 +527,7 @@ class ElasticRunner:
             last_step = max(last_step, int(snap["acked"]["step"]))
         else:
             outcome = "failed"
+        mine = next((h for h in snap.get("history") or [] if h.get("attempt") == attempt.index), {})
         record = AttemptRecord(
             index=attempt.index,
             gpu_type=attempt.target.gpu_type,
@@ -537,6 +540,7 @@ class ElasticRunner:
             outcome=outcome,
             reason=attempt.force_reason or attempt.yield_reason or (repr(attempt.error) if attempt.error else None),
             yield_requested_s=attempt.yield_requested_s,
+            resumed_from=mine.get("resumed_from"),
         )
         self.ledger = self.ledger.add(record)
         self.checkpoint_step = ckpt_step

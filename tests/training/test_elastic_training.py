@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from tidal_testing import wait_for
 from ray.util.placement_group import placement_group, remove_placement_group
+from tidal_testing import wait_for
 from training_harness import (
     TEST_POLICY,
     Competitor,
@@ -123,8 +123,9 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     ], summary["attempts"]  # fmt: skip
     assert summary["steps_lost"] == 0
     # Each attempt resumed exactly at the step where the previous one checkpointed as it yielded.
+    assert summary["attempts"][0]["resumed_from"] == 0
     for before, after in zip(summary["attempts"], summary["attempts"][1:], strict=False):
-        assert after["start_step"] == before["checkpoint_step"] == before["last_step"]
+        assert after["resumed_from"] == before["checkpoint_step"] == before["last_step"] > 0
     gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
     # The final model is a checkpoint serving loads, and it scores what the run reported.
@@ -166,7 +167,7 @@ def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_che
     assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
     summary = job.summary()
     assert [(a["num_workers"], a["outcome"]) for a in summary["attempts"]] == [(2, "yielded"), (2, "finished")]
-    assert summary["attempts"][1]["start_step"] == summary["attempts"][0]["checkpoint_step"] > 0
+    assert summary["attempts"][1]["resumed_from"] == summary["attempts"][0]["checkpoint_step"] > 0
     assert any(e["event"] == "wait" for e in summary["resizes"])
     assert summary["steps_lost"] == 0
 
@@ -205,7 +206,7 @@ def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_lo
     # Lost: only the steps after its last checkpoint, and the next attempt resumed from that checkpoint.
     assert forced["checkpoint_step"] % every == 0 and forced["checkpoint_step"] > 0
     assert 0 <= forced["steps_lost"] < every
-    assert resumed["start_step"] == forced["checkpoint_step"]
+    assert resumed["resumed_from"] == forced["checkpoint_step"]
     # Resuming is exact: the recomputed steps give the losses the lost ones had.
     gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
@@ -245,7 +246,7 @@ def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_l
     failed, resumed = summary["attempts"][0], summary["attempts"][-1]
     assert (failed["num_workers"], failed["outcome"]) == (2, "failed")
     assert (resumed["num_workers"], resumed["outcome"]) == (1, "finished")
-    assert resumed["start_step"] == failed["checkpoint_step"] > 0
+    assert resumed["resumed_from"] == failed["checkpoint_step"] > 0
     assert failed["steps_lost"] < every + 2  # the progress report may trail the last step by one poll
     gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"

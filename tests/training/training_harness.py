@@ -1,7 +1,7 @@
 """Helpers of the elastic-training integration tests: jobs submitted with the real ``ray job submit``, a
 competing service that steers the arbiter's grant, and the reference loss curve.
 
-(A plain module, not a conftest: a second ``conftest`` module would shadow ``from conftest import wait_for``.)
+(A plain module, imported by name from the tests next to it.)
 """
 
 from __future__ import annotations
