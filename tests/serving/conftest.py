@@ -13,3 +13,19 @@ def digits_checkpoints(tmp_path_factory):
         "v1": train_digits_checkpoint(root / "v1", version="digits-v1", epochs=3),
         "v2": train_digits_checkpoint(root / "v2", version="digits-v2", epochs=2, seed=1),
     }
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_driver, local_cluster):
+    """Serve on the session cluster, its proxy on the port the cluster reserved; shut down at the end.
+
+    Modules deploy their own applications (a deploy replaces the set of applications, as ``serve
+    deploy`` does) and delete them when done; Serve itself starts once.
+    """
+    from ray import serve
+
+    serve.start(
+        proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": local_cluster.serve_http_port}
+    )
+    yield f"http://127.0.0.1:{local_cluster.serve_http_port}"
+    serve.shutdown()

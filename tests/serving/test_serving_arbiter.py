@@ -55,9 +55,7 @@ def workload(ray, arbiter, name=APP):
 
 
 @pytest.fixture(scope="module")
-def tidal_app(ray_driver, local_cluster, arbiter, digits_checkpoints):
-    from ray import serve
-
+def tidal_app(serve_instance, local_cluster, arbiter, digits_checkpoints):
     ckpt = digits_checkpoints["v1"]
     cfg = {
         "proxy_location": "HeadOnly",
@@ -88,7 +86,8 @@ def tidal_app(ray_driver, local_cluster, arbiter, digits_checkpoints):
     }
     deploy_config(cfg, http_port=local_cluster.serve_http_port)
     yield {"url": f"http://127.0.0.1:{local_cluster.serve_http_port}/{APP}/v1/predict", "checkpoint": ckpt}
-    serve.shutdown()
+    if APP in serve_details().applications:
+        delete_app(APP)
 
 
 class SteadyLoad:

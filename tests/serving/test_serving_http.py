@@ -46,11 +46,9 @@ def app_config(name, route, checkpoint, service, **args):
 
 
 @pytest.fixture(scope="module")
-def serve_app(ray_driver, local_cluster, checkpoints):
-    """Serve on the cluster's reserved port with the digits app; shut down (all apps) at the end."""
-    from ray import serve
-
-    from serving.rollout import deploy_config
+def serve_app(serve_instance, local_cluster, checkpoints):
+    """The digits app on the session's Serve; deleted (with the cold-start app) at the end."""
+    from serving.rollout import delete_app, deploy_config
 
     cfg = {
         "proxy_location": "HeadOnly",
@@ -72,7 +70,9 @@ def serve_app(ray_driver, local_cluster, checkpoints):
     deploy_config(cfg, http_port=local_cluster.serve_http_port)
     base = f"http://127.0.0.1:{local_cluster.serve_http_port}{ROUTE}"
     yield {"base": base, "config": cfg}
-    serve.shutdown()
+    for name in (APP, "digits-cold"):
+        if name in serve_details().applications:
+            delete_app(name)
 
 
 def tidal_serve(*argv: str) -> int:
