@@ -113,8 +113,7 @@ class ArbiterLink:
         self._registered = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_error: str | None = None
-        self.heartbeats_sent = 0
+        self.tried = False  # a round has tried to reach the arbiter (until then, no grant is no news)
 
     # ------------------------------------------------------------- called by the policy (memory only)
 
@@ -155,6 +154,7 @@ class ArbiterLink:
             return  # the policy has not been called yet: nothing to say
         if now - report.at_s > self.options.keepalive_s:
             return  # no policy calls for long: the deployment is gone; let the registration expire
+        self.tried = True
         if self._client is None:
             self._client = self._client_factory(self.options.arbiter_name, self.options.arbiter_namespace)
         if not self._registered:
@@ -176,7 +176,6 @@ class ArbiterLink:
             stale_after_s=self.options.stale_after_s,
         )
         view = self._client.heartbeat(self.spec.name, demand_units=demand, held=dict(report.held))
-        self.heartbeats_sent += 1
         if not view.registered:
             # Expired (e.g. the arbiter restarted without our registration): register again next round.
             self._registered = False
@@ -266,7 +265,7 @@ class TidalAutoscalingPolicy:
 
     def _log_mode(self, grant: Allocation | None) -> None:
         mode = "fallback" if grant is None else "arbiter"
-        if mode == self._mode:
+        if mode == self._mode or (grant is None and not self.link.tried):
             return
         if mode == "fallback":
             logger.warning(

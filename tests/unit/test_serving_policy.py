@@ -1,6 +1,7 @@
 """The Tidal Serve autoscaling policy and its arbiter link, driven with a fake arbiter client and a manual
 clock (no Ray: the policy is plain Python that Serve calls with an AutoscalingContext)."""
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,3 +203,42 @@ def test_replica_gpu_types_come_from_the_custom_metrics_of_running_replicas_only
         "r0": "A100",
         "r1": None,
     }
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_falling_back_and_coming_back_are_each_logged_once():
+    handler = ListHandler()
+    log = logging.getLogger("ray.serve.tidal")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        clock = ManualClock(100.0)
+        client = FakeArbiterClient(grant=Allocation.of(A100=1), available=False)
+        policy = make_policy(client, clock)
+        policy(Ctx(total_num_requests=2))
+        assert handler.records == []  # nothing tried yet: no news is not bad news
+        for _ in range(5):
+            policy.link.step()
+            clock.advance(0.5)
+            policy(Ctx(total_num_requests=2))
+        client.is_available = True
+        for _ in range(3):
+            policy.link.step()
+            clock.advance(0.5)
+            policy(Ctx(total_num_requests=2))
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    fallback = [r for r in handler.records if "scaling on load alone" in r.getMessage()]
+    back = [r for r in handler.records if "capped at its grant" in r.getMessage()]
+    assert len(fallback) == 1 and fallback[0].levelno == logging.WARNING
+    assert len(back) == 1
