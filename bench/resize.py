@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def main() -> int:
         ray.shutdown()
         cluster.stop()
         cluster.cleanup()
+        shutil.rmtree(storage, ignore_errors=True)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
