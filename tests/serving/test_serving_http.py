@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -248,3 +249,24 @@ def test_min_replicas_zero_holds_nothing_when_idle_and_the_first_request_waits_f
     assert r.status_code == 200, r.text
     assert replicas_by_gpu_type("digits-cold", "TidalModel") == {"RTX4090": 1}
     print(f"cold start from zero replicas: {cold_start_s:.1f} s")
+
+
+def test_tidal_serve_deploys_the_shipped_config_file_and_deletes_it(
+    serve_app, checkpoints, local_cluster, capsys
+):
+    # Runs last in this module: a deploy replaces the set of applications, as `serve deploy` does.
+    from serving import config as serving_config
+
+    config_file = str(Path(serving_config.__file__).parent / "config.yaml")
+    port = str(local_cluster.serve_http_port)
+    assert (
+        tidal_serve("deploy", config_file, "--checkpoint", str(checkpoints["v1"]), "--http-port", port) == 0
+    )
+    apps = serve_details().applications
+    assert set(apps) == {"digits"} and apps["digits"].status == "RUNNING"
+    # min_replicas 0 in the shipped file: an idle service starts with no replica and holds no GPU.
+    assert replicas_by_gpu_type("digits", "TidalModel") == {}
+    assert local_cluster.serve_http_port == serve_details().http_options.port
+    assert tidal_serve("delete", "digits") == 0
+    assert "digits" not in serve_details().applications
+    assert "deleted digits" in capsys.readouterr().out
