@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tidal-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-integration demo bench lint clean
+.PHONY: venv test test-unit test-integration demo bench bench-all bench-sim bench-spike bench-serving bench-resize bench-runtime lint clean
 
 venv: $(STAMP)
 
@@ -33,9 +33,29 @@ lint: venv
 demo: venv
 	$(PY) -m cluster.demo
 
+# The quick benchmarks (pure: a few minutes). Each script writes bench/results/<name>.json.
 bench: venv
 	@mkdir -p bench/results
 	$(PY) bench/decide_scale.py
+	$(PY) bench/simulate_decide.py
+
+# The whole set: the 8-week simulation and the benchmarks that start real local Ray clusters.
+bench-all: bench bench-sim bench-spike bench-serving bench-resize bench-runtime
+
+bench-sim: venv
+	$(PY) bench/simulate.py
+
+bench-spike: venv
+	$(PY) bench/spike.py
+
+bench-serving: venv
+	$(PY) bench/serving_bench.py --out bench/results/serving.json
+
+bench-resize: venv
+	$(PY) bench/resize.py --cycles 5 --output bench/results/resize.json
+
+bench-runtime: venv
+	$(PY) bench/runtime_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output bench/results
