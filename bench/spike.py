@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -101,10 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results: dict[str, list[Any]] = {}
     stop = threading.Event()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        # Like Ctrl-C: stop, write what was measured, and stop every process that was started.
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     t_start = time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     rt = DemoRuntime(scenario, policy_path=args.policy, keep_work_dir=args.keep_work_dir)
     failures: list[str] = []
+    interrupted = False
     try:
         rt.start_cluster()
         rt.connect()
@@ -128,12 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rt.reset()
     except KeyboardInterrupt:
         logger.warning("interrupted: writing what was measured so far")
+        interrupted = True
     finally:
         rt.close()
     leftovers = rt.leftover_processes()
     doc = build_report(results, scenario, args, started, time.monotonic() - t_start, failures, leftovers)
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(json.dumps({"out": str(out), **{k: _brief(v) for k, v in doc["systems"].items()}, "targets_met": doc["targets_met"]}, indent=1))
+    if interrupted:
+        return 130
     return 0 if not failures and not leftovers else 1
 
 

@@ -13,9 +13,12 @@ behind its schedule counts the lag against the server (no coordinated omission).
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import importlib
+import json
 import logging
-import multiprocessing
+import subprocess
 import sys
 import threading
 import time
@@ -60,10 +63,10 @@ class WindowStats:
 class LiveLoad:
     """Sends one POST per arrival time, on schedule, from a child process, and collects the records live.
 
-    The driver runs in its own process (``multiprocessing``, spawned): the demo's process also observes the
-    cluster, and sharing one interpreter lock with that would delay requests and inflate their measured
-    latency. Finished requests stream back over a pipe (every 0.1 s) and a thread appends them to
-    ``records()``. Both processes time with ``time.monotonic()`` (one clock on Linux).
+    The driver runs in its own process (``python -m cluster.demo_load``): the demo's process also observes
+    the cluster, and sharing one interpreter lock with that would delay requests and inflate their measured
+    latency. Finished requests stream back as JSON lines on the child's stdout (every 0.1 s) and a thread
+    appends them to ``records()``. Both processes time with ``time.monotonic()`` (one clock on Linux).
 
     Args:
         url: the ``/v1/predict`` URL (loopback only, as for the load generator).
@@ -114,20 +117,33 @@ class LiveLoad:
 
     def start(self, timeout_s: float = 60.0) -> float:
         """Starts the load; returns its start on ``time.monotonic()`` (the schedule's time zero)."""
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(
-            target=_child_main,
-            args=(child, self.url, self.arrivals_s, self.body, self.timeout_s, self.max_in_flight),
-            name="demo-load",
-            daemon=True,
+        # A fresh interpreter (`python -m cluster.demo_load`), not multiprocessing: spawn would import the
+        # caller's __main__ again in the child, which re-runs any script without a main guard.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.demo_load"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            cwd=str(Path(__file__).resolve().parent.parent),
         )
-        self._proc.start()
-        child.close()
-        if not self._conn.poll(timeout_s):
+        config = {
+            "url": self.url,
+            "arrivals_s": self.arrivals_s,
+            "body": base64.b64encode(self.body).decode(),
+            "timeout_s": self.timeout_s,
+            "max_in_flight": self.max_in_flight,
+        }
+        self._proc.stdin.write(json.dumps(config) + "\n")
+        self._proc.stdin.flush()
+        first: list[Any] = []
+        reader = threading.Thread(target=lambda: first.append(self._proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if not first or not first[0]:
             self._kill()
             raise RuntimeError(f"the load generator did not start within {timeout_s:.0f} s")
-        kind, value = self._conn.recv()
+        kind, value = json.loads(first[0])
         if kind != "started":
             self._kill()
             raise RuntimeError(f"the load generator failed to start: {value}")
@@ -139,8 +155,8 @@ class LiveLoad:
     def _read(self) -> None:
         RequestRecord = self._lg.RequestRecord
         try:
-            while True:
-                kind, value = self._conn.recv()
+            for line in self._proc.stdout:
+                kind, value = json.loads(line)
                 if kind == "records":
                     self._records.extend(RequestRecord(*r) for r in value)
                 elif kind == "done":
@@ -150,8 +166,10 @@ class LiveLoad:
                     self.error = str(value)
                     logger.error("the load generator failed: %s", value)
                     break
-        except (EOFError, OSError) as e:  # the child died: what arrived is what there is
-            self.error = self.error or f"the load generator exited: {e!r}"
+            else:
+                self.error = self.error or "the load generator exited before the end of its schedule"
+        except (OSError, ValueError) as e:  # the child died mid-line: what arrived is what there is
+            self.error = self.error or f"the load generator's output broke off: {e!r}"
         finally:
             self._finished.set()
 
@@ -160,18 +178,24 @@ class LiveLoad:
         if self._proc is None:
             return
         try:
-            self._conn.send(("stop", None))
+            self._proc.stdin.write("stop\n")
+            self._proc.stdin.flush()
         except (OSError, ValueError):
             pass
         self._finished.wait(timeout=10)
         self._kill()
 
     def _kill(self) -> None:
-        if self._proc is not None and self._proc.is_alive():
-            self._proc.join(timeout=5)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join(timeout=5)
+        if self._proc is None:
+            return
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+        for stream in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Waits for the schedule to end and every request to finish; True if it did."""
@@ -219,15 +243,45 @@ class LiveLoad:
 # ---------------------------------------------------------------------------------- the child process
 
 
-def _child_main(conn: Any, url: str, arrivals_s: list[float], body: bytes, timeout_s: float, max_in_flight: int) -> None:
-    """The load generator's process: the open-loop driver of ``bench/loadgen.py``, streaming its records."""
+class _StdioChannel:
+    """The child's end of the pipe: JSON lines out on stdout, a ``stop`` line in on stdin."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch_stdin, daemon=True).start()
+
+    def _watch_stdin(self) -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        # "stop", or the parent closed the pipe (it is gone): stop either way.
+        self._stop.set()
+
+    def send(self, message: tuple) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    def poll(self) -> bool:
+        return self._stop.is_set()
+
+    def recv(self) -> tuple:
+        return ("stop", None)
+
+
+def _child_main() -> None:
+    """``python -m cluster.demo_load``: the load generator's process (reads its config from stdin)."""
+    config = json.loads(sys.stdin.readline())
+    conn = _StdioChannel()
     try:
-        asyncio.run(_drive(conn, url, arrivals_s, body, timeout_s, max_in_flight))
+        asyncio.run(
+            _drive(
+                conn, config["url"], config["arrivals_s"], base64.b64decode(config["body"]),
+                config["timeout_s"], config["max_in_flight"],
+            )
+        )  # fmt: skip
     except BaseException as e:  # reported to the parent; the child must not die silently
-        try:
+        with contextlib.suppress(OSError):
             conn.send(("error", repr(e)))
-        except OSError:
-            pass
 
 
 async def _drive(conn: Any, url: str, arrivals_s: list[float], body: bytes, timeout_s: float, max_in_flight: int) -> None:
@@ -310,3 +364,7 @@ async def _drive(conn: Any, url: str, arrivals_s: list[float], body: bytes, time
 
 def _finished_s(record: Any) -> float:
     return record.scheduled_s + record.latency_ms / 1000.0
+
+
+if __name__ == "__main__":
+    _child_main()
