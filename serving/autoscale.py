@@ -67,7 +67,9 @@ class ArbiterClientLike(Protocol):
 
     def available(self) -> bool: ...
 
-    def register(self, spec: ServiceSpec, meta: Mapping[str, Any] | None = None) -> Any: ...
+    def register(
+        self, spec: ServiceSpec, meta: Mapping[str, Any] | None = None, *, demand_units: int | None = None
+    ) -> Any: ...
 
     def heartbeat(self, name: str, *, demand_units: int | None = ..., held: Any = ..., **kw: Any) -> Any: ...
 
@@ -162,7 +164,9 @@ class ArbiterLink:
             # brought back by a heartbeat that was in flight when it went.
             if now - report.at_s > self.options.stale_after_s or not self._client.available():
                 return
-            view = self._client.register(self.spec, meta={"kind": "serve-deployment"})
+            view = self._client.register(
+                self.spec, meta={"kind": "serve-deployment"}, demand_units=report.demand_units
+            )
             self._registered = bool(getattr(view, "registered", True))
             if not self._registered:
                 raise RuntimeError(f"arbiter refused registration of {self.spec.name!r}: {view.reason}")

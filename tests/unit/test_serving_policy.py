@@ -18,14 +18,16 @@ class FakeArbiterClient:
         self.grant = grant
         self.is_available = available
         self.registered: list[Any] = []
+        self.register_demands: list[int | None] = []
         self.heartbeats: list[dict[str, Any]] = []
         self.known = True
 
     def available(self) -> bool:
         return self.is_available
 
-    def register(self, spec, meta=None):
+    def register(self, spec, meta=None, *, demand_units=None):
         self.registered.append(spec)
+        self.register_demands.append(demand_units)
         self.known = True
         return GrantView(spec.name, self.grant)
 
@@ -87,6 +89,7 @@ def test_replicas_are_capped_at_the_grant_while_the_full_demand_is_reported():
     policy(Ctx(total_num_requests=9))
     policy.link.step()  # registers, heartbeats demand 5, receives grant A100=2
     assert [s.name for s in client.registered] == ["digits"]
+    assert client.register_demands == [5]  # registers with what the load needs, not its max
     assert client.heartbeats[-1]["demand_units"] == 5
     replicas, _ = policy(Ctx(total_num_requests=9))
     assert replicas == 2
