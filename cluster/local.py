@@ -278,6 +278,10 @@ class PortLease:
     def from_range(cls, start: int, end: int) -> PortLease:
         return cls(start, end, LEASE_DIR / f"{start}-{end}.json")
 
+    @property
+    def remaining(self) -> int:
+        return self.end - self._next
+
     def take(self, n: int = 1) -> int:
         """The next ``n`` consecutive ports of the lease; returns the first."""
         if self._next + n > self.end:
@@ -505,6 +509,7 @@ class LocalCluster:
         self.root_dir: Path | None = None
         self.cluster_id = ""
         self.lease: PortLease | None = None
+        self.extra_leases: list[PortLease] = []  # add_node() past SPARE_NODES: one lease per extra node
         self.gcs_port = 0
         self.dashboard_port = 0
         self.client_server_port = 0
@@ -620,6 +625,7 @@ class LocalCluster:
         self._commands = {}
         self._relaunches = {}
         self.lease = None
+        self.extra_leases = []
 
     def _start_once(self) -> None:
         plans = self.spec.nodes()
@@ -631,7 +637,7 @@ class LocalCluster:
             self.root_dir = Path(tempfile.mkdtemp(prefix="tidal-rt-", dir="/tmp"))
             self._owns_root = True
         self.cluster_id = f"{self.root_dir.name}-{secrets.token_hex(4)}"
-        per_raylet = 6 + self.spec.worker_ports_per_node
+        per_raylet = self._ports_per_raylet
         # Room for SPARE_NODES more raylets, for add_node() (fault tests add a node they can kill).
         self.lease = PortLease.acquire(
             10 + per_raylet * (1 + len(plans) + SPARE_NODES), owner=str(self.root_dir)
@@ -738,6 +744,10 @@ class LocalCluster:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
+    @property
+    def _ports_per_raylet(self) -> int:
+        return 6 + self.spec.worker_ports_per_node
+
     def _launch(
         self,
         name: str,
@@ -753,8 +763,13 @@ class LocalCluster:
         assert self.lease is not None and self.root_dir is not None
         temp_dir = self.root_dir / name
         temp_dir.mkdir(parents=True, exist_ok=True)
-        nm, om, mx, al, ag, re_ = (self.lease.take() for _ in range(6))
-        wmin = self.lease.take(self.spec.worker_ports_per_node)
+        lease = self.lease
+        if lease.remaining < self._ports_per_raylet:
+            # More nodes added than the main lease has room for: one more lease, for this node alone.
+            lease = PortLease.acquire(self._ports_per_raylet, owner=f"{self.root_dir}/{name}")
+            self.extra_leases.append(lease)
+        nm, om, mx, al, ag, re_ = (lease.take() for _ in range(6))
+        wmin = lease.take(self.spec.worker_ports_per_node)
         wmax = wmin + self.spec.worker_ports_per_node - 1
         node_args = {
             "node_name": name,
@@ -962,8 +977,10 @@ class LocalCluster:
         self.write_state()
         self._wait_exit({name: proc})
         self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
-        if self.lease is not None:
-            self.lease.keep_alive_with(sorted(self.pids()))
+        pids = sorted(self.pids())
+        for lease in [self.lease, *self.extra_leases]:
+            if lease is not None:
+                lease.keep_alive_with(pids)
         return rec
 
     def kill_node(self, name: str) -> set[int]:
@@ -1000,8 +1017,9 @@ class LocalCluster:
         # The GCS and the autoscaler monitor may linger on SIGTERM; they hold nothing worth a longer wait.
         survivors |= _terminate(rest, min(timeout_s, 1.5))
         stopped |= rest
-        if self.lease is not None:
-            self.lease.release()
+        for lease in [self.lease, *self.extra_leases]:
+            if lease is not None:
+                lease.release()
         if self.root_dir is not None and self.state_path.exists():
             state = _read_json(self.state_path) or {}
             state["stopped_s"] = time.time()
@@ -1039,6 +1057,7 @@ class LocalCluster:
             "metrics_port": self.metrics_port,
             "spare_ports": self.spare_ports,
             "port_lease": [self.lease.start, self.lease.end, self.lease._next] if self.lease else None,
+            "extra_port_leases": [[x.start, x.end] for x in self.extra_leases],
             "token_path": str(self.token_path) if self.token_path else None,
             "started_s": self.started_s,
             "startup_s": self.startup_s,
@@ -1070,6 +1089,9 @@ class LocalCluster:
             start, end, *rest = s["port_lease"]
             c.lease = PortLease.from_range(start, end)
             c.lease._next = rest[0] if rest else end  # unknown: take no more ports from it
+        c.extra_leases = [PortLease.from_range(a, b) for a, b in s.get("extra_port_leases") or []]
+        for x in c.extra_leases:
+            x._next = x.end
         c.token_path = Path(s["token_path"]) if s.get("token_path") else None
         c.head = NodeRecord(**s["head"]) if s.get("head") else None
         c.nodes = {r["name"]: NodeRecord(**r) for r in s.get("nodes", [])}
