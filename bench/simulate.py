@@ -35,8 +35,14 @@ HEADLINE = [
     "56",
     "--training-load",
     "2",
+    "--max-scale",
+    "4",
+    "--event-tick-min-gap-s",
+    "60",
     "--policy",
     "tidal,static,ray-alone",
+    "--processes",
+    "3",
 ]
 
 

@@ -87,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--event-tick-delay-s", type=float, help="event-driven tick this soon after a registration/release"
     )
     p.add_argument(
+        "--event-tick-min-gap-s", type=float, help="no event-driven tick sooner than this after the last tick (20)"
+    )
+    p.add_argument(
         "--job-types",
         type=_job_types,
         help="accepted types of jobs without gpu_type: SHARE:TYPE/TYPE,... drawn per job with the seed",
@@ -126,7 +129,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "request_window_s": args.request_window_s,
         "repeat_inference": False if args.no_repeat_inference else None,
         "node_failure_rate_per_day": args.node_failure_rate,
-        "arbiter": {"tick_s": args.tick_s, "event_tick_delay_s": args.event_tick_delay_s},
+        "arbiter": {
+            "tick_s": args.tick_s,
+            "event_tick_delay_s": args.event_tick_delay_s,
+            "event_tick_min_gap_s": args.event_tick_min_gap_s,
+        },
         "service": {"rate_interpolation": args.rate_interpolation},
         "training": {
             "type_classes": args.job_types,

@@ -19,7 +19,7 @@ def test_demo_path_serves_a_short_spike_and_stops_what_it_started(local_cluster,
     from cluster.demo_run import run_system
     from cluster.demo_scenario import load_scenario
 
-    scenario = load_scenario().with_overrides(pre_spike_s=3, spike_s=8, post_spike_s=3)
+    scenario = load_scenario().with_overrides(pre_spike_s=2, spike_s=6, post_spike_s=2)
     lines: list[str] = []
     rt = DemoRuntime(
         scenario, work_dir=tmp_path / "run", cluster=local_cluster, route_prefix="/demo-e2e", progress=lines.append
