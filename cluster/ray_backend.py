@@ -10,8 +10,10 @@ capacity. A failed read is a transient error: it is logged, the last good snapsh
 which keeps every call on the workloads' side non-blocking. It only logs grant changes.
 
 ``force_release()`` stops a workload that kept GPUs past its yield grace, by what its registration ``meta``
-names: ``submission_id`` (a ``ray job submit`` job: stopped through the job API), or ``actor_name`` (with
-``actor_namespace``: the actor is killed, without restart).
+names, first match wins: ``stop_actor`` (with ``stop_actor_namespace`` and ``stop_method``, default
+``force_stop``: that method of that actor is called, as the training runner asks), ``submission_id`` (a
+``ray job submit`` job: stopped through the job API), or ``actor_name`` (with ``actor_namespace``: the actor
+is killed, without restart).
 """
 
 from __future__ import annotations
@@ -131,7 +133,15 @@ class RayBackend:
     def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
         """Stops ``name`` by the handle its ``meta`` gives; logs (never raises) when it cannot."""
         try:
-            if meta.get("submission_id"):
+            if meta.get("stop_actor"):
+                # The workload names a method that stops what holds its GPUs and keeps the rest (the training
+                # runner's signal actor aborts the trainer; the runner resumes from its checkpoint later).
+                # Fire and forget: the tick loop must not wait on a workload's actor.
+                handle = ray.get_actor(str(meta["stop_actor"]), namespace=meta.get("stop_actor_namespace"))
+                method = str(meta.get("stop_method") or "force_stop")
+                getattr(handle, method).remote()
+                self.forced.append((name, f"{meta['stop_actor']}.{method}()"))
+            elif meta.get("submission_id"):
                 self._stop_job(str(meta["submission_id"]))
                 self.forced.append((name, f"job {meta['submission_id']}"))
             elif meta.get("actor_name"):
@@ -141,7 +151,7 @@ class RayBackend:
                 self.forced.append((name, f"actor {meta['actor_name']}"))
             else:
                 logger.error(
-                    "cannot stop %s by force: its registration meta has neither submission_id nor actor_name"
+                    "cannot stop %s by force: its registration meta has none of stop_actor, submission_id, actor_name"
                     " (meta keys: %s)",
                     name, sorted(meta),
                 )

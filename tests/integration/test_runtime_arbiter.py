@@ -149,31 +149,56 @@ def test_released_gpus_reach_the_waiting_service_only_after_the_job_lets_them_go
         client.unregister(job.name)
 
 
-def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_killing_its_named_actor(arbiter):
+@pytest.mark.parametrize("how", ["kill the named actor", "call its stop method"])
+def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
     ray, handle, client = arbiter
 
     @ray.remote(num_cpus=0)
     class Victim:
+        def __init__(self) -> None:
+            self.stopped = 0
+
         def ping(self) -> str:
             return "alive"
 
-    victim = Victim.options(name="rt-victim", namespace=NAMESPACE, lifetime="detached").remote()
+        def force_stop(self) -> bool:  # the training runner's signal actor has this method
+            self.stopped += 1
+            return True
+
+        def times_stopped(self) -> int:
+            return self.stopped
+
+    tag = "kill" if how.startswith("kill") else "method"
+    victim = Victim.options(name=f"rt-victim-{tag}", namespace=NAMESPACE, lifetime="detached").remote()
     assert ray.get(victim.ping.remote(), timeout=30) == "alive"
-    job = TrainingJobSpec("rt-job-stubborn", 1.0, 1, 4, ("H100",), yield_grace_s=1.0)
-    svc = ServiceSpec("rt-svc-forced", 1.0, 1, 2, ("H100",))
+    if tag == "kill":
+        meta = {"actor_name": f"rt-victim-{tag}", "actor_namespace": NAMESPACE}
+    else:  # what training.runner registers; a submission_id next to it must not be used
+        meta = {
+            "stop_actor": f"rt-victim-{tag}", "stop_actor_namespace": NAMESPACE, "stop_method": "force_stop",
+            "submission_id": "not-a-ray-job",
+        }  # fmt: skip
+    job = TrainingJobSpec(f"rt-job-stubborn-{tag}", 1.0, 1, 4, ("H100",), yield_grace_s=1.0)
+    svc = ServiceSpec(f"rt-svc-forced-{tag}", 1.0, 1, 2, ("H100",))
     try:
-        client.register(job, meta={"actor_name": "rt-victim", "actor_namespace": NAMESPACE})
+        client.register(job, meta=meta)
         wait_for(lambda: _granted_and_held(client, job.name, "H100", 4), 20, message="4 H100 granted to the job")
         client.register(svc)
-        # The job never lets go: after its grace the arbiter kills its actor and the service gets the GPUs.
+        # The job never lets go: after its grace the arbiter stops it by force and the service gets the GPUs.
         wait_for(lambda: client.heartbeat(svc.name).grant.get("H100") == 2, 30, message="the forced release")
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(victim.ping.remote(), timeout=30)
+        if tag == "kill":
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(victim.ping.remote(), timeout=30)
+        else:
+            wait_for(lambda: ray.get(victim.times_stopped.remote(), timeout=10) >= 1, 20, message="force_stop called")
+            assert ray.get(victim.ping.remote(), timeout=30) == "alive"  # stopped what it holds, not killed
         events = ray.get(handle.events.remote(), timeout=10)
         assert any(e["kind"] == "forced" and e["workload"] == job.name for e in events)
     finally:
         client.unregister(svc.name)
         client.unregister(job.name)
+        if tag == "method":
+            ray.kill(victim, no_restart=True)
 
 
 def test_heartbeat_nowait_returns_none_first_then_the_grant_without_blocking(arbiter):
