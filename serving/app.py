@@ -108,6 +108,7 @@ class ModelServer:
         api_key: str | None = None,
         api_key_env: str | None = None,
         num_cpus: float = 1.0,
+        max_concurrent_batches: int = 1,
     ) -> None:
         # One intra-op thread per CPU Ray gave the replica: replicas sharing a node must not
         # oversubscribe its cores (on a GPU the forward runs on the device anyway).
@@ -120,6 +121,10 @@ class ModelServer:
         self._gpu_type = _node_gpu_type()
         self._loaded: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
+        # Built per replica: Serve's max_concurrent_batches is fixed when the batch queue is made.
+        self._infer = serve.batch(
+            max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=max_concurrent_batches
+        )(self._infer_batch)
         logger.info(
             "replica of %r on %s (GPU type %s), API key %s",
             service_name,
@@ -200,8 +205,7 @@ class ModelServer:
 
     # ----------------------------------------------------------------------------- batching
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _infer(
+    async def _infer_batch(
         self, items: list[tuple[LoadedModel, list[float]]]
     ) -> list[tuple[LoadedModel, torch.Tensor]]:
         """Run a batch of requests. Requests validated against different versions (mid-rollout) run
@@ -281,4 +285,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         api_key=parsed.api_key,
         api_key_env=parsed.api_key_env,
         num_cpus=parsed.num_cpus_per_replica,
+        max_concurrent_batches=parsed.max_concurrent_batches,
     )

@@ -118,6 +118,15 @@ class ServeAppArgs(_Strict):
     deployment_name: str = Field(default="TidalModel", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
     max_ongoing_requests: int = Field(default=32, ge=1)
+    max_concurrent_batches: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Batches one replica runs at once (Serve's @serve.batch max_concurrent_batches). Serve "
+        "forms a batch as soon as its first request has waited batch_wait_timeout_s, not when the previous "
+        "batch is done, so with 1 a slow model runs batches of one request in a row; 2 or more lets the "
+        "next batch run while one is on the device. Fixed when a replica starts.",
+    )
     max_queued_requests: int = Field(default=-1, ge=-1, description="-1: unbounded (Serve default).")
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
     max_instances_per_request: int = Field(default=256, ge=1)

@@ -207,6 +207,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. ``config`` comes from ``training.runner`` (see ``_loop_config``)."""
     spec = JobSpec.model_validate(config["spec"])
     attempt: int = config["attempt"]
+    if spec.cpu_niceness:
+        # Ray Train reuses no worker process across attempts, so this raises each process's niceness once.
+        os.nice(spec.cpu_niceness)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = torch.cuda.is_available()

@@ -172,6 +172,13 @@ class JobSpec(BaseModel):
     num_checkpoints_to_keep: int = Field(default=2, ge=1)
     yield_grace_s: float = Field(default=30.0, gt=0)
     resize_min_interval_s: float = Field(default=60.0, ge=0)
+    cpu_niceness: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="Each training worker raises its niceness by this much when it starts (os.nice), so "
+        "that inference replicas sharing its host's CPUs keep their latency. 0: unchanged.",
+    )
 
     global_batch_size: int = Field(ge=1)
     max_micro_batch_size: int | None = Field(default=None, ge=1)
