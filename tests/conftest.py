@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 # Re-exported for `from conftest import wait_for`; prefer `from tidal_testing import wait_for`, which a
-# conftest.py in a sub-directory (tests/serving/ has one) cannot shadow.
+# conftest.py in a sub-directory (tests/serving_ray/ has one) cannot shadow.
 from tidal_testing import wait_for
 
 logger = logging.getLogger(__name__)

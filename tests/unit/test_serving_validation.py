@@ -141,7 +141,6 @@ def test_the_shipped_serve_config_is_valid_for_serve_and_for_tidal():
 
     from serving import config as serving_config
 
-    # (serving.config's file, not the package's: under pytest "serving" can resolve to tests/serving.)
     raw = yaml.safe_load((Path(serving_config.__file__).parent / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
