@@ -98,7 +98,9 @@ class GuardedPolicy:
                     too_soon = now - last_resize.get(name, float("-inf")) < cfg.job_resize_min_interval_s
                     too_small = step < cfg.job_growth_min_workers and target.total() < want
                     if too_soon or too_small or len(moves) >= cfg.max_moves_per_window:
-                        target = current
+                        # Only the growth goes, per type: a job the policy moved to another type (it was
+                        # stopped on its old one, whose GPUs went to others) keeps nothing, not its old grant.
+                        target = Allocation(tuple((t, min(n, current.get(t))) for t, n in target.items if current.get(t)))
                 if target != current:
                     last_resize[name] = now
                     moves.append(now)
