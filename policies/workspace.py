@@ -46,22 +46,31 @@ class Workspace:
     def __init__(self, snapshot: ClusterSnapshot, known: Iterable[WorkloadSnapshot] | None = None) -> None:
         self.snapshot = snapshot
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
-            w.name: w for w in (snapshot.workloads if known is None else known)
+            w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
         self.node_gpus: dict[GpuType, list[float]] = {}
         for n in snapshot.nodes:
             if n.healthy and n.num_gpus > 0:
                 self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
-        self._services = [w for w in self.workloads.values() if w.kind is WorkloadKind.SERVICE]
-        self._jobs = [w for w in self.workloads.values() if w.kind is WorkloadKind.TRAINING]
+        node_gpus = self.node_gpus
+        self._services: list[WorkloadSnapshot] = []
+        self._jobs: list[WorkloadSnapshot] = []
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
+        grants = snapshot.grants
         for name, w in self.workloads.items():
-            current = snapshot.grant_of(name)
-            cur = {t: n for t, n in current.items if t in self.node_gpus and t in w.spec.gpu_types}
+            spec = w.spec
+            training = spec.kind is WorkloadKind.TRAINING
+            (self._jobs if training else self._services).append(w)
+            current = grants.get(name)
+            if current is None or not current.items:
+                self.alloc[name] = {}
+                continue
+            types = spec.gpu_types
+            cur = {t: n for t, n in current.items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
-            _clip_total(cur, w.spec.max_units, w.spec.gpu_types)
-            if isinstance(w.spec, TrainingJobSpec) and len(cur) > 1:
-                keep = max(cur, key=lambda t: (cur[t], -w.spec.gpu_types.index(t)))
+            _clip_total(cur, spec.max_units, types)
+            if training and len(cur) > 1:
+                keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
             self.alloc[name] = cur
         self.packers: dict[GpuType, TypePacker] = {}
@@ -71,8 +80,12 @@ class Workspace:
         self.reclaims: list[Reclaim] = []
         self.infeasible: list[Infeasible] = []
         self._reindex()
-        for t in self.node_gpus:
-            self.repack(t)
+        on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
+        for name, a in self.alloc.items():
+            for t in a:
+                on_type[t].append(name)
+        for t in node_gpus:
+            self._pack(t, on_type[t])
 
     def _reindex(self) -> None:
         """Indexes of who holds what, kept up to date by every move (see ``_adjust``).
@@ -88,9 +101,12 @@ class Workspace:
         self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._total: dict[GpuType, dict[int, float]] = {}
         self._spare: dict[GpuType, dict[int, float]] = {}
+        alloc = self.alloc
         for w in self._jobs:
-            for t, n in self.alloc[w.name].items():
-                self._index(w, t, 0, n)
+            a = alloc[w.spec.name]
+            if a:
+                for t, n in a.items():
+                    self._index(w, t, 0, n)
 
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
         spec = w.spec
@@ -197,26 +213,39 @@ class Workspace:
 
         Trimming only happens when capacity shrank (a node died): the least protected units go first.
         """
+        self._pack(gpu_type, [name for name, a in self.alloc.items() if a.get(gpu_type)])
+
+    def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
+        """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
         p = TypePacker(self.node_gpus.get(gpu_type, ()))
         self.packers[gpu_type] = p
         groups = []
-        for name, a in self.alloc.items():
+        alloc, workloads = self.alloc, self.workloads
+        for name in names:
+            a = alloc[name]
             n = a.get(gpu_type, 0)
             if not n:
                 continue
-            w = self.workloads[name]
-            min_here = self._min_part_on(w, gpu_type, n)
+            w = workloads[name]
+            if len(a) == 1:
+                min_here = min(n, w.spec.min_units)  # the alloc's types are among the spec's
+            else:
+                min_here = self._min_part_on(w, gpu_type, n)
             if min_here:
                 groups.append((protection_key(w, False), name, min_here))
             if n - min_here:
                 groups.append((protection_key(w, True), name, n - min_here))
-        groups.sort(key=lambda g: g[0])
+        groups.sort(key=_first)
+        where_of = self.where
         for _, name, _n in groups:
-            self.where[name].pop(gpu_type, None)
+            where_of[name].pop(gpu_type, None)
+        place_on_nodes = p.place_on_nodes
         for _, name, n in groups:
-            where = self.where[name].setdefault(gpu_type, {})
+            where = where_of[name].get(gpu_type)
+            if where is None:
+                where = where_of[name][gpu_type] = {}
             placed = 0
-            for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
+            for node, k in place_on_nodes(workloads[name].spec.gpus_per_unit, n):
                 where[node] = where.get(node, 0) + k
                 placed += k
             if placed < n:
@@ -306,6 +335,10 @@ class Workspace:
 
     def jobs(self) -> list[WorkloadSnapshot]:
         return list(self._jobs)
+
+
+def _first(group: tuple) -> tuple:
+    return group[0]
 
 
 def _clip_total(a: dict[GpuType, int], max_units: int, order: tuple[GpuType, ...]) -> None:
