@@ -155,10 +155,14 @@ def _donors(
 
 
 def _levels(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[list[WorkloadSnapshot]]:
-    if order is not None:
-        return [sorted(ws.jobs(), key=order)]
-    jobs = _by_priority(ws.jobs())
-    return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+    def compute() -> list[list[WorkloadSnapshot]]:
+        if order is not None:
+            return [sorted(ws.jobs(), key=order)]
+        jobs = _by_priority(ws.jobs())
+        return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+
+    # The same levels serve start_jobs and grow_jobs (jobs never change within a decision).
+    return ws.per_decision(("levels", order), compute)
 
 
 def start_jobs(
@@ -175,10 +179,11 @@ def start_jobs(
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
     """
+    by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
     for level in _levels(ws, order):
         for w in level:
-            if ws.units(w.name) == 0 and job_want(w) > 0:
-                _start_job(ws, w, speed, preempt, greedy)
+            if ws.units(w.spec.name) == 0 and job_want(w) > 0:
+                _start_job(ws, w, speed, preempt, greedy, by_speed)
 
 
 def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None = None) -> None:
@@ -201,31 +206,39 @@ def fill_training(
 
 
 def _start_job(
-    ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], float], preempt: bool, greedy: bool
+    ws: Workspace,
+    w: WorkloadSnapshot,
+    speed: Callable[[GpuType], float],
+    preempt: bool,
+    greedy: bool,
+    by_speed: dict[tuple[GpuType, ...], list[GpuType]],
 ) -> None:
     spec = w.spec
     want = job_want(w)
     need = max(1, spec.min_units)
+    g = spec.gpus_per_unit
     best = None
     for i, t in enumerate(spec.gpu_types):
-        fit = ws.fits(t, spec.gpus_per_unit)
+        fit = ws.fits(t, g)
         if fit >= need:
             score = (speed(t) * min(want, fit), -i)
             if best is None or score > best[0]:
                 best = (score, t)
     if best is not None:
-        ws.place(w.name, best[1], want if greedy else need)
+        ws.place(spec.name, best[1], want if greedy else need)
         return
     if preempt:
-        for t in sorted(spec.gpu_types, key=lambda t: -speed(t)):
+        types = by_speed.get(spec.gpu_types)
+        if types is None:
+            types = by_speed[spec.gpu_types] = sorted(spec.gpu_types, key=lambda t: -speed(t))
+        for t in types:
             reclaimable = ws.reclaimable_gpus(t, spec.priority, include_min=True)
-            if ws.free_gpus(t) + reclaimable + 1e-9 < need * spec.gpus_per_unit:
+            if ws.free_gpus(t) + reclaimable + 1e-9 < need * g:
                 continue
-            donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min=True)
-            cp = ws.checkpoint()
-            if ws.reclaim_for(w.name, t, need, donors, donors) >= need:
+            # Whether the reclaim works depends on the unit, the need, the priority and type t's state
+            # only: a failure is memoised, so a queue of like jobs tries once while t stays as it is.
+            if ws.memo(t, ("start", g, need, spec.priority), lambda t=t: _try_start(ws, w, t, need)):
                 return
-            ws.rollback(cp)
     ws.infeasible.append(
         Infeasible(
             w.name,
@@ -235,6 +248,17 @@ def _start_job(
     )
 
 
+def _try_start(ws: Workspace, w: WorkloadSnapshot, t: GpuType, need: int) -> bool:
+    """Starts ``w`` with ``need`` workers on ``t`` by stopping lower-priority jobs, all or nothing."""
+    spec = w.spec
+    donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min=True)
+    cp = ws.checkpoint()
+    if ws.reclaim_for(spec.name, t, need, donors, donors) >= need:
+        return True
+    ws.rollback(cp)
+    return False
+
+
 def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
     """Shares each type's free GPUs among the growing jobs of one level, in proportion to weight.
 
@@ -242,16 +266,24 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
     A gets 4, B gets 2 in the first pass; a second pass hands out what rounding left.
     """
     by_type: dict[GpuType, list[WorkloadSnapshot]] = {}
+    wants: dict[str, int] = {}
     for w in level:
-        t = ws.job_type(w.name)
-        if t is not None and ws.units(w.name) < job_want(w):
-            by_type.setdefault(t, []).append(w)
+        name = w.spec.name
+        t = ws.job_type(name)
+        if t is not None:
+            want = job_want(w)
+            if ws.units(name) < want:
+                by_type.setdefault(t, []).append(w)
+                wants[name] = want
+    units = ws.units
     for t, growers in by_type.items():
         free = ws.free_gpus(t)
         total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]
-        growers.sort(key=lambda w: (ws.units(w.name) / max(w.spec.weight, 1e-9), w.registered_s, w.name))
+        growers.sort(key=lambda w: (units(w.spec.name) / max(w.spec.weight, 1e-9), w.registered_s, w.spec.name))
         for w in growers:
+            name = w.spec.name
             share = int(free * max(w.spec.weight, 1e-9) / total_w / w.spec.gpus_per_unit)
-            ws.place(w.name, t, min(share, job_want(w) - ws.units(w.name)))
+            ws.place(name, t, min(share, wants[name] - units(name)))
         for w in growers:
-            ws.place(w.name, t, job_want(w) - ws.units(w.name))
+            name = w.spec.name
+            ws.place(name, t, wants[name] - units(name))

@@ -13,7 +13,8 @@ Protection order (what survives a shortage, first to last):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from cluster.model import (
     Allocation,
@@ -79,6 +80,13 @@ class Workspace:
         self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {n: {} for n in self.workloads}
         self.reclaims: list[Reclaim] = []
         self.infeasible: list[Infeasible] = []
+        # A version per GPU type, fresh (never reused) after every change to that type's packer or
+        # holdings, restored by ``rollback``: what depends only on one type's state can be memoised
+        # under its version (``fits``, ``memo``).
+        self._clock = 0
+        self.version: dict[GpuType, int] = {}
+        self._memo: dict[tuple, tuple[int, object]] = {}
+        self._constants: dict[object, Any] = {}
         self._reindex()
         on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
         for name, a in self.alloc.items():
@@ -132,6 +140,8 @@ class Workspace:
             spare[p] = spare.get(p, 0.0) + (max(0, new - m) - max(0, old - m)) * g
 
     def _adjust(self, name: WorkloadName, t: GpuType, delta: int) -> None:
+        self._clock += 1
+        self.version[t] = self._clock
         a = self.alloc[name]
         old = a.get(t, 0)
         new = old + delta
@@ -168,7 +178,39 @@ class Workspace:
 
     def fits(self, gpu_type: GpuType, unit_gpus: float) -> int:
         p = self.packers.get(gpu_type)
-        return p.max_units(unit_gpus) if p else 0
+        if p is None:
+            return 0
+        key = (gpu_type, unit_gpus)
+        version = self.version.get(gpu_type, 0)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]  # type: ignore[return-value]
+        n = p.max_units(unit_gpus)
+        self._memo[key] = (version, n)
+        return n
+
+    def per_decision(self, key: object, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per workspace (for what the snapshot alone fixes, e.g. an order of jobs)."""
+        if key not in self._constants:
+            self._constants[key] = compute()
+        return self._constants[key]
+
+    def memo(self, gpu_type: GpuType, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, memoised under ``key`` while nothing on ``gpu_type`` changes.
+
+        Only for what depends on nothing but ``gpu_type``'s packer and holdings (and constants of the
+        snapshot): a long queue of waiting jobs then costs a lookup per job, not a search.
+        """
+        version = self.version.get(gpu_type, 0)
+        full = ("memo", gpu_type, *key)
+        hit = self._memo.get(full)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = compute()
+        # The version of the state ``compute`` saw: it may have moved and rolled back meanwhile.
+        if self.version.get(gpu_type, 0) == version:
+            self._memo[full] = (version, value)
+        return value
 
     # ------------------------------------------------------------------------------------- moves
 
@@ -177,9 +219,13 @@ class Workspace:
         p = self.packers.get(gpu_type)
         if p is None or n <= 0:
             return 0
+        g = self.workloads[name].spec.gpus_per_unit
+        need = to_centi(g)
+        if need > p.total:
+            return 0  # nothing fits: the common case of a full type, without a search
         placed = 0
         where = self.where[name].setdefault(gpu_type, {})
-        for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
+        for node, k in p.place_on_nodes(g, n):
             where[node] = where.get(node, 0) + k
             placed += k
         if placed:
@@ -251,6 +297,8 @@ class Workspace:
             if placed < n:
                 # The nodes no longer hold it all (a node died): the least protected units go.
                 self._adjust(name, gpu_type, placed - n)
+        self._clock += 1
+        self.version[gpu_type] = self._clock
 
     def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
         """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.
@@ -314,10 +362,13 @@ class Workspace:
             {t: p.copy() for t, p in self.packers.items()},
             {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in self.where.items()},
             len(self.reclaims),
+            dict(self.version),
         )
 
     def rollback(self, cp: tuple) -> None:
-        alloc, packers, where, num_reclaims = cp
+        alloc, packers, where, num_reclaims, version = cp
+        # The state is the checkpoint's again, and so are the versions (memoised values stay valid).
+        self.version = dict(version)
         self.alloc = {n: dict(a) for n, a in alloc.items()}
         self.packers = {t: p.copy() for t, p in packers.items()}
         self.where = {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in where.items()}
