@@ -74,31 +74,55 @@ class TypePacker:
 
     def place(self, unit_gpus: float, n: int) -> int:
         """Places up to ``n`` units of ``unit_gpus`` each, best fit first; returns how many it placed."""
-        return sum(k for _, k in self.place_on_nodes(unit_gpus, n))
+        return self.place_into(unit_gpus, n, {})
 
     def place_on_nodes(self, unit_gpus: float, n: int) -> list[tuple[int, int]]:
         """Like ``place``, returning ``(node index, units)`` for every node that took units."""
-        out: list[tuple[int, int]] = []
+        where: dict[int, int] = {}
+        self.place_into(unit_gpus, n, where)
+        return list(where.items())
+
+    def place_into(self, unit_gpus: float, n: int, where: dict[int, int]) -> int:
+        """Like ``place``, adding the units each node took to ``where`` (node index -> units)."""
         if n <= 0:
-            return out
+            return 0
         need = to_centi(unit_gpus)
         if need == 0:
-            return [(-1, n)]
+            where[-1] = where.get(-1, 0) + n
+            return n
+        if need > self.total:
+            return 0
         remaining = n
-        keys = self.keys
-        buckets = self.buckets
+        keys, buckets, free = self.keys, self.buckets, self.free
         # A node that takes units either drops below ``need`` or ends the loop, so no node moves to a
         # capacity still ahead: walking a copy of the keys sees every candidate once.
         for f in keys[bisect_left(keys, need):]:
             per_node = f // need
-            for i in list(buckets[f]):
-                k = min(remaining, per_node)
-                self._set(i, f - k * need)
-                out.append((i, k))
+            bucket = buckets[f]
+            for i in list(bucket):
+                k = per_node if per_node < remaining else remaining
+                new = f - k * need
+                del bucket[i]
+                if new > 0:
+                    to = buckets.get(new)
+                    if to is None:
+                        buckets[new] = {i: None}
+                        insort(keys, new)
+                    else:
+                        to[i] = None
+                free[i] = new
+                where[i] = where.get(i, 0) + k
                 remaining -= k
                 if remaining == 0:
-                    return out
-        return out
+                    break
+            if not bucket:
+                del buckets[f]
+                del keys[bisect_left(keys, f)]
+            if remaining == 0:
+                break
+        placed = n - remaining
+        self.total -= placed * need
+        return placed
 
     def release(self, node: int, centi: int) -> None:
         """Gives ``centi`` centi-GPUs back to ``node``."""

@@ -77,7 +77,8 @@ class Workspace:
         self.packers: dict[GpuType, TypePacker] = {}
         # Where each workload's units sit: name -> type -> node index -> units. A virtual placement,
         # re-derived each decision, so that a shrink frees capacity on the nodes it really frees.
-        self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {n: {} for n in self.workloads}
+        # (Filled as units are placed: a workload without units may have no entry.)
+        self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {}
         self.reclaims: list[Reclaim] = []
         self.infeasible: list[Infeasible] = []
         # A version per GPU type, fresh (never reused) after every change to that type's packer or
@@ -109,12 +110,33 @@ class Workspace:
         self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._total: dict[GpuType, dict[int, float]] = {}
         self._spare: dict[GpuType, dict[int, float]] = {}
+        holders, pre, spare_h, total, spare = (
+            self.holders, self.preemptible_holders, self.spare_holders, self._total, self._spare
+        )
         alloc = self.alloc
         for w in self._jobs:
-            a = alloc[w.spec.name]
-            if a:
-                for t, n in a.items():
-                    self._index(w, t, 0, n)
+            spec = w.spec
+            name = spec.name
+            a = alloc[name]
+            if not a:
+                continue
+            for t, n in a.items():
+                # What ``_index(w, t, 0, n)`` does, inlined (this runs for every job every decision).
+                h = holders.get(t)
+                if h is None:
+                    h = holders[t] = {}
+                h[name] = None
+                if spec.preemptible:  # type: ignore[union-attr]
+                    g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
+                    level = pre.setdefault(t, {}).setdefault(p, {})
+                    spare_level = spare_h.setdefault(t, {}).setdefault(p, {})
+                    level[name] = None
+                    if n > m:
+                        spare_level[name] = None
+                    tot = total.setdefault(t, {})
+                    tot[p] = tot.get(p, 0.0) + n * g
+                    sp = spare.setdefault(t, {})
+                    sp[p] = sp.get(p, 0.0) + max(0, n - m) * g
 
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
         spec = w.spec
@@ -220,14 +242,15 @@ class Workspace:
         if p is None or n <= 0:
             return 0
         g = self.workloads[name].spec.gpus_per_unit
-        need = to_centi(g)
-        if need > p.total:
+        if to_centi(g) > p.total:
             return 0  # nothing fits: the common case of a full type, without a search
-        placed = 0
-        where = self.where[name].setdefault(gpu_type, {})
-        for node, k in p.place_on_nodes(g, n):
-            where[node] = where.get(node, 0) + k
-            placed += k
+        by_type = self.where.get(name)
+        if by_type is None:
+            by_type = self.where[name] = {}
+        where = by_type.get(gpu_type)
+        if where is None:
+            where = by_type[gpu_type] = {}
+        placed = p.place_into(g, n, where)
         if placed:
             self._adjust(name, gpu_type, placed)
         return placed
@@ -284,16 +307,18 @@ class Workspace:
         groups.sort(key=_first)
         where_of = self.where
         for _, name, _n in groups:
-            where_of[name].pop(gpu_type, None)
-        place_on_nodes = p.place_on_nodes
+            by_type = where_of.get(name)
+            if by_type is None:
+                where_of[name] = {}
+            else:
+                by_type.pop(gpu_type, None)
+        place_into = p.place_into
         for _, name, n in groups:
-            where = where_of[name].get(gpu_type)
+            by_type = where_of[name]
+            where = by_type.get(gpu_type)
             if where is None:
-                where = where_of[name][gpu_type] = {}
-            placed = 0
-            for node, k in place_on_nodes(workloads[name].spec.gpus_per_unit, n):
-                where[node] = where.get(node, 0) + k
-                placed += k
+                where = by_type[gpu_type] = {}
+            placed = place_into(workloads[name].spec.gpus_per_unit, n, where)
             if placed < n:
                 # The nodes no longer hold it all (a node died): the least protected units go.
                 self._adjust(name, gpu_type, placed - n)
