@@ -86,13 +86,17 @@ def _by_priority(ws_list: list[WorkloadSnapshot]) -> list[WorkloadSnapshot]:
 
 def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
     """Gives back what services and jobs no longer want, least preferred types first."""
-    for w in ws.workloads.values():
-        target = service_wants[w.name] if w.name in service_wants else job_want(w)
-        excess = ws.units(w.name) - target
+    units = ws.units
+    for name, w in ws.workloads.items():
+        have = units(name)
+        if not have:
+            continue  # nothing to give back (wants are never negative)
+        target = service_wants[name] if name in service_wants else job_want(w)
+        excess = have - target
         for t in reversed(w.spec.gpu_types):
             if excess <= 0:
                 break
-            excess -= ws.shrink(w.name, t, excess)
+            excess -= ws.shrink(name, t, excess)
 
 
 def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> None:

@@ -403,7 +403,16 @@ class Workspace:
     # ------------------------------------------------------------------------------------ result
 
     def decision(self) -> PolicyDecision:
-        targets = {n: Allocation.of(a) for n, a in self.alloc.items() if a}
+        # An unchanged grant is handed back as the same object: no churn, and the guards and the
+        # planner see "unchanged" at the cost of an identity check.
+        grants = self.snapshot.grants
+        targets: dict[WorkloadName, Allocation] = {}
+        for n, a in self.alloc.items():
+            if not a:
+                continue
+            items = tuple(a.items()) if len(a) == 1 else tuple(sorted(a.items()))
+            current = grants.get(n)
+            targets[n] = current if current is not None and current.items == items else Allocation(items)
         return PolicyDecision(targets, tuple(self.infeasible), tuple(self.reclaims))
 
     def services(self) -> list[WorkloadSnapshot]:
