@@ -29,16 +29,17 @@ from policies.base import Infeasible, PolicyDecision, Reclaim
 from policies.packing import TypePacker, to_centi
 
 
-def protection_key(w: WorkloadSnapshot, above_min: bool) -> tuple:
+def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
+    """The protection keys of a workload's units up to its minimum and above it (see the module doc)."""
     spec = w.spec
-    loss = w.seconds_since_checkpoint or 0.0
-    if isinstance(spec, TrainingJobSpec):
-        if not spec.preemptible:
-            return (0, -spec.priority, w.registered_s, w.name)
-        if not above_min:
-            return (2, -spec.priority, w.registered_s, w.name)
-        return (4, -spec.priority, -loss, w.registered_s, w.name)
-    return (3 if above_min else 1, -spec.priority, w.registered_s, w.name)
+    name = spec.name
+    if spec.kind is WorkloadKind.TRAINING:
+        if not spec.preemptible:  # type: ignore[union-attr]
+            key = (0, -spec.priority, w.registered_s, name)
+            return key, key
+        loss = w.seconds_since_checkpoint or 0.0
+        return (2, -spec.priority, w.registered_s, name), (4, -spec.priority, -loss, w.registered_s, name)
+    return (1, -spec.priority, w.registered_s, name), (3, -spec.priority, w.registered_s, name)
 
 
 class Workspace:
@@ -67,6 +68,15 @@ class Workspace:
                 self.alloc[name] = {}
                 continue
             types = spec.gpu_types
+            if len(current.items) == 1:
+                # The common case, one type: what the general path below makes of it.
+                t, n = current.items[0]
+                m = spec.max_units
+                if t not in node_gpus or t not in types or m <= 0:
+                    self.alloc[name] = {}
+                else:
+                    self.alloc[name] = {t: n if n <= m else m}
+                continue
             cur = {t: n for t, n in current.items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
             _clip_total(cur, spec.max_units, types)
@@ -288,6 +298,8 @@ class Workspace:
         """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
         p = TypePacker(self.node_gpus.get(gpu_type, ()))
         self.packers[gpu_type] = p
+        # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
+        # non-preemptible job's minimum first (both its parts share one key).
         groups = []
         alloc, workloads = self.alloc, self.workloads
         for name in names:
@@ -296,25 +308,28 @@ class Workspace:
             if not n:
                 continue
             w = workloads[name]
+            spec = w.spec
             if len(a) == 1:
-                min_here = min(n, w.spec.min_units)  # the alloc's types are among the spec's
+                min_here = min(n, spec.min_units)  # the alloc's types are among the spec's
             else:
                 min_here = self._min_part_on(w, gpu_type, n)
+            low, high = protection_keys(w)
             if min_here:
-                groups.append((protection_key(w, False), name, min_here))
+                groups.append((low, 0, name, min_here))
             if n - min_here:
-                groups.append((protection_key(w, True), name, n - min_here))
-        groups.sort(key=_first)
+                groups.append((high, 1, name, n - min_here))
+        groups.sort()
         where_of = self.where
-        for _, name, _n in groups:
+        if where_of:
+            for _, _, name, _ in groups:
+                by_type = where_of.get(name)
+                if by_type is not None:
+                    by_type.pop(gpu_type, None)
+        place_into = p.place_into
+        for _, _, name, n in groups:
             by_type = where_of.get(name)
             if by_type is None:
-                where_of[name] = {}
-            else:
-                by_type.pop(gpu_type, None)
-        place_into = p.place_into
-        for _, name, n in groups:
-            by_type = where_of[name]
+                by_type = where_of[name] = {}
             where = by_type.get(gpu_type)
             if where is None:
                 where = by_type[gpu_type] = {}
@@ -420,10 +435,6 @@ class Workspace:
 
     def jobs(self) -> list[WorkloadSnapshot]:
         return list(self._jobs)
-
-
-def _first(group: tuple) -> tuple:
-    return group[0]
 
 
 def _clip_total(a: dict[GpuType, int], max_units: int, order: tuple[GpuType, ...]) -> None:
