@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot
+from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot, WorkloadSpec
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
 from policies.workspace import Workspace
 
@@ -218,9 +218,16 @@ def _start_job(
     by_speed: dict[tuple[GpuType, ...], list[GpuType]],
 ) -> None:
     spec = w.spec
-    want = job_want(w)
     need = max(1, spec.min_units)
     g = spec.gpus_per_unit
+    # Whether a job can start on a type depends on that type's state and the job's unit, need and
+    # (to preempt) priority only. A job that found every type hopeless marks them so: the queue behind it
+    # costs a lookup per job until one of those types changes.
+    hopeless = ("hopeless", g, need, spec.priority if preempt else None)
+    if all(ws.recall(t, hopeless) for t in spec.gpu_types):
+        ws.infeasible.append(Infeasible(w.name, _waiting_reason(spec, need)))
+        return
+    want = job_want(w)
     best = None
     for i, t in enumerate(spec.gpu_types):
         fit = ws.fits(t, g)
@@ -243,12 +250,15 @@ def _start_job(
             # only: a failure is memoised, so a queue of like jobs tries once while t stays as it is.
             if ws.memo(t, ("start", g, need, spec.priority), lambda t=t: _try_start(ws, w, t, need)):
                 return
-    ws.infeasible.append(
-        Infeasible(
-            w.name,
-            f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
-            f"{'/'.join(spec.gpu_types)}; not enough free GPUs",
-        )
+    for t in spec.gpu_types:
+        ws.remember(t, hopeless, True)  # failed attempts rolled back: each type's state is as it was
+    ws.infeasible.append(Infeasible(w.name, _waiting_reason(spec, need)))
+
+
+def _waiting_reason(spec: WorkloadSpec, need: int) -> str:
+    return (
+        f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
+        f"{'/'.join(spec.gpu_types)}; not enough free GPUs"
     )
 
 
