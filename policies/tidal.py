@@ -183,11 +183,38 @@ def start_jobs(
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
     """
-    by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
+    queue = _Queue()
     for level in _levels(ws, order):
         for w in level:
             if ws.units(w.spec.name) == 0 and job_want(w) > 0:
-                _start_job(ws, w, speed, preempt, greedy, by_speed)
+                _start_job(ws, w, speed, preempt, greedy, queue)
+
+
+class _Queue:
+    """What ``start_jobs`` learns while it walks the queue, so that a long queue stays cheap.
+
+    ``hopeless[(type, unit GPUs, need, priority or None)]``: the version of the type (``ws.version``)
+    at which a job of that unit, need and priority (to preempt) could not start there. Whether a job
+    can start on a type depends on nothing else, so the jobs behind it cost a lookup per type until
+    that type changes.
+    """
+
+    __slots__ = ("by_speed", "hopeless", "reasons")
+
+    def __init__(self) -> None:
+        self.by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
+        self.hopeless: dict[tuple, int] = {}
+        self.reasons: dict[tuple, str] = {}
+
+    def reason(self, spec: WorkloadSpec, need: int) -> str:
+        key = (need, spec.gpus_per_unit, spec.gpu_types)
+        r = self.reasons.get(key)
+        if r is None:
+            r = self.reasons[key] = (
+                f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
+                f"{'/'.join(spec.gpu_types)}; not enough free GPUs"
+            )
+        return r
 
 
 def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None = None) -> None:
@@ -215,17 +242,18 @@ def _start_job(
     speed: Callable[[GpuType], float],
     preempt: bool,
     greedy: bool,
-    by_speed: dict[tuple[GpuType, ...], list[GpuType]],
+    queue: _Queue,
 ) -> None:
     spec = w.spec
     need = max(1, spec.min_units)
     g = spec.gpus_per_unit
-    # Whether a job can start on a type depends on that type's state and the job's unit, need and
-    # (to preempt) priority only. A job that found every type hopeless marks them so: the queue behind it
-    # costs a lookup per job until one of those types changes.
-    hopeless = ("hopeless", g, need, spec.priority if preempt else None)
-    if all(ws.recall(t, hopeless) for t in spec.gpu_types):
-        ws.infeasible.append(Infeasible(w.name, _waiting_reason(spec, need)))
+    prio = spec.priority if preempt else None
+    hopeless, version = queue.hopeless, ws.version
+    for t in spec.gpu_types:
+        if hopeless.get((t, g, need, prio)) != version.get(t, 0):
+            break
+    else:
+        ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
         return
     want = job_want(w)
     best = None
@@ -239,9 +267,9 @@ def _start_job(
         ws.place(spec.name, best[1], want if greedy else need)
         return
     if preempt:
-        types = by_speed.get(spec.gpu_types)
+        types = queue.by_speed.get(spec.gpu_types)
         if types is None:
-            types = by_speed[spec.gpu_types] = sorted(spec.gpu_types, key=lambda t: -speed(t))
+            types = queue.by_speed[spec.gpu_types] = sorted(spec.gpu_types, key=lambda t: -speed(t))
         for t in types:
             reclaimable = ws.reclaimable_gpus(t, spec.priority, include_min=True)
             if ws.free_gpus(t) + reclaimable + 1e-9 < need * g:
@@ -250,16 +278,10 @@ def _start_job(
             # only: a failure is memoised, so a queue of like jobs tries once while t stays as it is.
             if ws.memo(t, ("start", g, need, spec.priority), lambda t=t: _try_start(ws, w, t, need)):
                 return
+    version = ws.version  # (a rollback restored the versions: each type's state is as it was)
     for t in spec.gpu_types:
-        ws.remember(t, hopeless, True)  # failed attempts rolled back: each type's state is as it was
-    ws.infeasible.append(Infeasible(w.name, _waiting_reason(spec, need)))
-
-
-def _waiting_reason(spec: WorkloadSpec, need: int) -> str:
-    return (
-        f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
-        f"{'/'.join(spec.gpu_types)}; not enough free GPUs"
-    )
+        hopeless[(t, g, need, prio)] = version.get(t, 0)
+    ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
 
 
 def _try_start(ws: Workspace, w: WorkloadSnapshot, t: GpuType, need: int) -> bool:

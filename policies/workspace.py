@@ -234,25 +234,15 @@ class Workspace:
         snapshot): a long queue of waiting jobs then costs a lookup per job, not a search.
         """
         version = self.version.get(gpu_type, 0)
-        hit = self.recall(gpu_type, key)
-        if hit is not None:
-            return hit
+        full = ("memo", gpu_type, *key)
+        hit = self._memo.get(full)
+        if hit is not None and hit[0] == version:
+            return hit[1]
         value = compute()
         # The version of the state ``compute`` saw: it may have moved and rolled back meanwhile.
         if self.version.get(gpu_type, 0) == version:
-            self.remember(gpu_type, key, value)
+            self._memo[full] = (version, value)
         return value
-
-    def recall(self, gpu_type: GpuType, key: tuple) -> Any:
-        """What ``remember`` stored under ``key`` for ``gpu_type``'s current state; None if it changed since."""
-        hit = self._memo.get(("memo", gpu_type, *key))
-        if hit is not None and hit[0] == self.version.get(gpu_type, 0):
-            return hit[1]
-        return None
-
-    def remember(self, gpu_type: GpuType, key: tuple, value: Any) -> None:
-        """Stores ``value`` (never None), true of ``gpu_type``'s current state (see ``memo``)."""
-        self._memo[("memo", gpu_type, *key)] = (self.version.get(gpu_type, 0), value)
 
     # ------------------------------------------------------------------------------------- moves
 
