@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable
+from itertools import islice
 
 CENTI = 100  # packing resolution: 1/100 GPU (Serve replicas use fractions such as 0.25 or 0.5)
 
@@ -99,7 +100,8 @@ class TypePacker:
         for f in keys[bisect_left(keys, need):]:
             per_node = f // need
             bucket = buckets[f]
-            for i in list(bucket):
+            # Only the nodes this placement can use (a bucket may hold thousands of nodes).
+            for i in list(islice(bucket, -(-remaining // per_node))):
                 k = per_node if per_node < remaining else remaining
                 new = f - k * need
                 del bucket[i]
