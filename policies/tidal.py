@@ -303,15 +303,16 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
     """
     by_type: dict[GpuType, list[WorkloadSnapshot]] = {}
     wants: dict[str, int] = {}
+    alloc, units = ws.alloc, ws.units
     for w in level:
-        name = w.spec.name
-        t = ws.job_type(name)
-        if t is not None:
-            want = job_want(w)
-            if ws.units(name) < want:
-                by_type.setdefault(t, []).append(w)
+        spec = w.spec
+        name = spec.name
+        a = alloc[name]
+        if a:  # a running job, on its one type
+            want = min(max(w.demand_units, 0), spec.max_units)  # job_want(w), inlined
+            if units(name) < want:
+                by_type.setdefault(next(iter(a)), []).append(w)
                 wants[name] = want
-    units = ws.units
     for t, growers in by_type.items():
         free = ws.free_gpus(t)
         total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]

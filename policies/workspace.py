@@ -124,6 +124,8 @@ class Workspace:
             self.holders, self.preemptible_holders, self.spare_holders, self._total, self._spare
         )
         alloc = self.alloc
+        # (type, priority) -> its level, spare level and per-priority sums (found once, not per job).
+        by_level: dict[tuple, tuple] = {}
         for w in self._jobs:
             spec = w.spec
             name = spec.name
@@ -138,14 +140,19 @@ class Workspace:
                 h[name] = None
                 if spec.preemptible:  # type: ignore[union-attr]
                     g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
-                    level = pre.setdefault(t, {}).setdefault(p, {})
-                    spare_level = spare_h.setdefault(t, {}).setdefault(p, {})
+                    found = by_level.get((t, p))
+                    if found is None:
+                        found = by_level[(t, p)] = (
+                            pre.setdefault(t, {}).setdefault(p, {}),
+                            spare_h.setdefault(t, {}).setdefault(p, {}),
+                            total.setdefault(t, {}),
+                            spare.setdefault(t, {}),
+                        )
+                    level, spare_level, tot, sp = found
                     level[name] = None
                     if n > m:
                         spare_level[name] = None
-                    tot = total.setdefault(t, {})
                     tot[p] = tot.get(p, 0.0) + n * g
-                    sp = spare.setdefault(t, {})
                     sp[p] = sp.get(p, 0.0) + max(0, n - m) * g
 
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
