@@ -501,7 +501,7 @@ class ResourceArbiter:
         for name, reg in self._regs.items():
             old = self._grants.get(name, EMPTY)
             new = new_grants.get(name, EMPTY)
-            if new == old:
+            if new is old or new == old:
                 continue
             changed = True
             kind = "shrink" if new.total() < old.total() else "grow"
@@ -565,7 +565,7 @@ class ResourceArbiter:
     def _record(self, event: ArbiterEvent) -> None:
         self._events.append(event)
         self._pending_events.append(event)
-        if event.kind in ("shrink", "forced", "expired", "infeasible"):
+        if event.kind in ("shrink", "forced", "expired", "infeasible") and logger.isEnabledFor(logging.INFO):
             logger.info("%s %s %s", event.kind, event.workload, dict(event.detail))
 
 
@@ -600,7 +600,7 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
         current = current_of(name, EMPTY)
         target = target_of(name, EMPTY)
         held = w.held
-        if target == current and (held == current or not held.items):
+        if (target is current or target == current) and (held is current or not held.items or held == current):
             # The common case: nothing moves.
             for t, n in current.items:
                 used[t] = used.get(t, 0.0) + n * g

@@ -51,7 +51,10 @@ class Allocation:
         return 0
 
     def total(self) -> int:
-        return sum(n for _, n in self.items)
+        items = self.items
+        if len(items) == 1:
+            return items[0][1]
+        return sum(n for _, n in items)
 
     def types(self) -> tuple[GpuType, ...]:
         return tuple(t for t, _ in self.items)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.model import Allocation, ClusterSnapshot, WorkloadKind, WorkloadName
+from cluster.model import EMPTY, Allocation, ClusterSnapshot, WorkloadKind, WorkloadName
 from policies.base import Policy, PolicyDecision, PolicyState
 
 
@@ -56,12 +56,12 @@ class GuardedPolicy:
         peaks: dict[str, list[list[float]]] = {k: [list(p) for p in v] for k, v in (g.get("peaks") or {}).items()}
         last_resize: dict[str, float] = dict(g.get("last_resize") or {})
         moves: list[float] = [t for t in (g.get("moves") or []) if now - t < cfg.moves_window_s]
-        names = {w.name for w in snapshot.workloads}
+        names = {w.spec.name for w in snapshot.workloads}
 
         # 1. Hysteresis: services see the peak of their demand over the downscale delay.
         smoothed = []
         for w in snapshot.workloads:
-            if w.kind is WorkloadKind.SERVICE:
+            if w.spec.kind is WorkloadKind.SERVICE:
                 hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
                 hist.append([now, float(w.demand_units)])
                 # Keep only a decreasing staircase: a sample below a later one can never be the peak.
@@ -71,7 +71,8 @@ class GuardedPolicy:
                         stair.pop()
                     stair.append(p)
                 peaks[w.name] = stair
-                w = replace(w, demand_units=int(stair[0][1]))
+                if int(stair[0][1]) != w.demand_units:
+                    w = replace(w, demand_units=int(stair[0][1]))
             smoothed.append(w)
         inner_snapshot = replace(snapshot, workloads=tuple(smoothed))
 
@@ -81,7 +82,8 @@ class GuardedPolicy:
 
         # 3. Bounds, batched growth and the move cap.
         targets: dict[WorkloadName, Allocation] = {}
-        by_name = {w.name: w for w in smoothed}
+        by_name = {w.spec.name: w for w in smoothed}
+        grants = snapshot.grants
         for name in sorted(decision.targets):
             if name not in names:
                 continue
@@ -89,8 +91,8 @@ class GuardedPolicy:
             target = decision.targets[name]
             if target.total() > w.spec.max_units:
                 raise GuardViolation(f"{name}: target {target} above max_units {w.spec.max_units}")
-            current = snapshot.grant_of(name)
-            if w.kind is WorkloadKind.TRAINING and target != current:
+            current = grants.get(name, EMPTY)
+            if w.spec.kind is WorkloadKind.TRAINING and target is not current and target != current:
                 grows = target.total() > current.total()
                 if grows and current:
                     step = target.total() - current.total()
@@ -98,7 +100,9 @@ class GuardedPolicy:
                     too_soon = now - last_resize.get(name, float("-inf")) < cfg.job_resize_min_interval_s
                     too_small = step < cfg.job_growth_min_workers and target.total() < want
                     if too_soon or too_small or len(moves) >= cfg.max_moves_per_window:
-                        target = current
+                        # Only the growth goes, per type: a job the policy moved to another type (it was
+                        # stopped on its old one, whose GPUs went to others) keeps nothing, not its old grant.
+                        target = Allocation(tuple((t, min(n, current.get(t))) for t, n in target.items if current.get(t)))
                 if target != current:
                     last_resize[name] = now
                     moves.append(now)

@@ -14,38 +14,50 @@ Example: nodes of 8, 8 and 4 GPUs; place three 3-GPU units: best fit puts one on
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections.abc import Iterable
+from itertools import islice
 
 CENTI = 100  # packing resolution: 1/100 GPU (Serve replicas use fractions such as 0.25 or 0.5)
+
+_centi_of: dict[float, int] = {}
 
 
 def to_centi(gpus: float) -> int:
     """GPUs to integer centi-GPUs, rounding a unit's need up so that packing never over-commits."""
-    return max(0, math.ceil(gpus * CENTI - 1e-6))
+    c = _centi_of.get(gpus)
+    if c is None:
+        c = _centi_of[gpus] = max(0, math.ceil(gpus * CENTI - 1e-6))
+    return c
 
 
 class TypePacker:
     """Free capacity of one GPU type's healthy nodes; places and releases units on nodes."""
 
-    __slots__ = ("free", "buckets")
+    __slots__ = ("free", "buckets", "keys", "total")
 
     def __init__(self, node_gpus: Iterable[float] = ()) -> None:
         self.free: list[int] = [max(0, math.floor(g * CENTI + 1e-6)) for g in node_gpus]
-        # free capacity -> nodes with exactly that much free (dicts as ordered sets: deterministic).
+        # free capacity -> nodes with exactly that much free (dicts as ordered sets: deterministic);
+        # ``keys``: the capacities in ``buckets``, ascending; ``total``: all free centi-GPUs.
         self.buckets: dict[int, dict[int, None]] = {}
         for i, f in enumerate(self.free):
             if f > 0:
                 self.buckets.setdefault(f, {})[i] = None
+        self.keys: list[int] = sorted(self.buckets)
+        self.total: int = sum(self.free)
 
     def copy(self) -> TypePacker:
         p = TypePacker()
         p.free = list(self.free)
         p.buckets = {f: dict(nodes) for f, nodes in self.buckets.items()}
+        p.keys = list(self.keys)
+        p.total = self.total
         return p
 
     @property
     def free_gpus(self) -> float:
-        return sum(f * len(nodes) for f, nodes in self.buckets.items()) / CENTI
+        return self.total / CENTI
 
     @property
     def hist(self) -> dict[int, int]:
@@ -57,34 +69,62 @@ class TypePacker:
         need = to_centi(unit_gpus)
         if need == 0:
             return 1 << 30
-        return sum((f // need) * len(nodes) for f, nodes in self.buckets.items())
+        keys = self.keys
+        buckets = self.buckets
+        return sum((f // need) * len(buckets[f]) for f in keys[bisect_left(keys, need):])
 
     def place(self, unit_gpus: float, n: int) -> int:
         """Places up to ``n`` units of ``unit_gpus`` each, best fit first; returns how many it placed."""
-        return sum(k for _, k in self.place_on_nodes(unit_gpus, n))
+        return self.place_into(unit_gpus, n, {})
 
     def place_on_nodes(self, unit_gpus: float, n: int) -> list[tuple[int, int]]:
         """Like ``place``, returning ``(node index, units)`` for every node that took units."""
-        out: list[tuple[int, int]] = []
+        where: dict[int, int] = {}
+        self.place_into(unit_gpus, n, where)
+        return list(where.items())
+
+    def place_into(self, unit_gpus: float, n: int, where: dict[int, int]) -> int:
+        """Like ``place``, adding the units each node took to ``where`` (node index -> units)."""
         if n <= 0:
-            return out
+            return 0
         need = to_centi(unit_gpus)
         if need == 0:
-            return [(-1, n)]
+            where[-1] = where.get(-1, 0) + n
+            return n
+        if need > self.total:
+            return 0
         remaining = n
-        for f in sorted(k for k in self.buckets if k >= need):
-            nodes = self.buckets.get(f)
-            if not nodes:
-                continue
+        keys, buckets, free = self.keys, self.buckets, self.free
+        # A node that takes units either drops below ``need`` or ends the loop, so no node moves to a
+        # capacity still ahead: walking a copy of the keys sees every candidate once.
+        for f in keys[bisect_left(keys, need):]:
             per_node = f // need
-            for i in list(nodes):
-                k = min(remaining, per_node)
-                self._set(i, f - k * need)
-                out.append((i, k))
+            bucket = buckets[f]
+            # Only the nodes this placement can use (a bucket may hold thousands of nodes).
+            for i in list(islice(bucket, -(-remaining // per_node))):
+                k = per_node if per_node < remaining else remaining
+                new = f - k * need
+                del bucket[i]
+                if new > 0:
+                    to = buckets.get(new)
+                    if to is None:
+                        buckets[new] = {i: None}
+                        insort(keys, new)
+                    else:
+                        to[i] = None
+                free[i] = new
+                where[i] = where.get(i, 0) + k
                 remaining -= k
                 if remaining == 0:
-                    return out
-        return out
+                    break
+            if not bucket:
+                del buckets[f]
+                del keys[bisect_left(keys, f)]
+            if remaining == 0:
+                break
+        placed = n - remaining
+        self.total -= placed * need
+        return placed
 
     def release(self, node: int, centi: int) -> None:
         """Gives ``centi`` centi-GPUs back to ``node``."""
@@ -95,11 +135,20 @@ class TypePacker:
         old = self.free[i]
         if old == new:
             return
+        buckets = self.buckets
         if old > 0:
-            b = self.buckets[old]
+            b = buckets[old]
             del b[i]
             if not b:
-                del self.buckets[old]
+                del buckets[old]
+                keys = self.keys
+                del keys[bisect_left(keys, old)]
         if new > 0:
-            self.buckets.setdefault(new, {})[i] = None
+            b = buckets.get(new)
+            if b is None:
+                buckets[new] = {i: None}
+                insort(self.keys, new)
+            else:
+                b[i] = None
         self.free[i] = new
+        self.total += new - old

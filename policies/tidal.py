@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
 
-from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot
+from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot, WorkloadSpec
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
 from policies.workspace import Workspace
 
@@ -86,13 +86,17 @@ def _by_priority(ws_list: list[WorkloadSnapshot]) -> list[WorkloadSnapshot]:
 
 def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
     """Gives back what services and jobs no longer want, least preferred types first."""
-    for w in ws.workloads.values():
-        target = service_wants[w.name] if w.name in service_wants else job_want(w)
-        excess = ws.units(w.name) - target
+    units = ws.units
+    for name, w in ws.workloads.items():
+        have = units(name)
+        if not have:
+            continue  # nothing to give back (wants are never negative)
+        target = service_wants[name] if name in service_wants else job_want(w)
+        excess = have - target
         for t in reversed(w.spec.gpu_types):
             if excess <= 0:
                 break
-            excess -= ws.shrink(w.name, t, excess)
+            excess -= ws.shrink(name, t, excess)
 
 
 def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> None:
@@ -155,10 +159,14 @@ def _donors(
 
 
 def _levels(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[list[WorkloadSnapshot]]:
-    if order is not None:
-        return [sorted(ws.jobs(), key=order)]
-    jobs = _by_priority(ws.jobs())
-    return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+    def compute() -> list[list[WorkloadSnapshot]]:
+        if order is not None:
+            return [sorted(ws.jobs(), key=order)]
+        jobs = _by_priority(ws.jobs())
+        return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+
+    # The same levels serve start_jobs and grow_jobs (jobs never change within a decision).
+    return ws.per_decision(("levels", order), compute)
 
 
 def start_jobs(
@@ -175,10 +183,38 @@ def start_jobs(
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
     """
+    queue = _Queue()
     for level in _levels(ws, order):
         for w in level:
-            if ws.units(w.name) == 0 and job_want(w) > 0:
-                _start_job(ws, w, speed, preempt, greedy)
+            if ws.units(w.spec.name) == 0 and job_want(w) > 0:
+                _start_job(ws, w, speed, preempt, greedy, queue)
+
+
+class _Queue:
+    """What ``start_jobs`` learns while it walks the queue, so that a long queue stays cheap.
+
+    ``hopeless[(type, unit GPUs, need, priority or None)]``: the version of the type (``ws.version``)
+    at which a job of that unit, need and priority (to preempt) could not start there. Whether a job
+    can start on a type depends on nothing else, so the jobs behind it cost a lookup per type until
+    that type changes.
+    """
+
+    __slots__ = ("by_speed", "hopeless", "reasons")
+
+    def __init__(self) -> None:
+        self.by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
+        self.hopeless: dict[tuple, int] = {}
+        self.reasons: dict[tuple, str] = {}
+
+    def reason(self, spec: WorkloadSpec, need: int) -> str:
+        key = (need, spec.gpus_per_unit, spec.gpu_types)
+        r = self.reasons.get(key)
+        if r is None:
+            r = self.reasons[key] = (
+                f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
+                f"{'/'.join(spec.gpu_types)}; not enough free GPUs"
+            )
+        return r
 
 
 def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None = None) -> None:
@@ -201,38 +237,62 @@ def fill_training(
 
 
 def _start_job(
-    ws: Workspace, w: WorkloadSnapshot, speed: Callable[[GpuType], float], preempt: bool, greedy: bool
+    ws: Workspace,
+    w: WorkloadSnapshot,
+    speed: Callable[[GpuType], float],
+    preempt: bool,
+    greedy: bool,
+    queue: _Queue,
 ) -> None:
     spec = w.spec
-    want = job_want(w)
     need = max(1, spec.min_units)
+    g = spec.gpus_per_unit
+    prio = spec.priority if preempt else None
+    hopeless, version = queue.hopeless, ws.version
+    for t in spec.gpu_types:
+        if hopeless.get((t, g, need, prio)) != version.get(t, 0):
+            break
+    else:
+        ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
+        return
+    want = job_want(w)
     best = None
     for i, t in enumerate(spec.gpu_types):
-        fit = ws.fits(t, spec.gpus_per_unit)
+        fit = ws.fits(t, g)
         if fit >= need:
             score = (speed(t) * min(want, fit), -i)
             if best is None or score > best[0]:
                 best = (score, t)
     if best is not None:
-        ws.place(w.name, best[1], want if greedy else need)
+        ws.place(spec.name, best[1], want if greedy else need)
         return
     if preempt:
-        for t in sorted(spec.gpu_types, key=lambda t: -speed(t)):
+        types = queue.by_speed.get(spec.gpu_types)
+        if types is None:
+            types = queue.by_speed[spec.gpu_types] = sorted(spec.gpu_types, key=lambda t: -speed(t))
+        for t in types:
             reclaimable = ws.reclaimable_gpus(t, spec.priority, include_min=True)
-            if ws.free_gpus(t) + reclaimable + 1e-9 < need * spec.gpus_per_unit:
+            if ws.free_gpus(t) + reclaimable + 1e-9 < need * g:
                 continue
-            donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min=True)
-            cp = ws.checkpoint()
-            if ws.reclaim_for(w.name, t, need, donors, donors) >= need:
+            # Whether the reclaim works depends on the unit, the need, the priority and type t's state
+            # only: a failure is memoised, so a queue of like jobs tries once while t stays as it is.
+            if ws.memo(t, ("start", g, need, spec.priority), lambda t=t: _try_start(ws, w, t, need)):
                 return
-            ws.rollback(cp)
-    ws.infeasible.append(
-        Infeasible(
-            w.name,
-            f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
-            f"{'/'.join(spec.gpu_types)}; not enough free GPUs",
-        )
-    )
+    version = ws.version  # (a rollback restored the versions: each type's state is as it was)
+    for t in spec.gpu_types:
+        hopeless[(t, g, need, prio)] = version.get(t, 0)
+    ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
+
+
+def _try_start(ws: Workspace, w: WorkloadSnapshot, t: GpuType, need: int) -> bool:
+    """Starts ``w`` with ``need`` workers on ``t`` by stopping lower-priority jobs, all or nothing."""
+    spec = w.spec
+    donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min=True)
+    cp = ws.checkpoint()
+    if ws.reclaim_for(spec.name, t, need, donors, donors) >= need:
+        return True
+    ws.rollback(cp)
+    return False
 
 
 def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
@@ -242,16 +302,25 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
     A gets 4, B gets 2 in the first pass; a second pass hands out what rounding left.
     """
     by_type: dict[GpuType, list[WorkloadSnapshot]] = {}
+    wants: dict[str, int] = {}
+    alloc, units = ws.alloc, ws.units
     for w in level:
-        t = ws.job_type(w.name)
-        if t is not None and ws.units(w.name) < job_want(w):
-            by_type.setdefault(t, []).append(w)
+        spec = w.spec
+        name = spec.name
+        a = alloc[name]
+        if a:  # a running job, on its one type
+            want = min(max(w.demand_units, 0), spec.max_units)  # job_want(w), inlined
+            if units(name) < want:
+                by_type.setdefault(next(iter(a)), []).append(w)
+                wants[name] = want
     for t, growers in by_type.items():
         free = ws.free_gpus(t)
         total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]
-        growers.sort(key=lambda w: (ws.units(w.name) / max(w.spec.weight, 1e-9), w.registered_s, w.name))
+        growers.sort(key=lambda w: (units(w.spec.name) / max(w.spec.weight, 1e-9), w.registered_s, w.spec.name))
         for w in growers:
+            name = w.spec.name
             share = int(free * max(w.spec.weight, 1e-9) / total_w / w.spec.gpus_per_unit)
-            ws.place(w.name, t, min(share, job_want(w) - ws.units(w.name)))
+            ws.place(name, t, min(share, wants[name] - units(name)))
         for w in growers:
-            ws.place(w.name, t, job_want(w) - ws.units(w.name))
+            name = w.spec.name
+            ws.place(name, t, wants[name] - units(name))

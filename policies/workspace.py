@@ -13,7 +13,8 @@ Protection order (what survives a shortage, first to last):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from cluster.model import (
     Allocation,
@@ -28,16 +29,17 @@ from policies.base import Infeasible, PolicyDecision, Reclaim
 from policies.packing import TypePacker, to_centi
 
 
-def protection_key(w: WorkloadSnapshot, above_min: bool) -> tuple:
+def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
+    """The protection keys of a workload's units up to its minimum and above it (see the module doc)."""
     spec = w.spec
-    loss = w.seconds_since_checkpoint or 0.0
-    if isinstance(spec, TrainingJobSpec):
-        if not spec.preemptible:
-            return (0, -spec.priority, w.registered_s, w.name)
-        if not above_min:
-            return (2, -spec.priority, w.registered_s, w.name)
-        return (4, -spec.priority, -loss, w.registered_s, w.name)
-    return (3 if above_min else 1, -spec.priority, w.registered_s, w.name)
+    name = spec.name
+    if spec.kind is WorkloadKind.TRAINING:
+        if not spec.preemptible:  # type: ignore[union-attr]
+            key = (0, -spec.priority, w.registered_s, name)
+            return key, key
+        loss = w.seconds_since_checkpoint or 0.0
+        return (2, -spec.priority, w.registered_s, name), (4, -spec.priority, -loss, w.registered_s, name)
+    return (1, -spec.priority, w.registered_s, name), (3, -spec.priority, w.registered_s, name)
 
 
 class Workspace:
@@ -46,33 +48,63 @@ class Workspace:
     def __init__(self, snapshot: ClusterSnapshot, known: Iterable[WorkloadSnapshot] | None = None) -> None:
         self.snapshot = snapshot
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
-            w.name: w for w in (snapshot.workloads if known is None else known)
+            w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
         self.node_gpus: dict[GpuType, list[float]] = {}
         for n in snapshot.nodes:
             if n.healthy and n.num_gpus > 0:
                 self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
-        self._services = [w for w in self.workloads.values() if w.kind is WorkloadKind.SERVICE]
-        self._jobs = [w for w in self.workloads.values() if w.kind is WorkloadKind.TRAINING]
+        node_gpus = self.node_gpus
+        self._services: list[WorkloadSnapshot] = []
+        self._jobs: list[WorkloadSnapshot] = []
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
+        grants = snapshot.grants
         for name, w in self.workloads.items():
-            current = snapshot.grant_of(name)
-            cur = {t: n for t, n in current.items if t in self.node_gpus and t in w.spec.gpu_types}
+            spec = w.spec
+            training = spec.kind is WorkloadKind.TRAINING
+            (self._jobs if training else self._services).append(w)
+            current = grants.get(name)
+            if current is None or not current.items:
+                self.alloc[name] = {}
+                continue
+            types = spec.gpu_types
+            if len(current.items) == 1:
+                # The common case, one type: what the general path below makes of it.
+                t, n = current.items[0]
+                m = spec.max_units
+                if t not in node_gpus or t not in types or m <= 0:
+                    self.alloc[name] = {}
+                else:
+                    self.alloc[name] = {t: n if n <= m else m}
+                continue
+            cur = {t: n for t, n in current.items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
-            _clip_total(cur, w.spec.max_units, w.spec.gpu_types)
-            if isinstance(w.spec, TrainingJobSpec) and len(cur) > 1:
-                keep = max(cur, key=lambda t: (cur[t], -w.spec.gpu_types.index(t)))
+            _clip_total(cur, spec.max_units, types)
+            if training and len(cur) > 1:
+                keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
             self.alloc[name] = cur
         self.packers: dict[GpuType, TypePacker] = {}
         # Where each workload's units sit: name -> type -> node index -> units. A virtual placement,
         # re-derived each decision, so that a shrink frees capacity on the nodes it really frees.
-        self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {n: {} for n in self.workloads}
+        # (Filled as units are placed: a workload without units may have no entry.)
+        self.where: dict[WorkloadName, dict[GpuType, dict[int, int]]] = {}
         self.reclaims: list[Reclaim] = []
         self.infeasible: list[Infeasible] = []
+        # A version per GPU type, fresh (never reused) after every change to that type's packer or
+        # holdings, restored by ``rollback``: what depends only on one type's state can be memoised
+        # under its version (``fits``, ``memo``).
+        self._clock = 0
+        self.version: dict[GpuType, int] = {}
+        self._memo: dict[tuple, tuple[int, object]] = {}
+        self._constants: dict[object, Any] = {}
         self._reindex()
-        for t in self.node_gpus:
-            self.repack(t)
+        on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
+        for name, a in self.alloc.items():
+            for t in a:
+                on_type[t].append(name)
+        for t in node_gpus:
+            self._pack(t, on_type[t])
 
     def _reindex(self) -> None:
         """Indexes of who holds what, kept up to date by every move (see ``_adjust``).
@@ -88,9 +120,40 @@ class Workspace:
         self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._total: dict[GpuType, dict[int, float]] = {}
         self._spare: dict[GpuType, dict[int, float]] = {}
+        holders, pre, spare_h, total, spare = (
+            self.holders, self.preemptible_holders, self.spare_holders, self._total, self._spare
+        )
+        alloc = self.alloc
+        # (type, priority) -> its level, spare level and per-priority sums (found once, not per job).
+        by_level: dict[tuple, tuple] = {}
         for w in self._jobs:
-            for t, n in self.alloc[w.name].items():
-                self._index(w, t, 0, n)
+            spec = w.spec
+            name = spec.name
+            a = alloc[name]
+            if not a:
+                continue
+            for t, n in a.items():
+                # What ``_index(w, t, 0, n)`` does, inlined (this runs for every job every decision).
+                h = holders.get(t)
+                if h is None:
+                    h = holders[t] = {}
+                h[name] = None
+                if spec.preemptible:  # type: ignore[union-attr]
+                    g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
+                    found = by_level.get((t, p))
+                    if found is None:
+                        found = by_level[(t, p)] = (
+                            pre.setdefault(t, {}).setdefault(p, {}),
+                            spare_h.setdefault(t, {}).setdefault(p, {}),
+                            total.setdefault(t, {}),
+                            spare.setdefault(t, {}),
+                        )
+                    level, spare_level, tot, sp = found
+                    level[name] = None
+                    if n > m:
+                        spare_level[name] = None
+                    tot[p] = tot.get(p, 0.0) + n * g
+                    sp[p] = sp.get(p, 0.0) + max(0, n - m) * g
 
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
         spec = w.spec
@@ -116,6 +179,8 @@ class Workspace:
             spare[p] = spare.get(p, 0.0) + (max(0, new - m) - max(0, old - m)) * g
 
     def _adjust(self, name: WorkloadName, t: GpuType, delta: int) -> None:
+        self._clock += 1
+        self.version[t] = self._clock
         a = self.alloc[name]
         old = a.get(t, 0)
         new = old + delta
@@ -152,7 +217,39 @@ class Workspace:
 
     def fits(self, gpu_type: GpuType, unit_gpus: float) -> int:
         p = self.packers.get(gpu_type)
-        return p.max_units(unit_gpus) if p else 0
+        if p is None:
+            return 0
+        key = (gpu_type, unit_gpus)
+        version = self.version.get(gpu_type, 0)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]  # type: ignore[return-value]
+        n = p.max_units(unit_gpus)
+        self._memo[key] = (version, n)
+        return n
+
+    def per_decision(self, key: object, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per workspace (for what the snapshot alone fixes, e.g. an order of jobs)."""
+        if key not in self._constants:
+            self._constants[key] = compute()
+        return self._constants[key]
+
+    def memo(self, gpu_type: GpuType, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, memoised under ``key`` while nothing on ``gpu_type`` changes.
+
+        Only for what depends on nothing but ``gpu_type``'s packer and holdings (and constants of the
+        snapshot): a long queue of waiting jobs then costs a lookup per job, not a search.
+        """
+        version = self.version.get(gpu_type, 0)
+        full = ("memo", gpu_type, *key)
+        hit = self._memo.get(full)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = compute()
+        # The version of the state ``compute`` saw: it may have moved and rolled back meanwhile.
+        if self.version.get(gpu_type, 0) == version:
+            self._memo[full] = (version, value)
+        return value
 
     # ------------------------------------------------------------------------------------- moves
 
@@ -161,11 +258,16 @@ class Workspace:
         p = self.packers.get(gpu_type)
         if p is None or n <= 0:
             return 0
-        placed = 0
-        where = self.where[name].setdefault(gpu_type, {})
-        for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
-            where[node] = where.get(node, 0) + k
-            placed += k
+        g = self.workloads[name].spec.gpus_per_unit
+        if to_centi(g) > p.total:
+            return 0  # nothing fits: the common case of a full type, without a search
+        by_type = self.where.get(name)
+        if by_type is None:
+            by_type = self.where[name] = {}
+        where = by_type.get(gpu_type)
+        if where is None:
+            where = by_type[gpu_type] = {}
+        placed = p.place_into(g, n, where)
         if placed:
             self._adjust(name, gpu_type, placed)
         return placed
@@ -197,31 +299,53 @@ class Workspace:
 
         Trimming only happens when capacity shrank (a node died): the least protected units go first.
         """
+        self._pack(gpu_type, [name for name, a in self.alloc.items() if a.get(gpu_type)])
+
+    def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
+        """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
         p = TypePacker(self.node_gpus.get(gpu_type, ()))
         self.packers[gpu_type] = p
+        # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
+        # non-preemptible job's minimum first (both its parts share one key).
         groups = []
-        for name, a in self.alloc.items():
+        alloc, workloads = self.alloc, self.workloads
+        for name in names:
+            a = alloc[name]
             n = a.get(gpu_type, 0)
             if not n:
                 continue
-            w = self.workloads[name]
-            min_here = self._min_part_on(w, gpu_type, n)
+            w = workloads[name]
+            spec = w.spec
+            if len(a) == 1:
+                min_here = min(n, spec.min_units)  # the alloc's types are among the spec's
+            else:
+                min_here = self._min_part_on(w, gpu_type, n)
+            low, high = protection_keys(w)
             if min_here:
-                groups.append((protection_key(w, False), name, min_here))
+                groups.append((low, 0, name, min_here))
             if n - min_here:
-                groups.append((protection_key(w, True), name, n - min_here))
-        groups.sort(key=lambda g: g[0])
-        for _, name, _n in groups:
-            self.where[name].pop(gpu_type, None)
-        for _, name, n in groups:
-            where = self.where[name].setdefault(gpu_type, {})
-            placed = 0
-            for node, k in p.place_on_nodes(self.workloads[name].spec.gpus_per_unit, n):
-                where[node] = where.get(node, 0) + k
-                placed += k
+                groups.append((high, 1, name, n - min_here))
+        groups.sort()
+        where_of = self.where
+        if where_of:
+            for _, _, name, _ in groups:
+                by_type = where_of.get(name)
+                if by_type is not None:
+                    by_type.pop(gpu_type, None)
+        place_into = p.place_into
+        for _, _, name, n in groups:
+            by_type = where_of.get(name)
+            if by_type is None:
+                by_type = where_of[name] = {}
+            where = by_type.get(gpu_type)
+            if where is None:
+                where = by_type[gpu_type] = {}
+            placed = place_into(workloads[name].spec.gpus_per_unit, n, where)
             if placed < n:
                 # The nodes no longer hold it all (a node died): the least protected units go.
                 self._adjust(name, gpu_type, placed - n)
+        self._clock += 1
+        self.version[gpu_type] = self._clock
 
     def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
         """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.
@@ -285,10 +409,13 @@ class Workspace:
             {t: p.copy() for t, p in self.packers.items()},
             {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in self.where.items()},
             len(self.reclaims),
+            dict(self.version),
         )
 
     def rollback(self, cp: tuple) -> None:
-        alloc, packers, where, num_reclaims = cp
+        alloc, packers, where, num_reclaims, version = cp
+        # The state is the checkpoint's again, and so are the versions (memoised values stay valid).
+        self.version = dict(version)
         self.alloc = {n: dict(a) for n, a in alloc.items()}
         self.packers = {t: p.copy() for t, p in packers.items()}
         self.where = {n: {t: dict(w) for t, w in by_t.items()} for n, by_t in where.items()}
@@ -298,7 +425,16 @@ class Workspace:
     # ------------------------------------------------------------------------------------ result
 
     def decision(self) -> PolicyDecision:
-        targets = {n: Allocation.of(a) for n, a in self.alloc.items() if a}
+        # An unchanged grant is handed back as the same object: no churn, and the guards and the
+        # planner see "unchanged" at the cost of an identity check.
+        grants = self.snapshot.grants
+        targets: dict[WorkloadName, Allocation] = {}
+        for n, a in self.alloc.items():
+            if not a:
+                continue
+            items = tuple(a.items()) if len(a) == 1 else tuple(sorted(a.items()))
+            current = grants.get(n)
+            targets[n] = current if current is not None and current.items == items else Allocation(items)
         return PolicyDecision(targets, tuple(self.infeasible), tuple(self.reclaims))
 
     def services(self) -> list[WorkloadSnapshot]:

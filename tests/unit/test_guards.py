@@ -105,3 +105,24 @@ def test_a_target_above_max_is_caught():
         GuardedPolicy(TooMuch()).decide(
             make_snapshot(make_nodes(H100=2), [make_workload(make_job(max_workers=8))]), PolicyState()
         )
+
+
+def test_a_job_moved_to_another_type_too_soon_keeps_nothing_rather_than_its_old_gpus():
+    # The policy stopped "low" on H200 (a higher-priority job took the node) and restarted it on A100 with
+    # more workers. The growth is too soon, but its old H200 workers are gone to "big": reverting to them
+    # would target 12 H200 GPUs on a node of 8.
+    class Moved:
+        name = "moved"
+
+        def decide(self, snapshot, state):
+            return PolicyDecision({"big": Allocation.of(H200=1), "low": Allocation.of(A100=3)}), state
+
+    low = make_job("low", gpus_per_worker=2.0, max_workers=4, gpu_types=("H200", "A100"))
+    big = make_job("big", gpus_per_worker=8.0, max_workers=1, gpu_types=("H200",), priority=50)
+    snap = make_snapshot(
+        make_nodes(H200=1, A100=1), [make_workload(low), make_workload(big)], {"low": {"H200": 2}}, now_s=100
+    )
+    state = PolicyState({"guards": {"last_resize": {"low": 90.0}}})
+    d, _ = GuardedPolicy(Moved(), GuardConfig(job_resize_min_interval_s=60)).decide(snap, state)
+    assert d.target_of("big") == Allocation.of(H200=1)
+    assert d.target_of("low") == Allocation()
