@@ -279,6 +279,24 @@ class RunnerError(RuntimeError):
     """The run cannot go on (e.g. the training code fails again and again)."""
 
 
+def restart_not_before(
+    outcome: str, now: float, failures: int, failure_backoff_s: float, restart_delay_s: float
+) -> float:
+    """The earliest time the next attempt may start, after one that ended with ``outcome``.
+
+    A failed attempt backs off ``failure_backoff_s`` per failure in a row (a lost node takes the GCS a few
+    seconds to declare dead, and the arbiter a tick more to shrink the grant); one that yielded GPUs waits
+    the job's ``restart_delay_s``; any other restarts at once.
+
+    Example: ``restart_not_before("failed", 100.0, 2, 3.0, 0.0)`` is 106.0.
+    """
+    if outcome == "failed":
+        return now + failure_backoff_s * failures
+    if outcome == "yielded":
+        return now + restart_delay_s
+    return float("-inf")
+
+
 class ElasticRunner:
     """Runs one job to completion under a changing grant. See the module docstring.
 
@@ -441,15 +459,18 @@ class ElasticRunner:
                 return True
             if record.outcome == "failed":
                 failures = failures + 1 if record.last_step <= record.start_step else 1
-                self._not_before_s = self.clock() + self.failure_backoff_s * failures
+            else:
+                failures = 0
+            self._not_before_s = restart_not_before(
+                record.outcome, self.clock(), failures, self.failure_backoff_s, self.spec.restart_delay_s
+            )
+            if record.outcome == "failed":
                 self._capacity_cache = (0.0, self._capacity_cache[1])
                 if failures >= self.max_consecutive_failures:
                     raise RunnerError(
                         f"job {self.spec.name}: {failures} attempts in a row failed without progress; last error: "
                         f"{attempt.error!r}"
                     )
-            else:
-                failures = 0
         return False
 
     # ------------------------------------------------------------------------------ attempts

@@ -172,6 +172,13 @@ class JobSpec(BaseModel):
     num_checkpoints_to_keep: int = Field(default=2, ge=1)
     yield_grace_s: float = Field(default=30.0, gt=0)
     resize_min_interval_s: float = Field(default=60.0, ge=0)
+    restart_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="After giving GPUs back (a shrink), wait this long before restarting on the GPUs left, "
+        "so that the new holder starts first on a host whose CPUs both share. 0: restart at once.",
+    )
     cpu_niceness: int = Field(
         default=0,
         ge=0,

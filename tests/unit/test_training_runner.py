@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached
+from training.runner import CapacityGrantSource, metric_reached, restart_not_before
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -25,3 +25,10 @@ def test_without_an_arbiter_a_job_gets_its_preferred_type_that_fits_up_to_its_ma
     view = source.heartbeat_nowait("j")
     assert view is not None and view.grant == Allocation() and "no accepted GPU type" in (view.reason or "")
     assert source.unregister("j") and not source.heartbeat("j").registered
+
+
+def test_a_failed_attempt_backs_off_per_failure_a_yielded_one_waits_its_restart_delay():
+    assert restart_not_before("failed", 100.0, 2, 3.0, 20.0) == 106.0
+    assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0) == 120.0
+    assert restart_not_before("yielded", 100.0, 0, 3.0, 0.0) == 100.0
+    assert restart_not_before("forced", 100.0, 0, 3.0, 20.0) == float("-inf")
