@@ -248,13 +248,16 @@ class Simulator:
         self._oracle_t = 0.0
         # time series
         self.decide_ms = array("d")
+        self.idle_wanted_gpus = array("d")  # per sample, see sample()
+        self.tick_wall_s = 0.0  # wall time inside ResourceArbiter.tick (decide included)
+        self.training_demand_gpus = 0.0
         self.samples: list[dict[str, Any]] = []
         self.node_failures = 0
 
     # ----------------------------------------------------------------------------------- running
 
     def run(self) -> PolicyResult:
-        wall0 = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         end = self.inputs.end_s
         for series in self.inputs.series:
             spec = ServiceSpec(
@@ -281,7 +284,7 @@ class Simulator:
             svc.advance(end)
         self.backend.integrate(end)
         self._oracle_integrate(end)
-        return self._result(time.perf_counter() - wall0)
+        return self._result(time.perf_counter() - wall0, time.process_time() - cpu0)
 
     def _after_event(self) -> None:
         if not self.event_tick_pending and self.arbiter.needs_tick():
@@ -292,7 +295,9 @@ class Simulator:
 
     def tick(self) -> None:
         self.last_tick_s = self.clock.now()
+        t0 = time.perf_counter()
         self.arbiter.tick()
+        self.tick_wall_s += time.perf_counter() - t0
         self.decide_ms.append(self.arbiter.last_decide_ms)
 
     def arrive_job(self, index: int) -> None:
@@ -324,9 +329,11 @@ class Simulator:
         self.lost_gpu_s += job.lost_gpu_s
         self.overhead_gpu_s += job.overhead_gpu_s
 
-    def on_demand(self, delta_gpus: float) -> None:
+    def on_demand(self, delta_gpus: float, *, training: bool = False) -> None:
         self._oracle_integrate(self.clock.now())
         self.demand_gpus += delta_gpus
+        if training:
+            self.training_demand_gpus += delta_gpus
 
     def _oracle_integrate(self, now: float) -> None:
         dt = now - self._oracle_t
@@ -379,18 +386,43 @@ class Simulator:
     def sample(self) -> None:
         now = self.clock.now()
         waiting = running = 0
+        growable: dict[str, float] = {}  # GPUs that running jobs could still grow into, per type
+        smallest_wait: dict[str, float] = {}  # the smallest minimum of a waiting job, per accepted type
         for w in self.workloads.values():
             if isinstance(w, SimTrainingJob):
                 if w.state == "waiting":
                     waiting += 1
+                    need = w.spec.min_workers * w.spec.gpus_per_worker
+                    for t in w.spec.gpu_types:
+                        smallest_wait[t] = min(smallest_wait.get(t, math.inf), need)
                 else:
                     running += 1
+                    if w.gpu_type is not None:
+                        more = (w.spec.max_workers - w.grant.get(w.gpu_type)) * w.spec.gpus_per_worker
+                        growable[w.gpu_type] = growable.get(w.gpu_type, 0.0) + max(0.0, more)
+        # Idle while wanted: free GPUs of a type that a running job could grow into, or that would
+        # start a waiting job. The guards (batched growth, resize interval, move cap) and release
+        # before grant keep some idle for a tick or two; a large figure means the policy leaves
+        # GPUs idle that training could use.
+        granted_by_type: dict[str, float] = {}
+        for (_, t), v in self.backend.granted.items():
+            granted_by_type[t] = granted_by_type.get(t, 0.0) + v
+        idle_wanted = 0.0
+        for t, cap in self.backend.capacity.items():
+            free = max(0.0, cap - granted_by_type.get(t, 0.0))
+            wanted = growable.get(t, 0.0)
+            if free >= smallest_wait.get(t, math.inf):
+                wanted = math.inf
+            idle_wanted += min(free, wanted)
+        self.idle_wanted_gpus.append(idle_wanted)
         self.samples.append(
             {
                 "t_s": now,
                 "granted": {f"{k}/{t}": v for (k, t), v in sorted(self.backend.granted.items())},
                 "capacity": dict(self.backend.capacity),
                 "demand_gpus": self.demand_gpus,
+                "training_demand_gpus": self.training_demand_gpus,
+                "idle_wanted_gpus": idle_wanted,
                 "jobs_waiting": waiting,
                 "jobs_running": running,
                 "rate_rps": sum(s.lam for s in self.services),
@@ -399,7 +431,7 @@ class Simulator:
         if self.progress is not None:
             self.progress(now / self.inputs.end_s)
 
-    def _result(self, wall_s: float) -> PolicyResult:
+    def _result(self, wall_s: float, cpu_s: float) -> PolicyResult:
         end = self.inputs.end_s
         n_min = int(math.ceil(end / 60.0))
         arrivals = within = 0.0
@@ -459,6 +491,7 @@ class Simulator:
             "restart_overhead_gpu_hours": self.overhead_gpu_s / 3600.0,
             "allocation_by_kind": {k: v / cap_area for k, v in sorted(by_kind.items())} if cap_area else {},
             "oracle_allocation_ratio": self._oracle_area / cap_area if cap_area else 0.0,
+            "idle_wanted_ratio": _idle_wanted_ratio(self.idle_wanted_gpus, self.samples),
             "requests": arrivals,
             "requests_within_slo": within,
             "node_failures": self.node_failures,
@@ -468,6 +501,13 @@ class Simulator:
             "decide_ms_max": decide[-1] if decide else 0.0,
             "events": self.loop.handled,
             "wall_s": wall_s,
+            "cpu_s": cpu_s,
+            # Where the time went (wall, inside this process): the guarded policy's decide(); the
+            # arbiter's whole tick (decide plus snapshot, plan, commit, apply); and the simulator
+            # itself (events, queues, workloads' heartbeats, metrics).
+            "decide_wall_s": sum(decide) / 1e3,
+            "tick_wall_s": self.tick_wall_s,
+            "sim_wall_s": wall_s - self.tick_wall_s,
             "simulated_s": end,
             "_series": {
                 "samples": self.samples,
@@ -476,6 +516,13 @@ class Simulator:
                 "jct_s": jct,
             },
         }
+
+
+def _idle_wanted_ratio(idle: Sequence[float], samples: Sequence[dict[str, Any]]) -> float:
+    """Mean over samples of GPUs idle while a job could use them, over the capacity then."""
+    caps = [sum(s["capacity"].values()) for s in samples]
+    total = sum(caps)
+    return sum(idle) / total if total else 0.0
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float | None:
