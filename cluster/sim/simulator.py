@@ -398,35 +398,33 @@ class Simulator:
 
     def sample(self) -> None:
         now = self.clock.now()
-        waiting = running = 0
-        growable: dict[str, float] = {}  # GPUs that running jobs could still grow into, per type
-        smallest_wait: dict[str, float] = {}  # the smallest minimum of a waiting job, per accepted type
-        for w in self.workloads.values():
-            if isinstance(w, SimTrainingJob):
-                if w.state == "waiting":
-                    waiting += 1
-                    need = w.spec.min_workers * w.spec.gpus_per_worker
-                    for t in w.spec.gpu_types:
-                        smallest_wait[t] = min(smallest_wait.get(t, math.inf), need)
-                else:
-                    running += 1
-                    if w.gpu_type is not None:
-                        more = (w.spec.max_workers - w.grant.get(w.gpu_type)) * w.spec.gpus_per_worker
-                        growable[w.gpu_type] = growable.get(w.gpu_type, 0.0) + max(0.0, more)
-        # Idle while wanted: free GPUs of a type that a running job could grow into, or that would
-        # start a waiting job. The guards (batched growth, resize interval, move cap) and release
-        # before grant keep some idle for a tick or two; a large figure means the policy leaves
-        # GPUs idle that training could use.
         granted_by_type: dict[str, float] = {}
         for (_, t), v in self.backend.granted.items():
             granted_by_type[t] = granted_by_type.get(t, 0.0) + v
-        idle_wanted = 0.0
-        for t, cap in self.backend.capacity.items():
-            free = max(0.0, cap - granted_by_type.get(t, 0.0))
-            wanted = growable.get(t, 0.0)
-            if free >= smallest_wait.get(t, math.inf):
-                wanted = math.inf
-            idle_wanted += min(free, wanted)
+        free = {t: max(0.0, c - granted_by_type.get(t, 0.0)) for t, c in self.backend.capacity.items()}
+        # Idle while wanted: free GPUs of a type that a running job on it could grow into, or that a
+        # waiting job could start on (its first accepted type where its minimum fits) and grow into.
+        # The guards (batched growth, resize interval, move cap), release before grant and the tick
+        # period keep some idle for a minute or two; a large figure means GPUs idle that training
+        # could use.
+        wanted: dict[str, float] = {}
+        waiting = running = 0
+        for w in self.workloads.values():
+            if not isinstance(w, SimTrainingJob):
+                continue
+            g = w.spec.gpus_per_worker
+            if w.state == "waiting":
+                waiting += 1
+                for t in w.spec.gpu_types:
+                    if free.get(t, 0.0) + 1e-9 >= w.spec.min_workers * g:
+                        wanted[t] = wanted.get(t, 0.0) + w.spec.max_workers * g
+                        break
+            else:
+                running += 1
+                if w.gpu_type is not None:
+                    more = max(0, w.spec.max_workers - w.grant.get(w.gpu_type)) * g
+                    wanted[w.gpu_type] = wanted.get(w.gpu_type, 0.0) + more
+        idle_wanted = sum(min(f, wanted.get(t, 0.0)) for t, f in free.items())
         self.idle_wanted_gpus.append(idle_wanted)
         self.samples.append(
             {
