@@ -474,11 +474,14 @@ class Simulator:
         cap_area = self.backend.capacity_area
         granted_area = sum(self.backend.granted_area.values())
         by_kind: dict[str, float] = {}
+        by_type: dict[str, float] = {}
         cost = 0.0
         prices = self.policy_config.prices_per_gpu_hour
         for (kind, t), area in self.backend.granted_area.items():
             by_kind[kind] = by_kind.get(kind, 0.0) + area
+            by_type[t] = by_type.get(t, 0.0) + area
             cost += area / 3600.0 * prices.get(t, 0.0)
+        cap_by_type = self.backend.capacity_area_by_type
         decide = sorted(self.decide_ms)
         return {
             "policy": self.policy_name,
@@ -501,6 +504,8 @@ class Simulator:
             "service_forced_stops": self.backend.forced_services,
             "restart_overhead_gpu_hours": self.overhead_gpu_s / 3600.0,
             "allocation_by_kind": {k: v / cap_area for k, v in sorted(by_kind.items())} if cap_area else {},
+            # Each GPU type's own allocation ratio (granted / that type's capacity).
+            "allocation_by_type": {t: by_type.get(t, 0.0) / c for t, c in sorted(cap_by_type.items()) if c},
             "oracle_allocation_ratio": self._oracle_area / cap_area if cap_area else 0.0,
             "idle_wanted_ratio": _idle_wanted_ratio(self.idle_wanted_gpus, self.samples),
             "requests": arrivals,
