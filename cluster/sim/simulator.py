@@ -144,6 +144,11 @@ class EventTick(Event):
     order = ORDER_TICK
 
     def handle(self, sim: Simulator) -> None:
+        # A tick may have run since this one was scheduled: keep the minimum gap after it.
+        earliest = sim.last_tick_s + sim.cfg.arbiter.event_tick_min_gap_s
+        if earliest > self.time_s + 1e-9:
+            sim.loop.schedule(EventTick(earliest))
+            return
         sim.event_tick_pending = False
         if sim.arbiter.needs_tick():
             sim.tick()
