@@ -41,6 +41,7 @@ class SimBackend:
         self._t_area = 0.0
         self.capacity: dict[str, float] = {}
         self.capacity_area = 0.0
+        self.capacity_area_by_type: dict[str, float] = {}
         self._recount_capacity()
         self.applies = 0
         self.forced_services = 0
@@ -108,6 +109,8 @@ class SimBackend:
         for k, v in self.granted.items():
             self.granted_area[k] = self.granted_area.get(k, 0.0) + v * dt
         self.capacity_area += sum(self.capacity.values()) * dt
+        for t, c in self.capacity.items():
+            self.capacity_area_by_type[t] = self.capacity_area_by_type.get(t, 0.0) + c * dt
         self._t_area = now
 
     def _recount_capacity(self) -> None:

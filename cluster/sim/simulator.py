@@ -120,10 +120,21 @@ def static_serving_share(
 
 
 class PeriodicTick(Event):
+    """The arbiter's timer: it ticks ``tick_s`` after its last tick, early or not.
+
+    As in the actor's loop (``cluster.actor``: ``next_due = now + tick_interval_s`` after every tick),
+    an event-driven tick restarts the timer, so two ticks are never closer than the event tick's
+    minimum gap, and no periodic tick follows an early one within the same ``tick_s``.
+    """
+
     __slots__ = ()
     order = ORDER_TICK
 
     def handle(self, sim: Simulator) -> None:
+        due = sim.last_tick_s + sim.cfg.arbiter.tick_s
+        if due > self.time_s + 1e-9:
+            sim.loop.schedule(PeriodicTick(due))
+            return
         sim.tick()
         sim.loop.schedule(PeriodicTick(self.time_s + sim.cfg.arbiter.tick_s))
 
@@ -133,6 +144,11 @@ class EventTick(Event):
     order = ORDER_TICK
 
     def handle(self, sim: Simulator) -> None:
+        # A tick may have run since this one was scheduled: keep the minimum gap after it.
+        earliest = sim.last_tick_s + sim.cfg.arbiter.event_tick_min_gap_s
+        if earliest > self.time_s + 1e-9:
+            sim.loop.schedule(EventTick(earliest))
+            return
         sim.event_tick_pending = False
         if sim.arbiter.needs_tick():
             sim.tick()
@@ -248,13 +264,17 @@ class Simulator:
         self._oracle_t = 0.0
         # time series
         self.decide_ms = array("d")
+        self.idle_wanted_gpus = array("d")  # per sample, see sample()
+        self.tick_wall_s = 0.0  # time inside ResourceArbiter.tick (decide included), wall and CPU
+        self.tick_cpu_s = 0.0
+        self.training_demand_gpus = 0.0
         self.samples: list[dict[str, Any]] = []
         self.node_failures = 0
 
     # ----------------------------------------------------------------------------------- running
 
     def run(self) -> PolicyResult:
-        wall0 = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         end = self.inputs.end_s
         for series in self.inputs.series:
             spec = ServiceSpec(
@@ -281,7 +301,7 @@ class Simulator:
             svc.advance(end)
         self.backend.integrate(end)
         self._oracle_integrate(end)
-        return self._result(time.perf_counter() - wall0)
+        return self._result(time.perf_counter() - wall0, time.process_time() - cpu0)
 
     def _after_event(self) -> None:
         if not self.event_tick_pending and self.arbiter.needs_tick():
@@ -292,7 +312,10 @@ class Simulator:
 
     def tick(self) -> None:
         self.last_tick_s = self.clock.now()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.arbiter.tick()
+        self.tick_wall_s += time.perf_counter() - t0
+        self.tick_cpu_s += time.process_time() - c0
         self.decide_ms.append(self.arbiter.last_decide_ms)
 
     def arrive_job(self, index: int) -> None:
@@ -324,9 +347,11 @@ class Simulator:
         self.lost_gpu_s += job.lost_gpu_s
         self.overhead_gpu_s += job.overhead_gpu_s
 
-    def on_demand(self, delta_gpus: float) -> None:
+    def on_demand(self, delta_gpus: float, *, training: bool = False) -> None:
         self._oracle_integrate(self.clock.now())
         self.demand_gpus += delta_gpus
+        if training:
+            self.training_demand_gpus += delta_gpus
 
     def _oracle_integrate(self, now: float) -> None:
         dt = now - self._oracle_t
@@ -378,19 +403,42 @@ class Simulator:
 
     def sample(self) -> None:
         now = self.clock.now()
+        granted_by_type: dict[str, float] = {}
+        for (_, t), v in self.backend.granted.items():
+            granted_by_type[t] = granted_by_type.get(t, 0.0) + v
+        free = {t: max(0.0, c - granted_by_type.get(t, 0.0)) for t, c in self.backend.capacity.items()}
+        # Idle while wanted: free GPUs of a type that a running job on it could grow into, or that a
+        # waiting job could start on (its first accepted type where its minimum fits) and grow into.
+        # The guards (batched growth, resize interval, move cap), release before grant and the tick
+        # period keep some idle for a minute or two; a large figure means GPUs idle that training
+        # could use.
+        wanted: dict[str, float] = {}
         waiting = running = 0
         for w in self.workloads.values():
-            if isinstance(w, SimTrainingJob):
-                if w.state == "waiting":
-                    waiting += 1
-                else:
-                    running += 1
+            if not isinstance(w, SimTrainingJob):
+                continue
+            g = w.spec.gpus_per_worker
+            if w.state == "waiting":
+                waiting += 1
+                for t in w.spec.gpu_types:
+                    if free.get(t, 0.0) + 1e-9 >= w.spec.min_workers * g:
+                        wanted[t] = wanted.get(t, 0.0) + w.spec.max_workers * g
+                        break
+            else:
+                running += 1
+                if w.gpu_type is not None:
+                    more = max(0, w.spec.max_workers - w.grant.get(w.gpu_type)) * g
+                    wanted[w.gpu_type] = wanted.get(w.gpu_type, 0.0) + more
+        idle_wanted = sum(min(f, wanted.get(t, 0.0)) for t, f in free.items())
+        self.idle_wanted_gpus.append(idle_wanted)
         self.samples.append(
             {
                 "t_s": now,
                 "granted": {f"{k}/{t}": v for (k, t), v in sorted(self.backend.granted.items())},
                 "capacity": dict(self.backend.capacity),
                 "demand_gpus": self.demand_gpus,
+                "training_demand_gpus": self.training_demand_gpus,
+                "idle_wanted_gpus": idle_wanted,
                 "jobs_waiting": waiting,
                 "jobs_running": running,
                 "rate_rps": sum(s.lam for s in self.services),
@@ -399,7 +447,7 @@ class Simulator:
         if self.progress is not None:
             self.progress(now / self.inputs.end_s)
 
-    def _result(self, wall_s: float) -> PolicyResult:
+    def _result(self, wall_s: float, cpu_s: float) -> PolicyResult:
         end = self.inputs.end_s
         n_min = int(math.ceil(end / 60.0))
         arrivals = within = 0.0
@@ -431,11 +479,14 @@ class Simulator:
         cap_area = self.backend.capacity_area
         granted_area = sum(self.backend.granted_area.values())
         by_kind: dict[str, float] = {}
+        by_type: dict[str, float] = {}
         cost = 0.0
         prices = self.policy_config.prices_per_gpu_hour
         for (kind, t), area in self.backend.granted_area.items():
             by_kind[kind] = by_kind.get(kind, 0.0) + area
+            by_type[t] = by_type.get(t, 0.0) + area
             cost += area / 3600.0 * prices.get(t, 0.0)
+        cap_by_type = self.backend.capacity_area_by_type
         decide = sorted(self.decide_ms)
         return {
             "policy": self.policy_name,
@@ -458,7 +509,10 @@ class Simulator:
             "service_forced_stops": self.backend.forced_services,
             "restart_overhead_gpu_hours": self.overhead_gpu_s / 3600.0,
             "allocation_by_kind": {k: v / cap_area for k, v in sorted(by_kind.items())} if cap_area else {},
+            # Each GPU type's own allocation ratio (granted / that type's capacity).
+            "allocation_by_type": {t: by_type.get(t, 0.0) / c for t, c in sorted(cap_by_type.items()) if c},
             "oracle_allocation_ratio": self._oracle_area / cap_area if cap_area else 0.0,
+            "idle_wanted_ratio": _idle_wanted_ratio(self.idle_wanted_gpus, self.samples),
             "requests": arrivals,
             "requests_within_slo": within,
             "node_failures": self.node_failures,
@@ -468,6 +522,14 @@ class Simulator:
             "decide_ms_max": decide[-1] if decide else 0.0,
             "events": self.loop.handled,
             "wall_s": wall_s,
+            "cpu_s": cpu_s,
+            # Where the CPU time went: the arbiter's whole tick (the guarded policy's decide, plus
+            # snapshot, plan, commit, apply) and the simulator itself (events, queues, workloads'
+            # heartbeats, metrics). The arbiter times decide() in wall time only, so its CPU share is
+            # estimated as the tick's CPU times decide's share of the tick's wall time.
+            "tick_cpu_s": self.tick_cpu_s,
+            "decide_cpu_s": self.tick_cpu_s * (sum(decide) / 1e3 / self.tick_wall_s) if self.tick_wall_s else 0.0,
+            "sim_cpu_s": cpu_s - self.tick_cpu_s,
             "simulated_s": end,
             "_series": {
                 "samples": self.samples,
@@ -476,6 +538,13 @@ class Simulator:
                 "jct_s": jct,
             },
         }
+
+
+def _idle_wanted_ratio(idle: Sequence[float], samples: Sequence[dict[str, Any]]) -> float:
+    """Mean over samples of GPUs idle while a job could use them, over the capacity then."""
+    caps = [sum(s["capacity"].values()) for s in samples]
+    total = sum(caps)
+    return sum(idle) / total if total else 0.0
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float | None:

@@ -153,7 +153,7 @@ class SimTrainingJob:
     def arrive(self) -> None:
         view = self.sim.arbiter.register(self.spec, {"submit_s": self.record.submit_s}, self.spec.max_workers)
         self.last_heartbeat_s = self.sim.clock.now()
-        self.sim.on_demand(self.spec.max_workers * self.spec.gpus_per_worker)
+        self.sim.on_demand(self.spec.max_workers * self.spec.gpus_per_worker, training=True)
         self.react(view)
 
     def heartbeat(self) -> None:
@@ -326,7 +326,7 @@ class SimTrainingJob:
         self.finish_s = now
         self.version += 1
         self.sim.arbiter.unregister(self.name)
-        self.sim.on_demand(-self.spec.max_workers * self.spec.gpus_per_worker)
+        self.sim.on_demand(-self.spec.max_workers * self.spec.gpus_per_worker, training=True)
         self.sim.on_job_finished(self)
 
     def _start_overhead(self, now: float) -> None:
