@@ -281,8 +281,11 @@ class PortLease:
         raise RuntimeError(f"no free range of {num_ports} ports in {PORT_POOL_START}-{PORT_POOL_END}")
 
     @classmethod
-    def from_range(cls, start: int, end: int) -> PortLease:
-        return cls(start, end, LEASE_DIR / f"{start}-{end}.json")
+    def from_range(cls, start: int, end: int, next_port: int | None = None) -> PortLease:
+        """A handle on a lease recorded elsewhere; ``next_port`` unknown: it hands out no more ports."""
+        lease = cls(start, end, LEASE_DIR / f"{start}-{end}.json")
+        lease._next = end if next_port is None else next_port
+        return lease
 
     @property
     def remaining(self) -> int:
@@ -750,6 +753,9 @@ class LocalCluster:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
+    def _leases(self) -> list[PortLease]:
+        return [x for x in (self.lease, *self.extra_leases) if x is not None]
+
     @property
     def _ports_per_raylet(self) -> int:
         return 6 + self.spec.worker_ports_per_node
@@ -985,9 +991,8 @@ class LocalCluster:
         self._wait_exit({name: proc})
         self._wait_registered(deadline=time.monotonic() + self.startup_timeout_s)
         pids = sorted(self.pids())
-        for lease in [self.lease, *self.extra_leases]:
-            if lease is not None:
-                lease.keep_alive_with(pids)
+        for lease in self._leases():
+            lease.keep_alive_with(pids)
         return rec
 
     def kill_node(self, name: str) -> set[int]:
@@ -1024,9 +1029,8 @@ class LocalCluster:
         # The GCS and the autoscaler monitor may linger on SIGTERM; they hold nothing worth a longer wait.
         survivors |= _terminate(rest, min(timeout_s, 1.5))
         stopped |= rest
-        for lease in [self.lease, *self.extra_leases]:
-            if lease is not None:
-                lease.release()
+        for lease in self._leases():
+            lease.release()
         if self.root_dir is not None and self.state_path.exists():
             state = _read_json(self.state_path) or {}
             state["stopped_s"] = time.time()
@@ -1094,11 +1098,8 @@ class LocalCluster:
         c.spare_ports = list(s.get("spare_ports") or [])
         if s.get("port_lease"):
             start, end, *rest = s["port_lease"]
-            c.lease = PortLease.from_range(start, end)
-            c.lease._next = rest[0] if rest else end  # unknown: take no more ports from it
+            c.lease = PortLease.from_range(start, end, rest[0] if rest else None)
         c.extra_leases = [PortLease.from_range(a, b) for a, b in s.get("extra_port_leases") or []]
-        for x in c.extra_leases:
-            x._next = x.end
         c.token_path = Path(s["token_path"]) if s.get("token_path") else None
         c.head = NodeRecord(**s["head"]) if s.get("head") else None
         c.nodes = {r["name"]: NodeRecord(**r) for r in s.get("nodes", [])}

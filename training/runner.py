@@ -414,8 +414,7 @@ class ElasticRunner:
                         self.ledger = self.ledger.note({"t_s": now, "event": "wait", "reason": reason})
                         waiting_logged = reason
                 case Start(target=target):
-                    # After a failed attempt, back off a little: a lost node takes the GCS a few seconds to
-                    # declare dead, and the arbiter a tick more to shrink the grant to the GPUs left.
+                    # Not before restart_not_before() says (a failure's back-off, a yield's restart delay).
                     if now >= self._not_before_s:
                         waiting_logged = None
                         self._start_attempt(target, now)
