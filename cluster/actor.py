@@ -15,7 +15,9 @@ The only place where ``ResourceArbiter`` (a plain class) meets Ray. The actor:
   file, which can outlive the cluster; it is read only when the KV has nothing;
 - exports Prometheus metrics on ``metrics_port`` (``cluster.metrics``);
 - swaps its policy config with ``reload_config``, which validates first, so that a bad file leaves the
-  running config in place.
+  running config in place;
+- keeps idle, preloaded worker processes on the GPU nodes when ``warm_pool`` is configured
+  (``cluster.warm_pool``), in a thread of its own, so that a new replica does not wait for a Python process.
 
 The actor is threaded (``max_concurrency``): heartbeats are served while a tick runs; one lock serialises
 every touch of the arbiter.
@@ -119,8 +121,15 @@ class ArbiterActor:
             self.arbiter.listeners.append(self.metrics.on_tick)
         self.metrics_port = port or None
         self._persist(force=True)
+        self.warm_pool_rounds = 0
+        self.warm_pool_started = 0
+        self.warm_pool_last: dict[str, Any] = {}
+        self._seen_generation = self.arbiter.generation
+        self._grants_moved_s = float("-inf")  # time.monotonic() of the last grant change
         self._thread = threading.Thread(target=self._loop, name="tidal-arbiter-tick", daemon=True)
         self._thread.start()
+        self._warm_thread = threading.Thread(target=self._warm_loop, name="tidal-warm-pool", daemon=True)
+        self._warm_thread.start()
         logger.info(
             "arbiter %s up (policy %s, tick %.2f s, restored %d workloads, metrics port %s)",
             name, self.cfg.policy, self.tick_interval_s, self.restored, self.metrics_port,
@@ -219,6 +228,9 @@ class ArbiterActor:
             "restored_workloads": self.restored,
             "metrics_port": self.metrics_port,
             "inventory_read_failures": self.backend.consecutive_failures,
+            "warm_pool": {
+                "rounds": self.warm_pool_rounds, "workers_started": self.warm_pool_started, "last": self.warm_pool_last,
+            },
         }
 
     def reload_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,10 +306,44 @@ class ArbiterActor:
                 logger.exception("arbiter tick failed")
             next_due = time.monotonic() + self.tick_interval_s
 
+    def _warm_loop(self) -> None:
+        """Keeps idle workers on the GPU nodes (``cluster.warm_pool``) while ``warm_pool`` is configured."""
+        from cluster.warm_pool import RayletRpc, WarmPool, nodes_from_ray
+
+        raylets = RayletRpc()
+        pool: WarmPool | None = None
+        built_from = None
+        while not self._stop.wait(timeout=self.cfg.warm_pool.interval_s):
+            wp = self.cfg.warm_pool
+            if wp.spare_workers_per_node == 0:
+                continue
+            if pool is None or built_from != wp:  # first round, or reload_config changed the pool
+                pool = WarmPool(
+                    raylets, spare_workers_per_node=wp.spare_workers_per_node, keep_alive_s=wp.keep_alive_s,
+                    max_starts_per_round=wp.max_starts_per_round, node_cooldown_s=wp.node_cooldown_s,
+                    quiet_s=wp.quiet_s,
+                )  # fmt: skip
+                built_from = wp
+            try:
+                nodes = nodes_from_ray(ray.nodes())
+                raylets.forget(n.raylet_address for n in nodes)
+                report = pool.run_once(nodes, last_move_s=self._grants_moved_s)
+            except Exception as e:  # the pool is an optimisation: never let it take the arbiter down
+                logger.warning("warm pool round failed: %r", e)
+                continue
+            self.warm_pool_rounds += 1
+            self.warm_pool_started += sum(report.started.values())
+            self.warm_pool_last = {"idle": report.idle, "started": report.started, "errors": report.errors}
+            if report.started:
+                logger.info("warm pool: idle %s, starting %s", report.idle, report.started)
+
     def _tick(self) -> TickReport:
         t0 = time.perf_counter()
         with self._lock:
             report = self.arbiter.tick()
+            if self.arbiter.generation != self._seen_generation:
+                self._seen_generation = self.arbiter.generation
+                self._grants_moved_s = time.monotonic()
             self._persist()
             status = self.arbiter.status() if self.metrics is not None else None
         self.tick_durations_s.append(time.perf_counter() - t0)

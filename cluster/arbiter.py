@@ -316,6 +316,11 @@ class ResourceArbiter:
             self._policy_state = PolicyState()
         self._dirty = True
 
+    @property
+    def generation(self) -> int:
+        """Bumped whenever a grant changes (what ``GrantView.generation`` carries)."""
+        return self._generation
+
     def needs_tick(self) -> bool:
         """True when a registration or a release arrived since the last tick (tick early)."""
         return self._dirty

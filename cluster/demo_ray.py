@@ -61,7 +61,9 @@ class SystemConfig:
     - ``ray-alone``: no arbiter; Serve's default autoscaler (same min/max and targets); the jobs as plain
       Ray Train elastic jobs, ``ScalingConfig(num_workers=(min, max))``.
     - ``serve-only``: no training at all, Serve's default autoscaler: how fast Serve reaches capacity when
-      the GPUs are already free (no reclaim needed).
+      the GPUs are already free (no reclaim needed). The arbiter runs, with nothing registered, for its warm
+      pool alone (``cluster.warm_pool``): the reference starts its replicas in the same warm processes as
+      Tidal does, so that the two differ by the reclaim only.
     """
 
     name: str
@@ -74,7 +76,7 @@ class SystemConfig:
         systems = {
             "tidal": SystemConfig("tidal", True, "tidal", "tidal"),
             "ray-alone": SystemConfig("ray-alone", False, "default", "ray-train"),
-            "serve-only": SystemConfig("serve-only", False, "default", None),
+            "serve-only": SystemConfig("serve-only", True, "default", None),
         }
         if name not in systems:
             raise ValueError(f"unknown system {name!r}; valid: {', '.join(systems)}")

@@ -139,6 +139,18 @@ class LocalClusterSpec(_SpecModel):
     # plane (measured: 2 replicas at 24 req/s, p99 1.4 s at 15, 0.44 s at 0). RAY_worker_niceness in the
     # environment wins over this.
     worker_niceness: int = Field(0, ge=0, le=19)
+    # Modules every new worker process on a GPU node imports before it takes work (Ray's
+    # RAY_preload_python_modules): with the arbiter's warm pool (policy file, ``warm_pool``) a new Serve
+    # replica then starts in a process that has them already (cluster/warm_pool.py has the figures).
+    preload_python_modules: list[str] = Field(default_factory=list)
+
+    @field_validator("preload_python_modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        for i, m in enumerate(v):
+            if not all(part.isidentifier() for part in m.split(".")):
+                raise ValueError(f"preload_python_modules.{i}: {m!r} is not a module name (e.g. torch, serving.app)")
+        return v
 
     @model_validator(mode="after")
     def _node_names_are_unique(self) -> LocalClusterSpec:
@@ -814,6 +826,8 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.setdefault("RAY_worker_niceness", str(self.spec.worker_niceness))
+        if gpu_type is not None and self.spec.preload_python_modules:
+            env["RAY_preload_python_modules"] = ",".join(self.spec.preload_python_modules)
         env.update(extra_env)
         self._commands[name] = (args, env)
         proc = self._spawn(name)

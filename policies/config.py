@@ -58,6 +58,17 @@ class ArbiterModel(_Strict):
     state_path: str | None = None
 
 
+class WarmPoolModel(_Strict):
+    """Idle worker processes kept on every GPU node (``cluster.warm_pool``); 0 turns the pool off."""
+
+    spare_workers_per_node: int = Field(0, ge=0, le=64)
+    interval_s: float = Field(5.0, gt=0)
+    keep_alive_s: float = Field(3600.0, gt=0)
+    max_starts_per_round: int = Field(1, ge=1)
+    node_cooldown_s: float = Field(20.0, ge=0)
+    quiet_s: float = Field(15.0, ge=0)
+
+
 class StaticModel(_Strict):
     serving_share: dict[str, float] = Field(default_factory=dict)
     default_serving_share: float = Field(0.0, ge=0, le=1)
@@ -82,6 +93,7 @@ class PolicyConfigModel(_Strict):
     static: StaticModel = Field(default_factory=StaticModel)
     guards: GuardsModel = Field(default_factory=GuardsModel)
     arbiter: ArbiterModel = Field(default_factory=ArbiterModel)
+    warm_pool: WarmPoolModel = Field(default_factory=WarmPoolModel)
 
     @field_validator("policy")
     @classmethod
