@@ -38,6 +38,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.arbiter import GrantView
@@ -63,8 +64,9 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "tidal"
 SUMMARY_FILE = "summary.json"
 # Ray Train's controller polls its workers every 2 s by default; a finished (yielded) loop is noticed, and
-# its GPUs freed, only at the next poll. 0.25 s keeps a shrink quick at a negligible cost.
-DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.25"
+# its GPUs freed, only at the next poll. 1 s halves that wait. (0.25 s was tried: the two demo jobs'
+# controllers then took 14 CPU-seconds a minute of this 2-core machine, bench/spike.py, measured per process.)
+DEFAULT_HEALTH_CHECK_INTERVAL_S = "1.0"
 
 
 def signal_actor_name(job_name: str) -> str:
@@ -279,6 +281,52 @@ class RunnerError(RuntimeError):
     """The run cannot go on (e.g. the training code fails again and again)."""
 
 
+class GpuHold:
+    """Keeps the GPUs a job was granted while it is between two attempts, in a placement group.
+
+    After a shrink, Ray Train has shut the whole worker group down before the runner can restart on the GPUs
+    it kept (after ``restart_delay_s``, and the restart itself takes seconds). Meanwhile those GPUs are free
+    in Ray, and a Serve replica whose label selector falls back to their type takes them (seen: a replica
+    granted an H100 started on the A100 that the job was about to restart on; the job then waited for the
+    whole spike). The runner therefore asks for a placement group over its grant *before* it reports the
+    GPUs released, so that the request is queued ahead of any replica the arbiter's next grant will start,
+    and removes it right before the next attempt places its workers.
+    """
+
+    def __init__(self, job: str, gpus_per_worker: float, ready_timeout_s: float = 2.0) -> None:
+        self.job = job
+        self.gpus_per_worker = gpus_per_worker
+        self.ready_timeout_s = ready_timeout_s
+        self.pg: Any = None
+        self.grant: dict[str, int] = {}
+
+    def hold(self, grant: Mapping[str, int]) -> None:
+        """Holds exactly ``grant`` (units = workers), replacing what was held; an empty grant releases."""
+        grant = {t: int(n) for t, n in grant.items() if n > 0}
+        if grant == self.grant:
+            return
+        self.release()
+        bundles: list[dict[str, float]] = []
+        selectors: list[dict[str, str]] = []
+        for gpu_type, n in sorted(grant.items()):
+            bundles += [{"GPU": self.gpus_per_worker}] * n
+            selectors += [{GPU_TYPE_LABEL: gpu_type}] * n
+        if not bundles:
+            return
+        self.pg = placement_group(bundles, strategy="PACK", name=f"tidal-hold-{self.job}", bundle_label_selector=selectors)
+        self.grant = grant
+        # Placed within milliseconds when the GPUs are free; never wait long: the hold is a courtesy.
+        ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
+
+    def release(self) -> None:
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception as e:  # the cluster may be going away; the group dies with this driver anyway
+                logger.debug("could not remove placement group of %s: %r", self.job, e)
+        self.pg, self.grant = None, {}
+
+
 def restart_not_before(
     outcome: str, now: float, failures: int, failure_backoff_s: float, restart_delay_s: float
 ) -> float:
@@ -340,6 +388,7 @@ class ElasticRunner:
         self.state = ElasticState()
         self.ledger = RunLedger()
         self.held: dict[str, int] = {}
+        self.hold = GpuHold(spec.name, spec.gpus_per_worker)
         self.view: GrantView | None = None
         self.attempt: _Attempt | None = None
         self.attempt_index = 0
@@ -380,6 +429,7 @@ class ElasticRunner:
                 assert self.attempt is not None and self.attempt.thread is not None
                 self._force_stop(self.attempt, "the runner is stopping")
                 self.attempt.thread.join(timeout=30)
+            self.hold.release()
             try:
                 self.grants.unregister(self.spec.name)
             except Exception as e:  # the arbiter may be gone; its registration then expires on its own
@@ -408,6 +458,7 @@ class ElasticRunner:
                 case Keep():
                     pass
                 case Wait(reason=reason):
+                    self.hold.release()
                     self.held = {}
                     if reason != waiting_logged:
                         logger.info("job %s waits: %s", self.spec.name, reason)
@@ -418,6 +469,10 @@ class ElasticRunner:
                     if now >= self._not_before_s:
                         waiting_logged = None
                         self._start_attempt(target, now)
+                    elif self.hold.grant:
+                        # Waiting out a restart delay: keep holding what the grant says now, no more.
+                        self.hold.hold(grant)
+                        self.held = dict(self.hold.grant)
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
                     if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
@@ -478,6 +533,7 @@ class ElasticRunner:
         index = self.attempt_index
         self.attempt_index += 1
         ray.get(self._signal.begin_attempt.remote(index))
+        self.hold.release()  # the attempt's workers take these GPUs now
         attempt = _Attempt(index=index, target=target, started_s=now, start_step=self.checkpoint_step)
         self.held = {target.gpu_type: target.num_workers}
         # Tell the arbiter at once what we now hold (acknowledges a shrink: held = the new size).
@@ -567,6 +623,14 @@ class ElasticRunner:
         self.attempt = None
         self.held = {}
         self.state = self.state.ended()
+        if outcome == "yielded" and not self._stop.is_set():
+            # Keep what the job was granted until its next attempt (see GpuHold), asked for before the
+            # heartbeat below tells the arbiter that the rest is free.
+            grant = self.view.grant.as_dict() if self.view is not None else {}
+            self.hold.hold({t: n for t, n in grant.items() if t in self.spec.gpu_types})
+            self.held = dict(self.hold.grant)
+            if self.hold.grant:
+                self.ledger = self.ledger.note({"t_s": now, "event": "hold", "grant": dict(self.hold.grant)})
         if outcome != "finished":
             # The GPUs are free (Ray Train shut the worker group down before fit() returned): say so now.
             self._heartbeat(blocking=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from tidal_testing import wait_for
 from training_harness import (
     TEST_POLICY,
@@ -88,9 +88,10 @@ def jobs() -> Iterator[list[Any]]:
 
 
 def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a_run_that_never_resized(
-    arbiter, local_cluster, storage, tmp_path, competitors, jobs
+    arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
-    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=200)
+    # restart_delay_s: the job keeps its 2 H100s in a placement group for 4 s before it restarts on them.
+    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=200, restart_delay_s=4)
     job = submit_job(spec, local_cluster, tmp_path)
     jobs.append(job)
     first = wait_progress(
@@ -101,6 +102,14 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     rival = Competitor("rival-424", "H100", max_units=2)
     competitors.append(rival)
     rival.want(2)
+
+    def holding_two_h100s():
+        groups = placement_group_table().values()
+        return [g for g in groups if g["name"] == "tidal-hold-elastic-424" and g["state"] == "CREATED"]
+
+    (held,) = wait_for(holding_two_h100s, START_TIMEOUT_S, 0.2, "the job holding its 2 H100s between attempts")
+    h100_nodes = {n["NodeID"] for n in ray_driver.nodes() if n.get("Labels", {}).get(GPU_TYPE_LABEL) == "H100"}
+    assert held["bundles"] == {0: {"GPU": 1.0}, 1: {"GPU": 1.0}} and set(held["bundles_to_node_id"].values()) <= h100_nodes
     shrunk = wait_progress(
         arbiter, job.name,
         lambda p: p.get("num_workers") == 2 and p.get("phase") == "running" and (p.get("step") or 0) > first["step"],
