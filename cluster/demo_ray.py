@@ -278,6 +278,31 @@ class DemoRuntime:
         except TimeoutError as e:
             logger.warning("%s; going on", e)
 
+    def wait_warm_pool(self, timeout_s: float = 90.0) -> None:
+        """Waits until the arbiter's warm pool has its spare workers idle on every GPU node (if it has a pool).
+
+        A cluster meets a spike with its pools full; right after the cluster, the service and the jobs
+        started (each taking idle workers), they are still refilling, one process at a time.
+        """
+        import ray
+
+        from policies.config import load_policy_config
+
+        spare = load_policy_config(self.policy_path).warm_pool.spare_workers_per_node
+        if self.arbiter is None or spare == 0:
+            return
+
+        def full() -> bool:
+            last = ray.get(self.arbiter.stats.remote(), timeout=5)["warm_pool"]["last"]
+            idle = last.get("idle") or {}
+            return bool(idle) and min(idle.values()) >= spare
+
+        try:
+            self._wait(full, timeout_s, f"the warm pool to hold {spare} idle workers on every GPU node")
+            self.progress(f"warm pool full: {spare} idle workers on every GPU node")
+        except TimeoutError as e:
+            logger.warning("%s; going on", e)
+
     def wait_service_ready(self, timeout_s: float = 180.0) -> None:
         """Waits until the service's application runs and answers ``/v1/predict`` with 200."""
         from serving.rollout import serve_details

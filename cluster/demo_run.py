@@ -116,6 +116,8 @@ def run_system(
                 emit(f"training did not fill the GPUs within {fill_timeout_s:.0f} s; starting the load anyway")
                 break
             stop.wait(sample_interval_s)
+    if system.arbiter and not stop.is_set():
+        rt.wait_warm_pool()
     timings["fill_s"] = time.monotonic() - t0
     if stop.is_set():
         raise KeyboardInterrupt

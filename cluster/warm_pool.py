@@ -22,8 +22,8 @@ no actor and no running task) and asks the raylet for the missing ones, at most 
 per round so that refilling never competes for the CPU with the replicas it is meant to help. The arbiter
 actor runs it every ``interval_s`` when the policy file's ``warm_pool.spare_workers_per_node`` is above 0;
 a node just topped up is left alone for ``node_cooldown_s`` (its new workers are still importing), and no
-worker is started until the grants have been still for ``quiet_s`` (a spike takes from the pool; the pool
-refills after it).
+worker is started until the grants have been still, and the node's idle workers untouched, for ``quiet_s``
+(a spike takes from the pool; the pool refills after it).
 
 Both RPCs are Ray's internal node-manager API (``ray.core.generated``), used as Ray's own dashboard does;
 they are pinned by the Ray version in ``pyproject.toml``. Any error is logged and the round is skipped: a
@@ -100,29 +100,38 @@ class WarmPool:
         self.quiet_s = quiet_s
         self.clock = clock
         self._last_start: dict[str, float] = {}
+        self._last_idle: dict[str, int] = {}
+        self._last_taken: dict[str, float] = {}  # when a node's idle count last fell: its workers are in use
 
     def run_once(self, nodes: Iterable[PoolNode], last_move_s: float = float("-inf")) -> RoundReport:
         """One round: count idle workers on every GPU node, start the missing ones (fewest idle first).
 
-        ``last_move_s``: when a grant last changed (``clock`` time); nothing is started within ``quiet_s``.
+        ``last_move_s``: when a grant last changed (``clock`` time); nothing is started within ``quiet_s`` of
+        it, nor on a node within ``quiet_s`` of a round that saw its idle workers taken.
         """
         report = RoundReport(idle={}, started={}, errors={})
         if self.spare == 0 or self.clock() - last_move_s < self.quiet_s:
             return report
         gpu_nodes = [n for n in nodes if n.num_gpus > 0]
+        now = self.clock()
         for n in gpu_nodes:
             try:
-                report.idle[n.node_id] = self.raylets.idle_workers(n.raylet_address)
+                idle = report.idle[n.node_id] = self.raylets.idle_workers(n.raylet_address)
             except Exception as e:  # a node going away mid-round: skip it this round
                 report.errors[n.node_id] = repr(e)
+                continue
+            if idle < self._last_idle.get(n.node_id, 0):
+                self._last_taken[n.node_id] = now
+            self._last_idle[n.node_id] = idle
         budget = self.max_starts_per_round
-        now = self.clock()
         for n in sorted(gpu_nodes, key=lambda n: report.idle.get(n.node_id, self.spare)):
             missing = self.spare - report.idle.get(n.node_id, self.spare)
             if missing <= 0 or budget <= 0:
                 continue
             if now - self._last_start.get(n.node_id, float("-inf")) < self.node_cooldown_s:
                 continue
+            if now - self._last_taken.get(n.node_id, float("-inf")) < self.quiet_s:
+                continue  # its workers are being taken right now (replicas starting): refill after
             k = min(missing, budget)
             try:
                 self.raylets.prestart(n.raylet_address, k, self.keep_alive_s)

@@ -293,7 +293,7 @@ class GpuHold:
     and removes it right before the next attempt places its workers.
     """
 
-    def __init__(self, job: str, gpus_per_worker: float, ready_timeout_s: float = 2.0) -> None:
+    def __init__(self, job: str, gpus_per_worker: float, ready_timeout_s: float = 0.5) -> None:
         self.job = job
         self.gpus_per_worker = gpus_per_worker
         self.ready_timeout_s = ready_timeout_s

@@ -107,3 +107,17 @@ def test_nothing_is_started_while_the_grants_have_moved_within_the_quiet_time():
     assert pool.run_once(NODES, last_move_s=moved).started == {}
     clock.t += 1.0
     assert pool.run_once(NODES, last_move_s=moved).started == {"h100": 1, "a100": 1}
+
+
+def test_a_node_whose_idle_workers_were_just_taken_is_refilled_only_after_the_quiet_time():
+    clock = Clock()
+    raylets = FakeRaylets({"10.0.0.1:1": 2, "10.0.0.2:1": 2, "10.0.0.9:1": 0})
+    pool = WarmPool(raylets, spare_workers_per_node=2, max_starts_per_round=4, node_cooldown_s=0, quiet_s=15, clock=clock)
+    assert pool.run_once(NODES).started == {}
+    raylets.idle["10.0.0.2:1"] = 0  # two replicas started on the A100 node (no arbiter grant moved: Serve alone)
+    clock.t += 5.0
+    assert pool.run_once(NODES).started == {}
+    clock.t += 14.0
+    assert pool.run_once(NODES).started == {}
+    clock.t += 1.0  # 15 s after the round that saw them taken
+    assert pool.run_once(NODES).started == {"a100": 2}
