@@ -52,9 +52,15 @@ class StaticSplitPolicy:
 
     def __init__(self, config: StaticSplitConfig | None = None) -> None:
         self.config = config or StaticSplitConfig()
+        # The last split and the nodes it was made of: the nodes rarely change between decisions, and
+        # the same tuples of nodes let the workspaces reuse their per-node figures (``inventory``).
+        self._split: tuple[object, tuple[tuple[NodeSnapshot, ...], tuple[NodeSnapshot, ...]]] | None = None
 
     def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
-        serving_nodes, training_nodes = split_nodes(snapshot.nodes, self.config)
+        last = self._split
+        if last is None or last[0] is not snapshot.nodes:
+            last = self._split = (snapshot.nodes, split_nodes(snapshot.nodes, self.config))
+        serving_nodes, training_nodes = last[1]
         services = tuple(w for w in snapshot.workloads if w.kind is WorkloadKind.SERVICE)
         jobs = tuple(w for w in snapshot.workloads if w.kind is WorkloadKind.TRAINING)
 

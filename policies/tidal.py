@@ -22,6 +22,7 @@ from itertools import groupby
 
 from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot, WorkloadSpec
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
+from policies.packing import to_centi
 from policies.workspace import Workspace
 
 
@@ -314,6 +315,10 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
                 by_type.setdefault(next(iter(a)), []).append(w)
                 wants[name] = want
     for t, growers in by_type.items():
+        packer = ws.packers.get(t)
+        smallest = min(to_centi(w.spec.gpus_per_unit) for w in growers)
+        if packer is None or 0 < smallest > packer.total:
+            continue  # a full type (the common case under load): no grower's unit fits, as place() would find
         free = ws.free_gpus(t)
         total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]
         growers.sort(key=lambda w: (units(w.spec.name) / max(w.spec.weight, 1e-9), w.registered_s, w.spec.name))

@@ -13,7 +13,7 @@ Protection order (what survives a shortage, first to last):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cluster.model import (
@@ -24,6 +24,7 @@ from cluster.model import (
     WorkloadKind,
     WorkloadName,
     WorkloadSnapshot,
+    inventory,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
 from policies.packing import TypePacker, to_centi
@@ -50,10 +51,8 @@ class Workspace:
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
             w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
-        self.node_gpus: dict[GpuType, list[float]] = {}
-        for n in snapshot.nodes:
-            if n.healthy and n.num_gpus > 0:
-                self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
+        # The GPUs of each healthy node, per type (computed once per tuple of nodes: see ``inventory``).
+        self.node_gpus: Mapping[GpuType, tuple[float, ...]] = inventory(snapshot.nodes).node_gpus
         node_gpus = self.node_gpus
         self._services: list[WorkloadSnapshot] = []
         self._jobs: list[WorkloadSnapshot] = []
@@ -303,7 +302,7 @@ class Workspace:
 
     def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
         """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
-        p = TypePacker(self.node_gpus.get(gpu_type, ()))
+        p = TypePacker.of_nodes(self.node_gpus.get(gpu_type, ()))
         self.packers[gpu_type] = p
         # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
         # non-preemptible job's minimum first (both its parts share one key).
