@@ -620,18 +620,20 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
     used: dict[GpuType, float] = {}
     growers: list[tuple[WorkloadSnapshot, GpuType, int]] = []
     for w in snapshot.workloads:
-        name = w.spec.name
-        g = w.spec.gpus_per_unit
+        spec = w.spec
+        name = spec.name
         current = current_of(name, EMPTY)
         target = target_of(name, EMPTY)
         held = w.held
         if (target is current or target == current) and (held is current or not held.items or held == current):
-            # The common case: nothing moves.
-            for t, n in current.items:
-                used[t] = used.get(t, 0.0) + n * g
+            # The common case: nothing moves (and, for a waiting job, nothing is held).
             if current.items:
+                g = spec.gpus_per_unit
+                for t, n in current.items:
+                    used[t] = used.get(t, 0.0) + n * g
                 out[name] = current
             continue
+        g = spec.gpus_per_unit
         new: dict[GpuType, int] = {}
         for t in {*current.types(), *target.types(), *held.types()}:
             cur_n, tgt_n, held_n = current.get(t), target.get(t), held.get(t)

@@ -210,6 +210,12 @@ class Workspace:
         a = self.alloc[name]
         return next(iter(a)) if a else None
 
+    @property
+    def changes(self) -> int:
+        """A counter that moves on every change to any type's packer or holdings (never goes back,
+        not even on ``rollback``): equal values mean nothing changed in between."""
+        return self._clock
+
     def free_gpus(self, gpu_type: GpuType) -> float:
         p = self.packers.get(gpu_type)
         return p.free_gpus if p else 0.0
