@@ -171,6 +171,8 @@ class _Registration:
     # holds more than *that* shrink's grant at *that* shrink's deadline (a second shrink issued while
     # the first is being released gets its own full grace).
     release_deadlines: list[tuple[float, Allocation]] = field(default_factory=list)
+    # The last snapshot of this registration, reused while its fields are the same (see ``snapshot``).
+    last_snapshot: WorkloadSnapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,10 +356,11 @@ class ResourceArbiter:
         decision, self._policy_state = self.policy.decide(snapshot, self._policy_state)
         self.last_decide_ms = (time.perf_counter() - t0) * 1e3
         self._infeasible = decision.infeasible
+        previous_infeasible = self._infeasible_by_name
         self._infeasible_by_name = {i.workload: i.reason for i in decision.infeasible}
         # 4. plan
         new_grants = plan_grants(snapshot, decision)
-        self._commit(new_grants, decision, now)
+        self._commit(new_grants, decision, now, previous_infeasible)
         # 5. apply and record
         self.backend.apply(dict(self._grants))
         events = tuple(self._pending_events)
@@ -371,16 +374,7 @@ class ResourceArbiter:
         return ClusterSnapshot(
             now_s=self.clock.now(),
             nodes=self._nodes,
-            workloads=tuple(
-                WorkloadSnapshot(
-                    spec=r.spec,
-                    demand_units=r.demand_units,
-                    held=r.held,
-                    registered_s=r.registered_s,
-                    seconds_since_checkpoint=r.seconds_since_checkpoint,
-                )
-                for r in self._regs.values()
-            ),
+            workloads=tuple(_workload_snapshot(r) for r in self._regs.values()),
             grants=dict(self._grants),
         )
 
@@ -501,7 +495,13 @@ class ResourceArbiter:
             return self.config.default_yield_grace_s
         return spec.yield_grace_s
 
-    def _commit(self, new_grants: Mapping[WorkloadName, Allocation], decision: PolicyDecision, now: float) -> None:
+    def _commit(
+        self,
+        new_grants: Mapping[WorkloadName, Allocation],
+        decision: PolicyDecision,
+        now: float,
+        previous_infeasible: Mapping[WorkloadName, str],
+    ) -> None:
         changed = False
         for name, reg in self._regs.items():
             old = self._grants.get(name, EMPTY)
@@ -532,8 +532,10 @@ class ResourceArbiter:
                     {"recipient": r.recipient, "gpu_type": r.gpu_type, "units": r.units},
                 )
             )
+        # A request that stays infeasible is recorded once, not every tick (a long queue would fill the
+        # event log with repeats); again when its reason changes, or after it was feasible in between.
         for inf in decision.infeasible:
-            if inf.workload in self._regs:
+            if inf.workload in self._regs and previous_infeasible.get(inf.workload) != inf.reason:
                 self._record(ArbiterEvent(now, "infeasible", inf.workload, {"reason": inf.reason}))
         if changed:
             self._generation += 1
@@ -574,6 +576,29 @@ class ResourceArbiter:
             logger.info("%s %s %s", event.kind, event.workload, dict(event.detail))
 
 
+def _workload_snapshot(r: _Registration) -> WorkloadSnapshot:
+    """The registration as a snapshot: the previous one if nothing in it changed (most workloads, most
+    ticks), so that a tick does not build a frozen object per workload."""
+    w = r.last_snapshot
+    if (
+        w is not None
+        and w.spec is r.spec
+        and w.demand_units == r.demand_units
+        and w.held is r.held
+        and w.seconds_since_checkpoint == r.seconds_since_checkpoint
+        and w.registered_s == r.registered_s
+    ):
+        return w
+    w = r.last_snapshot = WorkloadSnapshot(
+        spec=r.spec,
+        demand_units=r.demand_units,
+        held=r.held,
+        registered_s=r.registered_s,
+        seconds_since_checkpoint=r.seconds_since_checkpoint,
+    )
+    return w
+
+
 def _exceeds(held: Allocation, grant: Allocation) -> bool:
     return any(n > grant.get(t) for t, n in held.items)
 
@@ -600,18 +625,20 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
     used: dict[GpuType, float] = {}
     growers: list[tuple[WorkloadSnapshot, GpuType, int]] = []
     for w in snapshot.workloads:
-        name = w.spec.name
-        g = w.spec.gpus_per_unit
+        spec = w.spec
+        name = spec.name
         current = current_of(name, EMPTY)
         target = target_of(name, EMPTY)
         held = w.held
         if (target is current or target == current) and (held is current or not held.items or held == current):
-            # The common case: nothing moves.
-            for t, n in current.items:
-                used[t] = used.get(t, 0.0) + n * g
+            # The common case: nothing moves (and, for a waiting job, nothing is held).
             if current.items:
+                g = spec.gpus_per_unit
+                for t, n in current.items:
+                    used[t] = used.get(t, 0.0) + n * g
                 out[name] = current
             continue
+        g = spec.gpus_per_unit
         new: dict[GpuType, int] = {}
         for t in {*current.types(), *target.types(), *held.types()}:
             cur_n, tgt_n, held_n = current.get(t), target.get(t), held.get(t)

@@ -192,11 +192,7 @@ class ClusterSnapshot:
     grants: Mapping[WorkloadName, Allocation] = field(default_factory=dict)
 
     def capacity_by_type(self) -> dict[GpuType, float]:
-        cap: dict[GpuType, float] = {}
-        for n in self.nodes:
-            if n.healthy:
-                cap[n.gpu_type] = cap.get(n.gpu_type, 0.0) + n.num_gpus
-        return cap
+        return dict(inventory(self.nodes).capacity)
 
     def grant_of(self, name: WorkloadName) -> Allocation:
         return self.grants.get(name, EMPTY)
@@ -206,6 +202,51 @@ class ClusterSnapshot:
             if w.name == name:
                 return w
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What a tuple of nodes adds up to, per GPU type (see ``inventory``).
+
+    Attributes:
+        capacity: GPUs of the healthy nodes, per type (in the order the types first appear).
+        node_gpus: the GPUs of each healthy node that has any, per type, in node order.
+    """
+
+    capacity: Mapping[GpuType, float]
+    node_gpus: Mapping[GpuType, tuple[float, ...]]
+
+
+_INVENTORIES: dict[int, tuple[tuple[NodeSnapshot, ...], Inventory]] = {}
+_MAX_INVENTORIES = 16
+
+
+def inventory(nodes: Iterable[NodeSnapshot]) -> Inventory:
+    """The ``Inventory`` of ``nodes``, computed once per tuple of nodes.
+
+    A backend observes the same tuple tick after tick until a node changes, and every decision asks
+    for it several times (the planner, the guards, each workspace): on 320 nodes that walk cost more than
+    the rest of a quiet tick. Tuples of frozen ``NodeSnapshot`` never change, so the result is memoised by
+    the tuple's identity (the cache keeps the tuple alive, so its id is not reused while cached).
+    """
+    memo = type(nodes) is tuple
+    if memo:
+        hit = _INVENTORIES.get(id(nodes))
+        if hit is not None and hit[0] is nodes:
+            return hit[1]
+    cap: dict[GpuType, float] = {}
+    per_type: dict[GpuType, list[float]] = {}
+    for n in nodes:
+        if n.healthy:
+            cap[n.gpu_type] = cap.get(n.gpu_type, 0.0) + n.num_gpus
+            if n.num_gpus > 0:
+                per_type.setdefault(n.gpu_type, []).append(n.num_gpus)
+    inv = Inventory(cap, {t: tuple(g) for t, g in per_type.items()})
+    if memo:
+        if len(_INVENTORIES) >= _MAX_INVENTORIES:
+            _INVENTORIES.clear()
+        _INVENTORIES[id(nodes)] = (nodes, inv)  # type: ignore[assignment]
+    return inv
 
 
 def gpus_of(alloc: Allocation, gpus_per_unit: float) -> dict[GpuType, float]:

@@ -31,6 +31,11 @@ def to_centi(gpus: float) -> int:
     return c
 
 
+# Empty packers by the identity of their tuple of node sizes (the tuple is kept, so its id stays unique).
+_TEMPLATES: dict[int, tuple[tuple[float, ...], TypePacker]] = {}
+_MAX_TEMPLATES = 64
+
+
 class TypePacker:
     """Free capacity of one GPU type's healthy nodes; places and releases units on nodes."""
 
@@ -46,6 +51,17 @@ class TypePacker:
                 self.buckets.setdefault(f, {})[i] = None
         self.keys: list[int] = sorted(self.buckets)
         self.total: int = sum(self.free)
+
+    @staticmethod
+    def of_nodes(node_gpus: tuple[float, ...]) -> TypePacker:
+        """``TypePacker(node_gpus)``, from a template built once per tuple (a decision packs every type
+        afresh, and the nodes rarely change between decisions)."""
+        hit = _TEMPLATES.get(id(node_gpus))
+        if hit is None or hit[0] is not node_gpus:
+            if len(_TEMPLATES) >= _MAX_TEMPLATES:
+                _TEMPLATES.clear()
+            hit = _TEMPLATES[id(node_gpus)] = (node_gpus, TypePacker(node_gpus))
+        return hit[1].copy()
 
     def copy(self) -> TypePacker:
         p = TypePacker()

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, WorkloadKind
+from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, WorkloadKind, WorkloadSnapshot
 from policies.base import PolicyDecision, PolicyState, register_policy
 from policies.tidal import fill_services, fill_training, service_want, shrink_to_want
 from policies.workspace import Workspace
@@ -52,11 +52,23 @@ class StaticSplitPolicy:
 
     def __init__(self, config: StaticSplitConfig | None = None) -> None:
         self.config = config or StaticSplitConfig()
+        # The last split and the nodes it was made of: the nodes rarely change between decisions, and
+        # the same tuples of nodes let the workspaces reuse their per-node figures (``inventory``).
+        self._split: tuple[object, tuple[tuple[NodeSnapshot, ...], tuple[NodeSnapshot, ...]]] | None = None
 
     def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
-        serving_nodes, training_nodes = split_nodes(snapshot.nodes, self.config)
-        services = tuple(w for w in snapshot.workloads if w.kind is WorkloadKind.SERVICE)
-        jobs = tuple(w for w in snapshot.workloads if w.kind is WorkloadKind.TRAINING)
+        last = self._split
+        if last is None or last[0] is not snapshot.nodes:
+            last = self._split = (snapshot.nodes, split_nodes(snapshot.nodes, self.config))
+        serving_nodes, training_nodes = last[1]
+        services: list[WorkloadSnapshot] = []
+        jobs: list[WorkloadSnapshot] = []
+        for w in snapshot.workloads:
+            kind = w.spec.kind
+            if kind is WorkloadKind.SERVICE:
+                services.append(w)
+            elif kind is WorkloadKind.TRAINING:
+                jobs.append(w)
 
         sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services)
         want = {w.name: service_want(w, self.config.headroom_fraction) for w in services}

@@ -22,6 +22,7 @@ from itertools import groupby
 
 from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot, WorkloadSpec
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
+from policies.packing import to_centi
 from policies.workspace import Workspace
 
 
@@ -184,9 +185,11 @@ def start_jobs(
     lower-priority preemptible jobs, taking their units above minimum first.
     """
     queue = _Queue()
+    units = ws.units
     for level in _levels(ws, order):
         for w in level:
-            if ws.units(w.spec.name) == 0 and job_want(w) > 0:
+            spec = w.spec
+            if units(spec.name) == 0 and min(max(w.demand_units, 0), spec.max_units) > 0:  # job_want(w) > 0
                 _start_job(ws, w, speed, preempt, greedy, queue)
 
 
@@ -199,12 +202,17 @@ class _Queue:
     that type changes.
     """
 
-    __slots__ = ("by_speed", "hopeless", "reasons")
+    __slots__ = ("by_speed", "hopeless", "reasons", "stuck")
 
     def __init__(self) -> None:
         self.by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
         self.hopeless: dict[tuple, int] = {}
         self.reasons: dict[tuple, str] = {}
+        # ``stuck[(types, unit GPUs, need, priority or None)]``: (``ws.changes`` when a job of that
+        # kind was found hopeless on all its types, the reason). While nothing in the workspace has
+        # changed since, every type is still hopeless for the next job of that kind: one lookup per job
+        # of a long queue instead of one per type.
+        self.stuck: dict[tuple, tuple[int, str]] = {}
 
     def reason(self, spec: WorkloadSpec, need: int) -> str:
         key = (need, spec.gpus_per_unit, spec.gpu_types)
@@ -248,12 +256,19 @@ def _start_job(
     need = max(1, spec.min_units)
     g = spec.gpus_per_unit
     prio = spec.priority if preempt else None
+    kind = (spec.gpu_types, g, need, prio)
+    stuck = queue.stuck.get(kind)
+    if stuck is not None and stuck[0] == ws.changes:
+        ws.infeasible.append(Infeasible(spec.name, stuck[1]))
+        return
     hopeless, version = queue.hopeless, ws.version
     for t in spec.gpu_types:
         if hopeless.get((t, g, need, prio)) != version.get(t, 0):
             break
     else:
-        ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
+        reason = queue.reason(spec, need)
+        queue.stuck[kind] = (ws.changes, reason)
+        ws.infeasible.append(Infeasible(spec.name, reason))
         return
     want = job_want(w)
     best = None
@@ -281,7 +296,9 @@ def _start_job(
     version = ws.version  # (a rollback restored the versions: each type's state is as it was)
     for t in spec.gpu_types:
         hopeless[(t, g, need, prio)] = version.get(t, 0)
-    ws.infeasible.append(Infeasible(spec.name, queue.reason(spec, need)))
+    reason = queue.reason(spec, need)
+    queue.stuck[kind] = (ws.changes, reason)
+    ws.infeasible.append(Infeasible(spec.name, reason))
 
 
 def _try_start(ws: Workspace, w: WorkloadSnapshot, t: GpuType, need: int) -> bool:
@@ -314,6 +331,10 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
                 by_type.setdefault(next(iter(a)), []).append(w)
                 wants[name] = want
     for t, growers in by_type.items():
+        packer = ws.packers.get(t)
+        smallest = min(to_centi(w.spec.gpus_per_unit) for w in growers)
+        if packer is None or 0 < smallest > packer.total:
+            continue  # a full type (the common case under load): no grower's unit fits, as place() would find
         free = ws.free_gpus(t)
         total_w = sum(max(w.spec.weight, 1e-9) for w in growers)  # type: ignore[union-attr]
         growers.sort(key=lambda w: (units(w.spec.name) / max(w.spec.weight, 1e-9), w.registered_s, w.spec.name))

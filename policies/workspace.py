@@ -13,7 +13,7 @@ Protection order (what survives a shortage, first to last):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cluster.model import (
@@ -24,6 +24,7 @@ from cluster.model import (
     WorkloadKind,
     WorkloadName,
     WorkloadSnapshot,
+    inventory,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
 from policies.packing import TypePacker, to_centi
@@ -50,10 +51,8 @@ class Workspace:
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
             w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
-        self.node_gpus: dict[GpuType, list[float]] = {}
-        for n in snapshot.nodes:
-            if n.healthy and n.num_gpus > 0:
-                self.node_gpus.setdefault(n.gpu_type, []).append(n.num_gpus)
+        # The GPUs of each healthy node, per type (computed once per tuple of nodes: see ``inventory``).
+        self.node_gpus: Mapping[GpuType, tuple[float, ...]] = inventory(snapshot.nodes).node_gpus
         node_gpus = self.node_gpus
         self._services: list[WorkloadSnapshot] = []
         self._jobs: list[WorkloadSnapshot] = []
@@ -211,6 +210,12 @@ class Workspace:
         a = self.alloc[name]
         return next(iter(a)) if a else None
 
+    @property
+    def changes(self) -> int:
+        """A counter that moves on every change to any type's packer or holdings (never goes back,
+        not even on ``rollback``): equal values mean nothing changed in between."""
+        return self._clock
+
     def free_gpus(self, gpu_type: GpuType) -> float:
         p = self.packers.get(gpu_type)
         return p.free_gpus if p else 0.0
@@ -303,7 +308,7 @@ class Workspace:
 
     def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
         """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
-        p = TypePacker(self.node_gpus.get(gpu_type, ()))
+        p = TypePacker.of_nodes(self.node_gpus.get(gpu_type, ()))
         self.packers[gpu_type] = p
         # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
         # non-preemptible job's minimum first (both its parts share one key).
@@ -332,18 +337,37 @@ class Workspace:
                 by_type = where_of.get(name)
                 if by_type is not None:
                     by_type.pop(gpu_type, None)
-        place_into = p.place_into
-        for _, _, name, n in groups:
+        node_gpus = self.node_gpus.get(gpu_type, ())
+        seq = [(name, workloads[name].spec.gpus_per_unit, n) for _, _, name, n in groups]
+        packer, wheres, start, memo = _PackMemo.resume(gpu_type, node_gpus, seq)
+        self.packers[gpu_type] = packer
+        for name, where in wheres.items():
+            by_type = where_of.get(name)
+            if by_type is None:
+                by_type = where_of[name] = {}
+            by_type[gpu_type] = where
+        place_into = packer.place_into
+        trimmed = False
+        for i in range(start, len(seq)):
+            if memo is not None and i % _PackMemo.EVERY == 0:
+                memo.checkpoints.append(packer.copy())
+            name, g, n = seq[i]
             by_type = where_of.get(name)
             if by_type is None:
                 by_type = where_of[name] = {}
             where = by_type.get(gpu_type)
             if where is None:
                 where = by_type[gpu_type] = {}
-            placed = place_into(workloads[name].spec.gpus_per_unit, n, where)
+            placed = place_into(g, n, where)
+            if memo is not None:
+                memo.where_after.append(dict(where))
             if placed < n:
                 # The nodes no longer hold it all (a node died): the least protected units go.
                 self._adjust(name, gpu_type, placed - n)
+                trimmed = True
+        if memo is not None and not trimmed:
+            memo.final = packer.copy()
+            memo.store()
         self._clock += 1
         self.version[gpu_type] = self._clock
 
@@ -442,6 +466,75 @@ class Workspace:
 
     def jobs(self) -> list[WorkloadSnapshot]:
         return list(self._jobs)
+
+
+class _PackMemo:
+    """The last packing of each GPU type's nodes, so that the next decision redoes only what changed.
+
+    A workspace packs every type's holders from scratch, in protection order (``Workspace._pack``):
+    the result depends on nothing but the type's node sizes and the sequence ``(name, unit GPUs,
+    units)`` placed, and between two decisions that sequence mostly keeps a long common prefix (often
+    all of it). The memo keeps, for the last sequence of each (type, tuple of node sizes): the packer
+    every ``EVERY`` groups, each group's placement right after it, and the final packer; a new sequence
+    resumes from the last checkpoint inside the common prefix and places only the rest. The state it
+    resumes from is a copy of what placing the prefix produced, so the packing, and every decision built
+    on it, is exactly the same as from scratch. A packing that trimmed units (a node died) is not kept.
+    """
+
+    EVERY = 8
+    _LAST: dict[tuple[GpuType, int], _PackMemo] = {}
+    _MAX = 64
+
+    __slots__ = ("key", "node_gpus", "seq", "checkpoints", "where_after", "final")
+
+    def __init__(self, key: tuple[GpuType, int], node_gpus: tuple[float, ...], seq: list) -> None:
+        self.key = key
+        self.node_gpus = node_gpus  # kept alive, so that its id in the key is not reused
+        self.seq = seq
+        self.checkpoints: list[TypePacker] = []  # the packer before group 0, EVERY, 2 * EVERY, ...
+        self.where_after: list[dict[int, int]] = []  # group i's node -> units right after placing it
+        self.final: TypePacker | None = None
+
+    @classmethod
+    def resume(
+        cls, gpu_type: GpuType, node_gpus: tuple[float, ...], seq: list
+    ) -> tuple[TypePacker, dict[WorkloadName, dict[int, int]], int, _PackMemo | None]:
+        """(packer, placements of the groups before ``start``, ``start``, the memo to fill or None).
+
+        The packer is the state after placing ``seq[:start]``; placements are fresh dicts, per name.
+        """
+        key = (gpu_type, id(node_gpus))
+        last = cls._LAST.get(key)
+        if last is None or last.node_gpus is not node_gpus or last.final is None:
+            memo = cls(key, node_gpus, seq)
+            return TypePacker.of_nodes(node_gpus), {}, 0, memo
+        old = last.seq
+        if old == seq:
+            wheres: dict[WorkloadName, dict[int, int]] = {}
+            for i, (name, _, _) in enumerate(seq):
+                wheres[name] = last.where_after[i]  # a name's later group overwrites its earlier one
+            return last.final.copy(), {n: dict(w) for n, w in wheres.items()}, len(seq), None
+        k, m = 0, min(len(old), len(seq))
+        while k < m and old[k] == seq[k]:
+            k += 1
+        # The last checkpoint inside the common prefix (none past the old sequence's last group).
+        c = min(k // cls.EVERY, len(last.checkpoints) - 1)
+        memo = cls(key, node_gpus, seq)
+        if c < 0:
+            return TypePacker.of_nodes(node_gpus), {}, 0, memo
+        start = c * cls.EVERY
+        memo.checkpoints = last.checkpoints[:c]
+        memo.where_after = last.where_after[:start]
+        wheres = {}
+        for i in range(start):
+            wheres[seq[i][0]] = memo.where_after[i]
+        return last.checkpoints[c].copy(), {n: dict(w) for n, w in wheres.items()}, start, memo
+
+    def store(self) -> None:
+        last = _PackMemo._LAST
+        if len(last) >= _PackMemo._MAX and self.key not in last:
+            last.clear()
+        last[self.key] = self
 
 
 def _clip_total(a: dict[GpuType, int], max_units: int, order: tuple[GpuType, ...]) -> None:
