@@ -7,7 +7,8 @@ decide(), the rest of the arbiter's tick, the simulator), the machine's load, an
 to ``bench/results/simulate/``.
 
 Run: ``python bench/simulate.py [...any tidal simulate flag]``; e.g. ``--start-day 28 --days 3`` for three busy
-days of the trace (about 95 CPU seconds for the three policies), or nothing for the issue's 8 weeks.
+days of the trace (two busy days took 48 CPU seconds for the three policies on a loaded machine:
+cluster/sim/README.md), or nothing for the issue's 8 weeks (~730 CPU seconds per policy).
 """
 
 from __future__ import annotations
