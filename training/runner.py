@@ -63,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "tidal"
 SUMMARY_FILE = "summary.json"
-# Ray Train's controller polls its workers every 2 s by default; a finished (yielded) loop is noticed, and
-# its GPUs freed, only at the next poll. 1 s halves that wait. (0.25 s was tried: the two demo jobs'
-# controllers then took 14 CPU-seconds a minute of this 2-core machine, bench/spike.py, measured per process.)
-DEFAULT_HEALTH_CHECK_INTERVAL_S = "1.0"
 
 
 def signal_actor_name(job_name: str) -> str:
@@ -404,7 +400,9 @@ class ElasticRunner:
 
     def run(self) -> RunSummary:
         """Registers, trains through grants and resizes to the last step, exports, unregisters."""
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_HEALTH_CHECK_INTERVAL_S)
+        # Ray Train polls its workers every 2 s by default; a yielded loop is noticed, and its GPUs freed, only
+        # at the next poll (JobSpec.health_check_interval_s, 0.25 s by default).
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(self.spec.health_check_interval_s))
         self._signal = JobSignal.options(
             name=signal_actor_name(self.spec.name),
             namespace=NAMESPACE,

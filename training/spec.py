@@ -179,6 +179,14 @@ class JobSpec(BaseModel):
         description="After giving GPUs back (a shrink), wait this long before restarting on the GPUs left, "
         "so that the new holder starts first on a host whose CPUs both share. 0: restart at once.",
     )
+    health_check_interval_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=60,
+        description="How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's "
+        "default is 2 s). A yielded loop is noticed, and its GPUs freed, at the next poll; every poll costs CPU "
+        "on the controller and the workers. An environment variable of that name wins.",
+    )
     cpu_niceness: int = Field(
         default=0,
         ge=0,
