@@ -276,6 +276,16 @@ class RunLedger:
     def note(self, event: Mapping) -> RunLedger:
         return replace(self, events=self.events + (dict(event),))
 
+    def resumed(self, step: int) -> RunLedger:
+        """The next attempt loaded the checkpoint at ``step``: that, not what the last attempt reported,
+        is the checkpoint it ended with (they differ when a stop comes between a checkpoint's upload and
+        the loop's word that every rank has it; the loop then resumes from Ray Train's own record)."""
+        if not self.attempts or self.attempts[-1].checkpoint_step == step:
+            return self
+        last = self.attempts[-1]
+        fixed = replace(last, checkpoint_step=step, last_step=max(last.last_step, step))
+        return replace(self, attempts=self.attempts[:-1] + (fixed,))
+
     @property
     def restarts(self) -> int:
         """Attempts after the first that did not start from nothing."""

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from collections import deque
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -50,6 +52,38 @@ EVAL_BATCH = 256
 
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
+
+
+def checkpoint_dir_name(step: int, attempt: int) -> str:
+    return f"checkpoint-step{step:08d}-a{attempt}"
+
+
+def checkpoint_step_of(path: str) -> int | None:
+    """The step in a checkpoint directory's name (``checkpoint_dir_name``), or None for other names."""
+    m = re.fullmatch(r"checkpoint-step(\d+)-a\d+", path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def resume_checkpoint(registered: ray.train.Checkpoint | None, hint: dict[str, Any] | None, ctx: Any) -> ray.train.Checkpoint | None:
+    """The checkpoint an attempt resumes from: the newer of Ray Train's latest registered one and the
+    runner's ``hint`` (``{"step", "dir"}``: the last checkpoint the loop told the runner was whole).
+
+    They differ after a forced stop: the loop reported a checkpoint, every rank persisted it, and the stop
+    came before Ray Train's controller polled the report and registered it. Ray Train would resume from the
+    one before and lose the steps in between; the files are in the run's storage, so the attempt takes them.
+    """
+    if not hint or not hint.get("dir"):
+        return registered
+    registered_step = checkpoint_step_of(registered.path) if registered is not None else None
+    if registered is not None and (registered_step is None or registered_step >= int(hint["step"])):
+        return registered
+    storage = ctx.get_storage()
+    path = f"{storage.experiment_fs_path.rstrip('/')}/{hint['dir']}"
+    info = storage.storage_filesystem.get_file_info(f"{path}/{STATE_FILE}")
+    if info.type == pyarrow.fs.FileType.NotFound:
+        logger.warning("the runner's checkpoint %s is not in storage; resuming from %s", path, registered and registered.path)
+        return registered
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -227,7 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     step = 0
     history: list[list[float]] = []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), config.get("resume"), ctx)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
@@ -306,14 +340,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done and rank == 0:
             metrics.update(evaluate(model, data, device))
         if save_now:
-            _save_and_report(metrics, rank, model, optimizer, scheduler, step, history, data, attempt)
+            ckpt_dir = _save_and_report(metrics, rank, model, optimizer, scheduler, step, history, data, attempt)
+            # Every rank has persisted its files once this returns (each uploads before its next collective):
+            # only then may rank 0 tell the runner that the checkpoint is whole.
+            dist.all_reduce(torch.zeros(1, device=comm_device))
             last_ckpt_mono, last_ckpt_step = time.monotonic(), step
         elif step % spec.report_every_steps == 0:
             ray.train.report(metrics)
         if poller is not None:
             poller.send({**metrics, "last_checkpoint_step": last_ckpt_step, "checkpoint_age_s": time.monotonic() - last_ckpt_mono})
             if save_now:
-                poller.handle.checkpointed.remote(attempt, step)
+                poller.handle.checkpointed.remote(attempt, step, ckpt_dir)
             if yield_now:
                 # Blocking on purpose: the runner counts the GPUs released once this acknowledgement lands.
                 ray.get(poller.handle.ack_yield.remote(attempt, step))
@@ -332,9 +369,11 @@ def _save_and_report(
     history: list[list[float]],
     data: Dataset,
     attempt: int,
-) -> None:
+) -> str:
     """Every worker writes its RNG state; rank 0 adds model, optimiser, schedule, step and history.
-    Ray Train merges the workers' files into one checkpoint directory under the run's storage path."""
+    Ray Train merges the workers' files into one checkpoint directory under the run's storage path, whose
+    name (under the run's directory) this returns."""
+    dir_name = checkpoint_dir_name(step, attempt)
     with tempfile.TemporaryDirectory(prefix="tidal-ckpt-") as tmp:
         torch.save(capture_rng(), os.path.join(tmp, rng_file(rank)))
         if rank == 0:
@@ -360,5 +399,6 @@ def _save_and_report(
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint-step{step:08d}-a{attempt}",
+            checkpoint_dir_name=dir_name,
         )
+    return dir_name

@@ -28,7 +28,7 @@ import signal as signal_module
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -140,6 +140,7 @@ class JobSignal:
         self.yield_reason: str | None = None
         self.progress: dict[str, Any] = {}
         self.checkpoint_step: int | None = None
+        self.checkpoint_dir: str | None = None
         self.checkpoint_s: float | None = None
         self.acked: dict[str, Any] | None = None
         self.first_report_s: float | None = None
@@ -179,8 +180,9 @@ class JobSignal:
             if self.checkpoint_step is None and "last_checkpoint_step" in progress:
                 self.checkpoint_step = int(progress["last_checkpoint_step"])
 
-    def checkpointed(self, attempt: int, step: int) -> None:
-        self.checkpoint_step, self.checkpoint_s = step, time.time()
+    def checkpointed(self, attempt: int, step: int, dir_name: str | None = None) -> None:
+        """A checkpoint every rank has persisted (``dir_name`` under the run's storage directory)."""
+        self.checkpoint_step, self.checkpoint_dir, self.checkpoint_s = step, dir_name, time.time()
 
     def ack_yield(self, attempt: int, step: int) -> None:
         if attempt == self.attempt:
@@ -209,6 +211,7 @@ class JobSignal:
             "attempt": self.attempt,
             "progress": dict(self.progress),
             "checkpoint_step": self.checkpoint_step,
+            "checkpoint_dir": self.checkpoint_dir,
             "checkpoint_s": self.checkpoint_s,
             "acked": self.acked,
             "first_report_s": self.first_report_s,
@@ -289,16 +292,20 @@ class GpuHold:
     and removes it right before the next attempt places its workers.
     """
 
-    def __init__(self, job: str, gpus_per_worker: float, ready_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, job: str, gpus_per_worker: float, gpu_types: Sequence[str], ready_timeout_s: float = 0.5
+    ) -> None:
         self.job = job
         self.gpus_per_worker = gpus_per_worker
+        self.gpu_types = frozenset(gpu_types)
         self.ready_timeout_s = ready_timeout_s
         self.pg: Any = None
         self.grant: dict[str, int] = {}
 
     def hold(self, grant: Mapping[str, int]) -> None:
-        """Holds exactly ``grant`` (units = workers), replacing what was held; an empty grant releases."""
-        grant = {t: int(n) for t, n in grant.items() if n > 0}
+        """Holds ``grant`` (units = workers) on the job's GPU types, replacing what was held; an empty
+        grant releases. Units of other types (which the job cannot train on) are not held."""
+        grant = {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
         if grant == self.grant:
             return
         self.release()
@@ -384,12 +391,14 @@ class ElasticRunner:
         self.state = ElasticState()
         self.ledger = RunLedger()
         self.held: dict[str, int] = {}
-        self.hold = GpuHold(spec.name, spec.gpus_per_worker)
+        self.hold = GpuHold(spec.name, spec.gpus_per_worker, spec.gpu_types)
         self.view: GrantView | None = None
         self.attempt: _Attempt | None = None
         self.attempt_index = 0
         self.last_snapshot: dict[str, Any] = {}
         self.checkpoint_step = 0
+        # The checkpoint the loop last reported whole (see ``training.loop.resume_checkpoint``).
+        self.checkpoint_dir: str | None = None
         self.last_result: Any = None
         self._stop = threading.Event()
         self._signal: Any = None
@@ -584,14 +593,16 @@ class ElasticRunner:
         progress = snap.get("progress") or {}
         last_step = max(int(progress.get("step", attempt.start_step)), attempt.start_step)
         ckpt_step = snap.get("checkpoint_step")
+        ckpt_dir = snap.get("checkpoint_dir") if ckpt_step is not None else self.checkpoint_dir
         ckpt_step = attempt.start_step if ckpt_step is None else int(ckpt_step)
         finished = False
         if attempt.error is None and attempt.result is not None:
             self.last_result = attempt.result
             metrics = attempt.result.metrics or {}
             finished = bool(metrics.get("done"))
-            if attempt.result.checkpoint is not None:
-                ckpt_step = max(ckpt_step, int(metrics.get("step", ckpt_step)))
+            if attempt.result.checkpoint is not None and int(metrics.get("step", ckpt_step)) > ckpt_step:
+                ckpt_step = int(metrics["step"])
+                ckpt_dir = attempt.result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
         if finished:
             outcome = "finished"
         elif attempt.forced:
@@ -617,7 +628,7 @@ class ElasticRunner:
             resumed_from=mine.get("resumed_from"),
         )
         self.ledger = self.ledger.add(record)
-        self.checkpoint_step = ckpt_step
+        self.checkpoint_step, self.checkpoint_dir = ckpt_step, ckpt_dir
         self.attempt = None
         self.held = {}
         self.state = self.state.ended()
@@ -625,7 +636,7 @@ class ElasticRunner:
             # Keep what the job was granted until its next attempt (see GpuHold), asked for before the
             # heartbeat below tells the arbiter that the rest is free.
             grant = self.view.grant.as_dict() if self.view is not None else {}
-            self.hold.hold({t: n for t, n in grant.items() if t in self.spec.gpu_types})
+            self.hold.hold(grant)
             self.held = dict(self.hold.grant)
             if self.hold.grant:
                 self.ledger = self.ledger.note({"t_s": now, "event": "hold", "grant": dict(self.hold.grant)})
@@ -688,6 +699,15 @@ class ElasticRunner:
             and snap.get("first_report_s")
         ):
             self.attempt.first_step_noted = True
+            resumed_from = next(
+                (h.get("resumed_from") for h in snap.get("history") or [] if h.get("attempt") == self.attempt.index), None
+            )
+            if resumed_from is not None and self.ledger.attempts and self.ledger.attempts[-1].checkpoint_step != resumed_from:
+                logger.warning(
+                    "job %s attempt %d resumed from step %d, not %d: the last attempt's record now says so",
+                    self.spec.name, self.attempt.index, resumed_from, self.ledger.attempts[-1].checkpoint_step,
+                )  # fmt: skip
+                self.ledger = self.ledger.resumed(int(resumed_from))
             self.ledger = self.ledger.note(
                 {"t_s": snap["first_report_s"], "event": "first_step", "attempt": self.attempt.index,
                  "step": (snap.get("progress") or {}).get("step"),
@@ -757,6 +777,7 @@ class ElasticRunner:
             "steps_lost": self.ledger.steps_lost,
             "signal_name": signal_actor_name(self.spec.name),
             "namespace": NAMESPACE,
+            "resume": {"step": self.checkpoint_step, "dir": self.checkpoint_dir} if self.checkpoint_dir else None,
         }
 
     def _meta(self) -> dict[str, Any]:

@@ -111,3 +111,14 @@ def test_the_ledger_counts_restarts_and_only_the_steps_after_the_last_checkpoint
     assert ledger.restarts == 2
     assert ledger.steps_lost == 7
     assert ledger.sizes() == [("H100", 4)] * 3
+
+
+def test_the_ledger_takes_the_step_the_next_attempt_resumed_from_as_the_last_attempts_checkpoint():
+    forced = AttemptRecord(0, "H100", 2, 0.0, 1.0, start_step=0, last_step=47, checkpoint_step=30, outcome="forced")
+    ledger = RunLedger().add(forced)
+    # The stop came after the step-40 checkpoint was persisted but before the loop said so: it resumed from 40.
+    fixed = ledger.resumed(40)
+    assert (fixed.attempts[0].checkpoint_step, fixed.steps_lost) == (40, 7)
+    assert ledger.steps_lost == 17, "the ledger is a value: the old one is unchanged"
+    assert ledger.resumed(30) is ledger
+    assert RunLedger().resumed(10) == RunLedger()

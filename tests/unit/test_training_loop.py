@@ -3,11 +3,25 @@ accumulation give the gradient of the global batch, so the loss curve does not d
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pyarrow.fs
 import pytest
+import ray.train
 import torch
 
 from training.batching import plan_worker_step
-from training.loop import build_dataset, build_model, per_sample_loss, reference_history, train_step
+from training.loop import (
+    STATE_FILE,
+    build_dataset,
+    build_model,
+    checkpoint_dir_name,
+    checkpoint_step_of,
+    per_sample_loss,
+    reference_history,
+    resume_checkpoint,
+    train_step,
+)
 from training.spec import parse_spec
 
 
@@ -65,3 +79,30 @@ def test_the_loss_of_a_token_sequence_is_its_mean_over_tokens():
     # Uniform logits: every token costs log(4).
     torch.testing.assert_close(per_sample_loss(logits, targets), torch.full((2,), float(torch.log(torch.tensor(4.0)))))
     assert per_sample_loss(torch.zeros(5, 10), torch.zeros(5, dtype=torch.long)).shape == (5,)
+
+
+def test_checkpoint_directory_names_carry_their_step():
+    assert checkpoint_step_of(checkpoint_dir_name(40, 3)) == 40
+    assert checkpoint_step_of("/store/job/" + checkpoint_dir_name(1234, 0) + "/") == 1234
+    assert checkpoint_step_of("/store/job/checkpoint_2026-11-22_06-00-00.000000") is None
+
+
+def test_an_attempt_resumes_from_the_newer_of_ray_trains_checkpoint_and_the_runners(tmp_path):
+    for step in (30, 40):
+        d = tmp_path / checkpoint_dir_name(step, 0)
+        d.mkdir()
+        (d / STATE_FILE).write_bytes(b"state")
+    ctx = SimpleNamespace(get_storage=lambda: SimpleNamespace(experiment_fs_path=str(tmp_path), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    registered = ray.train.Checkpoint(path=str(tmp_path / checkpoint_dir_name(30, 0)))
+    hint = {"step": 40, "dir": checkpoint_dir_name(40, 0)}
+
+    # A forced stop before Ray Train registered step 40: the runner's checkpoint is newer, and whole.
+    chosen = resume_checkpoint(registered, hint, ctx)
+    assert checkpoint_step_of(chosen.path) == 40
+    assert checkpoint_step_of(resume_checkpoint(None, hint, ctx).path) == 40
+    # Ray Train's is as new or newer, or the runner has none: Ray Train's.
+    assert resume_checkpoint(registered, {"step": 30, "dir": checkpoint_dir_name(30, 0)}, ctx) is registered
+    assert resume_checkpoint(registered, None, ctx) is registered
+    # The runner's is not in storage (never whole, or deleted): Ray Train's, not a crash.
+    assert resume_checkpoint(registered, {"step": 50, "dir": checkpoint_dir_name(50, 0)}, ctx) is registered
+    assert resume_checkpoint(None, {"step": 50, "dir": checkpoint_dir_name(50, 0)}, ctx) is None
