@@ -229,6 +229,7 @@ class ArbiterActor:
             "metrics_port": self.metrics_port,
             "inventory_read_failures": self.backend.consecutive_failures,
             "warm_pool": {
+                "spare_workers_per_node": self.cfg.warm_pool.spare_workers_per_node,
                 "rounds": self.warm_pool_rounds, "workers_started": self.warm_pool_started, "last": self.warm_pool_last,
             },
         }

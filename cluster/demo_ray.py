@@ -286,10 +286,10 @@ class DemoRuntime:
         """
         import ray
 
-        from policies.config import load_policy_config
-
-        spare = load_policy_config(self.policy_path).warm_pool.spare_workers_per_node
-        if self.arbiter is None or spare == 0:
+        if self.arbiter is None:
+            return
+        spare = ray.get(self.arbiter.stats.remote(), timeout=5)["warm_pool"]["spare_workers_per_node"]
+        if spare == 0:
             return
 
         def full() -> bool:

@@ -4,7 +4,8 @@
 systems and repetitions, measured) call:
 
 1. set up the system: the arbiter (Tidal only), the service, the training jobs (``ray job submit``);
-2. *fill*: wait until every job trains (it took the idle GPUs), sampling meanwhile;
+2. *fill*: wait until every job has trained steadily at its granted size for ``settle_s`` (see
+   ``cluster.demo_timeline.steady_since``), sampling meanwhile;
 3. play the load (base, spike, base) with ``LiveLoad`` and sample the cluster every ``sample_interval_s``;
 4. stop the jobs (their runners write their summaries: steps lost), and compute the figures
    (``cluster.demo_timeline.spike_figures``).
@@ -24,7 +25,7 @@ from typing import Any
 
 from cluster.demo_load import LiveLoad
 from cluster.demo_ray import DemoRuntime, SystemConfig
-from cluster.demo_timeline import Sample, TimelineEvent, spike_figures
+from cluster.demo_timeline import Sample, TimelineEvent, spike_figures, steady_since, trained_since
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_system(
         emit("waiting for training to fill the idle GPUs")
         deadline = time.monotonic() + fill_timeout_s
         checked = time.monotonic()
+        steady: Sample | None = None  # the first sample of the current steady stretch
         while not stop.is_set():
             if time.monotonic() - checked > 5.0:
                 rt.check_jobs_alive()
@@ -110,7 +112,8 @@ def run_system(
             prev = s
             samples.append(s)
             show(s)
-            if all(s.job_workers.get(j, 0) > 0 and s.steps.get(j, 0) > 0 for j in rt.jobs):
+            steady = steady_since(steady, s, rt.jobs, system.arbiter)
+            if steady is not None and s.t_s - steady.t_s >= sc.load.settle_s and trained_since(steady, s, rt.jobs):
                 break
             if time.monotonic() > deadline:
                 emit(f"training did not fill the GPUs within {fill_timeout_s:.0f} s; starting the load anyway")

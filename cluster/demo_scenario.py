@@ -46,6 +46,10 @@ class LoadModel(BaseModel):
     slo_ms: float = Field(gt=0, description="a request meets the SLO if it succeeds within this latency")
     instances_per_request: int = Field(1, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    settle_s: float = Field(
+        10.0, ge=0, le=600,
+        description="before the load, every job must have trained at its granted size this long (steady state)",
+    )  # fmt: skip
     seed: int = 0
 
 

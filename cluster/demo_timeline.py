@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -357,3 +357,29 @@ def _failures_by_kind(records: Iterable[Any]) -> dict[str, int]:
             kind = r.error or f"http_{r.status}"
             out[kind] = out.get(kind, 0) + 1
     return out
+
+
+def steady_since(first: Sample | None, s: Sample, jobs: Collection[str], granted: bool) -> Sample | None:
+    """The first sample of the stretch of steady training that ``s`` continues, or None if ``s`` is not steady.
+
+    Steady: every job trains (workers and steps), at the size the arbiter granted it (when there is an
+    arbiter), and no job changed size or GPU type since ``first``. The load starts after a stretch of
+    ``settle_s``: a cluster meets a spike in steady state, not while its trainers are still starting (on this
+    machine their start-up takes the CPU the service needs, and the service scales up for it).
+    """
+    for j in jobs:
+        workers = s.job_workers.get(j, 0)
+        if workers <= 0 or s.steps.get(j, 0) <= 0:
+            return None
+        if granted and workers != sum((s.grants.get(j) or {}).values()):
+            return None
+    if first is None or any(
+        (first.job_workers.get(j), first.job_gpu_type.get(j)) != (s.job_workers.get(j), s.job_gpu_type.get(j)) for j in jobs
+    ):
+        return s
+    return first
+
+
+def trained_since(first: Sample, s: Sample, jobs: Collection[str]) -> bool:
+    """Every job made steps between ``first`` and ``s``."""
+    return all(s.steps.get(j, 0) > first.steps.get(j, 0) for j in jobs)

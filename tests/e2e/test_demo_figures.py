@@ -18,8 +18,10 @@ from cluster.demo_timeline import (
     reclaim_durations_s,
     slo_attainment,
     spike_figures,
+    steady_since,
     time_to_capacity_s,
     train_steps_between,
+    trained_since,
 )
 
 CAP = {"H100": 4.0, "A100": 2.0, "RTX4090": 2.0}
@@ -43,6 +45,29 @@ def sample(t: float, running: int = 1, training: float = 6.0, serving: float = 1
         replicas_running=running,
         **kw,
     )
+
+
+def test_the_load_waits_for_a_stretch_of_steady_training_at_the_granted_sizes():
+    def at(t, hi=(4, "H100", 10), lo=(2, "A100", 5), grants=None):
+        return sample(
+            t, phase="fill",
+            job_workers={"hi": hi[0], "lo": lo[0]}, job_gpu_type={"hi": hi[1], "lo": lo[1]}, steps={"hi": hi[2], "lo": lo[2]},
+            grants=grants if grants is not None else {"hi": {"H100": 4}, "lo": {"A100": 2}},
+        )  # fmt: skip
+
+    jobs = ["hi", "lo"]
+    first = steady_since(None, at(0.0), jobs, granted=True)
+    assert first is not None and first.t_s == 0.0
+    later = at(12.0, hi=(4, "H100", 40), lo=(2, "A100", 30))
+    assert steady_since(first, later, jobs, granted=True) is first and trained_since(first, later, jobs)
+    # A job not yet at its grant (it will restart to grow), one not training yet, one resized: not steady.
+    assert steady_since(first, at(1.0, grants={"hi": {"H100": 4}, "lo": {"A100": 2, "H100": 1}}), jobs, granted=True) is None
+    assert steady_since(first, at(1.0, lo=(2, "A100", 0)), jobs, granted=True) is None
+    assert steady_since(first, at(1.0, hi=(3, "H100", 11)), jobs, granted=False).t_s == 1.0
+    # Without an arbiter there are no grants: training at any steady size will do.
+    assert steady_since(None, at(0.0, grants={}), jobs, granted=False) is not None
+    assert steady_since(None, at(0.0, grants={}), jobs, granted=True) is None
+    assert not trained_since(first, at(12.0, lo=(2, "A100", 5)), jobs), "lo made no step"
 
 
 def test_classify_actors_splits_gpus_by_type_and_workload_and_ignores_dead_and_cpu_actors():

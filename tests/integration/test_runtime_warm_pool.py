@@ -55,6 +55,7 @@ def test_a_new_gpu_actor_starts_in_a_worker_the_pool_started_with_torch_already_
 
         last = wait_for(rtx_has_an_idle_worker, timeout_s=180, interval_s=1.0, message="an idle worker on the RTX4090 node")
         assert set(last["idle"]) <= gpu_nodes  # only GPU nodes are counted (the head is not)
+        assert ray.get(handle.stats.remote(), timeout=10)["warm_pool"]["spare_workers_per_node"] == 1
 
         @ray.remote(num_gpus=1, num_cpus=0, label_selector={"ray.io/accelerator-type": "RTX4090"})
         class Probe:
