@@ -37,7 +37,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -237,6 +237,33 @@ class _RegisterController(ControllerCallback):
         ray.get_actor(self.signal_name, namespace=NAMESPACE).set_controller.remote(self.attempt, me)
 
 
+class _ReleaseHold(WorkerGroupCallback):
+    """Runs inside Ray Train's controller: removes the job's GPU hold (``GpuHold``) right before the worker
+    group asks for its placement group, so that the GPUs go from the hold to the workers with no gap.
+
+    Released by the runner instead, at the attempt's start, the GPUs were free in Ray for the seconds the
+    controller takes to start (10-40 s on a busy 2-core machine), and a Serve replica whose label selector
+    fell back to their type took one (seen in bench/spike.py: the job then waited for the GPU it was granted).
+    """
+
+    def __init__(self, job: str, pg: Any) -> None:
+        self.job = job
+        self.pg = pg
+
+    def before_worker_group_start(self, worker_group_context: Any) -> None:
+        if self.pg is not None:
+            _remove_pg(self.pg, self.job)
+            logger.info("job %s: released its GPU hold for the new worker group", self.job)
+            self.pg = None
+
+
+def _remove_pg(pg: Any, job: str) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception as e:  # already removed, or the cluster is going away (the group dies with its owner)
+        logger.warning("could not remove placement group %s of %s: %r", pg.id.hex(), job, e)
+
+
 # --------------------------------------------------------------------------------------- the runner
 
 
@@ -254,6 +281,7 @@ class _Attempt:
     yield_requested_s: float | None = None
     yield_reason: str | None = None
     first_step_noted: bool = False
+    held_pg: Any = None  # the hold handed to this attempt's controller (removed by the runner if it never was)
 
 
 @dataclass
@@ -289,7 +317,8 @@ class GpuHold:
     granted an H100 started on the A100 that the job was about to restart on; the job then waited for the
     whole spike). The runner therefore asks for a placement group over its grant *before* it reports the
     GPUs released, so that the request is queued ahead of any replica the arbiter's next grant will start,
-    and removes it right before the next attempt places its workers.
+    and hands it to the next attempt's controller, which removes it right before its workers ask for the
+    GPUs (``_ReleaseHold``).
     """
 
     def __init__(
@@ -323,11 +352,14 @@ class GpuHold:
 
     def release(self) -> None:
         if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception as e:  # the cluster may be going away; the group dies with this driver anyway
-                logger.debug("could not remove placement group of %s: %r", self.job, e)
+            _remove_pg(self.pg, self.job)
         self.pg, self.grant = None, {}
+
+    def hand_over(self) -> Any:
+        """Forgets the placement group and returns it (None if nothing is held): its new owner removes it
+        (``_ReleaseHold``, when the next attempt's workers ask for the GPUs)."""
+        pg, self.pg, self.grant = self.pg, None, {}
+        return pg
 
 
 def restart_not_before(
@@ -540,8 +572,11 @@ class ElasticRunner:
         index = self.attempt_index
         self.attempt_index += 1
         ray.get(self._signal.begin_attempt.remote(index))
-        self.hold.release()  # the attempt's workers take these GPUs now
-        attempt = _Attempt(index=index, target=target, started_s=now, start_step=self.checkpoint_step)
+        # The attempt's controller removes the hold right before its workers ask for the GPUs (_ReleaseHold).
+        held_pg = self.hold.hand_over()
+        attempt = _Attempt(
+            index=index, target=target, started_s=now, start_step=self.checkpoint_step, held_pg=held_pg
+        )
         self.held = {target.gpu_type: target.num_workers}
         # Tell the arbiter at once what we now hold (acknowledges a shrink: held = the new size).
         self._heartbeat(blocking=True)
@@ -563,7 +598,10 @@ class ElasticRunner:
                 checkpoint_config=CheckpointConfig(num_to_keep=self.spec.num_checkpoints_to_keep),
                 # The runner, not Ray Train, decides how to go on after a failure (maybe on fewer GPUs).
                 failure_config=FailureConfig(max_failures=0),
-                callbacks=[_RegisterController(signal_actor_name(self.spec.name), index)],
+                callbacks=[
+                    _RegisterController(signal_actor_name(self.spec.name), index),
+                    _ReleaseHold(self.spec.name, held_pg),
+                ],
             ),
         )
 
@@ -588,6 +626,8 @@ class ElasticRunner:
 
     def _end_attempt(self, attempt: _Attempt) -> AttemptRecord:
         now = self.clock()
+        if attempt.held_pg is not None:  # the attempt may have ended before its workers started
+            _remove_pg(attempt.held_pg, self.spec.name)
         snap = ray.get(self._signal.snapshot.remote())
         self.last_snapshot = snap
         progress = snap.get("progress") or {}

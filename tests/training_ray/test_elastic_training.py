@@ -119,6 +119,8 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         arbiter, job.name, lambda p: (p.get("step") or 0) >= shrunk["step"] + 5, START_TIMEOUT_S,
         "a few steps at 2 workers",
     )  # fmt: skip
+    # The new attempt's controller removed the hold right before its workers asked for the GPUs.
+    assert not holding_two_h100s(), "the hold outlived the restart: " + job.logs()[-6000:]
     rival.want(0)
     wait_progress(
         arbiter, job.name, lambda p: p.get("num_workers") == 4 and p.get("phase") == "running", START_TIMEOUT_S,
