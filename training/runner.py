@@ -362,20 +362,6 @@ class GpuHold:
         return pg
 
 
-def yield_deadline(deadline_s: float | None, now: float, *, starting: bool) -> float | None:
-    """When a yield must be done by (None: whenever the loop reaches a step boundary).
-
-    An attempt still starting (no step yet) has nothing to checkpoint: it is stopped at once, whatever the
-    reason, rather than after the grace (its placement group may even wait for GPUs that are gone). A grow
-    too: one start-up at the new size instead of finishing this one, a step, and another (seen in
-    bench/spike.py: a job restarted on 1 GPU 10 s before its grant grew to 2, and trained again 110 s
-    later, after two start-ups of 55 s).
-
-    Example: ``yield_deadline(None, 50.0, starting=True)`` is 50.0.
-    """
-    return now if starting else deadline_s
-
-
 def restart_not_before(
     outcome: str, now: float, failures: int, failure_backoff_s: float, restart_delay_s: float
 ) -> float:
@@ -528,9 +514,10 @@ class ElasticRunner:
                         self.held = dict(self.hold.grant)
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
-                    deadline = yield_deadline(
-                        deadline, now, starting=not self.attempt.first_step_noted and self._not_started_training()
-                    )
+                    if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
+                        # Still starting: there is nothing to checkpoint, so stop it now rather than after
+                        # the grace (its placement group may even wait for GPUs that are gone).
+                        deadline = now
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
                     self.state = self.state.yielding(reason, now, deadline)
@@ -585,10 +572,7 @@ class ElasticRunner:
         index = self.attempt_index
         self.attempt_index += 1
         ray.get(self._signal.begin_attempt.remote(index))
-        # Hold the whole target until the workers ask for it: GPUs that another holder is still giving back
-        # (a replica shutting down after the grant grew) are claimed now, ahead of anything started meanwhile.
         # The attempt's controller removes the hold right before its workers ask for the GPUs (_ReleaseHold).
-        self.hold.hold({target.gpu_type: target.num_workers})
         held_pg = self.hold.hand_over()
         attempt = _Attempt(
             index=index, target=target, started_s=now, start_step=self.checkpoint_step, held_pg=held_pg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached, restart_not_before, yield_deadline
+from training.runner import CapacityGrantSource, metric_reached, restart_not_before
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -32,12 +32,3 @@ def test_a_failed_attempt_backs_off_per_failure_a_yielded_one_waits_its_restart_
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0) == 120.0
     assert restart_not_before("yielded", 100.0, 0, 3.0, 0.0) == 100.0
     assert restart_not_before("forced", 100.0, 0, 3.0, 20.0) == float("-inf")
-
-
-def test_an_attempt_still_starting_is_stopped_at_once_whatever_the_yields_reason():
-    # Starting: nothing to checkpoint, so no grace, for a shrink (deadline 80) or a grow (no deadline).
-    assert yield_deadline(80.0, 50.0, starting=True) == 50.0
-    assert yield_deadline(None, 50.0, starting=True) == 50.0
-    # Training: a shrink keeps its grace, a grow waits for the loop's next step boundary.
-    assert yield_deadline(80.0, 50.0, starting=False) == 80.0
-    assert yield_deadline(None, 50.0, starting=False) is None
