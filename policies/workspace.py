@@ -27,7 +27,7 @@ from cluster.model import (
     inventory,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
-from policies.packing import TypePacker, to_centi
+from policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
 
 
 def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
@@ -58,8 +58,14 @@ class Workspace:
         self._jobs: list[WorkloadSnapshot] = []
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
         grants = snapshot.grants
+        # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
+        # whole multiples of it, each type is packed as a total (``UniformPacker``): the same counts.
+        unit = -1
         for name, w in self.workloads.items():
             spec = w.spec
+            if unit:
+                c = to_centi(spec.gpus_per_unit)
+                unit = c if unit == -1 or unit == c else 0
             training = spec.kind is WorkloadKind.TRAINING
             (self._jobs if training else self._services).append(w)
             current = grants.get(name)
@@ -83,7 +89,14 @@ class Workspace:
                 keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
             self.alloc[name] = cur
-        self.packers: dict[GpuType, TypePacker] = {}
+        self.packers: dict[GpuType, TypePacker | UniformPacker] = {}
+        # Per type: an empty ``UniformPacker`` when every unit here packs as a total, else absent.
+        self._uniform: dict[GpuType, UniformPacker] = {}
+        if unit > 0:
+            for t, sizes in node_gpus.items():
+                u = uniform_packer(sizes, unit)
+                if u is not None:
+                    self._uniform[t] = u
         # Where each workload's units sit: name -> type -> node index -> units. A virtual placement,
         # re-derived each decision, so that a shrink frees capacity on the nodes it really frees.
         # (Filled as units are placed: a workload without units may have no entry.)
@@ -266,6 +279,11 @@ class Workspace:
         g = self.workloads[name].spec.gpus_per_unit
         if to_centi(g) > p.total:
             return 0  # nothing fits: the common case of a full type, without a search
+        if gpu_type in self._uniform:
+            placed = p.place_into(g, n)
+            if placed:
+                self._adjust(name, gpu_type, placed)
+            return placed
         by_type = self.where.get(name)
         if by_type is None:
             by_type = self.where[name] = {}
@@ -283,8 +301,12 @@ class Workspace:
         if k <= 0:
             return 0
         need = to_centi(self.workloads[name].spec.gpus_per_unit)
-        where = self.where[name][gpu_type]
         packer = self.packers[gpu_type]
+        if gpu_type in self._uniform:
+            packer.release(-1, k * need)
+            self._adjust(name, gpu_type, -k)
+            return k
+        where = self.where[name][gpu_type]
         left = k
         # Free the nodes where it holds least first: whole nodes come free sooner, for big units.
         for node in sorted(where, key=lambda i: (where[i], i)):
@@ -308,8 +330,11 @@ class Workspace:
 
     def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
         """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
-        p = TypePacker.of_nodes(self.node_gpus.get(gpu_type, ()))
-        self.packers[gpu_type] = p
+        uniform = self._uniform.get(gpu_type)
+        if uniform is not None:
+            if self._pack_uniform(gpu_type, names, uniform):
+                return
+            del self._uniform[gpu_type]  # this type is packed per node from now on
         # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
         # non-preemptible job's minimum first (both its parts share one key).
         groups = []
@@ -370,6 +395,21 @@ class Workspace:
             memo.store()
         self._clock += 1
         self.version[gpu_type] = self._clock
+
+    def _pack_uniform(self, gpu_type: GpuType, names: list[WorkloadName], empty: UniformPacker) -> bool:
+        """``_pack`` as a total, when everything held fits (no order to keep); False when it does not
+        (a node died: the full packing trims the least protected units, in protection order)."""
+        alloc = self.alloc
+        units = 0
+        for name in names:
+            units += alloc[name].get(gpu_type, 0)
+        free = empty.total - units * empty.need
+        if free < 0:
+            return False
+        self.packers[gpu_type] = UniformPacker(free, empty.need)
+        self._clock += 1
+        self.version[gpu_type] = self._clock
+        return True
 
     def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
         """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.
