@@ -92,8 +92,12 @@ def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
         have = units(name)
         if not have:
             continue  # nothing to give back (wants are never negative)
-        target = service_wants[name] if name in service_wants else job_want(w)
-        excess = have - target
+        if name in service_wants:
+            excess = have - service_wants[name]
+        else:
+            excess = have - min(max(w.demand_units, 0), w.spec.max_units)  # job_want(w), inlined
+        if excess <= 0:
+            continue
         for t in reversed(w.spec.gpu_types):
             if excess <= 0:
                 break

@@ -60,11 +60,12 @@ class Workspace:
         grants = snapshot.grants
         # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
         # whole multiples of it, each type is packed as a total (``UniformPacker``): the same counts.
-        unit = -1
+        unit, unit_gpus = -1, None
         for name, w in self.workloads.items():
             spec = w.spec
-            if unit:
-                c = to_centi(spec.gpus_per_unit)
+            if unit and spec.gpus_per_unit != unit_gpus:
+                unit_gpus = spec.gpus_per_unit
+                c = to_centi(unit_gpus)
                 unit = c if unit == -1 or unit == c else 0
             training = spec.kind is WorkloadKind.TRAINING
             (self._jobs if training else self._services).append(w)
