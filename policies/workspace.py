@@ -46,8 +46,17 @@ def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
 class Workspace:
     """Working allocation: units per workload and GPU type, with per-type packers of what is free."""
 
-    def __init__(self, snapshot: ClusterSnapshot, known: Iterable[WorkloadSnapshot] | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: ClusterSnapshot,
+        known: Iterable[WorkloadSnapshot] | None = None,
+        *,
+        reclaims: bool = True,
+    ) -> None:
+        """``reclaims=False``: a policy that never takes GPUs from a holder (no ``reclaim_for``,
+        ``reclaimable_gpus``, holder indexes) skips keeping the indexes those need."""
         self.snapshot = snapshot
+        self._indexed = reclaims
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
             w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
@@ -61,17 +70,23 @@ class Workspace:
         # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
         # whole multiples of it, each type is packed as a total (``UniformPacker``): the same counts.
         unit, unit_gpus = -1, None
+        alloc = self.alloc
+        jobs, services = self._jobs.append, self._services.append
+        training_kind = WorkloadKind.TRAINING
         for name, w in self.workloads.items():
             spec = w.spec
             if unit and spec.gpus_per_unit != unit_gpus:
                 unit_gpus = spec.gpus_per_unit
                 c = to_centi(unit_gpus)
                 unit = c if unit == -1 or unit == c else 0
-            training = spec.kind is WorkloadKind.TRAINING
-            (self._jobs if training else self._services).append(w)
+            training = spec.kind is training_kind
+            if training:
+                jobs(w)
+            else:
+                services(w)
             current = grants.get(name)
             if current is None or not current.items:
-                self.alloc[name] = {}
+                alloc[name] = {}
                 continue
             types = spec.gpu_types
             if len(current.items) == 1:
@@ -79,9 +94,9 @@ class Workspace:
                 t, n = current.items[0]
                 m = spec.max_units
                 if t not in node_gpus or t not in types or m <= 0:
-                    self.alloc[name] = {}
+                    alloc[name] = {}
                 else:
-                    self.alloc[name] = {t: n if n <= m else m}
+                    alloc[name] = {t: n if n <= m else m}
                 continue
             cur = {t: n for t, n in current.items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
@@ -89,7 +104,7 @@ class Workspace:
             if training and len(cur) > 1:
                 keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
-            self.alloc[name] = cur
+            alloc[name] = cur
         self.packers: dict[GpuType, TypePacker | UniformPacker] = {}
         # Per type: an empty ``UniformPacker`` when every unit here packs as a total, else absent.
         self._uniform: dict[GpuType, UniformPacker] = {}
@@ -128,6 +143,8 @@ class Workspace:
         minimum. They make "is anything reclaimable here?" cost O(priorities), not O(jobs).
         """
         self._units: dict[WorkloadName, int] = {n: sum(a.values()) for n, a in self.alloc.items()}
+        if not self._indexed:
+            return
         self.holders: dict[GpuType, dict[WorkloadName, None]] = {}
         self.preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
@@ -203,12 +220,14 @@ class Workspace:
             a.pop(t, None)
         self._units[name] += delta
         w = self.workloads[name]
-        if w.kind is WorkloadKind.TRAINING:
+        if self._indexed and w.kind is WorkloadKind.TRAINING:
             self._index(w, t, old, new)
 
     def reclaimable_gpus(self, gpu_type: GpuType, below_priority: int, include_min: bool) -> float:
         """GPUs on ``gpu_type`` held by preemptible jobs of lower priority (above their minimum only,
         unless ``include_min``)."""
+        if not self._indexed:
+            raise RuntimeError("this workspace was built with reclaims=False: it keeps no holder indexes")
         by_prio = (self._total if include_min else self._spare).get(gpu_type, {})
         return sum(v for p, v in by_prio.items() if p < below_priority)
 

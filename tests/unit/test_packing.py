@@ -176,3 +176,21 @@ def test_packing_one_gpu_units_as_totals_decides_exactly_as_packing_them_per_nod
     # Not vacuous: the grants kept changing (and tidal reclaimed from jobs for the service).
     assert len({repr(d[0]) for d in fast}) > 20
     assert policy_name != "tidal" or any(d[2] for d in fast)
+
+
+def test_a_workspace_without_reclaims_keeps_the_same_allocation_and_refuses_to_reclaim():
+    nodes = make_nodes(H100=(2, 8))
+    jobs = [make_job(f"j{i}", min_workers=1, max_workers=6, gpu_types=("H100",)) for i in range(3)]
+    snapshot = ClusterSnapshot(
+        now_s=0.0,
+        nodes=nodes,
+        workloads=tuple(make_workload(s, demand=s.max_workers, registered_s=float(i)) for i, s in enumerate(jobs)),
+        grants={"j0": Allocation.of(H100=5), "j1": Allocation.of(H100=4)},
+    )
+    full, lean = Workspace(snapshot), Workspace(snapshot, reclaims=False)
+    for ws in (full, lean):
+        assert ws.place("j2", "H100", 9) == 7 and ws.shrink("j0", "H100", 2) == 2 and ws.place("j1", "H100", 9) == 2
+    assert lean.alloc == full.alloc and lean.free_gpus("H100") == full.free_gpus("H100") == 0
+    assert full.reclaimable_gpus("H100", below_priority=100, include_min=False) > 0
+    with pytest.raises(RuntimeError, match="reclaims=False"):
+        lean.reclaimable_gpus("H100", below_priority=100, include_min=False)
