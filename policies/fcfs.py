@@ -22,7 +22,7 @@ class FcfsPolicy:
         self.headroom_fraction = headroom_fraction
 
     def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
-        ws = Workspace(snapshot)
+        ws = Workspace(snapshot, reclaims=False)  # nothing is ever taken back
         want = {w.name: service_want(w, self.headroom_fraction) for w in ws.services()}
         shrink_to_want(ws, want)
         # One queue for everyone, in arrival order: a service's new replicas wait behind earlier jobs.

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.model import EMPTY, Allocation, ClusterSnapshot, WorkloadKind, WorkloadName
+from cluster.model import EMPTY, Allocation, ClusterSnapshot, WorkloadKind, WorkloadName, inventory
 from policies.base import Policy, PolicyDecision, PolicyState
 
 
@@ -56,11 +56,12 @@ class GuardedPolicy:
         peaks: dict[str, list[list[float]]] = {k: [list(p) for p in v] for k, v in (g.get("peaks") or {}).items()}
         last_resize: dict[str, float] = dict(g.get("last_resize") or {})
         moves: list[float] = [t for t in (g.get("moves") or []) if now - t < cfg.moves_window_s]
-        names = {w.spec.name for w in snapshot.workloads}
+        workloads = snapshot.workloads
+        by_name = {w.spec.name: w for w in workloads}  # replaced below by the smoothed services
 
         # 1. Hysteresis: services see the peak of their demand over the downscale delay.
-        smoothed = []
-        for w in snapshot.workloads:
+        smoothed = list(workloads)
+        for i, w in enumerate(workloads):
             if w.spec.kind is WorkloadKind.SERVICE:
                 hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
                 hist.append([now, float(w.demand_units)])
@@ -72,8 +73,7 @@ class GuardedPolicy:
                     stair.append(p)
                 peaks[w.name] = stair
                 if int(stair[0][1]) != w.demand_units:
-                    w = replace(w, demand_units=int(stair[0][1]))
-            smoothed.append(w)
+                    w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))
         inner_snapshot = replace(snapshot, workloads=tuple(smoothed))
 
         # 2. The policy itself.
@@ -82,21 +82,23 @@ class GuardedPolicy:
 
         # 3. Bounds, batched growth and the move cap.
         targets: dict[WorkloadName, Allocation] = {}
-        by_name = {w.spec.name: w for w in smoothed}
         grants = snapshot.grants
-        for name in sorted(decision.targets):
-            if name not in names:
+        decided = decision.targets
+        training = WorkloadKind.TRAINING
+        for name in sorted(decided):
+            w = by_name.get(name)
+            if w is None:
                 continue
-            w = by_name[name]
-            target = decision.targets[name]
-            if target.total() > w.spec.max_units:
-                raise GuardViolation(f"{name}: target {target} above max_units {w.spec.max_units}")
+            target = decided[name]
+            spec = w.spec
+            if target.total() > spec.max_units:
+                raise GuardViolation(f"{name}: target {target} above max_units {spec.max_units}")
             current = grants.get(name, EMPTY)
-            if w.spec.kind is WorkloadKind.TRAINING and target is not current and target != current:
+            if target is not current and spec.kind is training and target != current:
                 grows = target.total() > current.total()
                 if grows and current:
                     step = target.total() - current.total()
-                    want = min(w.demand_units, w.spec.max_units)
+                    want = min(w.demand_units, spec.max_units)
                     too_soon = now - last_resize.get(name, float("-inf")) < cfg.job_resize_min_interval_s
                     too_small = step < cfg.job_growth_min_workers and target.total() < want
                     if too_soon or too_small or len(moves) >= cfg.max_moves_per_window:
@@ -108,16 +110,18 @@ class GuardedPolicy:
                     moves.append(now)
             if target:
                 targets[name] = target
-        for name, current in snapshot.grants.items():
+        for name, current in grants.items():
             # A job whose target vanished was shrunk to nothing: that is a resize too.
-            if name in names and name not in targets and current and by_name[name].kind is WorkloadKind.TRAINING:
-                last_resize[name] = now
+            if name not in targets and current:
+                w = by_name.get(name)
+                if w is not None and w.kind is training:
+                    last_resize[name] = now
         _check_capacity(snapshot, targets, by_name)
 
         data = dict(new_inner.data)
         data["guards"] = {
-            "peaks": {k: v for k, v in peaks.items() if k in names},
-            "last_resize": {k: v for k, v in last_resize.items() if k in names},
+            "peaks": {k: v for k, v in peaks.items() if k in by_name},
+            "last_resize": {k: v for k, v in last_resize.items() if k in by_name},
             "moves": moves,
         }
         return replace(decision, targets=targets), PolicyState(data)
@@ -126,12 +130,13 @@ class GuardedPolicy:
 def _check_capacity(
     snapshot: ClusterSnapshot, targets: Mapping[WorkloadName, Allocation], by_name: Mapping[str, Any]
 ) -> None:
-    cap = snapshot.capacity_by_type()
+    cap = inventory(snapshot.nodes).capacity
     used: dict[str, float] = {}
+    get = used.get
     for name, a in targets.items():
         g = by_name[name].spec.gpus_per_unit
         for t, n in a.items:
-            used[t] = used.get(t, 0.0) + n * g
+            used[t] = get(t, 0.0) + n * g
     for t, u in used.items():
         if u > cap.get(t, 0.0) + 1e-6:
             raise GuardViolation(f"GPU type {t}: {u:g} GPUs targeted, {cap.get(t, 0.0):g} exist")

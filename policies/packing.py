@@ -168,3 +168,76 @@ class TypePacker:
                 b[i] = None
         self.free[i] = new
         self.total += new - old
+
+
+class UniformPacker:
+    """``TypePacker``'s figures when every unit needs the same ``need`` centi-GPUs and every node's
+    capacity is a whole multiple of it (1-GPU workers and replicas on 4- and 8-GPU nodes).
+
+    Then every node's free capacity stays a multiple of ``need`` whatever is placed or released, so any
+    free ``need`` on any node takes a unit: ``place`` places ``min(n, total // need)``, exactly what
+    ``TypePacker``'s best fit places, and which node a unit sits on changes no later count. Only the total
+    is kept. ``uniform_packer`` says when this holds.
+
+    Example: nodes of 8 and 4 GPUs, 1-GPU units: 12 fit; place 5, release 2 -> 9 fit.
+    """
+
+    __slots__ = ("total", "need")
+
+    def __init__(self, total: int, need: int) -> None:
+        self.total = total
+        self.need = need
+
+    def copy(self) -> UniformPacker:
+        return UniformPacker(self.total, self.need)
+
+    @property
+    def free_gpus(self) -> float:
+        return self.total / CENTI
+
+    def max_units(self, unit_gpus: float) -> int:
+        return self.total // self._need(unit_gpus)
+
+    def place_into(self, unit_gpus: float, n: int, where: dict[int, int] | None = None) -> int:
+        """Places up to ``n`` units; ``where`` is left alone (nodes are not told apart)."""
+        if n <= 0:
+            return 0
+        need = self._need(unit_gpus)
+        k = self.total // need
+        if k > n:
+            k = n
+        self.total -= k * need
+        return k
+
+    def place(self, unit_gpus: float, n: int) -> int:
+        return self.place_into(unit_gpus, n)
+
+    def release(self, node: int, centi: int) -> None:
+        self.total += centi
+
+    def _need(self, unit_gpus: float) -> int:
+        need = to_centi(unit_gpus)
+        if need != self.need:
+            raise ValueError(f"a UniformPacker of {self.need} centi-GPU units was asked to place {need}")
+        return need
+
+
+# (id of a tuple of node sizes, unit in centi-GPUs) -> (the tuple, its total if every node is a multiple
+# of the unit, else None).
+_UNIFORM: dict[tuple[int, int], tuple[tuple[float, ...], int | None]] = {}
+
+
+def uniform_packer(node_gpus: tuple[float, ...], need: int) -> UniformPacker | None:
+    """An empty ``UniformPacker`` of these nodes for units of ``need`` centi-GPUs, or None when a node's
+    capacity is not a multiple of ``need`` (then only ``TypePacker`` counts right)."""
+    if need <= 0:
+        return None
+    key = (id(node_gpus), need)
+    hit = _UNIFORM.get(key)
+    if hit is None or hit[0] is not node_gpus:
+        centi = [max(0, math.floor(g * CENTI + 1e-6)) for g in node_gpus]
+        total = sum(centi) if all(c % need == 0 for c in centi) else None
+        if len(_UNIFORM) >= _MAX_TEMPLATES:
+            _UNIFORM.clear()
+        hit = _UNIFORM[key] = (node_gpus, total)
+    return None if hit[1] is None else UniformPacker(hit[1], need)

@@ -70,12 +70,13 @@ class StaticSplitPolicy:
             elif kind is WorkloadKind.TRAINING:
                 jobs.append(w)
 
-        sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services)
+        # Nothing is ever reclaimed across or within the split: no holder indexes.
+        sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services, reclaims=False)
         want = {w.name: service_want(w, self.config.headroom_fraction) for w in services}
         shrink_to_want(sv, want)
         fill_services(sv, want, reclaim=False)
 
-        tr = Workspace(replace(snapshot, nodes=training_nodes), known=jobs)
+        tr = Workspace(replace(snapshot, nodes=training_nodes), known=jobs, reclaims=False)
         shrink_to_want(tr, {})
         fill_training(tr, lambda t: self.config.speeds.get(t, 1.0), preempt=False)
 

@@ -92,8 +92,12 @@ def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
         have = units(name)
         if not have:
             continue  # nothing to give back (wants are never negative)
-        target = service_wants[name] if name in service_wants else job_want(w)
-        excess = have - target
+        if name in service_wants:
+            excess = have - service_wants[name]
+        else:
+            excess = have - min(max(w.demand_units, 0), w.spec.max_units)  # job_want(w), inlined
+        if excess <= 0:
+            continue
         for t in reversed(w.spec.gpu_types):
             if excess <= 0:
                 break
@@ -330,9 +334,11 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
             if units(name) < want:
                 by_type.setdefault(next(iter(a)), []).append(w)
                 wants[name] = want
+    place = ws.place
     for t, growers in by_type.items():
         packer = ws.packers.get(t)
-        smallest = min(to_centi(w.spec.gpus_per_unit) for w in growers)
+        # (to_centi rounds up, so the smallest unit is that of the smallest GPUs per unit.)
+        smallest = to_centi(min(w.spec.gpus_per_unit for w in growers))
         if packer is None or 0 < smallest > packer.total:
             continue  # a full type (the common case under load): no grower's unit fits, as place() would find
         free = ws.free_gpus(t)
@@ -341,7 +347,14 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
         for w in growers:
             name = w.spec.name
             share = int(free * max(w.spec.weight, 1e-9) / total_w / w.spec.gpus_per_unit)
-            ws.place(name, t, min(share, wants[name] - units(name)))
+            if share > 0:
+                place(name, t, min(share, wants[name] - units(name)))
+                if 0 < smallest > packer.total:
+                    break  # the type is full: every later place() would place nothing (and change nothing)
+        if 0 < smallest > packer.total:
+            continue
         for w in growers:
             name = w.spec.name
-            ws.place(name, t, wants[name] - units(name))
+            place(name, t, wants[name] - units(name))
+            if 0 < smallest > packer.total:
+                break

@@ -27,7 +27,7 @@ from cluster.model import (
     inventory,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
-from policies.packing import TypePacker, to_centi
+from policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
 
 
 def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
@@ -46,8 +46,17 @@ def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
 class Workspace:
     """Working allocation: units per workload and GPU type, with per-type packers of what is free."""
 
-    def __init__(self, snapshot: ClusterSnapshot, known: Iterable[WorkloadSnapshot] | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: ClusterSnapshot,
+        known: Iterable[WorkloadSnapshot] | None = None,
+        *,
+        reclaims: bool = True,
+    ) -> None:
+        """``reclaims=False``: a policy that never takes GPUs from a holder (no ``reclaim_for``,
+        ``reclaimable_gpus``, holder indexes) skips keeping the indexes those need."""
         self.snapshot = snapshot
+        self._indexed = reclaims
         self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
             w.spec.name: w for w in (snapshot.workloads if known is None else known)
         }
@@ -58,13 +67,26 @@ class Workspace:
         self._jobs: list[WorkloadSnapshot] = []
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
         grants = snapshot.grants
+        # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
+        # whole multiples of it, each type is packed as a total (``UniformPacker``): the same counts.
+        unit, unit_gpus = -1, None
+        alloc = self.alloc
+        jobs, services = self._jobs.append, self._services.append
+        training_kind = WorkloadKind.TRAINING
         for name, w in self.workloads.items():
             spec = w.spec
-            training = spec.kind is WorkloadKind.TRAINING
-            (self._jobs if training else self._services).append(w)
+            if unit and spec.gpus_per_unit != unit_gpus:
+                unit_gpus = spec.gpus_per_unit
+                c = to_centi(unit_gpus)
+                unit = c if unit == -1 or unit == c else 0
+            training = spec.kind is training_kind
+            if training:
+                jobs(w)
+            else:
+                services(w)
             current = grants.get(name)
             if current is None or not current.items:
-                self.alloc[name] = {}
+                alloc[name] = {}
                 continue
             types = spec.gpu_types
             if len(current.items) == 1:
@@ -72,9 +94,9 @@ class Workspace:
                 t, n = current.items[0]
                 m = spec.max_units
                 if t not in node_gpus or t not in types or m <= 0:
-                    self.alloc[name] = {}
+                    alloc[name] = {}
                 else:
-                    self.alloc[name] = {t: n if n <= m else m}
+                    alloc[name] = {t: n if n <= m else m}
                 continue
             cur = {t: n for t, n in current.items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
@@ -82,8 +104,15 @@ class Workspace:
             if training and len(cur) > 1:
                 keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
-            self.alloc[name] = cur
-        self.packers: dict[GpuType, TypePacker] = {}
+            alloc[name] = cur
+        self.packers: dict[GpuType, TypePacker | UniformPacker] = {}
+        # Per type: an empty ``UniformPacker`` when every unit here packs as a total, else absent.
+        self._uniform: dict[GpuType, UniformPacker] = {}
+        if unit > 0:
+            for t, sizes in node_gpus.items():
+                u = uniform_packer(sizes, unit)
+                if u is not None:
+                    self._uniform[t] = u
         # Where each workload's units sit: name -> type -> node index -> units. A virtual placement,
         # re-derived each decision, so that a shrink frees capacity on the nodes it really frees.
         # (Filled as units are placed: a workload without units may have no entry.)
@@ -114,6 +143,8 @@ class Workspace:
         minimum. They make "is anything reclaimable here?" cost O(priorities), not O(jobs).
         """
         self._units: dict[WorkloadName, int] = {n: sum(a.values()) for n, a in self.alloc.items()}
+        if not self._indexed:
+            return
         self.holders: dict[GpuType, dict[WorkloadName, None]] = {}
         self.preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
@@ -189,12 +220,14 @@ class Workspace:
             a.pop(t, None)
         self._units[name] += delta
         w = self.workloads[name]
-        if w.kind is WorkloadKind.TRAINING:
+        if self._indexed and w.kind is WorkloadKind.TRAINING:
             self._index(w, t, old, new)
 
     def reclaimable_gpus(self, gpu_type: GpuType, below_priority: int, include_min: bool) -> float:
         """GPUs on ``gpu_type`` held by preemptible jobs of lower priority (above their minimum only,
         unless ``include_min``)."""
+        if not self._indexed:
+            raise RuntimeError("this workspace was built with reclaims=False: it keeps no holder indexes")
         by_prio = (self._total if include_min else self._spare).get(gpu_type, {})
         return sum(v for p, v in by_prio.items() if p < below_priority)
 
@@ -266,6 +299,11 @@ class Workspace:
         g = self.workloads[name].spec.gpus_per_unit
         if to_centi(g) > p.total:
             return 0  # nothing fits: the common case of a full type, without a search
+        if gpu_type in self._uniform:
+            placed = p.place_into(g, n)
+            if placed:
+                self._adjust(name, gpu_type, placed)
+            return placed
         by_type = self.where.get(name)
         if by_type is None:
             by_type = self.where[name] = {}
@@ -283,8 +321,12 @@ class Workspace:
         if k <= 0:
             return 0
         need = to_centi(self.workloads[name].spec.gpus_per_unit)
-        where = self.where[name][gpu_type]
         packer = self.packers[gpu_type]
+        if gpu_type in self._uniform:
+            packer.release(-1, k * need)
+            self._adjust(name, gpu_type, -k)
+            return k
+        where = self.where[name][gpu_type]
         left = k
         # Free the nodes where it holds least first: whole nodes come free sooner, for big units.
         for node in sorted(where, key=lambda i: (where[i], i)):
@@ -308,8 +350,11 @@ class Workspace:
 
     def _pack(self, gpu_type: GpuType, names: list[WorkloadName]) -> None:
         """``repack`` of the workloads ``names`` (those holding units on ``gpu_type``, in ``alloc`` order)."""
-        p = TypePacker.of_nodes(self.node_gpus.get(gpu_type, ()))
-        self.packers[gpu_type] = p
+        uniform = self._uniform.get(gpu_type)
+        if uniform is not None:
+            if self._pack_uniform(gpu_type, names, uniform):
+                return
+            del self._uniform[gpu_type]  # this type is packed per node from now on
         # (protection key, 0 for the minimum's units / 1 for the rest, name, units): the flag keeps a
         # non-preemptible job's minimum first (both its parts share one key).
         groups = []
@@ -370,6 +415,21 @@ class Workspace:
             memo.store()
         self._clock += 1
         self.version[gpu_type] = self._clock
+
+    def _pack_uniform(self, gpu_type: GpuType, names: list[WorkloadName], empty: UniformPacker) -> bool:
+        """``_pack`` as a total, when everything held fits (no order to keep); False when it does not
+        (a node died: the full packing trims the least protected units, in protection order)."""
+        alloc = self.alloc
+        units = 0
+        for name in names:
+            units += alloc[name].get(gpu_type, 0)
+        free = empty.total - units * empty.need
+        if free < 0:
+            return False
+        self.packers[gpu_type] = UniformPacker(free, empty.need)
+        self._clock += 1
+        self.version[gpu_type] = self._clock
+        return True
 
     def _min_part_on(self, w: WorkloadSnapshot, gpu_type: GpuType, n: int) -> int:
         """How many of the ``n`` units on ``gpu_type`` count as the workload's minimum.

@@ -2,10 +2,14 @@
 
 import random
 
+import pytest
 from builders import make_job, make_nodes, make_workload
 
-from cluster.model import Allocation, ClusterSnapshot
-from policies.packing import TypePacker
+import policies.workspace as workspace_module
+from cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
+from cluster.model import Allocation, ClusterSnapshot, NodeSnapshot, ServiceSpec, TrainingJobSpec
+from policies.config import build_policy, parse_policy_config
+from policies.packing import TypePacker, uniform_packer
 from policies.workspace import Workspace, _PackMemo
 
 
@@ -84,3 +88,109 @@ def test_a_workspace_resuming_the_last_packing_packs_exactly_as_from_scratch():
         for t in ("H100", "A100"):
             assert _packing_state(ws, t) == _packing_state(fresh, t), f"step {step}, {t}"
     assert resumed > 100  # the memo was warm for almost every step (else this test proves nothing)
+
+
+def test_a_uniform_packer_counts_what_the_per_node_packer_places():
+    # 1-GPU units on 8- and 4-GPU nodes: every free GPU takes a unit, wherever it sits.
+    rng = random.Random(3)
+    nodes = tuple([8.0] * 5 + [4.0] * 3)
+    per_node, total = TypePacker(nodes), uniform_packer(nodes, 100)
+    assert total is not None and total.free_gpus == per_node.free_gpus == 52
+    held: list[int] = []  # nodes of the units the per-node packer placed
+    for _ in range(300):
+        if held and rng.random() < 0.45:
+            for _ in range(rng.randint(1, len(held))):
+                node = held.pop(rng.randrange(len(held)))
+                per_node.release(node, 100)
+                total.release(node, 100)
+        else:
+            n = rng.randint(1, 20)
+            assert per_node.max_units(1.0) == total.max_units(1.0)
+            where: dict[int, int] = {}
+            placed = per_node.place_into(1.0, n, where)
+            assert total.place(1.0, n) == placed
+            held += [node for node, k in where.items() for _ in range(k)]
+        assert total.total == per_node.total
+
+
+def test_a_uniform_packer_is_refused_when_a_node_is_not_a_multiple_of_the_unit():
+    assert uniform_packer((8.0, 4.0), 200) is not None
+    assert uniform_packer((8.0, 3.0), 200) is None  # a 3-GPU node leaves one GPU no 2-GPU unit can use
+    assert uniform_packer((8.0,), 0) is None
+    with pytest.raises(ValueError, match="200"):
+        uniform_packer((8.0,), 100).place(2.0, 1)  # type: ignore[union-attr]
+
+
+def _uniform_run(policy_name: str, seed: int) -> list:
+    """Decisions of a seeded run where every unit is one GPU: services spiking, jobs coming and going,
+    releases a tick late, a node dying (its holders trimmed) and coming back."""
+    rng = random.Random(seed)
+    types = ("H100", "A100", "RTX4090")
+    nodes = [NodeSnapshot(f"n{i:02d}", types[i % 3], 4.0 if i % 3 == 2 else 8.0) for i in range(18)]
+    clock = ManualClock()
+    inner = build_policy(parse_policy_config({"policy": policy_name, "static": {"default_serving_share": 0.3}}))
+    log: list = []
+
+    class Recording:
+        name = inner.name
+
+        def decide(self, snapshot, state):
+            d, s = inner.decide(snapshot, state)
+            log.append((sorted((n, a.items) for n, a in d.targets.items()), d.infeasible, d.reclaims))
+            return d, s
+
+    backend = FakeBackend(nodes)
+    arb = ResourceArbiter(Recording(), backend, clock, ArbiterConfig(registration_ttl_s=1e9))
+    arb.register(ServiceSpec("svc", 1.0, 1, 40, ("H100", "A100")), demand_units=4)
+    jobs: list[str] = []
+    for k in range(80):
+        clock.advance(30)
+        if rng.random() < 0.5:
+            name = f"job-{k:03d}"
+            lo = rng.randint(1, 4)
+            spec = TrainingJobSpec(
+                name, 1.0, lo, lo + rng.randint(0, 12), tuple(rng.sample(types, k=rng.randint(1, 3))),
+                priority=rng.choice([0, 1, 2]), preemptible=rng.random() > 0.2,
+            )
+            arb.register(spec, demand_units=spec.max_workers)
+            jobs.append(name)
+        if jobs and rng.random() < 0.2:
+            arb.unregister(jobs.pop(rng.randrange(len(jobs))))
+        arb.heartbeat("svc", demand_units=rng.choice([2, 4, 10, 25, 35]))
+        if k == 30:
+            backend.set_healthy("n00", False)
+        if k == 50:
+            backend.set_healthy("n00", True)
+        for name in jobs:
+            # Jobs report they hold their grant, and a checkpoint age that reorders them.
+            arb.heartbeat(name, held=arb.grant_of(name).grant, seconds_since_checkpoint=rng.uniform(0, 600))
+        arb.tick()
+    return log
+
+
+@pytest.mark.parametrize("policy_name", ["tidal", "static", "ray-alone"])
+def test_packing_one_gpu_units_as_totals_decides_exactly_as_packing_them_per_node(policy_name, monkeypatch):
+    fast = _uniform_run(policy_name, 11)
+    monkeypatch.setattr(workspace_module, "uniform_packer", lambda sizes, need: None)
+    assert _uniform_run(policy_name, 11) == fast
+    # Not vacuous: the grants kept changing (and tidal reclaimed from jobs for the service).
+    assert len({repr(d[0]) for d in fast}) > 20
+    assert policy_name != "tidal" or any(d[2] for d in fast)
+
+
+def test_a_workspace_without_reclaims_keeps_the_same_allocation_and_refuses_to_reclaim():
+    nodes = make_nodes(H100=(2, 8))
+    jobs = [make_job(f"j{i}", min_workers=1, max_workers=6, gpu_types=("H100",)) for i in range(3)]
+    snapshot = ClusterSnapshot(
+        now_s=0.0,
+        nodes=nodes,
+        workloads=tuple(make_workload(s, demand=s.max_workers, registered_s=float(i)) for i, s in enumerate(jobs)),
+        grants={"j0": Allocation.of(H100=5), "j1": Allocation.of(H100=4)},
+    )
+    full, lean = Workspace(snapshot), Workspace(snapshot, reclaims=False)
+    for ws in (full, lean):
+        assert ws.place("j2", "H100", 9) == 7 and ws.shrink("j0", "H100", 2) == 2 and ws.place("j1", "H100", 9) == 2
+    assert lean.alloc == full.alloc and lean.free_gpus("H100") == full.free_gpus("H100") == 0
+    assert full.reclaimable_gpus("H100", below_priority=100, include_min=False) > 0
+    with pytest.raises(RuntimeError, match="reclaims=False"):
+        lean.reclaimable_gpus("H100", below_priority=100, include_min=False)
