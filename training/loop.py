@@ -10,7 +10,8 @@ The loop is written for elasticity:
 - **Yield at a step boundary.** Rank 0 polls the job's signal actor (``training.runner.JobSignal``) without
   blocking (the reply to the previous poll is read at the next step boundary); one all-reduce per step
   shares its answer, the loss and the checkpoint-now flag, so every worker yields, checkpoints and
-  reports at the same step. A yield checkpoints, acknowledges to the signal actor and returns.
+  reports at the same step. A yield checkpoints, then rank 0 acknowledges to the signal actor with the
+  worker group's placement group, which the signal actor removes (the GPUs are free at once).
 - **Mixed precision** (bf16 autocast) on CUDA only; the device comes from ``torch.cuda.is_available()``.
 """
 
@@ -349,11 +350,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         if poller is not None:
             poller.send({**metrics, "last_checkpoint_step": last_ckpt_step, "checkpoint_age_s": time.monotonic() - last_ckpt_mono})
-            if save_now:
-                poller.handle.checkpointed.remote(attempt, step, ckpt_dir)
             if yield_now:
-                # Blocking on purpose: the runner counts the GPUs released once this acknowledgement lands.
-                ray.get(poller.handle.ack_yield.remote(attempt, step))
+                # The checkpoint is whole on every rank: the signal actor removes this worker group's
+                # placement group at once (the GPUs are free in ~0.1 s, not after Ray Train's next health
+                # check and graceful teardown), which ends this process too.
+                ray.get(poller.handle.ack_yield.remote(attempt, step, ckpt_dir, ray.util.get_current_placement_group()))
+            elif save_now:
+                poller.handle.checkpointed.remote(attempt, step, ckpt_dir)
         if yield_now:
             logger.info("attempt %d rank %d yielded at step %d", attempt, rank, step)
             return

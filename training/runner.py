@@ -129,7 +129,7 @@ class JobSignal:
     """The per-job rendezvous between the runner and its training loop (one per runner, on its node).
 
     Rank 0 of the loop calls ``poll`` every step (progress in, "yield?" out), ``checkpointed`` after each
-    checkpoint and ``ack_yield`` when it yields. The runner calls ``begin_attempt``, ``request_yield`` and
+    checkpoint and ``ack_yield`` when it yields (which frees the GPUs). The runner calls ``begin_attempt``, ``request_yield`` and
     reads ``snapshot``. The Ray Train controller registers itself with ``set_controller`` (for a forced stop).
     """
 
@@ -184,10 +184,20 @@ class JobSignal:
         """A checkpoint every rank has persisted (``dir_name`` under the run's storage directory)."""
         self.checkpoint_step, self.checkpoint_dir, self.checkpoint_s = step, dir_name, time.time()
 
-    def ack_yield(self, attempt: int, step: int) -> None:
-        if attempt == self.attempt:
-            self.acked = {"attempt": attempt, "step": step, "t_s": time.time()}
-            self.history.setdefault(attempt, {}).update(acked_s=self.acked["t_s"], acked_step=step)
+    def ack_yield(self, attempt: int, step: int, dir_name: str | None = None, worker_pg: Any = None) -> None:
+        """The loop yielded at ``step`` with its checkpoint ``dir_name`` whole on every rank. Removes the
+        worker group's placement group ``worker_pg`` (which ends the workers): the GPUs are free at once,
+        where Ray Train's own teardown waits for its next health check and each worker's shutdown (1-4 s
+        on a busy host). The runner reads ``acked["released_s"]`` and reports the GPUs free."""
+        if attempt != self.attempt:
+            return
+        if dir_name is not None:
+            self.checkpointed(attempt, step, dir_name)
+        self.acked = {"attempt": attempt, "step": step, "t_s": time.time()}
+        if worker_pg is not None:
+            _remove_pg(worker_pg, self.job_name)
+            self.acked["released_s"] = time.time()
+        self.history.setdefault(attempt, {}).update(acked_s=self.acked["t_s"], acked_step=step)
 
     def set_controller(self, attempt: int, handle: Any) -> None:
         self.controllers = {attempt: handle}
@@ -281,6 +291,7 @@ class _Attempt:
     yield_requested_s: float | None = None
     yield_reason: str | None = None
     first_step_noted: bool = False
+    released: bool = False  # its workers' GPUs were freed on the yield's acknowledgement (JobSignal.ack_yield)
     held_pg: Any = None  # the hold handed to this attempt's controller (removed by the runner if it never was)
 
 
@@ -331,9 +342,10 @@ class GpuHold:
         self.pg: Any = None
         self.grant: dict[str, int] = {}
 
-    def hold(self, grant: Mapping[str, int]) -> None:
+    def hold(self, grant: Mapping[str, int], wait: bool = True) -> None:
         """Holds ``grant`` (units = workers) on the job's GPU types, replacing what was held; an empty
-        grant releases. Units of other types (which the job cannot train on) are not held."""
+        grant releases. Units of other types (which the job cannot train on) are not held. ``wait``:
+        wait up to ``ready_timeout_s`` for it to be placed (not when the GPUs are still in use)."""
         grant = {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
         if grant == self.grant:
             return
@@ -347,8 +359,9 @@ class GpuHold:
             return
         self.pg = placement_group(bundles, strategy="PACK", name=f"tidal-hold-{self.job}", bundle_label_selector=selectors)
         self.grant = grant
-        # Placed within milliseconds when the GPUs are free; never wait long: the hold is a courtesy.
-        ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
+        if wait:
+            # Placed within milliseconds when the GPUs are free; never wait long: the hold is a courtesy.
+            ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
 
     def release(self) -> None:
         if self.pg is not None:
@@ -520,6 +533,10 @@ class ElasticRunner:
                         deadline = now
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
+                    if not self._stop.is_set():
+                        # Asked for now, placed as the workers' GPUs come free: queued ahead of any replica
+                        # the arbiter starts on the GPUs this yield gives up (see GpuHold).
+                        self.hold.hold(grant, wait=False)
                     self.state = self.state.yielding(reason, now, deadline)
                     logger.info(
                         "job %s: %s from %s to %s; asked the loop to yield (deadline %s)",
@@ -545,6 +562,7 @@ class ElasticRunner:
             assert attempt.thread is not None
             attempt.thread.join(timeout=self.poll_interval_s)
             if attempt.thread.is_alive():
+                self._note_release(attempt)
                 continue
             record = self._end_attempt(attempt)
             if record.outcome == "finished":
@@ -624,6 +642,25 @@ class ElasticRunner:
         )  # fmt: skip
         attempt.thread.start()
 
+    def _note_release(self, attempt: _Attempt) -> None:
+        """Reports a yielding attempt's GPUs free as soon as the signal actor has freed them (the loop's
+        acknowledgement), rather than when Ray Train's controller has noticed and ``fit()`` returned."""
+        acked = self.last_snapshot.get("acked") or {}
+        if attempt.released or acked.get("attempt") != attempt.index or "released_s" not in acked:
+            return
+        attempt.released = True
+        self.held = dict(self.hold.grant)
+        self._heartbeat(blocking=True)
+        logger.info(
+            "job %s attempt %d: GPUs freed at its yield (step %s), %.2f s after the request; holding %s",
+            self.spec.name, attempt.index, acked.get("step"), acked["released_s"] - (attempt.yield_requested_s or 0.0),
+            self.held or "nothing",
+        )  # fmt: skip
+        self.ledger = self.ledger.note(
+            {"t_s": self.clock(), "event": "released", "attempt": attempt.index, "step": acked.get("step"),
+             "held": dict(self.held)}
+        )  # fmt: skip
+
     def _end_attempt(self, attempt: _Attempt) -> AttemptRecord:
         now = self.clock()
         if attempt.held_pg is not None:  # the attempt may have ended before its workers started
@@ -647,7 +684,8 @@ class ElasticRunner:
             outcome = "finished"
         elif attempt.forced:
             outcome = "forced"
-        elif attempt.error is None and snap.get("acked"):
+        elif snap.get("acked") and (attempt.error is None or attempt.released):
+            # (A released attempt's fit() reports its workers gone: the signal actor removed them.)
             outcome = "yielded"
             last_step = max(last_step, int(snap["acked"]["step"]))
         else:

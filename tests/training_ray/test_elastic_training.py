@@ -133,6 +133,9 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         (4, "yielded"), (2, "yielded"), (4, "finished"),
     ], summary["attempts"]  # fmt: skip
     assert summary["steps_lost"] == 0
+    # Each yield freed its workers' GPUs at its acknowledgement (JobSignal.ack_yield), before fit() returned.
+    yielded = [a["index"] for a in summary["attempts"] if a["outcome"] == "yielded"]
+    assert [e["attempt"] for e in summary["resizes"] if e["event"] == "released"] == yielded, summary["resizes"]
     # Each attempt resumed exactly at the step where the previous one checkpointed as it yielded.
     assert summary["attempts"][0]["resumed_from"] == 0
     for before, after in zip(summary["attempts"], summary["attempts"][1:], strict=False):
