@@ -667,6 +667,8 @@ class ElasticRunner:
             _remove_pg(attempt.held_pg, self.spec.name)
         snap = ray.get(self._signal.snapshot.remote())
         self.last_snapshot = snap
+        # fit() may return (its workers gone) before the runner's poll saw the release: note it first.
+        self._note_release(attempt)
         progress = snap.get("progress") or {}
         last_step = max(int(progress.get("step", attempt.start_step)), attempt.start_step)
         ckpt_step = snap.get("checkpoint_step")
@@ -684,7 +686,7 @@ class ElasticRunner:
             outcome = "finished"
         elif attempt.forced:
             outcome = "forced"
-        elif snap.get("acked") and (attempt.error is None or attempt.released):
+        elif snap.get("acked") and snap["acked"].get("attempt") == attempt.index and (attempt.error is None or attempt.released):
             # (A released attempt's fit() reports its workers gone: the signal actor removed them.)
             outcome = "yielded"
             last_step = max(last_step, int(snap["acked"]["step"]))
