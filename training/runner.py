@@ -55,6 +55,7 @@ from training.elastic import (
     Target,
     Wait,
     Yield,
+    YieldReason,
     decide,
 )
 from training.spec import JobSpec
@@ -376,19 +377,25 @@ class GpuHold:
 
 
 def restart_not_before(
-    outcome: str, now: float, failures: int, failure_backoff_s: float, restart_delay_s: float
+    outcome: str,
+    now: float,
+    failures: int,
+    failure_backoff_s: float,
+    restart_delay_s: float,
+    yield_reason: str | None = None,
 ) -> float:
     """The earliest time the next attempt may start, after one that ended with ``outcome``.
 
     A failed attempt backs off ``failure_backoff_s`` per failure in a row (a lost node takes the GCS a few
-    seconds to declare dead, and the arbiter a tick more to shrink the grant); one that yielded GPUs waits
-    the job's ``restart_delay_s``; any other restarts at once.
+    seconds to declare dead, and the arbiter a tick more to shrink the grant); one that yielded GPUs back
+    waits the job's ``restart_delay_s``; any other restarts at once, a yield to grow too (it gave nothing
+    back, and the bigger grant is what the job waits for).
 
     Example: ``restart_not_before("failed", 100.0, 2, 3.0, 0.0)`` is 106.0.
     """
     if outcome == "failed":
         return now + failure_backoff_s * failures
-    if outcome == "yielded":
+    if outcome == "yielded" and yield_reason != YieldReason.GROW:
         return now + restart_delay_s
     return float("-inf")
 
@@ -527,9 +534,10 @@ class ElasticRunner:
                         self.held = dict(self.hold.grant)
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
-                    if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
+                    if not self.attempt.first_step_noted and self._not_started_training():
                         # Still starting: there is nothing to checkpoint, so stop it now rather than after
-                        # the grace (its placement group may even wait for GPUs that are gone).
+                        # the grace (its placement group may even wait for GPUs that are gone). A grow too:
+                        # one restart at the new size now beats finishing this start, a step, then another.
                         deadline = now
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
@@ -573,8 +581,9 @@ class ElasticRunner:
             else:
                 failures = 0
             self._not_before_s = restart_not_before(
-                record.outcome, self.clock(), failures, self.failure_backoff_s, self.spec.restart_delay_s
-            )
+                record.outcome, self.clock(), failures, self.failure_backoff_s, self.spec.restart_delay_s,
+                attempt.yield_reason,
+            )  # fmt: skip
             if record.outcome == "failed":
                 self._capacity_cache = (0.0, self._capacity_cache[1])
                 if failures >= self.max_consecutive_failures:

@@ -177,7 +177,8 @@ class JobSpec(BaseModel):
         ge=0,
         le=600,
         description="After giving GPUs back (a shrink), wait this long before restarting on the GPUs left, "
-        "so that the new holder starts first on a host whose CPUs both share. 0: restart at once.",
+        "so that the new holder starts first on a host whose CPUs both share (not after a yield to grow, which "
+        "gave nothing back). 0: restart at once.",
     )
     health_check_interval_s: float = Field(
         default=0.25,

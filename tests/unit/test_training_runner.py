@@ -32,3 +32,10 @@ def test_a_failed_attempt_backs_off_per_failure_a_yielded_one_waits_its_restart_
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0) == 120.0
     assert restart_not_before("yielded", 100.0, 0, 3.0, 0.0) == 100.0
     assert restart_not_before("forced", 100.0, 0, 3.0, 20.0) == float("-inf")
+
+
+def test_only_a_yield_that_gave_gpus_back_waits_the_restart_delay():
+    assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "shrink") == 120.0
+    assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "type_change") == 120.0
+    # A grow gave nothing back: its bigger restart waits for nobody (the demo's jobs waited 60 s here).
+    assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "grow") == float("-inf")
