@@ -49,10 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cluster.model import GPU_TYPE_LABEL
     from training.loop import train_loop_per_worker
-    from training.runner import NAMESPACE, AutoTorchConfig, JobSignal, niced_runtime_env, signal_actor_name
+    from training.runner import NAMESPACE, AutoTorchConfig, JobSignal, signal_actor_name
 
-    # Its processes start niced as Tidal's do: the comparison is about the arbiter, not the niceness.
-    ray.init(namespace=NAMESPACE, runtime_env=niced_runtime_env(spec.cpu_niceness) or None)
+    ray.init(namespace=NAMESPACE)
     progress_board = JobSignal.options(name=signal_actor_name(spec.name), namespace=NAMESPACE).remote(spec.name)
     ray.get(progress_board.begin_attempt.remote(0))
     gpu_type = spec.gpu_types[0]

@@ -243,9 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     attempt: int = config["attempt"]
     if spec.cpu_niceness:
-        # Up to the spec's niceness, not by it: the process may have started under `nice` already
-        # (training.runner.niced_runtime_env).
-        os.nice(max(0, spec.cpu_niceness - os.nice(0)))
+        # Ray Train reuses no worker process across attempts, so this raises each process's niceness once.
+        os.nice(spec.cpu_niceness)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = torch.cuda.is_available()

@@ -87,12 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from training import runner as runner_mod
 
-    ray.init(
-        address=args.address,
-        namespace=runner_mod.NAMESPACE,
-        log_to_driver=True,
-        runtime_env=runner_mod.niced_runtime_env(spec.cpu_niceness) or None,
-    )
+    ray.init(address=args.address, namespace=runner_mod.NAMESPACE, log_to_driver=True)
     try:
         if args.standalone:
             grants = runner_mod.CapacityGrantSource()

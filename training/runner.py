@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import signal as signal_module
-import sys
 import tempfile
 import threading
 import time
@@ -64,26 +63,7 @@ from training.spec import JobSpec
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "tidal"
-JOB_CONFIG_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # the job's config, set by Ray's job manager for the driver
 SUMMARY_FILE = "summary.json"
-
-
-def niced_runtime_env(niceness: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The runtime env the driver adds so that the job's worker processes (Ray Train's controller and
-    workers) *start* under ``nice``, not only train under it: a restart's new processes and their imports
-    (~20 CPU-s for the demo's jobs) then yield the CPU to inference replicas on the same host. Measured:
-    the demo's jobs restarting at the spike's end raised the one replica's latency until the service asked
-    for 4 replicas at 2 req/s and took the GPUs back.
-
-    For the driver's ``ray.init``, which merges it into the job's runtime env (from ``ray job submit``,
-    passed in ``environ``). Empty when ``niceness`` is 0 or the job's runtime env already chooses its
-    Python. The Python is the driver's (``sys.executable``): Ray runs one Python installation across a
-    cluster. Example: ``niced_runtime_env(10)`` is ``{"py_executable": "nice -n 10 /usr/bin/python3"}``.
-    """
-    job_env = json.loads(environ.get(JOB_CONFIG_ENV_VAR) or "{}").get("runtime_env") or {}
-    if niceness <= 0 or job_env.get("py_executable"):
-        return {}
-    return {"py_executable": f"nice -n {int(niceness)} {sys.executable}"}
 
 
 def signal_actor_name(job_name: str) -> str:

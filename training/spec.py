@@ -192,9 +192,8 @@ class JobSpec(BaseModel):
         default=0,
         ge=0,
         le=19,
-        description="The job's worker processes run at this niceness, so that inference replicas sharing "
-        "their host's CPUs keep their latency: they start under `nice` (a runtime env the driver adds, "
-        "training.runner.niced_runtime_env) and the training loop raises its own to it. 0: unchanged.",
+        description="Each training worker raises its niceness by this much when it starts (os.nice), so "
+        "that inference replicas sharing its host's CPUs keep their latency. 0: unchanged.",
     )
 
     global_batch_size: int = Field(ge=1)

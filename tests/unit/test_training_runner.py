@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached, niced_runtime_env, restart_not_before
+from training.runner import CapacityGrantSource, metric_reached, restart_not_before
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -42,13 +39,3 @@ def test_only_a_yield_that_gave_gpus_back_waits_the_restart_delay():
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "type_change") == 120.0
     # A grow gave nothing back: its bigger restart waits for nobody (the demo's jobs waited 60 s here).
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "grow") == float("-inf")
-
-
-def test_worker_processes_start_niced_unless_the_job_chose_its_python():
-    job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"A": "1"}}})
-    env = niced_runtime_env(10, {"RAY_JOB_CONFIG_JSON_ENV_VAR": job})
-    assert env == {"py_executable": f"nice -n 10 {sys.executable}"}
-    assert niced_runtime_env(10, {}) == env  # a driver started outside `ray job submit`
-    assert niced_runtime_env(0, {"RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {}
-    own = json.dumps({"runtime_env": {"py_executable": "python -X importtime"}})
-    assert niced_runtime_env(10, {"RAY_JOB_CONFIG_JSON_ENV_VAR": own}) == {}  # ray.init would refuse to merge
