@@ -486,7 +486,7 @@ class ElasticRunner:
             # controller and workers are this driver's actors): only unregister and write the summary then.
             if alive and not self._stop.is_set():
                 assert self.attempt is not None and self.attempt.thread is not None
-                self._force_stop(self.attempt, "the runner is stopping")
+                self._force_stop(self.attempt, "the runner is stopping", wait=True)
                 self.attempt.thread.join(timeout=30)
             self.hold.release()
             try:
@@ -746,27 +746,44 @@ class ElasticRunner:
         )  # fmt: skip
         return record
 
-    def _force_stop(self, attempt: _Attempt, reason: str) -> None:
-        """Stops the attempt's trainer the way Ray Train's Ctrl-C does: ``TrainController.abort()``."""
+    def _force_stop(self, attempt: _Attempt, reason: str, wait: bool = False) -> None:
+        """Stops the attempt's trainer the way Ray Train's Ctrl-C does: ``TrainController.abort()``.
+
+        The abort runs in its own thread unless ``wait``: the loop goes on heartbeating meanwhile, and the
+        attempt ends when ``fit()`` returns, as any other. A controller still starting its worker group took
+        ~20 s to abort in bench/spike.py; the loop used to block that long, its heartbeats stopped, and the
+        arbiter let the job's registration expire (``registration_ttl_s``) and dropped its grant.
+        """
         if attempt.forced:
             return
         logger.warning("job %s attempt %d: stopping by force: %s", self.spec.name, attempt.index, reason)
         attempt.forced, attempt.force_reason = True, reason
         self.ledger = self.ledger.note({"t_s": self.clock(), "event": "force_stop", "attempt": attempt.index, "reason": reason})
-        controller = None
-        deadline = time.monotonic() + 10.0
-        while controller is None and time.monotonic() < deadline:
-            controller = ray.get(self._signal.get_controller.remote(attempt.index))
-            if controller is None:
-                time.sleep(0.1)  # the controller registers itself as it starts
-        if controller is None:
-            logger.error("job %s attempt %d: no controller handle to abort", self.spec.name, attempt.index)
-            return
+        aborter = threading.Thread(
+            target=self._abort_controller, args=(attempt.index,), name=f"abort-{self.spec.name}-{attempt.index}",
+            daemon=True,
+        )  # fmt: skip
+        aborter.start()
+        if wait:
+            aborter.join()
+
+    def _abort_controller(self, index: int) -> None:
         try:
+            controller = None
+            deadline = time.monotonic() + 10.0
+            while controller is None and time.monotonic() < deadline:
+                controller = ray.get(self._signal.get_controller.remote(index))
+                if controller is None:
+                    time.sleep(0.1)  # the controller registers itself as it starts
+            if controller is None:
+                logger.error("job %s attempt %d: no controller handle to abort", self.spec.name, index)
+                return
             ray.get(controller.abort.remote(), timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             # abort() ends the controller actor, so its own call reports the actor gone: expected.
             logger.debug("controller abort returned %r", e)
+        except Exception:  # a failure in this thread must not go unseen (as before, nothing retries the abort)
+            logger.exception("job %s attempt %d: aborting the controller failed", self.spec.name, index)
 
     # ------------------------------------------------------------------------------- helpers
 
