@@ -534,10 +534,12 @@ class ElasticRunner:
                         self.held = dict(self.hold.grant)
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
-                    if not self.attempt.first_step_noted and self._not_started_training():
+                    if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
                         # Still starting: there is nothing to checkpoint, so stop it now rather than after
-                        # the grace (its placement group may even wait for GPUs that are gone). A grow too:
-                        # one restart at the new size now beats finishing this start, a step, then another.
+                        # the grace (its placement group may even wait for GPUs that are gone). Not for a
+                        # grow: stopped so, a starting controller took over 50 s to abort (bench/spike.py,
+                        # 2026-11-22 14:16; suspected: the hold asked for below, the whole new grant, took
+                        # the GPUs its worker group waited for). A grow yields at the first step instead.
                         deadline = now
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
