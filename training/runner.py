@@ -395,7 +395,7 @@ def restart_not_before(
     """
     if outcome == "failed":
         return now + failure_backoff_s * failures
-    if outcome == "yielded" and yield_reason != YieldReason.GROW:
+    if outcome == "yielded" and (yield_reason is None or YieldReason(yield_reason).releases_gpus):
         return now + restart_delay_s
     return float("-inf")
 
