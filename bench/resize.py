@@ -51,7 +51,7 @@ COMPETITOR = "bench-resize-competitor"
 POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_resize_min_interval_s": 0}}
 
 
-def job_yaml(storage: str, grace_s: float) -> str:
+def job_yaml(storage: str, grace_s: float, spare_workers: int = 0) -> str:
     return f"""
 name: {JOB_NAME}
 model: {{class: "training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
@@ -68,6 +68,7 @@ resize_min_interval_s: 5
 report_every_steps: 50
 storage_path: {storage}
 fault_injection: {{step_delay_s: 0.05}}
+spare_workers: {spare_workers}
 """
 
 
@@ -88,6 +89,12 @@ def main() -> int:
     p.add_argument("--grace-s", type=float, default=60.0)
     p.add_argument("--output", default=str(PROJECT / "bench" / "results" / "resize.json"))
     p.add_argument("--timeout-s", type=float, default=600.0, help="per wait")
+    p.add_argument(
+        "--spare-workers",
+        type=int,
+        default=0,
+        help="the job's spare_workers (training/spares.py): restarts start in processes already up",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -129,7 +136,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
     ray.get(arbiter.reload_config.remote(POLICY))
     client = ArbiterClient()
     spec_path = Path(storage) / "job.yaml"
-    spec_path.write_text(job_yaml(storage, args.grace_s))
+    spec_path.write_text(job_yaml(storage, args.grace_s, args.spare_workers))
     env = {**os.environ, **cluster.env()}
     sub_id = f"bench-resize-{int(time.time())}"
     subprocess.run(
@@ -159,6 +166,13 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
             and (j := job()) and j["held"].get("H100") == 4,
             args.timeout_s, "the job training on 4 workers",
         )  # fmt: skip
+        if args.spare_workers:
+            # The restart should meet its spare workers up, not importing (training/spares.py).
+            wait_for(
+                lambda: (p := (job() or {}).get("progress") or {}).get("spares_wanted")
+                and p["spares_idle"] >= p["spares_wanted"],
+                args.timeout_s, "the job's spare workers idle",
+            )  # fmt: skip
         time.sleep(2.0)
         since = time.time()
         # 2. A competitor asks for 2 H100s.
@@ -234,6 +248,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         },
         "summary": {
             "cycles": len(cycles),
+            "spare_workers": args.spare_workers,
             "decision_to_release_s_median": med("decision_to_release_s"),
             "decision_to_grant_s_median": med("decision_to_grant_s"),
             "decision_to_usable_s_median": med("decision_to_usable_s"),

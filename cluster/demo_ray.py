@@ -303,6 +303,27 @@ class DemoRuntime:
         except TimeoutError as e:
             logger.warning("%s; going on", e)
 
+    def wait_spare_workers(self, timeout_s: float = 90.0) -> None:
+        """Waits until every Tidal job has the spare workers its spec asks for idle (``training.spares``).
+
+        They start once a job trains steadily; the spike should meet them imported, not importing.
+        """
+        import ray
+
+        if self.arbiter is None:
+            return
+        names = {h.name for h in self.jobs.values() if h.runner == "tidal"}
+
+        def ready() -> bool:
+            status = ray.get(self.arbiter.status.remote(), timeout=5)
+            progress = {w["name"]: w.get("progress") or {} for w in status["workloads"] if w["name"] in names}
+            return all(p.get("spares_idle", 0) >= p.get("spares_wanted", 0) for p in progress.values())
+
+        try:
+            self._wait(ready, timeout_s, "the training jobs' spare workers to be up")
+        except TimeoutError as e:
+            logger.warning("%s; going on", e)
+
     def wait_service_ready(self, timeout_s: float = 180.0) -> None:
         """Waits until the service's application runs and answers ``/v1/predict`` with 200."""
         from serving.rollout import serve_details

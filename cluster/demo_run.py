@@ -121,6 +121,7 @@ def run_system(
             stop.wait(sample_interval_s)
     if system.arbiter and not stop.is_set():
         rt.wait_warm_pool()
+        rt.wait_spare_workers()
     timings["fill_s"] = time.monotonic() - t0
     if stop.is_set():
         raise KeyboardInterrupt

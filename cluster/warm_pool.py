@@ -53,9 +53,16 @@ class PoolNode:
 class Raylets(Protocol):
     """The two raylet calls the pool needs (``RayletRpc`` on Ray; a fake in unit tests)."""
 
-    def idle_workers(self, address: str) -> int: ...
+    def idle_workers(self, address: str, job_id: bytes | None = None) -> int: ...
 
-    def prestart(self, address: str, num_workers: int, keep_alive_s: float) -> None: ...
+    def prestart(
+        self,
+        address: str,
+        num_workers: int,
+        keep_alive_s: float,
+        job_id: bytes | None = None,
+        serialized_runtime_env: str | None = None,
+    ) -> None: ...
 
 
 @dataclass
@@ -175,7 +182,8 @@ class RayletRpc:
             stub = self._stubs[address] = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
         return stub
 
-    def idle_workers(self, address: str) -> int:
+    def idle_workers(self, address: str, job_id: bytes | None = None) -> int:
+        """Idle Python workers of the node: not bound to a job (``job_id`` None), or bound to ``job_id``."""
         from ray.core.generated import common_pb2, node_manager_pb2
 
         reply = self._stub(address).GetNodeStats(
@@ -187,22 +195,34 @@ class RayletRpc:
             if w.worker_type == common_pb2.WorkerType.WORKER
             and w.language == common_pb2.Language.PYTHON
             and _is_nil(w.actor_id)
-            and _is_nil(w.job_id)  # not bound to a job yet: any job may take it
+            # Not bound to a job yet (any job may take it), or bound to the one asked for.
+            and (_is_nil(w.job_id) if job_id is None else w.job_id == job_id)
             and w.num_running_tasks == 0
             and w.num_pending_tasks == 0
         )
 
-    def prestart(self, address: str, num_workers: int, keep_alive_s: float) -> None:
+    def prestart(
+        self,
+        address: str,
+        num_workers: int,
+        keep_alive_s: float,
+        job_id: bytes | None = None,
+        serialized_runtime_env: str | None = None,
+    ) -> None:
+        """Starts idle workers: for any job, or bound to ``job_id`` with that runtime env (the raylet gives
+        a worker only to tasks and actors whose runtime env hashes the same)."""
         from ray.core.generated import common_pb2, node_manager_pb2
 
-        self._stub(address).PrestartWorkers(
-            node_manager_pb2.PrestartWorkersRequest(
-                language=common_pb2.Language.PYTHON,
-                keep_alive_duration_secs=int(keep_alive_s),
-                num_workers=num_workers,
-            ),
-            timeout=self.timeout_s,
+        request = node_manager_pb2.PrestartWorkersRequest(
+            language=common_pb2.Language.PYTHON,
+            keep_alive_duration_secs=int(keep_alive_s),
+            num_workers=num_workers,
         )
+        if job_id is not None:
+            request.job_id = job_id
+        if serialized_runtime_env is not None:
+            request.runtime_env_info.serialized_runtime_env = serialized_runtime_env
+        self._stub(address).PrestartWorkers(request, timeout=self.timeout_s)
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drops the stubs of nodes that are gone."""

@@ -257,6 +257,7 @@ class AttemptRecord:
     reason: str | None = None
     yield_requested_s: float | None = None
     resumed_from: int | None = None  # the step the loop loaded from its checkpoint (None: it never trained)
+    warm_start: bool | None = None  # rank 0 ran in a process started before the attempt (training.spares)
 
     @property
     def steps_lost(self) -> int:

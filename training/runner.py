@@ -58,6 +58,7 @@ from training.elastic import (
     YieldReason,
     decide,
 )
+from training.spares import SpareWorkers, typed_nodes
 from training.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class JobSignal:
         self.acked: dict[str, Any] | None = None
         self.first_report_s: float | None = None
         self.controllers: dict[int, Any] = {}
+        # The runtime env Ray Train's workers run in (the controller's: they inherit it), for spare workers.
+        self.worker_runtime_env: str | None = None
         # Per attempt: when it began, trained its first step, yielded (for benchmarks and post-mortems).
         self.history: dict[int, dict[str, Any]] = {}
 
@@ -177,6 +180,7 @@ class JobSignal:
                     first_report_s=self.first_report_s,
                     first_step=progress.get("step"),
                     resumed_from=progress.get("resumed_from"),
+                    process_started_s=progress.get("process_started_s"),
                 )
             if self.checkpoint_step is None and "last_checkpoint_step" in progress:
                 self.checkpoint_step = int(progress["last_checkpoint_step"])
@@ -200,8 +204,13 @@ class JobSignal:
             self.acked["released_s"] = time.time()
         self.history.setdefault(attempt, {}).update(acked_s=self.acked["t_s"], acked_step=step)
 
-    def set_controller(self, attempt: int, handle: Any) -> None:
+    def set_controller(self, attempt: int, handle: Any, runtime_env: str | None = None) -> None:
         self.controllers = {attempt: handle}
+        if runtime_env is not None:
+            self.worker_runtime_env = runtime_env
+
+    def get_worker_runtime_env(self) -> str | None:
+        return self.worker_runtime_env
 
     def get_controller(self, attempt: int) -> Any:
         return self.controllers.get(attempt)
@@ -244,8 +253,10 @@ class _RegisterController(ControllerCallback):
         self.attempt = attempt
 
     def after_controller_start(self, train_run_context: Any) -> None:
-        me = ray.get_runtime_context().current_actor
-        ray.get_actor(self.signal_name, namespace=NAMESPACE).set_controller.remote(self.attempt, me)
+        context = ray.get_runtime_context()
+        signal = ray.get_actor(self.signal_name, namespace=NAMESPACE)
+        # Ray Train's workers inherit this actor's runtime env unchanged (training/spares.py).
+        signal.set_controller.remote(self.attempt, context.current_actor, context.get_runtime_env_string())
 
 
 class _ReleaseHold(WorkerGroupCallback):
@@ -456,6 +467,9 @@ class ElasticRunner:
         self._signal: Any = None
         self._capacity_cache: tuple[float, Mapping[str, float]] = (0.0, {})
         self._not_before_s = float("-inf")
+        self.spares: SpareWorkers | None = None
+        self._spares_thread: threading.Thread | None = None
+        self._spares_due_s = float("-inf")
 
     # ------------------------------------------------------------------------------------ public
 
@@ -470,6 +484,15 @@ class ElasticRunner:
             # On the driver's node, like Ray Train's controller: it lives and dies with the runner.
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         ).remote(self.spec.name)
+        if self.spec.spare_workers > 0:
+            from cluster.warm_pool import RayletRpc
+
+            self.spares = SpareWorkers(
+                RayletRpc(),
+                job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
+                count=min(self.spec.spare_workers, self.spec.max_workers),
+                gpus_per_worker=self.spec.gpus_per_worker,
+            )
         try:
             self.view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
         except Exception as e:  # e.g. ArbiterUnavailableError: no arbiter on this cluster
@@ -569,6 +592,7 @@ class ElasticRunner:
             if attempt is None:
                 self._stop.wait(self.poll_interval_s)
                 continue
+            self._top_up_spares(attempt, now)
             assert attempt.thread is not None
             attempt.thread.join(timeout=self.poll_interval_s)
             if attempt.thread.is_alive():
@@ -594,6 +618,35 @@ class ElasticRunner:
                         f"{attempt.error!r}"
                     )
         return False
+
+    def _top_up_spares(self, attempt: _Attempt, now: float) -> None:
+        """Every 10 s while the attempt trains steadily (first step done, no yield asked), tops up the spare
+        workers on the nodes of its GPU type, from a thread (raylet RPCs must not delay a heartbeat)."""
+        spares = self.spares
+        if (
+            spares is None
+            or not attempt.first_step_noted
+            or attempt.yield_requested_s is not None
+            or now < self._spares_due_s
+            or (self._spares_thread is not None and self._spares_thread.is_alive())
+        ):
+            return
+        self._spares_due_s = now + 10.0
+        gpu_type = attempt.target.gpu_type
+
+        def top_up() -> None:
+            try:
+                if spares.runtime_env is None:
+                    spares.runtime_env = ray.get(self._signal.get_worker_runtime_env.remote(), timeout=10)
+                started = spares.top_up(gpu_type, typed_nodes(ray.nodes()))
+            except Exception as e:  # an optimisation only: log and try again next time
+                logger.warning("job %s: spare workers: %r", self.spec.name, e)
+                return
+            if started:
+                logger.info("job %s: started %s spare workers on %s", self.spec.name, sum(started.values()), gpu_type)
+
+        self._spares_thread = threading.Thread(target=top_up, name=f"spares-{self.spec.name}", daemon=True)
+        self._spares_thread.start()
 
     # ------------------------------------------------------------------------------ attempts
 
@@ -717,6 +770,7 @@ class ElasticRunner:
             reason=attempt.force_reason or attempt.yield_reason or (repr(attempt.error) if attempt.error else None),
             yield_requested_s=attempt.yield_requested_s,
             resumed_from=mine.get("resumed_from"),
+            warm_start=_warm_start(mine),
         )
         self.ledger = self.ledger.add(record)
         self.checkpoint_step, self.checkpoint_dir = ckpt_step, ckpt_dir
@@ -852,6 +906,9 @@ class ElasticRunner:
             "restarts": max(0, self.attempt_index - 1),
             "steps_lost": self.ledger.steps_lost,
             "last_checkpoint_step": snap.get("checkpoint_step"),
+            # Spare workers (training.spares): idle and wanted on the current type's nodes, at the last count.
+            "spares_idle": self.spares.idle if self.spares is not None else 0,
+            "spares_wanted": self.spares.wanted if self.spares is not None else 0,
         }
 
     def _capacity(self) -> Mapping[str, float]:
@@ -937,6 +994,15 @@ class ElasticRunner:
         )
         _write_text(f"{self.spec.storage_path.rstrip('/')}/{self.spec.name}/tidal/{SUMMARY_FILE}", json.dumps(asdict(summary), indent=1))
         return summary
+
+
+def _warm_start(history: Mapping[str, Any]) -> bool | None:
+    """Whether the attempt's rank 0 ran in a process started before the attempt began (a spare worker);
+    None when unknown (it never trained, or the platform has no process start times)."""
+    started, begun = history.get("process_started_s"), history.get("begun_s")
+    if started is None or begun is None:
+        return None
+    return bool(started < begun)
 
 
 def metric_reached(name: str, value: Any, threshold: float) -> bool:

@@ -180,6 +180,16 @@ class JobSpec(BaseModel):
         "so that the new holder starts first on a host whose CPUs both share (not after a yield to grow, which "
         "gave nothing back). 0: restart at once.",
     )
+    spare_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Idle worker processes the runner keeps started, bound to this job, on the nodes of the GPU "
+        "type it trains on, so that the next attempt (a resize) starts in processes that have already imported "
+        "Ray and torch (training/spares.py). Each costs a process's memory (~0.4 GB with torch on CPU, no GPU "
+        "memory) while it waits; they are started only while the job trains steadily. Set it to max_workers "
+        "for restarts that start no process; 0: off.",
+    )
     health_check_interval_s: float = Field(
         default=0.25,
         gt=0,

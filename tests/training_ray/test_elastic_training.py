@@ -91,12 +91,19 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
     # restart_delay_s: the job keeps its 2 H100s in a placement group for 4 s before it restarts on them.
-    spec = digits_job("elastic-424", storage, min_workers=2, max_workers=4, steps=200, restart_delay_s=4)
+    # spare_workers: it keeps 4 worker processes started for its next attempt (training.spares).
+    spec = digits_job(
+        "elastic-424", storage, min_workers=2, max_workers=4, steps=600, restart_delay_s=4, spare_workers=4
+    )
     job = submit_job(spec, local_cluster, tmp_path)
     jobs.append(job)
     first = wait_progress(
         arbiter, job.name, lambda p: p.get("num_workers") == 4 and (p.get("step") or 0) >= 10, START_TIMEOUT_S,
         "the job training on 4 H100 workers",
+    )  # fmt: skip
+    first = wait_progress(
+        arbiter, job.name, lambda p: p.get("spares_wanted") == 4 and p.get("spares_idle") == 4, START_TIMEOUT_S,
+        "the job's 4 spare workers idle on the H100 node",
     )  # fmt: skip
 
     rival = Competitor("rival-424", "H100", max_units=2)
@@ -133,6 +140,9 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         (4, "yielded"), (2, "yielded"), (4, "finished"),
     ], summary["attempts"]  # fmt: skip
     assert summary["steps_lost"] == 0
+    # The first attempt started cold (no spare can exist before the job's workers' runtime env is known);
+    # the restart on 2 ran in spare processes, started before it began.
+    assert [a["warm_start"] for a in summary["attempts"][:2]] == [False, True], summary["attempts"]
     # Each yield freed its workers' GPUs at its acknowledgement (JobSignal.ack_yield), before fit() returned.
     yielded = [a["index"] for a in summary["attempts"] if a["outcome"] == "yielded"]
     assert [e["attempt"] for e in summary["resizes"] if e["event"] == "released"] == yielded, summary["resizes"]
@@ -144,7 +154,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
     # The final model is a checkpoint serving loads, and it scores what the run reported.
     manifest = load_manifest(summary["export_path"])
-    assert manifest.model_class == "training.models:DigitsMLP" and manifest.version == "elastic-424-step200"
+    assert manifest.model_class == "training.models:DigitsMLP" and manifest.version == "elastic-424-step600"
     scores = evaluate(load_model(summary["export_path"]), digits(), torch.device("cpu"))
     assert scores["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-9)
 

@@ -1,0 +1,124 @@
+"""``training.spares.SpareWorkers``: which nodes get a job's spare workers, how many, with what (fake raylets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.spares import SpareWorkers, TypedNode, typed_nodes
+
+JOB = bytes.fromhex("03000000")
+ENV = '{"env_vars":{"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":"1.0"}}'
+
+
+class FakeRaylets:
+    def __init__(self, idle: dict[str, int], failing: frozenset[str] = frozenset()) -> None:
+        self.idle = dict(idle)
+        self.failing = failing
+        self.asked: list[tuple[str, bytes | None]] = []
+        self.prestarts: list[tuple[str, int, bytes | None, str | None]] = []
+
+    def idle_workers(self, address: str, job_id: bytes | None = None) -> int:
+        self.asked.append((address, job_id))
+        if address in self.failing:
+            raise ConnectionError(f"{address} is gone")
+        return self.idle.get(address, 0)
+
+    def prestart(
+        self,
+        address: str,
+        num_workers: int,
+        keep_alive_s: float,
+        job_id: bytes | None = None,
+        serialized_runtime_env: str | None = None,
+    ) -> None:
+        self.prestarts.append((address, num_workers, job_id, serialized_runtime_env))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+NODES = [
+    TypedNode("h100-b", "10.0.0.2:1", "H100", 4),
+    TypedNode("h100-a", "10.0.0.1:1", "H100", 4),
+    TypedNode("a100", "10.0.0.3:1", "A100", 2),
+]
+
+
+def spares(raylets: FakeRaylets, count: int, gpus_per_worker: float = 1, clock: Clock | None = None) -> SpareWorkers:
+    s = SpareWorkers(raylets, job_id=JOB, count=count, gpus_per_worker=gpus_per_worker, clock=clock or Clock())
+    s.runtime_env = ENV
+    return s
+
+
+def test_the_missing_spares_are_started_bound_to_the_job_with_its_workers_runtime_env():
+    raylets = FakeRaylets({"10.0.0.3:1": 1})
+    started = spares(raylets, count=2).top_up("A100", NODES)
+    assert started == {"a100": 1}
+    assert raylets.prestarts == [("10.0.0.3:1", 1, JOB, ENV)]
+    # Idle workers are counted among the job's own, not the cluster's unbound warm pool.
+    assert raylets.asked == [("10.0.0.3:1", JOB)]
+
+
+def test_spares_fill_the_nodes_of_the_type_in_order_up_to_what_each_can_place():
+    # 6 spares of 1-GPU workers over two 4-GPU H100 nodes: 4 on the first (by node id), 2 on the second.
+    raylets = FakeRaylets({})
+    started = spares(raylets, count=6).top_up("H100", NODES)
+    assert started == {"h100-a": 4, "h100-b": 2}
+    # 2-GPU workers: a 4-GPU node places at most 2 of them.
+    raylets = FakeRaylets({})
+    assert spares(raylets, count=3, gpus_per_worker=2).top_up("H100", NODES) == {"h100-a": 2, "h100-b": 1}
+
+
+def test_nothing_is_started_before_the_runtime_env_is_known_or_when_off():
+    raylets = FakeRaylets({})
+    s = SpareWorkers(raylets, job_id=JOB, count=2, gpus_per_worker=1)
+    assert s.top_up("A100", NODES) == {}
+    assert spares(raylets, count=0).top_up("A100", NODES) == {}
+    assert raylets.prestarts == [] and raylets.asked == []
+
+
+def test_a_node_just_topped_up_waits_its_cooldown_and_a_full_node_gets_none():
+    clock = Clock()
+    raylets = FakeRaylets({})
+    s = spares(raylets, count=2, clock=clock)
+    assert s.top_up("A100", NODES) == {"a100": 2}
+    assert (s.idle, s.wanted) == (0, 2)
+    # Its new workers are still importing (not idle yet): within the cooldown none is started again.
+    clock.t += s.node_cooldown_s - 1
+    raylets.idle["10.0.0.3:1"] = 1
+    assert s.top_up("A100", NODES) == {}
+    assert (s.idle, s.wanted) == (1, 2)
+    clock.t += 2
+    raylets.idle["10.0.0.3:1"] = 2
+    assert s.top_up("A100", NODES) == {}
+    assert (s.idle, s.wanted) == (2, 2)
+    assert len(raylets.prestarts) == 1
+
+
+def test_a_failing_raylet_is_skipped_and_the_others_are_still_topped_up():
+    raylets = FakeRaylets({}, failing=frozenset({"10.0.0.1:1"}))
+    assert spares(raylets, count=6).top_up("H100", NODES) == {"h100-b": 2}
+
+
+def test_bad_bounds_are_refused_with_the_values():
+    with pytest.raises(ValueError, match="count=-1"):
+        SpareWorkers(FakeRaylets({}), job_id=JOB, count=-1, gpus_per_worker=1)
+    with pytest.raises(ValueError, match="gpus_per_worker=0"):
+        SpareWorkers(FakeRaylets({}), job_id=JOB, count=1, gpus_per_worker=0)
+
+
+def test_typed_nodes_keeps_the_alive_labelled_gpu_nodes():
+    ray_nodes = [
+        {"NodeID": "n1", "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerPort": 7,
+         "Labels": {"ray.io/accelerator-type": "H100"}, "Resources": {"GPU": 4.0}},
+        {"NodeID": "n2", "Alive": False, "NodeManagerAddress": "10.0.0.2", "NodeManagerPort": 7,
+         "Labels": {"ray.io/accelerator-type": "H100"}, "Resources": {"GPU": 4.0}},
+        {"NodeID": "head", "Alive": True, "NodeManagerAddress": "10.0.0.9", "NodeManagerPort": 7,
+         "Labels": {}, "Resources": {"CPU": 2.0}},
+    ]  # fmt: skip
+    assert typed_nodes(ray_nodes) == [TypedNode("n1", "10.0.0.1:7", "H100", 4.0)]

@@ -1,0 +1,122 @@
+"""Spare worker processes for a job's next attempt: a restart starts in processes that are already up.
+
+Every resize of an elastic job restarts Ray Train's worker group, and each new worker is a new Python process
+that imports Ray, the node's preloaded modules (torch) and Ray Train before its actor runs: ~7 s of CPU each
+here, and 30-40 s of wall time when four start at once on a busy 2-core host (``bench/spike.py`` logs:
+raylet start -> core worker up 11 s -> actor created 28 s later). The cluster's warm pool
+(``cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime env, while a
+Ray Train worker inherits its job's runtime env (working dir, env vars) and its controller's env vars, and
+the raylet gives an idle worker only to an actor of the same job whose runtime env hashes the same.
+
+So the runner keeps its own: it learns the runtime env its workers get (the controller's, which Ray Train's
+workers inherit unchanged: ``_RegisterController``) and asks the raylets of the nodes of the type it trains
+on to start idle workers bound to its job with that env (the raylet's ``PrestartWorkers``, as the warm pool
+does). They idle at ~0 CPU until the next attempt's workers take them; the top-up runs only while an
+attempt trains steadily, so that the imports never compete with a spike's replicas or a restart. Ray
+ends them with the job.
+
+``SpareWorkers.top_up`` is pure bookkeeping over a ``Raylets`` (fakes in unit tests); the runner calls it
+from a thread so that a slow raylet never delays a heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.model import GPU_TYPE_LABEL
+from cluster.warm_pool import Raylets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TypedNode:
+    """An alive node with GPUs: its id, raylet address, GPU type and GPU count."""
+
+    node_id: str
+    raylet_address: str
+    gpu_type: str
+    num_gpus: float
+
+
+def typed_nodes(ray_nodes: Iterable[Mapping[str, Any]]) -> list[TypedNode]:
+    """``ray.nodes()`` entries -> the alive nodes with a GPU type label and GPUs."""
+    out = []
+    for n in ray_nodes:
+        gpu_type = (n.get("Labels") or {}).get(GPU_TYPE_LABEL)
+        gpus = float((n.get("Resources") or {}).get("GPU", 0.0))
+        if n.get("Alive") and gpu_type and gpus > 0:
+            out.append(TypedNode(str(n["NodeID"]), f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}", gpu_type, gpus))
+    return out
+
+
+class SpareWorkers:
+    """Keeps up to ``count`` idle workers of one job on the nodes of a GPU type. See the module docstring.
+
+    Per node, at most as many as the node has room for workers of the job (its GPUs over
+    ``gpus_per_worker``): the most the next attempt's placement group can put there. A node topped up is
+    left alone for ``node_cooldown_s`` (its new workers count as idle only once up). The raylet starts at
+    most its startup concurrency per request (two processes on this machine's nodes, whatever was asked),
+    so four spares take two rounds.
+    """
+
+    def __init__(
+        self,
+        raylets: Raylets,
+        *,
+        job_id: bytes,
+        count: int,
+        gpus_per_worker: float,
+        keep_alive_s: float = 3600.0,
+        node_cooldown_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if count < 0 or gpus_per_worker <= 0:
+            raise ValueError(f"spare workers: count={count} (>= 0), gpus_per_worker={gpus_per_worker} (> 0)")
+        self.raylets = raylets
+        self.job_id = job_id
+        self.count = count
+        self.gpus_per_worker = gpus_per_worker
+        self.keep_alive_s = keep_alive_s
+        self.node_cooldown_s = node_cooldown_s
+        self.clock = clock
+        self.runtime_env: str | None = None
+        # What the last top_up counted: the job's idle workers on the type's nodes, and how many it wants.
+        self.idle = 0
+        self.wanted = 0
+        self._last_start: dict[str, float] = {}
+
+    def top_up(self, gpu_type: str, nodes: Iterable[TypedNode]) -> dict[str, int]:
+        """Starts the missing spares on the nodes of ``gpu_type``; returns the workers asked for, per node.
+
+        Every call also counts the job's idle workers there (``idle``, out of ``wanted``). Nothing until the
+        runtime env of the job's workers is known (``runtime_env``). Errors are logged and the node skipped:
+        spares are an optimisation, never a reason for an attempt to fail.
+        """
+        started: dict[str, int] = {}
+        if self.count == 0 or self.runtime_env is None:
+            return started
+        now = self.clock()
+        remaining = self.count
+        idle_total = wanted_total = 0
+        for n in sorted((n for n in nodes if n.gpu_type == gpu_type), key=lambda n: n.node_id):
+            if remaining <= 0:
+                break
+            want = min(remaining, int(n.num_gpus // self.gpus_per_worker))
+            remaining -= want
+            wanted_total += want
+            try:
+                idle = self.raylets.idle_workers(n.raylet_address, self.job_id)
+                idle_total += min(idle, want)
+                if want > idle and now - self._last_start.get(n.node_id, float("-inf")) >= self.node_cooldown_s:
+                    self.raylets.prestart(n.raylet_address, want - idle, self.keep_alive_s, self.job_id, self.runtime_env)
+                    started[n.node_id] = want - idle
+                    self._last_start[n.node_id] = now
+            except Exception as e:  # a node going away, a raylet too busy to answer in time
+                logger.warning("spare workers on node %s: %r", n.node_id, e)
+        self.idle, self.wanted = idle_total, wanted_total
+        return started
