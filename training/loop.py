@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.batching import WorkerStepPlan, epoch_of_step, lr_multiplier, plan_worker_step
 from training.data import Dataset
+from training.spares import process_started_s
 from training.spec import JobSpec, import_entrypoint
 
 logger = logging.getLogger(__name__)
@@ -236,22 +237,6 @@ def reference_history(spec: JobSpec, num_steps: int | None = None) -> list[list[
 
 
 # ----------------------------------------------------------------------------------------- the loop
-
-
-def process_started_s() -> float | None:
-    """When this process started (wall-clock seconds), from Linux's /proc; None elsewhere.
-
-    Rank 0 reports it: a process older than its attempt is one that was started ahead, a spare worker
-    (``training.spares``), and the runner records the attempt as a warm start.
-    """
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        # Field 22 (starttime, clock ticks after boot); fields counted after the ")" that ends the name.
-        started_after_boot = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        uptime = float(Path("/proc/uptime").read_text().split()[0])  # the same clock as starttime
-        return time.time() - (uptime - started_after_boot)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -22,15 +22,33 @@ from a thread so that a slow raylet never delays a heartbeat.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cluster.model import GPU_TYPE_LABEL
 from cluster.warm_pool import Raylets
 
 logger = logging.getLogger(__name__)
+
+
+def process_started_s() -> float | None:
+    """When this process started (wall-clock seconds), from Linux's /proc; None elsewhere.
+
+    The training loop's rank 0 reports it: a process older than its attempt was started ahead (a spare
+    worker), and the runner records the attempt as a warm start.
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # Field 22 (starttime, clock ticks after boot); fields counted after the ")" that ends the name.
+        started_after_boot = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])  # the same clock as starttime
+        return time.time() - (uptime - started_after_boot)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)

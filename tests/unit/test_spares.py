@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 
-from training.spares import SpareWorkers, TypedNode, typed_nodes
+from training.spares import SpareWorkers, TypedNode, process_started_s, typed_nodes
 
 JOB = bytes.fromhex("03000000")
 ENV = '{"env_vars":{"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":"1.0"}}'
@@ -122,3 +126,18 @@ def test_typed_nodes_keeps_the_alive_labelled_gpu_nodes():
          "Labels": {}, "Resources": {"CPU": 2.0}},
     ]  # fmt: skip
     assert typed_nodes(ray_nodes) == [TypedNode("n1", "10.0.0.1:7", "H100", 4.0)]
+
+
+@pytest.mark.skipif(process_started_s() is None, reason="no /proc: process start times are unknown here")
+def test_process_started_s_is_when_the_process_started():
+    # A child started between two readings of the clock says it started between them (1 s slack: the
+    # kernel counts process start in clock ticks, and the two clocks are read apart).
+    before = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", "import time; time.sleep(1.5); from training.spares import process_started_s;"
+         " print(process_started_s())"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    after = time.time()
+    started = float(out.stdout)
+    assert before - 1.0 <= started <= after - 1.5 + 1.0
