@@ -38,14 +38,6 @@ class FakeRaylets:
         self.prestarts.append((address, num_workers, job_id, serialized_runtime_env))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 NODES = [
     TypedNode("h100-b", "10.0.0.2:1", "H100", 4),
     TypedNode("h100-a", "10.0.0.1:1", "H100", 4),
@@ -53,8 +45,10 @@ NODES = [
 ]
 
 
-def spares(raylets: FakeRaylets, count: int, gpus_per_worker: float = 1, clock: Clock | None = None) -> SpareWorkers:
-    s = SpareWorkers(raylets, job_id=JOB, count=count, gpus_per_worker=gpus_per_worker, clock=clock or Clock())
+def spares(raylets: FakeRaylets, count: int, gpus_per_worker: float = 1, clock: list[float] | None = None) -> SpareWorkers:
+    """``clock``: a one-item list holding the manual clock's time (100 s if not given)."""
+    now = clock if clock is not None else [100.0]
+    s = SpareWorkers(raylets, job_id=JOB, count=count, gpus_per_worker=gpus_per_worker, clock=lambda: now[0])
     s.runtime_env = ENV
     return s
 
@@ -87,17 +81,17 @@ def test_nothing_is_started_before_the_runtime_env_is_known_or_when_off():
 
 
 def test_a_node_just_topped_up_waits_its_cooldown_and_a_full_node_gets_none():
-    clock = Clock()
+    clock = [100.0]
     raylets = FakeRaylets({})
     s = spares(raylets, count=2, clock=clock)
     assert s.top_up("A100", NODES) == {"a100": 2}
     assert (s.idle, s.wanted) == (0, 2)
     # Its new workers are still importing (not idle yet): within the cooldown none is started again.
-    clock.t += s.node_cooldown_s - 1
+    clock[0] += s.node_cooldown_s - 1
     raylets.idle["10.0.0.3:1"] = 1
     assert s.top_up("A100", NODES) == {}
     assert (s.idle, s.wanted) == (1, 2)
-    clock.t += 2
+    clock[0] += 2
     raylets.idle["10.0.0.3:1"] = 2
     assert s.top_up("A100", NODES) == {}
     assert (s.idle, s.wanted) == (2, 2)
