@@ -38,16 +38,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cluster.model import GPU_TYPE_LABEL
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PoolNode:
-    """A node the pool keeps warm: its id, its raylet's address and how many GPUs it has."""
+    """A node the pool keeps warm: its id, its raylet's address, how many GPUs it has and their type."""
 
     node_id: str
     raylet_address: str  # "ip:port" of the node manager
     num_gpus: float
+    gpu_type: str | None = None  # its ray.io/accelerator-type label (training.spares keeps spares per type)
 
 
 class Raylets(Protocol):
@@ -158,6 +161,7 @@ def nodes_from_ray(ray_nodes: Iterable[Mapping[str, Any]]) -> list[PoolNode]:
             node_id=str(n["NodeID"]),
             raylet_address=f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}",
             num_gpus=float((n.get("Resources") or {}).get("GPU", 0.0)),
+            gpu_type=(n.get("Labels") or {}).get(GPU_TYPE_LABEL),
         )
         for n in ray_nodes
         if n.get("Alive")

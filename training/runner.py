@@ -43,6 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.arbiter import GrantView
 from cluster.model import GPU_TYPE_LABEL, TrainingJobSpec
+from cluster.warm_pool import RayletRpc, nodes_from_ray
 from training.elastic import (
     AttemptRecord,
     ElasticConfig,
@@ -58,7 +59,7 @@ from training.elastic import (
     YieldReason,
     decide,
 )
-from training.spares import SpareWorkers, typed_nodes
+from training.spares import SpareWorkers
 from training.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -485,8 +486,6 @@ class ElasticRunner:
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         ).remote(self.spec.name)
         if self.spec.spare_workers > 0:
-            from cluster.warm_pool import RayletRpc
-
             self.spares = SpareWorkers(
                 RayletRpc(),
                 job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
@@ -638,7 +637,7 @@ class ElasticRunner:
             try:
                 if spares.runtime_env is None:
                     spares.runtime_env = ray.get(self._signal.get_worker_runtime_env.remote(), timeout=10)
-                started = spares.top_up(gpu_type, typed_nodes(ray.nodes()))
+                started = spares.top_up(gpu_type, nodes_from_ray(ray.nodes()))
             except Exception as e:  # an optimisation only: log and try again next time
                 logger.warning("job %s: spare workers: %r", self.spec.name, e)
                 return

@@ -24,13 +24,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-from cluster.model import GPU_TYPE_LABEL
-from cluster.warm_pool import Raylets
+from cluster.warm_pool import PoolNode, Raylets
 
 logger = logging.getLogger(__name__)
 
@@ -49,27 +46,6 @@ def process_started_s() -> float | None:
         return time.time() - (uptime - started_after_boot)
     except (OSError, ValueError, IndexError):
         return None
-
-
-@dataclass(frozen=True)
-class TypedNode:
-    """An alive node with GPUs: its id, raylet address, GPU type and GPU count."""
-
-    node_id: str
-    raylet_address: str
-    gpu_type: str
-    num_gpus: float
-
-
-def typed_nodes(ray_nodes: Iterable[Mapping[str, Any]]) -> list[TypedNode]:
-    """``ray.nodes()`` entries -> the alive nodes with a GPU type label and GPUs."""
-    out = []
-    for n in ray_nodes:
-        gpu_type = (n.get("Labels") or {}).get(GPU_TYPE_LABEL)
-        gpus = float((n.get("Resources") or {}).get("GPU", 0.0))
-        if n.get("Alive") and gpu_type and gpus > 0:
-            out.append(TypedNode(str(n["NodeID"]), f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}", gpu_type, gpus))
-    return out
 
 
 class SpareWorkers:
@@ -108,7 +84,7 @@ class SpareWorkers:
         self.wanted = 0
         self._last_start: dict[str, float] = {}
 
-    def top_up(self, gpu_type: str, nodes: Iterable[TypedNode]) -> dict[str, int]:
+    def top_up(self, gpu_type: str, nodes: Iterable[PoolNode]) -> dict[str, int]:
         """Starts the missing spares on the nodes of ``gpu_type``; returns the workers asked for, per node.
 
         Every call also counts the job's idle workers there (``idle``, out of ``wanted``). Nothing until the

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from training.spares import SpareWorkers, TypedNode, process_started_s, typed_nodes
+from cluster.warm_pool import PoolNode, nodes_from_ray
+from training.spares import SpareWorkers, process_started_s
 
 JOB = bytes.fromhex("03000000")
 ENV = '{"env_vars":{"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":"1.0"}}'
@@ -39,9 +40,9 @@ class FakeRaylets:
 
 
 NODES = [
-    TypedNode("h100-b", "10.0.0.2:1", "H100", 4),
-    TypedNode("h100-a", "10.0.0.1:1", "H100", 4),
-    TypedNode("a100", "10.0.0.3:1", "A100", 2),
+    PoolNode("h100-b", "10.0.0.2:1", 4, "H100"),
+    PoolNode("h100-a", "10.0.0.1:1", 4, "H100"),
+    PoolNode("a100", "10.0.0.3:1", 2, "A100"),
 ]
 
 
@@ -110,7 +111,7 @@ def test_bad_bounds_are_refused_with_the_values():
         SpareWorkers(FakeRaylets({}), job_id=JOB, count=1, gpus_per_worker=0)
 
 
-def test_typed_nodes_keeps_the_alive_labelled_gpu_nodes():
+def test_the_nodes_spares_go_to_carry_their_gpu_type_label():
     ray_nodes = [
         {"NodeID": "n1", "Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeManagerPort": 7,
          "Labels": {"ray.io/accelerator-type": "H100"}, "Resources": {"GPU": 4.0}},
@@ -119,7 +120,11 @@ def test_typed_nodes_keeps_the_alive_labelled_gpu_nodes():
         {"NodeID": "head", "Alive": True, "NodeManagerAddress": "10.0.0.9", "NodeManagerPort": 7,
          "Labels": {}, "Resources": {"CPU": 2.0}},
     ]  # fmt: skip
-    assert typed_nodes(ray_nodes) == [TypedNode("n1", "10.0.0.1:7", "H100", 4.0)]
+    nodes = nodes_from_ray(ray_nodes)
+    assert nodes == [PoolNode("n1", "10.0.0.1:7", 4.0, "H100"), PoolNode("head", "10.0.0.9:7", 0.0, None)]
+    # The head has no type: no spare ever goes there.
+    raylets = FakeRaylets({})
+    assert spares(raylets, count=4).top_up("H100", nodes) == {"n1": 4}
 
 
 @pytest.mark.skipif(process_started_s() is None, reason="no /proc: process start times are unknown here")
