@@ -52,10 +52,12 @@ class SpareWorkers:
     """Keeps up to ``count`` idle workers of one job on the nodes of a GPU type. See the module docstring.
 
     Per node, at most as many as the node has room for workers of the job (its GPUs over
-    ``gpus_per_worker``): the most the next attempt's placement group can put there. A node topped up is
-    left alone for ``node_cooldown_s`` (its new workers count as idle only once up). The raylet starts at
+    ``gpus_per_worker``): the most the next attempt's placement group can put there. The raylet starts at
     most its startup concurrency per request (two processes on this machine's nodes, whatever was asked),
-    so four spares take two rounds.
+    so four spares take two rounds. A node topped up is left alone for ``node_cooldown_s`` (its new workers
+    count as idle only once up), or until its idle count has grown since the request: a batch is up, and the
+    next one can start (at the demo's first top-up the 30 s cooldown alone kept the second pair of spares
+    waiting 30 s). A batch whose processes come up at different times may then get one worker too many.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class SpareWorkers:
         self.idle = 0
         self.wanted = 0
         self._last_start: dict[str, float] = {}
+        self._idle_at_start: dict[str, int] = {}  # per node: its idle count when spares were last asked for
 
     def top_up(self, gpu_type: str, nodes: Iterable[PoolNode]) -> dict[str, int]:
         """Starts the missing spares on the nodes of ``gpu_type``; returns the workers asked for, per node.
@@ -106,10 +109,12 @@ class SpareWorkers:
             try:
                 idle = self.raylets.idle_workers(n.raylet_address, self.job_id)
                 idle_total += min(idle, want)
-                if want > idle and now - self._last_start.get(n.node_id, float("-inf")) >= self.node_cooldown_s:
+                cooled = now - self._last_start.get(n.node_id, float("-inf")) >= self.node_cooldown_s
+                if want > idle and (cooled or idle > self._idle_at_start.get(n.node_id, idle)):
                     self.raylets.prestart(n.raylet_address, want - idle, self.keep_alive_s, self.job_id, self.runtime_env)
                     started[n.node_id] = want - idle
                     self._last_start[n.node_id] = now
+                    self._idle_at_start[n.node_id] = idle
             except Exception as e:  # a node going away, a raylet too busy to answer in time
                 logger.warning("spare workers on node %s: %r", n.node_id, e)
         self.idle, self.wanted = idle_total, wanted_total

@@ -89,14 +89,32 @@ def test_a_node_just_topped_up_waits_its_cooldown_and_a_full_node_gets_none():
     assert (s.idle, s.wanted) == (0, 2)
     # Its new workers are still importing (not idle yet): within the cooldown none is started again.
     clock[0] += s.node_cooldown_s - 1
-    raylets.idle["10.0.0.3:1"] = 1
     assert s.top_up("A100", NODES) == {}
-    assert (s.idle, s.wanted) == (1, 2)
+    assert (s.idle, s.wanted) == (0, 2)
     clock[0] += 2
     raylets.idle["10.0.0.3:1"] = 2
     assert s.top_up("A100", NODES) == {}
     assert (s.idle, s.wanted) == (2, 2)
     assert len(raylets.prestarts) == 1
+
+
+def test_a_batch_up_lets_the_next_one_start_before_the_cooldown_ends():
+    # The raylet started 2 of the 4 asked for; once they are idle the other 2 are asked for at once.
+    clock = [100.0]
+    raylets = FakeRaylets({})
+    s = spares(raylets, count=4, clock=clock)
+    assert s.top_up("H100", NODES) == {"h100-a": 4}
+    clock[0] += 10
+    assert s.top_up("H100", NODES) == {}  # nothing up yet: the cooldown holds
+    raylets.idle["10.0.0.1:1"] = 2
+    assert s.top_up("H100", NODES) == {"h100-a": 2}
+    assert [p[1] for p in raylets.prestarts] == [4, 2]
+    # The second batch is not up yet: the idle count has not grown since it was asked for.
+    clock[0] += 10
+    assert s.top_up("H100", NODES) == {}
+    raylets.idle["10.0.0.1:1"] = 4
+    assert s.top_up("H100", NODES) == {}
+    assert (s.idle, s.wanted) == (4, 4)
 
 
 def test_a_failing_raylet_is_skipped_and_the_others_are_still_topped_up():
