@@ -46,9 +46,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cluster.model import GPU_TYPE_LABEL
+from cluster.preload import POOL_MODULES_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +152,29 @@ class LocalClusterSpec(_SpecModel):
     # RAY_preload_python_modules): with the arbiter's warm pool (policy file, ``warm_pool``) a new Serve
     # replica then starts in a process that has them already (cluster/warm_pool.py has the figures).
     preload_python_modules: list[str] = Field(default_factory=list)
+    # Modules only the workers not bound to a job import (the warm pool's, which Serve replicas take; not
+    # Ray Train's workers or a job's spares): the node preloads cluster.preload, which reads this list
+    # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
+    pool_preload_python_modules: list[str] = Field(default_factory=list)
 
-    @field_validator("preload_python_modules")
+    @field_validator("preload_python_modules", "pool_preload_python_modules")
     @classmethod
-    def _module_names(cls, v: list[str]) -> list[str]:
+    def _module_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for i, m in enumerate(v):
             if not all(part.isidentifier() for part in m.split(".")):
-                raise ValueError(f"preload_python_modules.{i}: {m!r} is not a module name (e.g. torch, serving.app)")
+                raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, serving.app)")
         return v
+
+    def raylet_preload_env(self) -> dict[str, str]:
+        """The environment variables that make a GPU node's new workers preload the modules above."""
+        modules = list(self.preload_python_modules)
+        env: dict[str, str] = {}
+        if self.pool_preload_python_modules:
+            modules.append("cluster.preload")
+            env[POOL_MODULES_ENV] = ",".join(self.pool_preload_python_modules)
+        if modules:
+            env["RAY_preload_python_modules"] = ",".join(modules)
+        return env
 
     @model_validator(mode="after")
     def _node_names_are_unique(self) -> LocalClusterSpec:
@@ -826,8 +850,8 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.setdefault("RAY_worker_niceness", str(self.spec.worker_niceness))
-        if gpu_type is not None and self.spec.preload_python_modules:
-            env["RAY_preload_python_modules"] = ",".join(self.spec.preload_python_modules)
+        if gpu_type is not None:
+            env.update(self.spec.raylet_preload_env())
         env.update(extra_env)
         self._commands[name] = (args, env)
         proc = self._spawn(name)

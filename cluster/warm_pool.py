@@ -11,7 +11,7 @@ Ray has both halves of the remedy, and this module keeps them working after the 
 
 - ``RAY_preload_python_modules`` (set on a node's raylet: ``LocalClusterSpec.preload_python_modules``, or
   the ``ray start`` commands of ``cluster.yaml``) makes every new worker process import those modules
-  before it accepts work;
+  before it accepts work (the model server only in workers not bound to a job: ``cluster.preload``);
 - the raylet's ``PrestartWorkers`` RPC starts idle worker processes that are not yet bound to a job (late
   binding) and keeps them ``keep_alive_s`` seconds. Ray calls it itself only when a raylet starts
   (``RAY_enable_worker_prestart``) and for task backlogs, so once replicas or trainers have taken the idle

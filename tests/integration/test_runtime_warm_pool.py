@@ -60,16 +60,24 @@ def test_a_new_gpu_actor_starts_in_a_worker_the_pool_started_with_torch_already_
         @ray.remote(num_gpus=1, num_cpus=0, label_selector={"ray.io/accelerator-type": "RTX4090"})
         class Probe:
             def __init__(self) -> None:
-                self.torch_before_init = "torch" in sys.modules  # nothing in this test imported it here
+                # Nothing in this test imported them in the actor's process.
+                self.preloaded = ("torch" in sys.modules, "serving.app" in sys.modules)
 
-            def facts(self) -> tuple[bool, int]:
-                return self.torch_before_init, os.getpid()
+            def facts(self) -> tuple[tuple[bool, bool], int]:
+                return self.preloaded, os.getpid()
 
         created = time.time()
         probe = Probe.remote()
-        torch_before_init, pid = ray.get(probe.facts.remote(), timeout=120)
+        preloaded, pid = ray.get(probe.facts.remote(), timeout=120)
         ray.kill(probe)
-        assert torch_before_init, "the worker had not preloaded torch: not a pool worker"
+        assert preloaded == (True, True), "a pool worker has torch and the model server (not bound to a job)"
         assert _process_start_s(pid) < created - 0.5, "the actor's process started after the actor was created"
+
+        # An actor with a runtime env of its own gets a process the raylet starts for this job (as Ray Train's
+        # workers do): torch, not the model server (cluster/preload.py).
+        bound = Probe.options(runtime_env={"env_vars": {"TIDAL_TEST_PROBE": "1"}}).remote()
+        preloaded, _ = ray.get(bound.facts.remote(), timeout=120)
+        ray.kill(bound)
+        assert preloaded == (True, False)
     finally:
         kill_arbiter(NAME, NAMESPACE)

@@ -1,0 +1,54 @@
+"""Imported by every new worker process on a GPU node before it takes work (``RAY_preload_python_modules``
+lists it): imports the modules of ``TIDAL_POOL_PRELOAD_MODULES`` only in a worker that is not bound to a job.
+
+Ray's preload list is one per raylet: every new worker on the node imports all of it. The warm pool's idle
+workers (``cluster.warm_pool``) are what a Serve replica starts in, so they want the model server
+(``serving.app``: ``ray.serve`` and its web stack, ~1.3 CPU-seconds of imports here); but a Ray Train worker or
+a job's spare (``training.spares``) is a process the raylet starts *for its job*, and never runs the model
+server. In the demo that was 12 processes importing it for nothing while the two cores were saturated. The
+raylet tells them apart: it gives a worker started for a job that job's id in ``RAY_JOB_ID``, and an unbound
+one (a pool worker, any job may take it) the nil id.
+
+``torch`` and whatever both kinds use stay in ``RAY_preload_python_modules`` itself; this module reads the
+rest from the raylet's environment (``LocalClusterSpec.pool_preload_python_modules``, or the ``ray start``
+commands of ``cluster.yaml``). A module that fails to import is logged and skipped, as Ray does for its own
+list: the worker starts anyway and imports it when it needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+POOL_MODULES_ENV = "TIDAL_POOL_PRELOAD_MODULES"
+JOB_ID_ENV = "RAY_JOB_ID"  # set by the raylet on every worker process it starts
+NIL_JOB_ID = "ffffffff"  # ray.JobID.nil().hex()
+
+
+def bound_to_a_job(environ: Mapping[str, str]) -> bool:
+    """Whether the raylet started this worker for a job (its ``RAY_JOB_ID`` is a job's, not the nil id)."""
+    job = environ.get(JOB_ID_ENV, "")
+    return bool(job) and job != NIL_JOB_ID
+
+
+def preload(environ: Mapping[str, str], import_module: Callable[[str], object] = importlib.import_module) -> list[str]:
+    """Imports the pool modules if this worker is not bound to a job; returns the modules imported."""
+    names = [m.strip() for m in environ.get(POOL_MODULES_ENV, "").split(",") if m.strip()]
+    if not names or bound_to_a_job(environ):
+        return []
+    imported = []
+    for name in names:
+        try:
+            import_module(name)
+            imported.append(name)
+        except Exception:  # the worker must start whatever a preload does
+            logger.exception("preloading %s failed; the worker starts without it", name)
+    return imported
+
+
+if JOB_ID_ENV in os.environ:  # a worker process the raylet started (not a driver or a CLI importing this)
+    preload(os.environ)

@@ -1,0 +1,56 @@
+"""cluster.preload: the pool's modules are imported only by workers the raylet did not start for a job."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.local import LocalClusterSpec, load_cluster_spec
+from cluster.preload import NIL_JOB_ID, POOL_MODULES_ENV, bound_to_a_job, preload
+
+
+def recording_importer(fail: frozenset[str] = frozenset()):
+    seen: list[str] = []
+
+    def import_module(name: str) -> object:
+        seen.append(name)
+        if name in fail:
+            raise ImportError(f"no module named {name!r}")
+        return object()
+
+    return seen, import_module
+
+
+def test_a_worker_bound_to_no_job_imports_the_pool_modules():
+    seen, imp = recording_importer()
+    env = {"RAY_JOB_ID": NIL_JOB_ID, POOL_MODULES_ENV: "serving.app, json"}
+    assert preload(env, imp) == ["serving.app", "json"]
+    assert seen == ["serving.app", "json"]
+
+
+def test_a_worker_started_for_a_job_imports_none():
+    seen, imp = recording_importer()
+    assert bound_to_a_job({"RAY_JOB_ID": "02000000"})
+    assert preload({"RAY_JOB_ID": "02000000", POOL_MODULES_ENV: "serving.app"}, imp) == []
+    assert seen == []
+
+
+def test_no_list_imports_nothing_and_a_failing_module_is_skipped():
+    seen, imp = recording_importer()
+    assert preload({"RAY_JOB_ID": NIL_JOB_ID}, imp) == []
+    seen, imp = recording_importer(fail=frozenset({"broken"}))
+    assert preload({"RAY_JOB_ID": NIL_JOB_ID, POOL_MODULES_ENV: "broken,json"}, imp) == ["json"]
+    assert seen == ["broken", "json"]
+
+
+def test_the_local_cluster_preloads_torch_everywhere_and_the_model_server_in_pool_workers_only():
+    env = load_cluster_spec().raylet_preload_env()
+    assert env == {"RAY_preload_python_modules": "torch,cluster.preload", POOL_MODULES_ENV: "serving.app"}
+    assert LocalClusterSpec(preload_python_modules=["torch"]).raylet_preload_env() == {
+        "RAY_preload_python_modules": "torch"
+    }
+    assert LocalClusterSpec().raylet_preload_env() == {}
+
+
+def test_a_bad_pool_module_name_is_refused_with_the_field_and_value():
+    with pytest.raises(ValueError, match=r"pool_preload_python_modules\.0: 'serving app'"):
+        LocalClusterSpec(pool_preload_python_modules=["serving app"])
