@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,17 +312,47 @@ class DemoRuntime:
 
         if self.arbiter is None:
             return
-        names = {h.name for h in self.jobs.values() if h.runner == "tidal"}
+        # The jobs that keep spares; until a job's first top-up has counted them it reports none wanted.
+        names = {
+            h.name for h in self.jobs.values()
+            if h.runner == "tidal" and int(self.scenario.job_spec(h.name, "").get("spare_workers") or 0) > 0
+        }  # fmt: skip
 
         def ready() -> bool:
             status = ray.get(self.arbiter.status.remote(), timeout=5)
             progress = {w["name"]: w.get("progress") or {} for w in status["workloads"] if w["name"] in names}
-            return all(p.get("spares_idle", 0) >= p.get("spares_wanted", 0) for p in progress.values())
+            return set(progress) == names and all(
+                0 < p.get("spares_wanted", 0) <= p.get("spares_idle", 0) for p in progress.values()
+            )
 
         try:
             self._wait(ready, timeout_s, "the training jobs' spare workers to be up")
         except TimeoutError as e:
             logger.warning("%s; going on", e)
+
+    def wait_workers_started(self, timeout_s: float = 60.0, window_s: float = 2.0, max_cpu_s: float = 0.2) -> None:
+        """Waits until no Ray worker process of the cluster is still starting: the ``ray::IDLE`` processes
+        (new workers importing, or idle ones) used less than ``max_cpu_s`` of CPU over ``window_s``.
+
+        The pool's and the spares' counts say a worker is up only once it has registered; a batch asked for
+        a moment before is still importing torch. In the demo at 18:11 its last two spares were, when the
+        load began: on this machine's two cores the one replica answered in 0.6-1.1 s for ten seconds, Serve
+        asked for three replicas at 2 req/s and took an A100 from training before the spike. Reads /proc
+        (the local cluster runs on this machine); elsewhere it returns at once.
+        """
+        if self.cluster is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        before = idle_worker_cpu_s(self.cluster.pids())
+        while before and time.monotonic() < deadline:
+            time.sleep(window_s)
+            after = idle_worker_cpu_s(self.cluster.pids())
+            used = starting_cpu_s(before, after)
+            if used < max_cpu_s:
+                return
+            before = after
+        if before:
+            logger.warning("worker processes were still starting after %.0f s; going on", timeout_s)
 
     def wait_service_ready(self, timeout_s: float = 180.0) -> None:
         """Waits until the service's application runs and answers ``/v1/predict`` with 200."""
@@ -711,6 +741,33 @@ class DemoRuntime:
             return str(p.resolve().relative_to(PROJECT_ROOT))
         except ValueError:
             return str(p)
+
+
+IDLE_WORKER_TITLE = b"ray::IDLE"  # a Ray worker process with no task or actor (yet)
+
+
+def idle_worker_cpu_s(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds used so far by each process of ``pids`` titled ``ray::IDLE`` (Linux /proc; {} elsewhere or
+    for processes gone meanwhile)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(IDLE_WORKER_TITLE):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def starting_cpu_s(before: Mapping[int, float], after: Mapping[int, float]) -> float:
+    """CPU used between two ``idle_worker_cpu_s`` readings: a process new in ``after`` counts all its CPU (it
+    started in between); one gone from ``after`` (it took work, or ended) counts nothing."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 def _describe_job(spec: Mapping[str, Any]) -> str:

@@ -122,6 +122,8 @@ def run_system(
     if system.arbiter and not stop.is_set():
         rt.wait_warm_pool()
         rt.wait_spare_workers()
+    if not stop.is_set():
+        rt.wait_workers_started()
     timings["fill_s"] = time.monotonic() - t0
     if stop.is_set():
         raise KeyboardInterrupt
