@@ -10,7 +10,7 @@ preferred GPU type (``label_selector``) and lets Ray Train size it: no arbiter, 
 anyone but Ray Train itself. ``FailureConfig(max_failures=-1)`` lets Ray Train restart the worker group
 from the latest checkpoint as elastic jobs do.
 
-The loop's rank 0 reports its progress to a ``training.runner.JobSignal`` actor named like the runner's,
+The loop's rank 0 reports its progress to a ``training.signal.JobSignal`` actor named like the runner's,
 so that the benchmark reads the steps of both systems the same way; nothing ever asks this job to yield.
 """
 
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cluster.model import GPU_TYPE_LABEL
     from training.loop import train_loop_per_worker
-    from training.runner import NAMESPACE, AutoTorchConfig, JobSignal, signal_actor_name
+    from training.runner import NAMESPACE, AutoTorchConfig, signal_actor_name
+    from training.signal import JobSignal
 
     ray.init(namespace=NAMESPACE)
     progress_board = JobSignal.options(name=signal_actor_name(spec.name), namespace=NAMESPACE).remote(spec.name)

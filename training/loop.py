@@ -7,7 +7,7 @@ The loop is written for elasticity:
 - **Exact resume.** A checkpoint holds the model, optimiser, LR schedule, step (= data position, see
   ``training.batching``), loss history, and every worker's RNG states; ``ray.train.get_checkpoint()`` gives
   the latest one when the runner starts a new attempt under the same run name.
-- **Yield at a step boundary.** Rank 0 polls the job's signal actor (``training.runner.JobSignal``) without
+- **Yield at a step boundary.** Rank 0 polls the job's signal actor (``training.signal.JobSignal``) without
   blocking (the reply to the previous poll is read at the next step boundary); one all-reduce per step
   shares its answer, the loss and the checkpoint-now flag, so every worker yields, checkpoints and
   reports at the same step. A yield checkpoints, then rank 0 acknowledges to the signal actor with the

@@ -38,7 +38,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.arbiter import GrantView
@@ -59,6 +59,7 @@ from training.elastic import (
     YieldReason,
     decide,
 )
+from training.signal import JobSignal, remove_pg
 from training.spares import SpareWorkers
 from training.spec import JobSpec
 
@@ -127,120 +128,6 @@ def known_gpu_types() -> set[str]:
 # ------------------------------------------------------------------------------- the signal actor
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class JobSignal:
-    """The per-job rendezvous between the runner and its training loop (one per runner, on its node).
-
-    Rank 0 of the loop calls ``poll`` every step (progress in, "yield?" out), ``checkpointed`` after each
-    checkpoint and ``ack_yield`` when it yields (which frees the GPUs). The runner calls ``begin_attempt``, ``request_yield`` and
-    reads ``snapshot``. The Ray Train controller registers itself with ``set_controller`` (for a forced stop).
-    """
-
-    def __init__(self, job_name: str) -> None:
-        self.job_name = job_name
-        self.attempt = -1
-        self.yield_for: int | None = None
-        self.yield_reason: str | None = None
-        self.progress: dict[str, Any] = {}
-        self.checkpoint_step: int | None = None
-        self.checkpoint_dir: str | None = None
-        self.checkpoint_s: float | None = None
-        self.acked: dict[str, Any] | None = None
-        self.first_report_s: float | None = None
-        self.controllers: dict[int, Any] = {}
-        # The runtime env Ray Train's workers run in (the controller's: they inherit it), for spare workers.
-        self.worker_runtime_env: str | None = None
-        # Per attempt: when it began, trained its first step, yielded (for benchmarks and post-mortems).
-        self.history: dict[int, dict[str, Any]] = {}
-
-    def begin_attempt(self, attempt: int) -> None:
-        self.history[attempt] = {"attempt": attempt, "begun_s": time.time()}
-        self.attempt = attempt
-        self.yield_for = None
-        self.yield_reason = None
-        self.acked = None
-        self.first_report_s = None
-        self.progress = {}
-
-    def request_yield(self, attempt: int, reason: str) -> bool:
-        if attempt != self.attempt:
-            return False
-        self.yield_for, self.yield_reason = attempt, reason
-        return True
-
-    def poll(self, attempt: int, progress: dict[str, Any]) -> dict[str, Any]:
-        self.report(attempt, progress)
-        return {"yield": self.yield_for == attempt}
-
-    def report(self, attempt: int, progress: dict[str, Any]) -> None:
-        if attempt == self.attempt:
-            self.progress = dict(progress, reported_s=time.time())
-            if self.first_report_s is None:
-                self.first_report_s = self.progress["reported_s"]
-                self.history.setdefault(attempt, {}).update(
-                    first_report_s=self.first_report_s,
-                    first_step=progress.get("step"),
-                    resumed_from=progress.get("resumed_from"),
-                    process_started_s=progress.get("process_started_s"),
-                )
-            if self.checkpoint_step is None and "last_checkpoint_step" in progress:
-                self.checkpoint_step = int(progress["last_checkpoint_step"])
-
-    def checkpointed(self, attempt: int, step: int, dir_name: str | None = None) -> None:
-        """A checkpoint every rank has persisted (``dir_name`` under the run's storage directory)."""
-        self.checkpoint_step, self.checkpoint_dir, self.checkpoint_s = step, dir_name, time.time()
-
-    def ack_yield(self, attempt: int, step: int, dir_name: str | None = None, worker_pg: Any = None) -> None:
-        """The loop yielded at ``step`` with its checkpoint ``dir_name`` whole on every rank. Removes the
-        worker group's placement group ``worker_pg`` (which ends the workers): the GPUs are free at once,
-        where Ray Train's own teardown waits for its next health check and each worker's shutdown (1-4 s
-        on a busy host). The runner reads ``acked["released_s"]`` and reports the GPUs free."""
-        if attempt != self.attempt:
-            return
-        if dir_name is not None:
-            self.checkpointed(attempt, step, dir_name)
-        self.acked = {"attempt": attempt, "step": step, "t_s": time.time()}
-        if worker_pg is not None:
-            _remove_pg(worker_pg, self.job_name)
-            self.acked["released_s"] = time.time()
-        self.history.setdefault(attempt, {}).update(acked_s=self.acked["t_s"], acked_step=step)
-
-    def set_controller(self, attempt: int, handle: Any, runtime_env: str | None = None) -> None:
-        self.controllers = {attempt: handle}
-        if runtime_env is not None:
-            self.worker_runtime_env = runtime_env
-
-    def get_worker_runtime_env(self) -> str | None:
-        return self.worker_runtime_env
-
-    def get_controller(self, attempt: int) -> Any:
-        return self.controllers.get(attempt)
-
-    def force_stop(self) -> bool:
-        """Aborts the current attempt's trainer (for an arbiter that stops workloads through this actor).
-
-        The runner sees its attempt end with an error and resumes from the last checkpoint.
-        """
-        controller = self.controllers.get(self.attempt)
-        if controller is None:
-            return False
-        controller.abort.remote()
-        return True
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "attempt": self.attempt,
-            "progress": dict(self.progress),
-            "checkpoint_step": self.checkpoint_step,
-            "checkpoint_dir": self.checkpoint_dir,
-            "checkpoint_s": self.checkpoint_s,
-            "acked": self.acked,
-            "first_report_s": self.first_report_s,
-            "yield_requested": self.yield_for == self.attempt,
-            "history": [dict(h) for _, h in sorted(self.history.items())],
-        }
-
-
 class _RegisterController(ControllerCallback):
     """Runs inside Ray Train's controller actor: hands its handle to the job's signal actor.
 
@@ -275,16 +162,9 @@ class _ReleaseHold(WorkerGroupCallback):
 
     def before_worker_group_start(self, worker_group_context: Any) -> None:
         if self.pg is not None:
-            _remove_pg(self.pg, self.job)
+            remove_pg(self.pg, self.job)
             logger.info("job %s: released its GPU hold for the new worker group", self.job)
             self.pg = None
-
-
-def _remove_pg(pg: Any, job: str) -> None:
-    try:
-        remove_placement_group(pg)
-    except Exception as e:  # already removed, or the cluster is going away (the group dies with its owner)
-        logger.warning("could not remove placement group %s of %s: %r", pg.id.hex(), job, e)
 
 
 # --------------------------------------------------------------------------------------- the runner
@@ -378,7 +258,7 @@ class GpuHold:
 
     def release(self) -> None:
         if self.pg is not None:
-            _remove_pg(self.pg, self.job)
+            remove_pg(self.pg, self.job)
         self.pg, self.grant = None, {}
 
     def hand_over(self) -> Any:
@@ -727,7 +607,7 @@ class ElasticRunner:
     def _end_attempt(self, attempt: _Attempt) -> AttemptRecord:
         now = self.clock()
         if attempt.held_pg is not None:  # the attempt may have ended before its workers started
-            _remove_pg(attempt.held_pg, self.spec.name)
+            remove_pg(attempt.held_pg, self.spec.name)
         snap = ray.get(self._signal.snapshot.remote())
         self.last_snapshot = snap
         # fit() may return (its workers gone) before the runner's poll saw the release: note it first.
