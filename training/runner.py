@@ -60,7 +60,7 @@ from training.elastic import (
     decide,
 )
 from training.signal import JobSignal, remove_pg
-from training.spares import SpareWorkers
+from training.spares import TRAIN_CONTROL_PROCESSES, SpareWorkers
 from training.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,7 @@ class ElasticRunner:
         self.spares: SpareWorkers | None = None
         self._spares_thread: threading.Thread | None = None
         self._spares_due_s = float("-inf")
+        self._driver_node_id: str | None = None  # where Ray Train's controller runs (spares for it and its helpers)
 
     # ------------------------------------------------------------------------------------ public
 
@@ -371,7 +372,9 @@ class ElasticRunner:
                 job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
                 count=min(self.spec.spare_workers, self.spec.max_workers),
                 gpus_per_worker=self.spec.gpus_per_worker,
+                control_count=TRAIN_CONTROL_PROCESSES,
             )
+            self._driver_node_id = ray.get_runtime_context().get_node_id()
         try:
             self.view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
         except Exception as e:  # e.g. ArbiterUnavailableError: no arbiter on this cluster
@@ -517,7 +520,7 @@ class ElasticRunner:
             try:
                 if spares.runtime_env is None:
                     spares.runtime_env = ray.get(self._signal.get_worker_runtime_env.remote(), timeout=10)
-                started = spares.top_up(gpu_type, nodes_from_ray(ray.nodes()))
+                started = spares.top_up(gpu_type, nodes_from_ray(ray.nodes()), self._driver_node_id)
             except Exception as e:  # an optimisation only: log and try again next time
                 logger.warning("job %s: spare workers: %r", self.spec.name, e)
                 return

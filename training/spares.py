@@ -15,6 +15,14 @@ does). They idle at ~0 CPU until the next attempt's workers take them; the top-u
 attempt trains steadily, so that the imports never compete with a spike's replicas or a restart. Ray
 ends them with the job.
 
+Ray Train also starts, for every attempt, a new controller process on the driver's node and four helper
+actors (a placement-group cleaner on the head, a dataset manager next to the controller, a synchronization
+actor and a preemption watcher wherever the GCS puts a 0-CPU actor: the controller's node); all run in the
+runtime env the workers inherit, the controller's. In the minute after the demo's spike they took ~45 of 125
+CPU-seconds (four controllers: both jobs restarted twice), so the runner keeps ``TRAIN_CONTROL_PROCESSES``
+spares on the driver's node too (``control_count``): the next attempt's controller and helpers start in
+processes that have imported Ray already.
+
 ``SpareWorkers.top_up`` is pure bookkeeping over a ``Raylets`` (fakes in unit tests); the runner calls it
 from a thread so that a slow raylet never delays a heartbeat.
 """
@@ -30,6 +38,9 @@ from pathlib import Path
 from cluster.warm_pool import PoolNode, Raylets
 
 logger = logging.getLogger(__name__)
+
+# Processes Ray Train (2.x, v2 API) starts per attempt besides its workers: the controller and four helpers.
+TRAIN_CONTROL_PROCESSES = 5
 
 
 def process_started_s() -> float | None:
@@ -67,15 +78,20 @@ class SpareWorkers:
         job_id: bytes,
         count: int,
         gpus_per_worker: float,
+        control_count: int = 0,
         keep_alive_s: float = 3600.0,
         node_cooldown_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if count < 0 or gpus_per_worker <= 0:
-            raise ValueError(f"spare workers: count={count} (>= 0), gpus_per_worker={gpus_per_worker} (> 0)")
+        if count < 0 or gpus_per_worker <= 0 or control_count < 0:
+            raise ValueError(
+                f"spare workers: count={count} (>= 0), gpus_per_worker={gpus_per_worker} (> 0), "
+                f"control_count={control_count} (>= 0)"
+            )
         self.raylets = raylets
         self.job_id = job_id
         self.count = count
+        self.control_count = control_count
         self.gpus_per_worker = gpus_per_worker
         self.keep_alive_s = keep_alive_s
         self.node_cooldown_s = node_cooldown_s
@@ -87,24 +103,34 @@ class SpareWorkers:
         self._last_start: dict[str, float] = {}
         self._idle_at_start: dict[str, int] = {}  # per node: its idle count when spares were last asked for
 
-    def top_up(self, gpu_type: str, nodes: Iterable[PoolNode]) -> dict[str, int]:
-        """Starts the missing spares on the nodes of ``gpu_type``; returns the workers asked for, per node.
+    def top_up(self, gpu_type: str, nodes: Iterable[PoolNode], control_node_id: str | None = None) -> dict[str, int]:
+        """Starts the missing spares on the nodes of ``gpu_type``, and ``control_count`` more on
+        ``control_node_id`` (the driver's node); returns the workers asked for, per node.
 
         Every call also counts the job's idle workers there (``idle``, out of ``wanted``). Nothing until the
         runtime env of the job's workers is known (``runtime_env``). Errors are logged and the node skipped:
         spares are an optimisation, never a reason for an attempt to fail.
         """
         started: dict[str, int] = {}
-        if self.count == 0 or self.runtime_env is None:
+        if self.runtime_env is None:
             return started
-        now = self.clock()
+        nodes = list(nodes)
+        wants: dict[str, tuple[PoolNode, int]] = {}
         remaining = self.count
-        idle_total = wanted_total = 0
         for n in sorted((n for n in nodes if n.gpu_type == gpu_type), key=lambda n: n.node_id):
             if remaining <= 0:
                 break
             want = min(remaining, int(n.num_gpus // self.gpus_per_worker))
             remaining -= want
+            wants[n.node_id] = (n, want)
+        control = next((n for n in nodes if n.node_id == control_node_id), None) if self.control_count else None
+        if control is not None:
+            wants[control.node_id] = (control, wants.get(control.node_id, (control, 0))[1] + self.control_count)
+        now = self.clock()
+        idle_total = wanted_total = 0
+        for n, want in wants.values():
+            if want <= 0:
+                continue
             wanted_total += want
             try:
                 idle = self.raylets.idle_workers(n.raylet_address, self.job_id)

@@ -187,8 +187,9 @@ class JobSpec(BaseModel):
         description="Idle worker processes the runner keeps started, bound to this job, on the nodes of the GPU "
         "type it trains on, so that the next attempt (a resize) starts in processes that have already imported "
         "Ray and torch (training/spares.py). Each costs a process's memory (~0.4 GB with torch on CPU, no GPU "
-        "memory) while it waits; they are started only while the job trains steadily. Set it to max_workers "
-        "for restarts that start no process; 0: off.",
+        "memory) while it waits; they are started only while the job trains steadily. With any, the runner also "
+        "keeps 5 on the driver's node for Ray Train's controller and its helper actors (~0.2 GB each). Set it to "
+        "max_workers for restarts that start no worker process; 0: off.",
     )
     health_check_interval_s: float = Field(
         default=0.25,
