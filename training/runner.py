@@ -502,8 +502,9 @@ class ElasticRunner:
         return False
 
     def _top_up_spares(self, attempt: _Attempt, now: float) -> None:
-        """Every 10 s while the attempt trains steadily (first step done, no yield asked), tops up the spare
-        workers on the nodes of its GPU type, from a thread (raylet RPCs must not delay a heartbeat)."""
+        """Every 10 s while the attempt trains steadily (first step done, no yield asked; 2 s after a round that
+        started some), tops up the spare workers on the nodes of its GPU type and the driver's node, from a
+        thread (raylet RPCs must not delay a heartbeat)."""
         spares = self.spares
         if (
             spares is None
@@ -526,6 +527,9 @@ class ElasticRunner:
                 return
             if started:
                 logger.info("job %s: started %s spare workers on %s", self.spec.name, sum(started.values()), gpu_type)
+                # A raylet starts one or two per request (its startup concurrency: 1 on a 1-CPU head here):
+                # count again soon, so that the next batch follows the last one up, not 10 s later.
+                self._spares_due_s = min(self._spares_due_s, self.clock() + 2.0)
 
         self._spares_thread = threading.Thread(target=top_up, name=f"spares-{self.spec.name}", daemon=True)
         self._spares_thread.start()
