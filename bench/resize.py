@@ -51,7 +51,7 @@ COMPETITOR = "bench-resize-competitor"
 POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_resize_min_interval_s": 0}}
 
 
-def job_yaml(storage: str, grace_s: float, spare_workers: int = 0) -> str:
+def job_yaml(storage: str, grace_s: float, spare_workers: int = 0, spare_control_workers: int = 0) -> str:
     return f"""
 name: {JOB_NAME}
 model: {{class: "training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
@@ -69,6 +69,7 @@ report_every_steps: 50
 storage_path: {storage}
 fault_injection: {{step_delay_s: 0.05}}
 spare_workers: {spare_workers}
+spare_control_workers: {spare_control_workers}
 """
 
 
@@ -94,6 +95,12 @@ def main() -> int:
         type=int,
         default=0,
         help="the job's spare_workers (training/spares.py): restarts start in processes already up",
+    )
+    p.add_argument(
+        "--spare-control-workers",
+        type=int,
+        default=0,
+        help="the job's spare_control_workers: spares on the driver's node for Ray Train's controller and helpers",
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -136,7 +143,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
     ray.get(arbiter.reload_config.remote(POLICY))
     client = ArbiterClient()
     spec_path = Path(storage) / "job.yaml"
-    spec_path.write_text(job_yaml(storage, args.grace_s, args.spare_workers))
+    spec_path.write_text(job_yaml(storage, args.grace_s, args.spare_workers, args.spare_control_workers))
     env = {**os.environ, **cluster.env()}
     sub_id = f"bench-resize-{int(time.time())}"
     subprocess.run(
@@ -249,6 +256,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
         "summary": {
             "cycles": len(cycles),
             "spare_workers": args.spare_workers,
+            "spare_control_workers": args.spare_control_workers,
             "decision_to_release_s_median": med("decision_to_release_s"),
             "decision_to_grant_s_median": med("decision_to_grant_s"),
             "decision_to_usable_s_median": med("decision_to_usable_s"),

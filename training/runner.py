@@ -60,7 +60,7 @@ from training.elastic import (
     decide,
 )
 from training.signal import JobSignal, remove_pg
-from training.spares import TRAIN_CONTROL_PROCESSES, SpareWorkers
+from training.spares import SpareWorkers
 from training.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class ElasticRunner:
                 job_id=bytes.fromhex(ray.get_runtime_context().get_job_id()),
                 count=min(self.spec.spare_workers, self.spec.max_workers),
                 gpus_per_worker=self.spec.gpus_per_worker,
-                control_count=TRAIN_CONTROL_PROCESSES,
+                control_count=self.spec.spare_control_workers,
             )
             self._driver_node_id = ray.get_runtime_context().get_node_id()
         try:

@@ -19,9 +19,10 @@ Ray Train also starts, for every attempt, a new controller process on the driver
 actors (a placement-group cleaner on the head, a dataset manager next to the controller, a synchronization
 actor and a preemption watcher wherever the GCS puts a 0-CPU actor: the controller's node); all run in the
 runtime env the workers inherit, the controller's. In the minute after the demo's spike they took ~45 of 125
-CPU-seconds (four controllers: both jobs restarted twice), so the runner keeps ``TRAIN_CONTROL_PROCESSES``
-spares on the driver's node too (``control_count``): the next attempt's controller and helpers start in
-processes that have imported Ray already.
+CPU-seconds (four controllers: both jobs restarted twice), so the runner can keep spares on the driver's
+node too (``control_count``, the spec's ``spare_control_workers``; ``TRAIN_CONTROL_PROCESSES`` per attempt):
+the next attempt's controller and helpers start in processes that have imported Ray already. They cost
+start-up work of their own, up front: the demo does without them (its fill phase is CPU-bound here).
 
 ``SpareWorkers.top_up`` is pure bookkeeping over a ``Raylets`` (fakes in unit tests); the runner calls it
 from a thread so that a slow raylet never delays a heartbeat.

@@ -187,9 +187,17 @@ class JobSpec(BaseModel):
         description="Idle worker processes the runner keeps started, bound to this job, on the nodes of the GPU "
         "type it trains on, so that the next attempt (a resize) starts in processes that have already imported "
         "Ray and torch (training/spares.py). Each costs a process's memory (~0.4 GB with torch on CPU, no GPU "
-        "memory) while it waits; they are started only while the job trains steadily. With any, the runner also "
-        "keeps 5 on the driver's node for Ray Train's controller and its helper actors (~0.2 GB each). Set it to "
-        "max_workers for restarts that start no worker process; 0: off.",
+        "memory) while it waits; they are started only while the job trains steadily. Set it to max_workers "
+        "for restarts that start no worker process; 0: off.",
+    )
+    spare_control_workers: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Idle processes kept on the driver's node for Ray Train's controller and its helper actors, "
+        "which every attempt starts anew (5 in Ray 2.x: training.spares.TRAIN_CONTROL_PROCESSES): a restart then "
+        "starts them in processes that have imported Ray already (~0.2 GB each while they wait). Needs "
+        "spare_workers > 0; 0: off.",
     )
     health_check_interval_s: float = Field(
         default=0.25,
@@ -286,6 +294,15 @@ class JobSpec(BaseModel):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(
                 f"steps, epochs: give exactly one of them (got steps={self.steps!r}, epochs={self.epochs!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _control_spares_need_spares(self) -> JobSpec:
+        if self.spare_control_workers and not self.spare_workers:
+            raise ValueError(
+                f"spare_control_workers={self.spare_control_workers} needs spare_workers > 0 (got 0): the control "
+                "spares are kept by the same top-up"
             )
         return self
 

@@ -167,3 +167,9 @@ def test_the_pure_training_modules_import_neither_ray_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_control_spares_without_spare_workers_are_refused_naming_both():
+    with pytest.raises(SpecError, match=r"spare_control_workers=5 needs spare_workers > 0"):
+        parse_spec(make_spec(spare_control_workers=5))
+    assert parse_spec(make_spec(spare_workers=2, spare_control_workers=5)).spare_control_workers == 5
