@@ -91,9 +91,11 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
     # restart_delay_s: the job keeps its 2 H100s in a placement group for 4 s before it restarts on them.
-    # spare_workers: it keeps 4 worker processes started for its next attempt (training.spares).
+    # spare_workers: it keeps 4 worker processes started for its next attempt (training.spares), and
+    # spare_control_workers 5 more on the driver's node for Ray Train's controller and its helpers.
     spec = digits_job(
-        "elastic-424", storage, min_workers=2, max_workers=4, steps=600, restart_delay_s=4, spare_workers=4
+        "elastic-424", storage, min_workers=2, max_workers=4, steps=600, restart_delay_s=4, spare_workers=4,
+        spare_control_workers=5,
     )
     job = submit_job(spec, local_cluster, tmp_path)
     jobs.append(job)
@@ -102,8 +104,8 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
         "the job training on 4 H100 workers",
     )  # fmt: skip
     first = wait_progress(
-        arbiter, job.name, lambda p: p.get("spares_wanted") == 4 and p.get("spares_idle") == 4, START_TIMEOUT_S,
-        "the job's 4 spare workers idle on the H100 node",
+        arbiter, job.name, lambda p: p.get("spares_wanted") == 9 and p.get("spares_idle") == 9, START_TIMEOUT_S,
+        "the job's 4 spare workers idle on the H100 node and 5 on the driver's",
     )  # fmt: skip
 
     rival = Competitor("rival-424", "H100", max_units=2)
