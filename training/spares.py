@@ -20,7 +20,7 @@ actors (a placement-group cleaner on the head, a dataset manager next to the con
 actor and a preemption watcher wherever the GCS puts a 0-CPU actor: the controller's node); all run in the
 runtime env the workers inherit, the controller's. In the minute after the demo's spike they took ~45 of 125
 CPU-seconds (four controllers: both jobs restarted twice), so the runner can keep spares on the driver's
-node too (``control_count``, the spec's ``spare_control_workers``; ``TRAIN_CONTROL_PROCESSES`` per attempt):
+node too (``control_count``, the spec's ``spare_control_workers``; five per attempt in Ray 2.x):
 the next attempt's controller and helpers start in processes that have imported Ray already. They cost
 start-up work of their own, up front: the demo does without them (its fill phase is CPU-bound here).
 
@@ -39,9 +39,6 @@ from pathlib import Path
 from cluster.warm_pool import PoolNode, Raylets
 
 logger = logging.getLogger(__name__)
-
-# Processes Ray Train (2.x, v2 API) starts per attempt besides its workers: the controller and four helpers.
-TRAIN_CONTROL_PROCESSES = 5
 
 
 def process_started_s() -> float | None:

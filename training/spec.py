@@ -195,7 +195,7 @@ class JobSpec(BaseModel):
         ge=0,
         le=16,
         description="Idle processes kept on the driver's node for Ray Train's controller and its helper actors, "
-        "which every attempt starts anew (5 in Ray 2.x: training.spares.TRAIN_CONTROL_PROCESSES): a restart then "
+        "which every attempt starts anew (5 in Ray 2.x: the controller and four helpers; training/spares.py): a restart then "
         "starts them in processes that have imported Ray already (~0.2 GB each while they wait). Needs "
         "spare_workers > 0; 0: off.",
     )
