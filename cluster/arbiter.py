@@ -15,6 +15,7 @@ GPUs back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -173,6 +174,8 @@ class _Registration:
     release_deadlines: list[tuple[float, Allocation]] = field(default_factory=list)
     # The last snapshot of this registration, reused while its fields are the same (see ``snapshot``).
     last_snapshot: WorkloadSnapshot | None = None
+    # Registration order (``_regs`` is kept in it): events of one tick are recorded in this order.
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,7 @@ class ResourceArbiter:
         self.config = config or ArbiterConfig()
         self.prices = dict(prices_per_gpu_hour or {})
         self._regs: dict[WorkloadName, _Registration] = {}
+        self._seq = itertools.count()
         self._grants: dict[WorkloadName, Allocation] = {}
         self._policy_state = PolicyState()
         self._nodes: tuple[NodeSnapshot, ...] = ()
@@ -246,6 +250,7 @@ class ResourceArbiter:
                 last_heartbeat_s=now,
                 demand_units=demand,
                 meta=dict(meta or {}),
+                seq=next(self._seq),
             )
             self._record(ArbiterEvent(now, "registered", spec.name, {"kind": str(spec.kind)}))
         else:
@@ -344,11 +349,11 @@ class ResourceArbiter:
         # 1. observe
         self._nodes = tuple(self.backend.observe())
         # 2. expire
-        for name, reg in list(self._regs.items()):
-            if now - reg.last_heartbeat_s > self.config.registration_ttl_s:
-                del self._regs[name]
-                self._grants.pop(name, None)
-                self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
+        ttl = self.config.registration_ttl_s
+        for name in [n for n, r in self._regs.items() if now - r.last_heartbeat_s > ttl]:
+            reg = self._regs.pop(name)
+            self._grants.pop(name, None)
+            self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
         self._enforce_grace(now)
         # 3. decide
         snapshot = self.snapshot()
@@ -374,7 +379,7 @@ class ResourceArbiter:
         return ClusterSnapshot(
             now_s=self.clock.now(),
             nodes=self._nodes,
-            workloads=tuple(_workload_snapshot(r) for r in self._regs.values()),
+            workloads=tuple([_workload_snapshot(r) for r in self._regs.values()]),
             grants=dict(self._grants),
         )
 
@@ -469,6 +474,7 @@ class ResourceArbiter:
                 progress=dict(r.get("progress") or {}),
                 meta=dict(r.get("meta") or {}),
                 shrink_issued_s=r.get("shrink_issued_s"),
+                seq=next(self._seq),
             )
         self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
         for name, reg in self._regs.items():
@@ -503,11 +509,19 @@ class ResourceArbiter:
         previous_infeasible: Mapping[WorkloadName, str],
     ) -> None:
         changed = False
-        for name, reg in self._regs.items():
-            old = self._grants.get(name, EMPTY)
+        # Only a workload with a grant now or before can see it change (a long queue of waiting jobs
+        # has neither): those, in registration order.
+        regs, grants = self._regs, self._grants
+        moved = [n for n, new in new_grants.items() if not (new is grants.get(n) or new == grants.get(n, EMPTY))]
+        moved += [n for n in grants if n not in new_grants]
+        if len(moved) > 1:
+            moved.sort(key=lambda n: regs[n].seq)
+        for name in moved:
+            reg = regs[name]
+            old = grants.get(name, EMPTY)
             new = new_grants.get(name, EMPTY)
             if new is old or new == old:
-                continue
+                continue  # (a grant of nothing, recorded as no grant)
             changed = True
             kind = "shrink" if new.total() < old.total() else "grow"
             self._record(ArbiterEvent(now, kind, name, {"from": old.as_dict(), "to": new.as_dict()}))
@@ -550,9 +564,7 @@ class ResourceArbiter:
             reg.shrink_issued_s = None
 
     def _enforce_grace(self, now: float) -> None:
-        for name, reg in self._regs.items():
-            if reg.shrink_issued_s is None:
-                continue
+        for name, reg in [(n, r) for n, r in self._regs.items() if r.shrink_issued_s is not None]:
             if not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
                 continue
             grant = self._grants.get(name, EMPTY)

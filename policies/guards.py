@@ -61,8 +61,9 @@ class GuardedPolicy:
 
         # 1. Hysteresis: services see the peak of their demand over the downscale delay.
         smoothed = list(workloads)
+        service = WorkloadKind.SERVICE
         for i, w in enumerate(workloads):
-            if w.spec.kind is WorkloadKind.SERVICE:
+            if w.spec.kind is service:
                 hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
                 hist.append([now, float(w.demand_units)])
                 # Keep only a decreasing staircase: a sample below a later one can never be the peak.

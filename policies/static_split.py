@@ -63,11 +63,12 @@ class StaticSplitPolicy:
         serving_nodes, training_nodes = last[1]
         services: list[WorkloadSnapshot] = []
         jobs: list[WorkloadSnapshot] = []
+        service, training = WorkloadKind.SERVICE, WorkloadKind.TRAINING
         for w in snapshot.workloads:
             kind = w.spec.kind
-            if kind is WorkloadKind.SERVICE:
+            if kind is service:
                 services.append(w)
-            elif kind is WorkloadKind.TRAINING:
+            elif kind is training:
                 jobs.append(w)
 
         # Nothing is ever reclaimed across or within the split: no holder indexes.

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import groupby
+from operator import attrgetter
 
-from cluster.model import ClusterSnapshot, GpuType, WorkloadSnapshot, WorkloadSpec
+from cluster.model import ClusterSnapshot, GpuType, WorkloadKind, WorkloadSnapshot, WorkloadSpec
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
 from policies.packing import to_centi
 from policies.workspace import Workspace
@@ -87,11 +87,13 @@ def _by_priority(ws_list: list[WorkloadSnapshot]) -> list[WorkloadSnapshot]:
 
 def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
     """Gives back what services and jobs no longer want, least preferred types first."""
-    units = ws.units
-    for name, w in ws.workloads.items():
+    units, workloads = ws.units, ws.workloads
+    # (Only workloads with units have an ``alloc`` entry; the list: shrinking changes it.)
+    for name in list(ws.alloc):
         have = units(name)
         if not have:
             continue  # nothing to give back (wants are never negative)
+        w = workloads[name]
         if name in service_wants:
             excess = have - service_wants[name]
         else:
@@ -163,15 +165,25 @@ def _donors(
     return out
 
 
-def _levels(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[list[WorkloadSnapshot]]:
-    def compute() -> list[list[WorkloadSnapshot]]:
-        if order is not None:
-            return [sorted(ws.jobs(), key=order)]
-        jobs = _by_priority(ws.jobs())
-        return [list(g) for _, g in groupby(jobs, key=lambda w: w.spec.priority)]
+def _queue_order(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[WorkloadSnapshot]:
+    """Every job in the order ``start_jobs`` walks them: by priority (highest first), then arrival,
+    then name; or in ``order``."""
+    jobs = ws.jobs()
+    if order is not None:
+        jobs.sort(key=order)
+    else:
+        # The key (-priority, registered_s, name) as three stable sorts on C-level keys, last key
+        # first (``reverse`` keeps equal elements in order): the same order, at a third of the cost of
+        # a Python key function on a long queue.
+        jobs.sort(key=_NAME)
+        jobs.sort(key=_REGISTERED)
+        jobs.sort(key=_PRIORITY, reverse=True)
+    return jobs
 
-    # The same levels serve start_jobs and grow_jobs (jobs never change within a decision).
-    return ws.per_decision(("levels", order), compute)
+
+_NAME = attrgetter("spec.name")
+_REGISTERED = attrgetter("registered_s")
+_PRIORITY = attrgetter("spec.priority")
 
 
 def start_jobs(
@@ -187,14 +199,74 @@ def start_jobs(
     A job gets its minimum on the fastest accepted type that fits (``greedy``: everything it wants
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
+
+    A long queue stays cheap: a waiting job of a kind (types, unit, minimum, priority) already found
+    unable to start, with nothing changed in the workspace since, costs a lookup and reuses its
+    ``Infeasible`` record from the last decision (``_QueueKinds``).
     """
     queue = _Queue()
-    units = ws.units
-    for level in _levels(ws, order):
-        for w in level:
-            spec = w.spec
-            if units(spec.name) == 0 and min(max(w.demand_units, 0), spec.max_units) > 0:  # job_want(w) > 0
-                _start_job(ws, w, speed, preempt, greedy, queue)
+    units_of = ws.unit_counts.get
+    stuck = queue.stuck
+    append = ws.infeasible.append
+    kinds = _KINDS
+    for w in _queue_order(ws, order):
+        spec = w.spec
+        # job_want(w) > 0 and nothing yet: a waiting job
+        if units_of(spec.name) or w.demand_units <= 0 or spec.max_workers <= 0:  # type: ignore[union-attr]
+            continue
+        k = kinds.of(spec)
+        kind = k.preempt if preempt else k.plain
+        found = stuck.get(kind)
+        if found is not None and found[0] == ws.changes:
+            append(k.infeasible(found[1]))
+            continue
+        _start_job(ws, w, speed, preempt, greedy, queue, k, kind)
+
+
+class _QueueKind:
+    """What the queue walk needs of one job spec, worked out once (``_QueueKinds``)."""
+
+    __slots__ = ("spec", "need", "preempt", "plain", "_reason", "_infeasible")
+
+    def __init__(self, spec: WorkloadSpec, ids: dict[tuple, int]) -> None:
+        self.spec = spec
+        self.need = need = max(1, spec.min_units)
+        g = spec.gpus_per_unit
+        # Small ints for (types, unit GPUs, minimum, priority or None): cheap keys for ``_Queue.stuck``.
+        self.preempt = ids.setdefault((spec.gpu_types, g, need, spec.priority), len(ids))
+        self.plain = ids.setdefault((spec.gpu_types, g, need, None), len(ids))
+        self._reason: str | None = None
+        self._infeasible: Infeasible | None = None
+
+    def infeasible(self, reason: str) -> Infeasible:
+        """The job's ``Infeasible`` for ``reason``: the last one while the reason is the same."""
+        if reason is not self._reason and reason != self._reason:
+            self._reason = reason
+            self._infeasible = Infeasible(self.spec.name, reason)
+        return self._infeasible  # type: ignore[return-value]
+
+
+class _QueueKinds:
+    """``_QueueKind`` per job spec, by identity, kept across decisions (a job's spec is the same object
+    for as long as it is registered). Bounded: cleared when it grows past ``MAX`` specs."""
+
+    MAX = 200_000
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, _QueueKind] = {}
+        self._ids: dict[tuple, int] = {}
+
+    def of(self, spec: WorkloadSpec) -> _QueueKind:
+        k = self._by_id.get(id(spec))
+        if k is None or k.spec is not spec:
+            if len(self._by_id) >= self.MAX:
+                self._by_id.clear()
+            k = self._by_id[id(spec)] = _QueueKind(spec, self._ids)  # (it keeps ``spec`` alive: no id reuse)
+        return k
+
+
+_KINDS = _QueueKinds()
+_REASONS: dict[tuple, str] = {}
 
 
 class _Queue:
@@ -206,23 +278,26 @@ class _Queue:
     that type changes.
     """
 
-    __slots__ = ("by_speed", "hopeless", "reasons", "stuck")
+    __slots__ = ("by_speed", "hopeless", "stuck")
 
     def __init__(self) -> None:
         self.by_speed: dict[tuple[GpuType, ...], list[GpuType]] = {}
         self.hopeless: dict[tuple, int] = {}
-        self.reasons: dict[tuple, str] = {}
-        # ``stuck[(types, unit GPUs, need, priority or None)]``: (``ws.changes`` when a job of that
-        # kind was found hopeless on all its types, the reason). While nothing in the workspace has
-        # changed since, every type is still hopeless for the next job of that kind: one lookup per job
-        # of a long queue instead of one per type.
-        self.stuck: dict[tuple, tuple[int, str]] = {}
+        # ``stuck[kind]`` (``_QueueKind.preempt``/``plain``): (``ws.changes`` when a job of that kind
+        # was found hopeless on all its types, the reason). While nothing in the workspace has changed
+        # since, every type is still hopeless for the next job of that kind: one lookup per job of a
+        # long queue instead of one per type.
+        self.stuck: dict[int, tuple[int, str]] = {}
 
-    def reason(self, spec: WorkloadSpec, need: int) -> str:
+    @staticmethod
+    def reason(spec: WorkloadSpec, need: int) -> str:
+        """The waiting reason, the same string object for every job of a kind (and every decision)."""
         key = (need, spec.gpus_per_unit, spec.gpu_types)
-        r = self.reasons.get(key)
+        r = _REASONS.get(key)
         if r is None:
-            r = self.reasons[key] = (
+            if len(_REASONS) >= 10_000:
+                _REASONS.clear()
+            r = _REASONS[key] = (
                 f"waiting: needs {need} worker(s) of {spec.gpus_per_unit:g} GPU on one node type of "
                 f"{'/'.join(spec.gpu_types)}; not enough free GPUs"
             )
@@ -230,9 +305,29 @@ class _Queue:
 
 
 def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None = None) -> None:
-    """Grows running jobs into the free GPUs of their type, level by level, shared by weight."""
-    for level in _levels(ws, order):
-        _grow_weighted(ws, level)
+    """Grows running jobs into the free GPUs of their type, level by level, shared by weight.
+
+    Only running jobs can grow, so only they are looked at (``alloc`` holds just the workloads with
+    units): a long queue costs nothing here. Within a level the order does not matter (each type's
+    growers are sorted by ``_grow_weighted``, and types are independent), so ``order`` (one level for
+    everyone) only decides that there is one level.
+    """
+    workloads = ws.workloads
+    training = WorkloadKind.TRAINING
+    by_priority: dict[int, list[WorkloadSnapshot]] = {}
+    for name, a in ws.alloc.items():
+        if a:
+            w = workloads[name]
+            spec = w.spec
+            if spec.kind is training:
+                level = 0 if order is not None else spec.priority
+                found = by_priority.get(level)
+                if found is None:
+                    by_priority[level] = [w]
+                else:
+                    found.append(w)
+    for level in sorted(by_priority, reverse=True):
+        _grow_weighted(ws, by_priority[level])
 
 
 def fill_training(
@@ -255,16 +350,14 @@ def _start_job(
     preempt: bool,
     greedy: bool,
     queue: _Queue,
+    k: _QueueKind,
+    kind: int,
 ) -> None:
+    """Starts one waiting job if it can (``start_jobs`` has checked ``queue.stuck`` for its ``kind``)."""
     spec = w.spec
-    need = max(1, spec.min_units)
+    need = k.need
     g = spec.gpus_per_unit
     prio = spec.priority if preempt else None
-    kind = (spec.gpu_types, g, need, prio)
-    stuck = queue.stuck.get(kind)
-    if stuck is not None and stuck[0] == ws.changes:
-        ws.infeasible.append(Infeasible(spec.name, stuck[1]))
-        return
     hopeless, version = queue.hopeless, ws.version
     for t in spec.gpu_types:
         if hopeless.get((t, g, need, prio)) != version.get(t, 0):
@@ -272,7 +365,7 @@ def _start_job(
     else:
         reason = queue.reason(spec, need)
         queue.stuck[kind] = (ws.changes, reason)
-        ws.infeasible.append(Infeasible(spec.name, reason))
+        ws.infeasible.append(k.infeasible(reason))
         return
     want = job_want(w)
     best = None
@@ -302,7 +395,7 @@ def _start_job(
         hopeless[(t, g, need, prio)] = version.get(t, 0)
     reason = queue.reason(spec, need)
     queue.stuck[kind] = (ws.changes, reason)
-    ws.infeasible.append(Infeasible(spec.name, reason))
+    ws.infeasible.append(k.infeasible(reason))
 
 
 def _try_start(ws: Workspace, w: WorkloadSnapshot, t: GpuType, need: int) -> bool:
@@ -328,7 +421,7 @@ def _grow_weighted(ws: Workspace, level: list[WorkloadSnapshot]) -> None:
     for w in level:
         spec = w.spec
         name = spec.name
-        a = alloc[name]
+        a = alloc.get(name)
         if a:  # a running job, on its one type
             want = min(max(w.demand_units, 0), spec.max_units)  # job_want(w), inlined
             if units(name) < want:

@@ -65,6 +65,8 @@ class Workspace:
         node_gpus = self.node_gpus
         self._services: list[WorkloadSnapshot] = []
         self._jobs: list[WorkloadSnapshot] = []
+        # Units per workload and type. Only workloads with units have an entry (one may be left
+        # empty after a shrink): a long queue of waiting jobs costs nothing in the passes over it.
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
         grants = snapshot.grants
         # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
@@ -86,16 +88,13 @@ class Workspace:
                 services(w)
             current = grants.get(name)
             if current is None or not current.items:
-                alloc[name] = {}
-                continue
+                continue  # a waiting workload has no entry in ``alloc`` (most of a long queue)
             types = spec.gpu_types
             if len(current.items) == 1:
                 # The common case, one type: what the general path below makes of it.
                 t, n = current.items[0]
                 m = spec.max_units
-                if t not in node_gpus or t not in types or m <= 0:
-                    alloc[name] = {}
-                else:
+                if t in node_gpus and t in types and m > 0:
                     alloc[name] = {t: n if n <= m else m}
                 continue
             cur = {t: n for t, n in current.items if t in node_gpus and t in types}
@@ -104,7 +103,8 @@ class Workspace:
             if training and len(cur) > 1:
                 keep = max(cur, key=lambda t: (cur[t], -types.index(t)))
                 cur = {keep: cur[keep]}
-            alloc[name] = cur
+            if cur:
+                alloc[name] = cur
         self.packers: dict[GpuType, TypePacker | UniformPacker] = {}
         # Per type: an empty ``UniformPacker`` when every unit here packs as a total, else absent.
         self._uniform: dict[GpuType, UniformPacker] = {}
@@ -126,6 +126,7 @@ class Workspace:
         self.version: dict[GpuType, int] = {}
         self._memo: dict[tuple, tuple[int, object]] = {}
         self._constants: dict[object, Any] = {}
+        self._units: dict[WorkloadName, int] = {}
         self._reindex()
         on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
         for name, a in self.alloc.items():
@@ -142,7 +143,10 @@ class Workspace:
         ``_spare[t][p]``: GPUs that preemptible jobs of priority p hold on t, in all and above their
         minimum. They make "is anything reclaimable here?" cost O(priorities), not O(jobs).
         """
-        self._units: dict[WorkloadName, int] = {n: sum(a.values()) for n, a in self.alloc.items()}
+        # (Updated in place: ``unit_counts`` hands out this dict, and a rollback must not leave a
+        # caller holding a stale one.)
+        self._units.clear()
+        self._units.update({n: sum(a.values()) for n, a in self.alloc.items()})
         if not self._indexed:
             return
         self.holders: dict[GpuType, dict[WorkloadName, None]] = {}
@@ -153,14 +157,15 @@ class Workspace:
         holders, pre, spare_h, total, spare = (
             self.holders, self.preemptible_holders, self.spare_holders, self._total, self._spare
         )
-        alloc = self.alloc
+        workloads = self.workloads
+        training_kind = WorkloadKind.TRAINING
         # (type, priority) -> its level, spare level and per-priority sums (found once, not per job).
         by_level: dict[tuple, tuple] = {}
-        for w in self._jobs:
-            spec = w.spec
-            name = spec.name
-            a = alloc[name]
+        for name, a in self.alloc.items():
             if not a:
+                continue
+            spec = workloads[name].spec
+            if spec.kind is not training_kind:
                 continue
             for t, n in a.items():
                 # What ``_index(w, t, 0, n)`` does, inlined (this runs for every job every decision).
@@ -211,14 +216,16 @@ class Workspace:
     def _adjust(self, name: WorkloadName, t: GpuType, delta: int) -> None:
         self._clock += 1
         self.version[t] = self._clock
-        a = self.alloc[name]
+        a = self.alloc.get(name)
+        if a is None:
+            a = self.alloc[name] = {}
         old = a.get(t, 0)
         new = old + delta
         if new:
             a[t] = new
         else:
             a.pop(t, None)
-        self._units[name] += delta
+        self._units[name] = self._units.get(name, 0) + delta
         w = self.workloads[name]
         if self._indexed and w.kind is WorkloadKind.TRAINING:
             self._index(w, t, old, new)
@@ -234,13 +241,20 @@ class Workspace:
     # -------------------------------------------------------------------------------- inspection
 
     def units(self, name: WorkloadName) -> int:
-        return self._units[name]
+        return self._units.get(name, 0)
+
+    @property
+    def unit_counts(self) -> Mapping[WorkloadName, int]:
+        """Units per workload (read only; a workload without units may be absent): ``units`` for a
+        loop over many workloads, without a call per workload."""
+        return self._units
 
     def units_on(self, name: WorkloadName, gpu_type: GpuType) -> int:
-        return self.alloc[name].get(gpu_type, 0)
+        a = self.alloc.get(name)
+        return a.get(gpu_type, 0) if a else 0
 
     def job_type(self, name: WorkloadName) -> GpuType | None:
-        a = self.alloc[name]
+        a = self.alloc.get(name)
         return next(iter(a)) if a else None
 
     @property
@@ -317,7 +331,7 @@ class Workspace:
 
     def shrink(self, name: WorkloadName, gpu_type: GpuType, n: int) -> int:
         """Takes up to ``n`` units of ``name`` off ``gpu_type``, freeing them on their nodes."""
-        k = min(n, self.alloc[name].get(gpu_type, 0))
+        k = min(n, self.units_on(name, gpu_type))
         if k <= 0:
             return 0
         need = to_centi(self.workloads[name].spec.gpus_per_unit)
@@ -438,7 +452,7 @@ class Workspace:
         """
         need = w.spec.min_units
         for t in w.spec.gpu_types:
-            here = self.alloc[w.name].get(t, 0)
+            here = self.units_on(w.name, t)
             if t == gpu_type:
                 return min(n, need)
             need = max(0, need - here)
