@@ -257,6 +257,7 @@ class ResourceArbiter:
             reg.spec = spec
             reg.last_heartbeat_s = now
             reg.demand_units = demand
+            reg.last_snapshot = None
             reg.meta.update(meta or {})
         self._dirty = True
         return self._view(spec.name)
@@ -276,18 +277,24 @@ class ResourceArbiter:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
         now = self.clock.now()
         reg.last_heartbeat_s = now
+        # (A field that changes drops the registration's cached snapshot: see ``snapshot``.)
         if demand_units is not None:
-            reg.demand_units = max(0, int(demand_units))
+            demand = max(0, int(demand_units))
+            if demand != reg.demand_units:
+                reg.demand_units = demand
+                reg.last_snapshot = None
         if held is not None:
             new_held = held if isinstance(held, Allocation) else Allocation.of(held)
             if new_held != reg.held:
                 self._dirty = True
-            reg.held = new_held
+                reg.held = new_held
+                reg.last_snapshot = None
             self._note_release(name, reg, now)
         if progress is not None:
             reg.progress.update(progress)
-        if seconds_since_checkpoint is not None:
+        if seconds_since_checkpoint is not None and seconds_since_checkpoint != reg.seconds_since_checkpoint:
             reg.seconds_since_checkpoint = seconds_since_checkpoint
+            reg.last_snapshot = None
         return self._view(name)
 
     def unregister(self, name: WorkloadName) -> bool:
@@ -379,7 +386,9 @@ class ResourceArbiter:
         return ClusterSnapshot(
             now_s=self.clock.now(),
             nodes=self._nodes,
-            workloads=tuple([_workload_snapshot(r) for r in self._regs.values()]),
+            # A registration's snapshot is kept until one of its fields changes (``heartbeat``,
+            # ``register``, a forced stop set ``last_snapshot`` to None): most, most ticks.
+            workloads=tuple([r.last_snapshot or _workload_snapshot(r) for r in self._regs.values()]),
             grants=dict(self._grants),
         )
 
@@ -577,6 +586,7 @@ class ResourceArbiter:
             self._record(ArbiterEvent(now, "forced", name, {"held": reg.held.as_dict(), "grant": grant.as_dict()}))
             # The backend stopped it: what it held beyond the grant is free from now on.
             reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in reg.held.items})
+            reg.last_snapshot = None
             reg.shrink_issued_s = None
             reg.release_deadlines.clear()
             self._dirty = True
@@ -589,18 +599,8 @@ class ResourceArbiter:
 
 
 def _workload_snapshot(r: _Registration) -> WorkloadSnapshot:
-    """The registration as a snapshot: the previous one if nothing in it changed (most workloads, most
-    ticks), so that a tick does not build a frozen object per workload."""
-    w = r.last_snapshot
-    if (
-        w is not None
-        and w.spec is r.spec
-        and w.demand_units == r.demand_units
-        and w.held is r.held
-        and w.seconds_since_checkpoint == r.seconds_since_checkpoint
-        and w.registered_s == r.registered_s
-    ):
-        return w
+    """The registration as a snapshot, kept as ``r.last_snapshot`` until one of its fields changes
+    (then set to None), so that a tick does not build a frozen object per workload."""
     w = r.last_snapshot = WorkloadSnapshot(
         spec=r.spec,
         demand_units=r.demand_units,
@@ -636,7 +636,9 @@ def plan_grants(snapshot: ClusterSnapshot, decision: PolicyDecision) -> dict[Wor
     partial: dict[WorkloadName, dict[GpuType, int]] = {}
     used: dict[GpuType, float] = {}
     growers: list[tuple[WorkloadSnapshot, GpuType, int]] = []
-    for w in snapshot.workloads:
+    # A workload with no grant, no target and nothing held has nothing to plan (a long queue).
+    active = snapshot.grants.keys() | decision.targets.keys()
+    for w in [w for w in snapshot.workloads if w.held.items or w.spec.name in active]:
         spec = w.spec
         name = spec.name
         current = current_of(name, EMPTY)

@@ -208,25 +208,29 @@ def start_jobs(
     units_of = ws.unit_counts.get
     stuck = queue.stuck
     append = ws.infeasible.append
-    kinds = _KINDS
+    kinds, known = _KINDS, _KINDS.by_id.get
+    changes = ws.changes  # moves only inside _start_job
     for w in _queue_order(ws, order):
         spec = w.spec
         # job_want(w) > 0 and nothing yet: a waiting job
         if units_of(spec.name) or w.demand_units <= 0 or spec.max_workers <= 0:  # type: ignore[union-attr]
             continue
-        k = kinds.of(spec)
-        kind = k.preempt if preempt else k.plain
-        found = stuck.get(kind)
-        if found is not None and found[0] == ws.changes:
-            append(k.infeasible(found[1]))
+        k = known(id(spec))
+        if k is None or k.spec is not spec:
+            k = kinds.of(spec)
+        found = stuck.get(k.preempt if preempt else k.plain)
+        if found is not None and found[0] == changes:
+            # (``k.infeasible(reason)``, inlined: this is the line a long queue runs)
+            append(k.last_infeasible if k.last_reason is found[1] else k.infeasible(found[1]))
             continue
-        _start_job(ws, w, speed, preempt, greedy, queue, k, kind)
+        _start_job(ws, w, speed, preempt, greedy, queue, k, k.preempt if preempt else k.plain)
+        changes = ws.changes
 
 
 class _QueueKind:
     """What the queue walk needs of one job spec, worked out once (``_QueueKinds``)."""
 
-    __slots__ = ("spec", "need", "preempt", "plain", "_reason", "_infeasible")
+    __slots__ = ("spec", "need", "preempt", "plain", "last_reason", "last_infeasible")
 
     def __init__(self, spec: WorkloadSpec, ids: dict[tuple, int]) -> None:
         self.spec = spec
@@ -235,15 +239,15 @@ class _QueueKind:
         # Small ints for (types, unit GPUs, minimum, priority or None): cheap keys for ``_Queue.stuck``.
         self.preempt = ids.setdefault((spec.gpu_types, g, need, spec.priority), len(ids))
         self.plain = ids.setdefault((spec.gpu_types, g, need, None), len(ids))
-        self._reason: str | None = None
-        self._infeasible: Infeasible | None = None
+        self.last_reason: str | None = None
+        self.last_infeasible: Infeasible | None = None
 
     def infeasible(self, reason: str) -> Infeasible:
         """The job's ``Infeasible`` for ``reason``: the last one while the reason is the same."""
-        if reason is not self._reason and reason != self._reason:
-            self._reason = reason
-            self._infeasible = Infeasible(self.spec.name, reason)
-        return self._infeasible  # type: ignore[return-value]
+        if reason is not self.last_reason and reason != self.last_reason:
+            self.last_reason = reason
+            self.last_infeasible = Infeasible(self.spec.name, reason)
+        return self.last_infeasible  # type: ignore[return-value]
 
 
 class _QueueKinds:
@@ -253,15 +257,15 @@ class _QueueKinds:
     MAX = 200_000
 
     def __init__(self) -> None:
-        self._by_id: dict[int, _QueueKind] = {}
+        self.by_id: dict[int, _QueueKind] = {}
         self._ids: dict[tuple, int] = {}
 
     def of(self, spec: WorkloadSpec) -> _QueueKind:
-        k = self._by_id.get(id(spec))
+        k = self.by_id.get(id(spec))
         if k is None or k.spec is not spec:
-            if len(self._by_id) >= self.MAX:
-                self._by_id.clear()
-            k = self._by_id[id(spec)] = _QueueKind(spec, self._ids)  # (it keeps ``spec`` alive: no id reuse)
+            if len(self.by_id) >= self.MAX:
+                self.by_id.clear()
+            k = self.by_id[id(spec)] = _QueueKind(spec, self._ids)  # (it keeps ``spec`` alive: no id reuse)
         return k
 
 
@@ -312,6 +316,9 @@ def grow_jobs(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None =
     growers are sorted by ``_grow_weighted``, and types are independent), so ``order`` (one level for
     everyone) only decides that there is one level.
     """
+    unit = ws.uniform_unit
+    if unit > 0 and all(p.total < unit for p in ws.packers.values()):
+        return  # no type has room for one more unit (the common case under load): nothing can grow
     workloads = ws.workloads
     training = WorkloadKind.TRAINING
     by_priority: dict[int, list[WorkloadSnapshot]] = {}

@@ -63,32 +63,28 @@ class Workspace:
         # The GPUs of each healthy node, per type (computed once per tuple of nodes: see ``inventory``).
         self.node_gpus: Mapping[GpuType, tuple[float, ...]] = inventory(snapshot.nodes).node_gpus
         node_gpus = self.node_gpus
-        self._services: list[WorkloadSnapshot] = []
-        self._jobs: list[WorkloadSnapshot] = []
+        workloads = self.workloads
+        training_kind = WorkloadKind.TRAINING
+        self._jobs: list[WorkloadSnapshot] = [w for w in workloads.values() if w.spec.kind is training_kind]
+        self._services: list[WorkloadSnapshot] = [
+            w for w in workloads.values() if w.spec.kind is not training_kind
+        ]
+        # The one unit size of every workload, in centi-GPUs (0: sizes differ; -1: no workloads). With
+        # nodes that are whole multiples of it, each type is packed as a total (``UniformPacker``): the
+        # same counts.
+        unit_sizes = {to_centi(g) for g in {w.spec.gpus_per_unit for w in workloads.values()}}
+        unit = (unit_sizes.pop() if len(unit_sizes) == 1 else 0) if unit_sizes else -1
         # Units per workload and type. Only workloads with units have an entry (one may be left
         # empty after a shrink): a long queue of waiting jobs costs nothing in the passes over it.
+        # In the order of the grants (the order of the entries decides nothing: see ``decision``).
         self.alloc: dict[WorkloadName, dict[GpuType, int]] = {}
-        grants = snapshot.grants
-        # The one unit size of every workload, in centi-GPUs (0: sizes differ). With nodes that are
-        # whole multiples of it, each type is packed as a total (``UniformPacker``): the same counts.
-        unit, unit_gpus = -1, None
         alloc = self.alloc
-        jobs, services = self._jobs.append, self._services.append
-        training_kind = WorkloadKind.TRAINING
-        for name, w in self.workloads.items():
+        for name, current in snapshot.grants.items():
+            w = workloads.get(name)
+            if w is None or not current.items:
+                continue
             spec = w.spec
-            if unit and spec.gpus_per_unit != unit_gpus:
-                unit_gpus = spec.gpus_per_unit
-                c = to_centi(unit_gpus)
-                unit = c if unit == -1 or unit == c else 0
             training = spec.kind is training_kind
-            if training:
-                jobs(w)
-            else:
-                services(w)
-            current = grants.get(name)
-            if current is None or not current.items:
-                continue  # a waiting workload has no entry in ``alloc`` (most of a long queue)
             types = spec.gpu_types
             if len(current.items) == 1:
                 # The common case, one type: what the general path below makes of it.
@@ -105,6 +101,8 @@ class Workspace:
                 cur = {keep: cur[keep]}
             if cur:
                 alloc[name] = cur
+        # Every workload's unit in centi-GPUs when they are all the same size, else 0 (-1: none).
+        self.uniform_unit = unit
         self.packers: dict[GpuType, TypePacker | UniformPacker] = {}
         # Per type: an empty ``UniformPacker`` when every unit here packs as a total, else absent.
         self._uniform: dict[GpuType, UniformPacker] = {}
@@ -127,6 +125,7 @@ class Workspace:
         self._memo: dict[tuple, tuple[int, object]] = {}
         self._constants: dict[object, Any] = {}
         self._units: dict[WorkloadName, int] = {}
+        self._built = False  # the holder indexes (``_build_index``)
         self._reindex()
         on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
         for name, a in self.alloc.items():
@@ -147,15 +146,22 @@ class Workspace:
         # caller holding a stale one.)
         self._units.clear()
         self._units.update({n: sum(a.values()) for n, a in self.alloc.items()})
+        if self._built:
+            self._build_index()
+
+    def _build_index(self) -> None:
+        """The holder indexes (see ``_reindex``), built on first use: most decisions reclaim nothing
+        and never need them. From then on every move keeps them up to date."""
         if not self._indexed:
-            return
-        self.holders: dict[GpuType, dict[WorkloadName, None]] = {}
-        self.preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
-        self.spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
+            raise RuntimeError("this workspace was built with reclaims=False: it keeps no holder indexes")
+        self._built = True
+        self._holders: dict[GpuType, dict[WorkloadName, None]] = {}
+        self._preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
+        self._spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._total: dict[GpuType, dict[int, float]] = {}
         self._spare: dict[GpuType, dict[int, float]] = {}
         holders, pre, spare_h, total, spare = (
-            self.holders, self.preemptible_holders, self.spare_holders, self._total, self._spare
+            self._holders, self._preemptible_holders, self._spare_holders, self._total, self._spare
         )
         workloads = self.workloads
         training_kind = WorkloadKind.TRAINING
@@ -190,16 +196,34 @@ class Workspace:
                     tot[p] = tot.get(p, 0.0) + n * g
                     sp[p] = sp.get(p, 0.0) + max(0, n - m) * g
 
+    @property
+    def holders(self) -> dict[GpuType, dict[WorkloadName, None]]:
+        if not self._built:
+            self._build_index()
+        return self._holders
+
+    @property
+    def preemptible_holders(self) -> dict[GpuType, dict[int, dict[WorkloadName, None]]]:
+        if not self._built:
+            self._build_index()
+        return self._preemptible_holders
+
+    @property
+    def spare_holders(self) -> dict[GpuType, dict[int, dict[WorkloadName, None]]]:
+        if not self._built:
+            self._build_index()
+        return self._spare_holders
+
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
         spec = w.spec
         if new:
-            self.holders.setdefault(t, {})[w.name] = None
+            self._holders.setdefault(t, {})[w.name] = None
         else:
-            self.holders.get(t, {}).pop(w.name, None)
+            self._holders.get(t, {}).pop(w.name, None)
         if isinstance(spec, TrainingJobSpec) and spec.preemptible:
             g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
-            level = self.preemptible_holders.setdefault(t, {}).setdefault(p, {})
-            spare_level = self.spare_holders.setdefault(t, {}).setdefault(p, {})
+            level = self._preemptible_holders.setdefault(t, {}).setdefault(p, {})
+            spare_level = self._spare_holders.setdefault(t, {}).setdefault(p, {})
             if new:
                 level[w.spec.name] = None
             else:
@@ -227,14 +251,14 @@ class Workspace:
             a.pop(t, None)
         self._units[name] = self._units.get(name, 0) + delta
         w = self.workloads[name]
-        if self._indexed and w.kind is WorkloadKind.TRAINING:
+        if self._built and w.kind is WorkloadKind.TRAINING:
             self._index(w, t, old, new)
 
     def reclaimable_gpus(self, gpu_type: GpuType, below_priority: int, include_min: bool) -> float:
         """GPUs on ``gpu_type`` held by preemptible jobs of lower priority (above their minimum only,
         unless ``include_min``)."""
-        if not self._indexed:
-            raise RuntimeError("this workspace was built with reclaims=False: it keeps no holder indexes")
+        if not self._built:
+            self._build_index()
         by_prio = (self._total if include_min else self._spare).get(gpu_type, {})
         return sum(v for p, v in by_prio.items() if p < below_priority)
 
