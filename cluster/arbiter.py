@@ -176,6 +176,8 @@ class _Registration:
     last_snapshot: WorkloadSnapshot | None = None
     # Registration order (``_regs`` is kept in it): events of one tick are recorded in this order.
     seq: int = 0
+    # The last ``GrantView`` handed out, handed out again while it is the same (see ``_view``).
+    last_view: GrantView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,7 @@ class ResourceArbiter:
                 reg.demand_units = demand
                 reg.last_snapshot = None
         if held is not None:
-            new_held = held if isinstance(held, Allocation) else Allocation.of(held)
+            new_held = held if isinstance(held, Allocation) else Allocation.of(held) if held else EMPTY
             if new_held != reg.held:
                 self._dirty = True
                 reg.held = new_held
@@ -500,10 +502,20 @@ class ResourceArbiter:
         if reg is None:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
         reason = self._infeasible_by_name.get(name)
-        release_by = min((d for d, _ in reg.release_deadlines), default=None)
-        return GrantView(
-            name, self._grants.get(name, EMPTY), True, reason, release_by, self._generation
-        )
+        release_by = min([d for d, _ in reg.release_deadlines]) if reg.release_deadlines else None
+        grant = self._grants.get(name, EMPTY)
+        # The last view while it would be the same (a long queue heartbeats, tick after tick).
+        v = reg.last_view
+        if (
+            v is not None
+            and v.grant is grant
+            and v.reason is reason
+            and v.release_by_s == release_by
+            and v.generation == self._generation
+        ):
+            return v
+        v = reg.last_view = GrantView(name, grant, True, reason, release_by, self._generation)
+        return v
 
     def _grace_s(self, spec: WorkloadSpec) -> float:
         if isinstance(spec, ServiceSpec):
@@ -557,13 +569,15 @@ class ResourceArbiter:
             )
         # A request that stays infeasible is recorded once, not every tick (a long queue would fill the
         # event log with repeats); again when its reason changes, or after it was feasible in between.
-        for inf in decision.infeasible:
-            if inf.workload in self._regs and previous_infeasible.get(inf.workload) != inf.reason:
-                self._record(ArbiterEvent(now, "infeasible", inf.workload, {"reason": inf.reason}))
+        last = previous_infeasible.get
+        for inf in [i for i in decision.infeasible if last(i.workload) != i.reason and i.workload in regs]:
+            self._record(ArbiterEvent(now, "infeasible", inf.workload, {"reason": inf.reason}))
         if changed:
             self._generation += 1
 
     def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:
+        if reg.shrink_issued_s is None and not reg.release_deadlines:
+            return  # no shrink pending (most heartbeats)
         reg.release_deadlines = [(d, g) for d, g in reg.release_deadlines if _exceeds(reg.held, g)]
         if reg.shrink_issued_s is not None and not _exceeds(reg.held, self._grants.get(name, EMPTY)):
             reg.release_deadlines.clear()

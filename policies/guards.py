@@ -24,7 +24,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.model import EMPTY, Allocation, ClusterSnapshot, WorkloadKind, WorkloadName, inventory
+from cluster.model import (
+    EMPTY,
+    Allocation,
+    ClusterSnapshot,
+    WorkloadKind,
+    WorkloadName,
+    WorkloadSnapshot,
+    inventory,
+)
 from policies.base import Policy, PolicyDecision, PolicyState
 
 
@@ -60,22 +68,24 @@ class GuardedPolicy:
         by_name = {w.spec.name: w for w in workloads}  # replaced below by the smoothed services
 
         # 1. Hysteresis: services see the peak of their demand over the downscale delay.
-        smoothed = list(workloads)
+        smoothed: list[WorkloadSnapshot] | None = None  # a copy of the workloads, once a demand changes
         service = WorkloadKind.SERVICE
-        for i, w in enumerate(workloads):
-            if w.spec.kind is service:
-                hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
-                hist.append([now, float(w.demand_units)])
-                # Keep only a decreasing staircase: a sample below a later one can never be the peak.
-                stair: list[list[float]] = []
-                for p in hist:
-                    while stair and stair[-1][1] <= p[1]:
-                        stair.pop()
-                    stair.append(p)
-                peaks[w.name] = stair
-                if int(stair[0][1]) != w.demand_units:
-                    w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))
-        inner_snapshot = replace(snapshot, workloads=tuple(smoothed))
+        for i in [i for i, w in enumerate(workloads) if w.spec.kind is service]:
+            w = workloads[i]
+            hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
+            hist.append([now, float(w.demand_units)])
+            # Keep only a decreasing staircase: a sample below a later one can never be the peak.
+            stair: list[list[float]] = []
+            for p in hist:
+                while stair and stair[-1][1] <= p[1]:
+                    stair.pop()
+                stair.append(p)
+            peaks[w.name] = stair
+            if int(stair[0][1]) != w.demand_units:
+                if smoothed is None:
+                    smoothed = list(workloads)
+                w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))
+        inner_snapshot = snapshot if smoothed is None else replace(snapshot, workloads=tuple(smoothed))
 
         # 2. The policy itself.
         inner_state = PolicyState({k: v for k, v in state.data.items() if k != "guards"})

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, WorkloadKind, WorkloadSnapshot
+from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, WorkloadKind
 from policies.base import PolicyDecision, PolicyState, register_policy
 from policies.tidal import fill_services, fill_training, service_want, shrink_to_want
 from policies.workspace import Workspace
@@ -61,15 +61,9 @@ class StaticSplitPolicy:
         if last is None or last[0] is not snapshot.nodes:
             last = self._split = (snapshot.nodes, split_nodes(snapshot.nodes, self.config))
         serving_nodes, training_nodes = last[1]
-        services: list[WorkloadSnapshot] = []
-        jobs: list[WorkloadSnapshot] = []
         service, training = WorkloadKind.SERVICE, WorkloadKind.TRAINING
-        for w in snapshot.workloads:
-            kind = w.spec.kind
-            if kind is service:
-                services.append(w)
-            elif kind is training:
-                jobs.append(w)
+        services = [w for w in snapshot.workloads if w.spec.kind is service]
+        jobs = [w for w in snapshot.workloads if w.spec.kind is training]
 
         # Nothing is ever reclaimed across or within the split: no holder indexes.
         sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services, reclaims=False)

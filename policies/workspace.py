@@ -72,7 +72,10 @@ class Workspace:
         # The one unit size of every workload, in centi-GPUs (0: sizes differ; -1: no workloads). With
         # nodes that are whole multiples of it, each type is packed as a total (``UniformPacker``): the
         # same counts.
-        unit_sizes = {to_centi(g) for g in {w.spec.gpus_per_unit for w in workloads.values()}}
+        # (``gpus_per_unit`` by its fields, not the property: this runs over every workload, every tick.)
+        gpus = {w.spec.gpus_per_worker for w in self._jobs}  # type: ignore[union-attr]
+        gpus.update([w.spec.gpus_per_replica for w in self._services])  # type: ignore[union-attr]
+        unit_sizes = {to_centi(g) for g in gpus}
         unit = (unit_sizes.pop() if len(unit_sizes) == 1 else 0) if unit_sizes else -1
         # Units per workload and type. Only workloads with units have an entry (one may be left
         # empty after a shrink): a long queue of waiting jobs costs nothing in the passes over it.
