@@ -48,8 +48,9 @@ HEADLINE = [
     "20",
     "--policy",
     "tidal,static,ray-alone",
-    "--processes",
-    "3",
+    # One process per core (the default), not one per policy: on two cores the first two policies
+    # start and the third follows the first to finish, so static (the longest, given second) keeps a
+    # core to itself; three processes on two cores made every policy finish later.
 ]
 
 

@@ -221,6 +221,12 @@ class ResourceArbiter:
         self._nodes: tuple[NodeSnapshot, ...] = ()
         self._infeasible: tuple[Infeasible, ...] = ()
         self._infeasible_by_name: dict[WorkloadName, str] = {}
+        # A lower bound on every registration's last heartbeat (exact after each expiry scan): no
+        # registration can have expired while ``now - _oldest_heartbeat_s <= ttl``, so most ticks skip
+        # the scan of every registration.
+        self._oldest_heartbeat_s = math.inf
+        # Names whose shrink is being released (a superset: pruned in ``_enforce_grace``).
+        self._shrinking: set[WorkloadName] = set()
         self._events: deque[ArbiterEvent] = deque(maxlen=self.config.max_events)
         self._pending_events: list[ArbiterEvent] = []
         self._generation = 0
@@ -245,6 +251,8 @@ class ResourceArbiter:
                 reason=f"name {spec.name!r} is already registered as a {reg.spec.kind}",
             )
         demand = spec.max_units if demand_units is None else demand_units
+        if now < self._oldest_heartbeat_s:
+            self._oldest_heartbeat_s = now
         if reg is None:
             self._regs[spec.name] = _Registration(
                 spec=spec,
@@ -279,6 +287,8 @@ class ResourceArbiter:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
         now = self.clock.now()
         reg.last_heartbeat_s = now
+        if now < self._oldest_heartbeat_s:
+            self._oldest_heartbeat_s = now  # (a clock that went back)
         # (A field that changes drops the registration's cached snapshot: see ``snapshot``.)
         if demand_units is not None:
             demand = max(0, int(demand_units))
@@ -359,10 +369,12 @@ class ResourceArbiter:
         self._nodes = tuple(self.backend.observe())
         # 2. expire
         ttl = self.config.registration_ttl_s
-        for name in [n for n, r in self._regs.items() if now - r.last_heartbeat_s > ttl]:
-            reg = self._regs.pop(name)
-            self._grants.pop(name, None)
-            self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
+        if now - self._oldest_heartbeat_s > ttl:
+            for name in [n for n, r in self._regs.items() if now - r.last_heartbeat_s > ttl]:
+                reg = self._regs.pop(name)
+                self._grants.pop(name, None)
+                self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
+            self._oldest_heartbeat_s = min([r.last_heartbeat_s for r in self._regs.values()], default=math.inf)
         self._enforce_grace(now)
         # 3. decide
         snapshot = self.snapshot()
@@ -488,9 +500,12 @@ class ResourceArbiter:
                 seq=next(self._seq),
             )
         self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
+        self._oldest_heartbeat_s = now
+        self._shrinking = set()
         for name, reg in self._regs.items():
             if reg.shrink_issued_s is not None:
                 reg.release_deadlines = [(reg.shrink_issued_s + self._grace_s(reg.spec), self._grants.get(name, EMPTY))]
+                self._shrinking.add(name)
         self._policy_state = PolicyState(dict(state.get("policy_state") or {}))
         self._generation = int(state.get("generation", 0))
         self._dirty = True
@@ -553,6 +568,7 @@ class ResourceArbiter:
             if _exceeds(reg.held, new):
                 if reg.shrink_issued_s is None:
                     reg.shrink_issued_s = now
+                    self._shrinking.add(name)
                 if new.total() < old.total() or _exceeds(old, new):
                     reg.release_deadlines.append((now + self._grace_s(reg.spec), new))
             else:
@@ -587,7 +603,14 @@ class ResourceArbiter:
             reg.shrink_issued_s = None
 
     def _enforce_grace(self, now: float) -> None:
-        for name, reg in [(n, r) for n, r in self._regs.items() if r.shrink_issued_s is not None]:
+        if not self._shrinking:
+            return
+        regs = self._regs
+        shrinking = [n for n in self._shrinking if n in regs and regs[n].shrink_issued_s is not None]
+        self._shrinking = set(shrinking)
+        shrinking.sort(key=lambda n: regs[n].seq)  # registration order, as a walk of every one would be
+        for name in shrinking:
+            reg = regs[name]
             if not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
                 continue
             grant = self._grants.get(name, EMPTY)

@@ -220,3 +220,29 @@ def test_reconfigure_swaps_the_policy_and_keeps_grants():
     arb.tick()
     assert arb.grant_of("job").grant == Allocation.of(H100=2)
     assert arb.status()["cost_per_hour"] == 2.0
+
+
+def test_a_snapshot_follows_every_heartbeat_field_that_changed_and_reuses_the_rest():
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    waiting = make_job("waiting", max_workers=8, gpu_types=("H100",))
+    arb, _, clock = make_arbiter()
+    arb.register(job, demand_units=8)
+    arb.register(waiting, demand_units=8)
+    first = {w.name: w for w in arb.snapshot().workloads}
+    again = {w.name: w for w in arb.snapshot().workloads}
+    assert again["job"] is first["job"] and again["waiting"] is first["waiting"]
+    arb.heartbeat("job", demand_units=3)
+    assert next(w for w in arb.snapshot().workloads if w.name == "job").demand_units == 3
+    arb.heartbeat("job", held={"H100": 2}, seconds_since_checkpoint=12.5)
+    w = next(w for w in arb.snapshot().workloads if w.name == "job")
+    assert w.held == Allocation.of(H100=2) and w.seconds_since_checkpoint == 12.5
+    arb.heartbeat("waiting", demand_units=8, held={})  # nothing changed: the same snapshot
+    assert next(w for w in arb.snapshot().workloads if w.name == "waiting") is first["waiting"]
+    arb.register(make_job("waiting", max_workers=2, gpu_types=("H100",)), demand_units=2)
+    w = next(w for w in arb.snapshot().workloads if w.name == "waiting")
+    assert w.spec.max_workers == 2 and w.demand_units == 2
+    view = arb.heartbeat("waiting")
+    assert arb.heartbeat("waiting") is view  # an unchanged view is handed out again
+    clock.advance(1.0)
+    arb.tick()
+    assert arb.heartbeat("waiting").generation == arb.generation

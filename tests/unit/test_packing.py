@@ -194,3 +194,46 @@ def test_a_workspace_without_reclaims_keeps_the_same_allocation_and_refuses_to_r
     assert full.reclaimable_gpus("H100", below_priority=100, include_min=False) > 0
     with pytest.raises(RuntimeError, match="reclaims=False"):
         lean.reclaimable_gpus("H100", below_priority=100, include_min=False)
+
+
+def test_unit_counts_stay_the_live_counts_across_a_rollback():
+    """``start_jobs`` holds ``unit_counts`` over a walk in which a reclaim may be rolled back: the dict it
+    holds must keep telling the truth (a rebound dict once let a started job be started again)."""
+    job = make_job("a", max_workers=4, gpu_types=("H100",))
+    other = make_job("b", max_workers=4, gpu_types=("H100",))
+    snap = ClusterSnapshot(
+        0.0,
+        make_nodes(H100=1),
+        (make_workload(job, held={"H100": 2}), make_workload(other)),
+        {"a": Allocation.of(H100=2)},
+    )
+    ws = Workspace(snap)
+    counts = ws.unit_counts
+    cp = ws.checkpoint()
+    assert ws.place("b", "H100", 3) == 3
+    assert counts["b"] == 3
+    ws.rollback(cp)
+    assert ws.unit_counts is counts
+    assert counts.get("b", 0) == 0 and counts["a"] == 2
+    assert ws.place("b", "H100", 1) == 1
+    assert counts["b"] == 1
+
+
+def test_waiting_jobs_have_no_alloc_entry_and_count_zero_units():
+    job = make_job("run", max_workers=2, gpu_types=("H100",))
+    queue = [make_job(f"wait-{i}", max_workers=2, gpu_types=("H100",)) for i in range(3)]
+    snap = ClusterSnapshot(
+        0.0,
+        make_nodes(H100=1),
+        tuple(make_workload(s) for s in [job, *queue]),
+        {"run": Allocation.of(H100=2)},
+    )
+    ws = Workspace(snap)
+    assert list(ws.alloc) == ["run"]
+    assert ws.units("wait-0") == 0 and ws.units_on("wait-0", "H100") == 0 and ws.job_type("wait-0") is None
+    assert [w.name for w in ws.jobs()] == ["run", "wait-0", "wait-1", "wait-2"]
+    # The holder indexes are built on first use, from what is allocated then.
+    assert ws.reclaimable_gpus("H100", below_priority=100, include_min=True) == 2.0
+    ws.place("wait-1", "H100", 2)
+    assert ws.reclaimable_gpus("H100", below_priority=100, include_min=True) == 4.0
+    assert set(ws.preemptible_holders["H100"][10]) == {"run", "wait-1"}

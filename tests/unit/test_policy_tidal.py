@@ -230,3 +230,20 @@ def test_decide_is_deterministic_and_leaves_its_input_unchanged():
     before = repr(snap)
     assert decide(snap) == decide(snap)
     assert repr(snap) == before
+
+
+def test_the_queue_walk_keeps_one_kind_per_spec_object_and_reuses_an_unchanged_infeasible():
+    from dataclasses import replace as dc_replace
+
+    from policies.tidal import _KINDS
+
+    spec = make_job("q", min_workers=2, max_workers=4, gpu_types=("H100",))
+    k = _KINDS.of(spec)
+    assert k.need == 2 and _KINDS.of(spec) is k
+    # Another spec object of the same name (a re-registration with new fields) gets its own entry.
+    bigger = dc_replace(spec, min_workers=3)
+    assert _KINDS.of(bigger).need == 3 and _KINDS.of(bigger) is not k
+    first = k.infeasible("waiting: x")
+    assert k.infeasible("waiting: " + "x") is first  # an equal reason: the same record
+    other = k.infeasible("waiting: y")
+    assert other is not first and other.workload == "q" and other.reason == "waiting: y"
