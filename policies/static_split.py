@@ -61,9 +61,14 @@ class StaticSplitPolicy:
         if last is None or last[0] is not snapshot.nodes:
             last = self._split = (snapshot.nodes, split_nodes(snapshot.nodes, self.config))
         serving_nodes, training_nodes = last[1]
-        service, training = WorkloadKind.SERVICE, WorkloadKind.TRAINING
-        services = [w for w in snapshot.workloads if w.spec.kind is service]
-        jobs = [w for w in snapshot.workloads if w.spec.kind is training]
+        service = WorkloadKind.SERVICE
+        # (A kind is one or the other: the few services found in one pass and deleted from a copy by
+        # position, not a second pass over a long queue of jobs.)
+        jobs = list(snapshot.workloads)
+        at = [i for i, w in enumerate(jobs) if w.spec.kind is service]
+        services = [jobs[i] for i in at]
+        for i in reversed(at):
+            del jobs[i]
 
         # Nothing is ever reclaimed across or within the split: no holder indexes.
         sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services, reclaims=False)

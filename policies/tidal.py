@@ -165,10 +165,11 @@ def _donors(
     return out
 
 
-def _queue_order(ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None) -> list[WorkloadSnapshot]:
-    """Every job in the order ``start_jobs`` walks them: by priority (highest first), then arrival,
+def _queue_order(
+    ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None, jobs: list[WorkloadSnapshot]
+) -> list[WorkloadSnapshot]:
+    """``jobs`` in the order ``start_jobs`` walks them: by priority (highest first), then arrival,
     then name; or in ``order``."""
-    jobs = ws.jobs()
     if order is not None:
         jobs.sort(key=order)
     else:
@@ -210,7 +211,16 @@ def start_jobs(
     append = ws.infeasible.append
     kinds, known = _KINDS, _KINDS.by_id.get
     changes = ws.changes  # moves only inside _start_job
-    for w in _queue_order(ws, order):
+    jobs = ws.jobs()
+    if not preempt:
+        # Without preemption no job loses units during the walk, so the running ones (and those that
+        # want nothing) can be left out before the sort.
+        jobs = [
+            w
+            for w in jobs
+            if not units_of(w.spec.name) and w.demand_units > 0 and w.spec.max_workers > 0  # type: ignore[union-attr]
+        ]
+    for w in _queue_order(ws, order, jobs):
         spec = w.spec
         # job_want(w) > 0 and nothing yet: a waiting job
         if units_of(spec.name) or w.demand_units <= 0 or spec.max_workers <= 0:  # type: ignore[union-attr]

@@ -65,10 +65,13 @@ class Workspace:
         node_gpus = self.node_gpus
         workloads = self.workloads
         training_kind = WorkloadKind.TRAINING
-        self._jobs: list[WorkloadSnapshot] = [w for w in workloads.values() if w.spec.kind is training_kind]
-        self._services: list[WorkloadSnapshot] = [
-            w for w in workloads.values() if w.spec.kind is not training_kind
-        ]
+        # Jobs and services (a kind is one or the other): the few services found in one pass and
+        # deleted from a copy by position, not a second pass over a long queue of jobs.
+        self._jobs: list[WorkloadSnapshot] = list(workloads.values())
+        at = [i for i, w in enumerate(self._jobs) if w.spec.kind is not training_kind]
+        self._services: list[WorkloadSnapshot] = [self._jobs[i] for i in at]
+        for i in reversed(at):
+            del self._jobs[i]
         # The one unit size of every workload, in centi-GPUs (0: sizes differ; -1: no workloads). With
         # nodes that are whole multiples of it, each type is packed as a total (``UniformPacker``): the
         # same counts.
