@@ -6,10 +6,9 @@ oracle), the wall-clock and CPU time of the run, each policy's CPU time and wher
 decide(), the rest of the arbiter's tick, the simulator), the machine's load, and the exact command. Plots go
 to ``bench/results/simulate/``.
 
-Run: ``python bench/simulate.py [...any tidal simulate flag]``; e.g. ``--start-day 28 --days 3`` for three busy
-days of the trace (two busy days took 48 CPU seconds for the three policies on a loaded machine:
-cluster/sim/README.md), or nothing for the issue's 8 weeks (tidal alone: 430 CPU seconds, 731 before the
-simfast packing work; static costs more, its queue grows long).
+Run: ``python bench/simulate.py [...any tidal simulate flag]``; nothing for the issue's 8 weeks (4:56 on two
+quiet cores, 2026-11-22: tidal 129 CPU s, static 288, Ray alone 110; static, whose queue grows long, is the
+long pole: cluster/sim/README.md), or e.g. ``--start-day 28 --days 3`` for three busy days of the trace.
 """
 
 from __future__ import annotations
