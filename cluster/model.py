@@ -249,6 +249,74 @@ def inventory(nodes: Iterable[NodeSnapshot]) -> Inventory:
     return inv
 
 
+class WorkloadIndex:
+    """What the readers of one tick's workloads derive from them, derived once (see ``workload_index``).
+
+    The guards, the policy and its workspaces each need the workloads by name and split into services
+    and jobs; behind a long queue each of those was a pass over thousands of waiting jobs, every tick.
+    Everything it hands out is shared: read only.
+    """
+
+    __slots__ = ("workloads", "_by_name", "_split")
+
+    def __init__(self, workloads: tuple[WorkloadSnapshot, ...]) -> None:
+        self.workloads = workloads
+        self._by_name: dict[WorkloadName, WorkloadSnapshot] | None = None
+        self._split: tuple[tuple[int, ...], tuple[WorkloadSnapshot, ...], tuple[WorkloadSnapshot, ...]] | None = None
+
+    def by_name(self) -> Mapping[WorkloadName, WorkloadSnapshot]:
+        if self._by_name is None:
+            self._by_name = {w.spec.name: w for w in self.workloads}
+        return self._by_name
+
+    def split(self) -> tuple[tuple[int, ...], tuple[WorkloadSnapshot, ...], tuple[WorkloadSnapshot, ...]]:
+        """(the services' positions, the services, the jobs), each in the workloads' order."""
+        if self._split is None:
+            workloads = self.workloads
+            service = WorkloadKind.SERVICE
+            at = tuple([i for i, w in enumerate(workloads) if w.spec.kind is service])
+            services = tuple([workloads[i] for i in at])
+            if at:
+                rest = list(workloads)
+                for i in reversed(at):  # the few services out of a copy, not a second pass
+                    del rest[i]
+                jobs = tuple(rest)
+            else:
+                jobs = workloads
+            self._split = (at, services, jobs)
+            # The parts are tuples a workspace may be built over next: index them too.
+            for part, split in ((services, (tuple(range(len(services))), services, ())), (jobs, ((), (), jobs))):
+                if part is not workloads and part:
+                    _remember(part)._split = split
+        return self._split
+
+
+_INDEXES: dict[int, WorkloadIndex] = {}
+_MAX_INDEXES = 16
+
+
+def workload_index(workloads: Iterable[WorkloadSnapshot]) -> WorkloadIndex:
+    """The ``WorkloadIndex`` of ``workloads``, once per tuple (memoised by identity, as ``inventory``:
+    the cache keeps the tuple alive, so its id is not reused while cached). Any other iterable gets a
+    fresh index."""
+    if type(workloads) is not tuple:
+        return WorkloadIndex(tuple(workloads))
+    hit = _INDEXES.get(id(workloads))
+    if hit is not None and hit.workloads is workloads:
+        return hit
+    return _remember(workloads)
+
+
+def _remember(workloads: tuple[WorkloadSnapshot, ...]) -> WorkloadIndex:
+    hit = _INDEXES.get(id(workloads))
+    if hit is not None and hit.workloads is workloads:
+        return hit
+    if len(_INDEXES) >= _MAX_INDEXES:
+        _INDEXES.clear()
+    index = _INDEXES[id(workloads)] = WorkloadIndex(workloads)
+    return index
+
+
 def gpus_of(alloc: Allocation, gpus_per_unit: float) -> dict[GpuType, float]:
     """GPUs per type that ``alloc`` occupies: 3 replicas at 0.5 GPU -> 1.5 GPUs."""
     return {t: n * gpus_per_unit for t, n in alloc.items}

@@ -32,6 +32,7 @@ from cluster.model import (
     WorkloadName,
     WorkloadSnapshot,
     inventory,
+    workload_index,
 )
 from policies.base import Policy, PolicyDecision, PolicyState
 
@@ -65,12 +66,12 @@ class GuardedPolicy:
         last_resize: dict[str, float] = dict(g.get("last_resize") or {})
         moves: list[float] = [t for t in (g.get("moves") or []) if now - t < cfg.moves_window_s]
         workloads = snapshot.workloads
-        by_name = {w.spec.name: w for w in workloads}  # replaced below by the smoothed services
+        index = workload_index(workloads)  # (shared with the policy's workspaces: read only)
+        by_name = index.by_name()  # a copy with the smoothed services, once one is smoothed
 
         # 1. Hysteresis: services see the peak of their demand over the downscale delay.
         smoothed: list[WorkloadSnapshot] | None = None  # a copy of the workloads, once a demand changes
-        service = WorkloadKind.SERVICE
-        for i in [i for i, w in enumerate(workloads) if w.spec.kind is service]:
+        for i in index.split()[0]:
             w = workloads[i]
             hist = [p for p in peaks.get(w.name, []) if now - p[0] < cfg.service_downscale_delay_s]
             hist.append([now, float(w.demand_units)])
@@ -84,7 +85,8 @@ class GuardedPolicy:
             if int(stair[0][1]) != w.demand_units:
                 if smoothed is None:
                     smoothed = list(workloads)
-                w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))
+                    by_name = dict(by_name)
+                w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))  # type: ignore[index]
         inner_snapshot = snapshot if smoothed is None else replace(snapshot, workloads=tuple(smoothed))
 
         # 2. The policy itself.

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, WorkloadKind
+from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, workload_index
 from policies.base import PolicyDecision, PolicyState, register_policy
 from policies.tidal import fill_services, fill_training, service_want, shrink_to_want
 from policies.workspace import Workspace
@@ -61,14 +61,8 @@ class StaticSplitPolicy:
         if last is None or last[0] is not snapshot.nodes:
             last = self._split = (snapshot.nodes, split_nodes(snapshot.nodes, self.config))
         serving_nodes, training_nodes = last[1]
-        service = WorkloadKind.SERVICE
-        # (A kind is one or the other: the few services found in one pass and deleted from a copy by
-        # position, not a second pass over a long queue of jobs.)
-        jobs = list(snapshot.workloads)
-        at = [i for i, w in enumerate(jobs) if w.spec.kind is service]
-        services = [jobs[i] for i in at]
-        for i in reversed(at):
-            del jobs[i]
+        # (Split once per tick's workloads: the guards asked for the same split.)
+        _, services, jobs = workload_index(snapshot.workloads).split()
 
         # Nothing is ever reclaimed across or within the split: no holder indexes.
         sv = Workspace(replace(snapshot, nodes=serving_nodes), known=services, reclaims=False)

@@ -25,6 +25,7 @@ from cluster.model import (
     WorkloadName,
     WorkloadSnapshot,
     inventory,
+    workload_index,
 )
 from policies.base import Infeasible, PolicyDecision, Reclaim
 from policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
@@ -57,21 +58,16 @@ class Workspace:
         ``reclaimable_gpus``, holder indexes) skips keeping the indexes those need."""
         self.snapshot = snapshot
         self._indexed = reclaims
-        self.workloads: dict[WorkloadName, WorkloadSnapshot] = {
-            w.spec.name: w for w in (snapshot.workloads if known is None else known)
-        }
+        # By name, and split into services and jobs: derived once per tuple of workloads and shared
+        # with the guards and any other workspace over the same tuple (``workload_index``): read only.
+        index = workload_index(snapshot.workloads if known is None else known)
+        self.workloads: Mapping[WorkloadName, WorkloadSnapshot] = index.by_name()
+        _, self._services, self._jobs = index.split()
         # The GPUs of each healthy node, per type (computed once per tuple of nodes: see ``inventory``).
         self.node_gpus: Mapping[GpuType, tuple[float, ...]] = inventory(snapshot.nodes).node_gpus
         node_gpus = self.node_gpus
         workloads = self.workloads
         training_kind = WorkloadKind.TRAINING
-        # Jobs and services (a kind is one or the other): the few services found in one pass and
-        # deleted from a copy by position, not a second pass over a long queue of jobs.
-        self._jobs: list[WorkloadSnapshot] = list(workloads.values())
-        at = [i for i, w in enumerate(self._jobs) if w.spec.kind is not training_kind]
-        self._services: list[WorkloadSnapshot] = [self._jobs[i] for i in at]
-        for i in reversed(at):
-            del self._jobs[i]
         # The one unit size of every workload, in centi-GPUs (0: sizes differ; -1: no workloads). With
         # nodes that are whole multiples of it, each type is packed as a total (``UniformPacker``): the
         # same counts.

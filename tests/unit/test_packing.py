@@ -237,3 +237,25 @@ def test_waiting_jobs_have_no_alloc_entry_and_count_zero_units():
     ws.place("wait-1", "H100", 2)
     assert ws.reclaimable_gpus("H100", below_priority=100, include_min=True) == 4.0
     assert set(ws.preemptible_holders["H100"][10]) == {"run", "wait-1"}
+
+
+def test_a_tuple_of_workloads_is_indexed_once_and_its_parts_are_indexed_too():
+    from builders import make_service
+
+    from cluster.model import workload_index
+
+    svc = make_workload(make_service("svc"))
+    jobs = [make_workload(make_job(f"j{i}")) for i in range(4)]
+    workloads = (jobs[0], svc, *jobs[1:])
+    index = workload_index(workloads)
+    assert workload_index(workloads) is index  # the same tuple: the same index
+    assert workload_index(tuple(workloads)) is index  # (tuple() of a tuple is that tuple)
+    at, services, only_jobs = index.split()
+    assert at == (1,) and services == (svc,) and only_jobs == tuple(jobs)
+    assert index.by_name()["svc"] is svc and list(index.by_name()) == ["j0", "svc", "j1", "j2", "j3"]
+    # A workspace over the jobs part finds it indexed already: no services in it.
+    assert workload_index(only_jobs).split() == ((), (), only_jobs)
+    # An equal but different tuple is indexed anew; a list gets a fresh, uncached index.
+    other = workload_index(tuple(list(workloads)))
+    assert other.split()[1] == (svc,)
+    assert workload_index(list(workloads)) is not workload_index(list(workloads))
