@@ -6,8 +6,8 @@ oracle), the wall-clock and CPU time of the run, each policy's CPU time and wher
 decide(), the rest of the arbiter's tick, the simulator), the machine's load, and the exact command. Plots go
 to ``bench/results/simulate/``.
 
-Run: ``python bench/simulate.py [...any tidal simulate flag]``; nothing for the issue's 8 weeks (4:56 on two
-quiet cores, 2026-11-22: tidal 129 CPU s, static 288, Ray alone 110; static, whose queue grows long, is the
+Run: ``python bench/simulate.py [...any tidal simulate flag]``; nothing for the issue's 8 weeks (4:46 on two
+quiet cores, 2026-11-22: tidal 125 CPU s, static 279, Ray alone 104; static, whose queue grows long, is the
 long pole: cluster/sim/README.md), or e.g. ``--start-day 28 --days 3`` for three busy days of the trace.
 """
 
