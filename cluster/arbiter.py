@@ -544,7 +544,6 @@ class ResourceArbiter:
         now: float,
         previous_infeasible: Mapping[WorkloadName, str],
     ) -> None:
-        changed = False
         # Only a workload with a grant now or before can see it change (a long queue of waiting jobs
         # has neither): those, in registration order.
         regs, grants = self._regs, self._grants
@@ -556,9 +555,6 @@ class ResourceArbiter:
             reg = regs[name]
             old = grants.get(name, EMPTY)
             new = new_grants.get(name, EMPTY)
-            if new is old or new == old:
-                continue  # (a grant of nothing, recorded as no grant)
-            changed = True
             kind = "shrink" if new.total() < old.total() else "grow"
             self._record(ArbiterEvent(now, kind, name, {"from": old.as_dict(), "to": new.as_dict()}))
             if new:
@@ -588,7 +584,7 @@ class ResourceArbiter:
         last = previous_infeasible.get
         for inf in [i for i in decision.infeasible if last(i.workload) != i.reason and i.workload in regs]:
             self._record(ArbiterEvent(now, "infeasible", inf.workload, {"reason": inf.reason}))
-        if changed:
+        if moved:
             self._generation += 1
 
     def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:

@@ -166,7 +166,7 @@ def _donors(
 
 
 def _queue_order(
-    ws: Workspace, order: Callable[[WorkloadSnapshot], tuple] | None, jobs: list[WorkloadSnapshot]
+    order: Callable[[WorkloadSnapshot], tuple] | None, jobs: list[WorkloadSnapshot]
 ) -> list[WorkloadSnapshot]:
     """``jobs`` in the order ``start_jobs`` walks them: by priority (highest first), then arrival,
     then name; or in ``order``."""
@@ -220,7 +220,7 @@ def start_jobs(
             for w in jobs
             if not units_of(w.spec.name) and w.demand_units > 0 and w.spec.max_workers > 0  # type: ignore[union-attr]
         ]
-    for w in _queue_order(ws, order, jobs):
+    for w in _queue_order(order, jobs):
         spec = w.spec
         # job_want(w) > 0 and nothing yet: a waiting job
         if units_of(spec.name) or w.demand_units <= 0 or spec.max_workers <= 0:  # type: ignore[union-attr]

@@ -125,7 +125,6 @@ class Workspace:
         self._clock = 0
         self.version: dict[GpuType, int] = {}
         self._memo: dict[tuple, tuple[int, object]] = {}
-        self._constants: dict[object, Any] = {}
         self._units: dict[WorkloadName, int] = {}
         self._built = False  # the holder indexes (``_build_index``)
         self._reindex()
@@ -139,8 +138,8 @@ class Workspace:
     def _reindex(self) -> None:
         """Indexes of who holds what, kept up to date by every move (see ``_adjust``).
 
-        ``holders[t]``: jobs with units on type t (an ordered set); ``preemptible_holders[t][p]``: the
-        preemptible ones among them, by priority (``spare_holders``: those above their minimum); ``_total[t][p]`` and
+        ``preemptible_holders[t][p]``: the preemptible jobs with units on type t, by priority (an
+        ordered set; ``spare_holders``: those above their minimum); ``_total[t][p]`` and
         ``_spare[t][p]``: GPUs that preemptible jobs of priority p hold on t, in all and above their
         minimum. They make "is anything reclaimable here?" cost O(priorities), not O(jobs).
         """
@@ -157,14 +156,11 @@ class Workspace:
         if not self._indexed:
             raise RuntimeError("this workspace was built with reclaims=False: it keeps no holder indexes")
         self._built = True
-        self._holders: dict[GpuType, dict[WorkloadName, None]] = {}
         self._preemptible_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._spare_holders: dict[GpuType, dict[int, dict[WorkloadName, None]]] = {}
         self._total: dict[GpuType, dict[int, float]] = {}
         self._spare: dict[GpuType, dict[int, float]] = {}
-        holders, pre, spare_h, total, spare = (
-            self._holders, self._preemptible_holders, self._spare_holders, self._total, self._spare
-        )
+        pre, spare_h, total, spare = self._preemptible_holders, self._spare_holders, self._total, self._spare
         workloads = self.workloads
         training_kind = WorkloadKind.TRAINING
         # (type, priority) -> its level, spare level and per-priority sums (found once, not per job).
@@ -176,11 +172,7 @@ class Workspace:
             if spec.kind is not training_kind:
                 continue
             for t, n in a.items():
-                # What ``_index(w, t, 0, n)`` does, inlined (this runs for every job every decision).
-                h = holders.get(t)
-                if h is None:
-                    h = holders[t] = {}
-                h[name] = None
+                # What ``_index(w, t, 0, n)`` does, inlined (this runs for every running job).
                 if spec.preemptible:  # type: ignore[union-attr]
                     g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
                     found = by_level.get((t, p))
@@ -199,12 +191,6 @@ class Workspace:
                     sp[p] = sp.get(p, 0.0) + max(0, n - m) * g
 
     @property
-    def holders(self) -> dict[GpuType, dict[WorkloadName, None]]:
-        if not self._built:
-            self._build_index()
-        return self._holders
-
-    @property
     def preemptible_holders(self) -> dict[GpuType, dict[int, dict[WorkloadName, None]]]:
         if not self._built:
             self._build_index()
@@ -218,10 +204,6 @@ class Workspace:
 
     def _index(self, w: WorkloadSnapshot, t: GpuType, old: int, new: int) -> None:
         spec = w.spec
-        if new:
-            self._holders.setdefault(t, {})[w.name] = None
-        else:
-            self._holders.get(t, {}).pop(w.name, None)
         if isinstance(spec, TrainingJobSpec) and spec.preemptible:
             g, m, p = spec.gpus_per_unit, spec.min_units, spec.priority
             level = self._preemptible_holders.setdefault(t, {}).setdefault(p, {})
@@ -305,12 +287,6 @@ class Workspace:
         n = p.max_units(unit_gpus)
         self._memo[key] = (version, n)
         return n
-
-    def per_decision(self, key: object, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per workspace (for what the snapshot alone fixes, e.g. an order of jobs)."""
-        if key not in self._constants:
-            self._constants[key] = compute()
-        return self._constants[key]
 
     def memo(self, gpu_type: GpuType, key: tuple, compute: Callable[[], Any]) -> Any:
         """``compute()``, memoised under ``key`` while nothing on ``gpu_type`` changes.
