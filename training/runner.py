@@ -292,6 +292,21 @@ def restart_not_before(
     return float("-inf")
 
 
+def restart_due(now: float, not_before_s: float, target_workers: int, gave_up_from: int | None) -> bool:
+    """Whether a job waiting to restart may start its next attempt now, at ``target_workers``.
+
+    At ``not_before_s`` (see :func:`restart_not_before`) at the latest; earlier when the wait is a restart
+    delay after giving GPUs back (``gave_up_from``: the size of the attempt that gave them) and the grant is
+    back to that size: the spike that took them is over, so the job restarts once, at its old size, instead
+    of once at the smaller size and again to grow (each restart of Ray Train's worker group costs tens of
+    seconds of the whole job). A failure's back-off is never cut short (``gave_up_from`` is None then).
+
+    Example: a job that shrank from 4 workers with a delay until t=160 restarts at t=130 once its grant
+    allows 4 again: ``restart_due(130.0, 160.0, 4, 4)`` is True, ``restart_due(130.0, 160.0, 3, 4)`` False.
+    """
+    return now >= not_before_s or (gave_up_from is not None and target_workers >= gave_up_from)
+
+
 class ElasticRunner:
     """Runs one job to completion under a changing grant. See the module docstring.
 
@@ -348,6 +363,7 @@ class ElasticRunner:
         self._signal: Any = None
         self._capacity_cache: tuple[float, Mapping[str, float]] = (0.0, {})
         self._not_before_s = float("-inf")
+        self._gave_up_from: int | None = None  # the size a shrink-yield left, while its restart delay runs
         self.spares: SpareWorkers | None = None
         self._spares_thread: threading.Thread | None = None
         self._spares_due_s = float("-inf")
@@ -429,8 +445,9 @@ class ElasticRunner:
                         self.ledger = self.ledger.note({"t_s": now, "event": "wait", "reason": reason})
                         waiting_logged = reason
                 case Start(target=target):
-                    # Not before restart_not_before() says (a failure's back-off, a yield's restart delay).
-                    if now >= self._not_before_s:
+                    # Not before restart_not_before() says (a failure's back-off, a yield's restart delay), unless
+                    # restart_due() sees the grant back at the size the yield gave up from.
+                    if restart_due(now, self._not_before_s, target.num_workers, self._gave_up_from):
                         waiting_logged = None
                         self._start_attempt(target, now)
                     elif self.hold.grant:
@@ -492,6 +509,8 @@ class ElasticRunner:
                 record.outcome, self.clock(), failures, self.failure_backoff_s, self.spec.restart_delay_s,
                 attempt.yield_reason,
             )  # fmt: skip
+            gave_back = record.outcome == "yielded" and self._not_before_s > float("-inf")
+            self._gave_up_from = attempt.target.num_workers if gave_back else None
             if record.outcome == "failed":
                 self._capacity_cache = (0.0, self._capacity_cache[1])
                 if failures >= self.max_consecutive_failures:

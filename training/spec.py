@@ -176,9 +176,11 @@ class JobSpec(BaseModel):
         default=0.0,
         ge=0,
         le=600,
-        description="After giving GPUs back (a shrink), wait this long before restarting on the GPUs left, "
-        "so that the new holder starts first on a host whose CPUs both share (not after a yield to grow, which "
-        "gave nothing back). 0: restart at once.",
+        description="After giving GPUs back (a shrink), wait up to this long before restarting on the GPUs left, "
+        "so that the new holder starts first on a host whose CPUs both share, and so that a short spike costs "
+        "one restart, not two: the job restarts as soon as its grant is back to the size it shrank from, at "
+        "that size (not after a yield to grow, which gave nothing back). It holds the GPUs left meanwhile. "
+        "0: restart at once.",
     )
     spare_workers: int = Field(
         default=0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached, restart_not_before
+from training.runner import CapacityGrantSource, metric_reached, restart_due, restart_not_before
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -39,3 +39,14 @@ def test_only_a_yield_that_gave_gpus_back_waits_the_restart_delay():
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "type_change") == 120.0
     # A grow gave nothing back: its bigger restart waits for nobody (the demo's jobs waited 60 s here).
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "grow") == float("-inf")
+
+
+def test_a_restart_delay_ends_when_the_grant_is_back_at_the_size_given_up_from():
+    # Shrunk from 4 workers at t=100 with a 60 s delay: still 3 allowed at t=130 -> wait; 4 again -> go now.
+    assert not restart_due(130.0, 160.0, 3, 4)
+    assert restart_due(130.0, 160.0, 4, 4)
+    assert restart_due(130.0, 160.0, 5, 4)  # more than before is back too
+    assert restart_due(160.0, 160.0, 3, 4)  # the delay is over: restart at what is left
+    # A failure's back-off (nothing given up from) is never cut short, whatever the grant.
+    assert not restart_due(103.0, 106.0, 8, None)
+    assert restart_due(106.0, 106.0, 1, None)
