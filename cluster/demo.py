@@ -145,8 +145,8 @@ def _write_outputs(result: Any, scenario: Any, out_dir: Path, duration_s: float)
 def summary_rows(f: dict[str, Any], scenario: Any) -> list[tuple[str, str]]:
     """The summary table's rows from a run's figures."""
 
-    def s(v: Any, unit: str = "", fmt: str = "{:.1f}") -> str:
-        return "never (within the spike)" if v is None else (fmt.format(v) + unit)
+    def s(v: Any, unit: str = "", fmt: str = "{:.1f}", missing: str = "never (within the spike)") -> str:
+        return missing if v is None else (fmt.format(v) + unit)
 
     by_job = ", ".join(f"{j} {n:,}" for j, n in (f.get("train_steps_by_job") or {}).items())
     return [
@@ -160,7 +160,10 @@ def summary_rows(f: dict[str, Any], scenario: Any) -> list[tuple[str, str]]:
         ("training steps during the load", f"{f['train_steps']:,} ({by_job})" if by_job else f"{f['train_steps']:,}"),
         ("training steps lost", str(f["lost_steps"])),
         ("GPU allocation ratio (GPU-seconds held / existing)", s(f["gpu_allocation_ratio"], "", "{:.3f}")),
-        ("GPUs back to training after the spike", s(f["gpus_back_to_training_s"], " s")),
+        (
+            "GPUs back to training after the spike",
+            s(f["gpus_back_to_training_s"], " s", missing=f"not within the {scenario.load.post_spike_s:g} s after it"),
+        ),
     ]
 
 

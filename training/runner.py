@@ -184,6 +184,7 @@ class _Attempt:
     yield_requested_s: float | None = None
     yield_reason: str | None = None
     first_step_noted: bool = False
+    first_step_s: float = float("inf")  # when the runner saw its first step (clock time)
     released: bool = False  # its workers' GPUs were freed on the yield's acknowledgement (JobSignal.ack_yield)
     held_pg: Any = None  # the hold handed to this attempt's controller (removed by the runner if it never was)
 
@@ -305,6 +306,20 @@ def restart_due(now: float, not_before_s: float, target_workers: int, gave_up_fr
     allows 4 again: ``restart_due(130.0, 160.0, 4, 4)`` is True, ``restart_due(130.0, 160.0, 3, 4)`` False.
     """
     return now >= not_before_s or (gave_up_from is not None and target_workers >= gave_up_from)
+
+
+def spares_due(now: float, due_s: float, attempt_index: int, first_step_s: float, delay_s: float) -> bool:
+    """Whether a top-up of spare workers may run now, for an attempt that trains steadily.
+
+    Not before ``due_s`` (the runner's 10 s rhythm), and for a restart (any attempt but the first, index 0)
+    not before ``delay_s`` after its first step (the job spec's ``spare_workers_delay_s``).
+
+    Example: a restart whose first step came at t=100 with a 40 s delay: ``spares_due(120.0, 0.0, 1, 100.0,
+    40.0)`` is False, at t=140 True; the first attempt (index 0) is due at t=120 already.
+    """
+    if now < due_s:
+        return False
+    return attempt_index == 0 or now >= first_step_s + delay_s
 
 
 class ElasticRunner:
@@ -521,15 +536,15 @@ class ElasticRunner:
         return False
 
     def _top_up_spares(self, attempt: _Attempt, now: float) -> None:
-        """Every 10 s while the attempt trains steadily (first step done, no yield asked; 2 s after a round that
-        started some), tops up the spare workers on the nodes of its GPU type and the driver's node, from a
+        """Every 10 s while the attempt trains steadily (first step done, and for a restart the job's
+        ``spare_workers_delay_s`` since; no yield asked; 2 s after a round that started some), tops up the spare workers on the nodes of its GPU type and the driver's node, from a
         thread (raylet RPCs must not delay a heartbeat)."""
         spares = self.spares
         if (
             spares is None
             or not attempt.first_step_noted
             or attempt.yield_requested_s is not None
-            or now < self._spares_due_s
+            or not spares_due(now, self._spares_due_s, attempt.index, attempt.first_step_s, self.spec.spare_workers_delay_s)
             or (self._spares_thread is not None and self._spares_thread.is_alive())
         ):
             return
@@ -766,6 +781,7 @@ class ElasticRunner:
             and snap.get("first_report_s")
         ):
             self.attempt.first_step_noted = True
+            self.attempt.first_step_s = self.clock()
             resumed_from = next(
                 (h.get("resumed_from") for h in snap.get("history") or [] if h.get("attempt") == self.attempt.index), None
             )

@@ -12,8 +12,10 @@ So the runner keeps its own: it learns the runtime env its workers get (the cont
 workers inherit unchanged: ``_RegisterController``) and asks the raylets of the nodes of the type it trains
 on to start idle workers bound to its job with that env (the raylet's ``PrestartWorkers``, as the warm pool
 does). They idle at ~0 CPU until the next attempt's workers take them; the top-up runs only while an
-attempt trains steadily, so that the imports never compete with a spike's replicas or a restart. Ray
-ends them with the job.
+attempt trains steadily, so that the imports never compete with a spike's replicas or a restart (and
+after a restart only once it has trained for the spec's ``spare_workers_delay_s``: in a demo run of 2026-11-22
+the top-up right after the post-spike restarts started eight at once, stalled the service's replicas for a
+second, and the service took the GPUs back at its base load). Ray ends them with the job.
 
 Ray Train also starts, for every attempt, a new controller process on the driver's node and four helper
 actors (a placement-group cleaner on the head, a dataset manager next to the controller, a synchronization

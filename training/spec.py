@@ -192,6 +192,14 @@ class JobSpec(BaseModel):
         "memory) while it waits; they are started only while the job trains steadily. Set it to max_workers "
         "for restarts that start no worker process; 0: off.",
     )
+    spare_workers_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="After a restart (every attempt but the first), train steadily this long before starting "
+        "spare workers: a restart follows a resize, while replicas and other jobs still start, and the spares' "
+        "imports (~5-7 CPU-seconds each) then compete with them on hosts they share. 0: as soon as it trains.",
+    )
     spare_control_workers: int = Field(
         default=0,
         ge=0,

@@ -257,3 +257,19 @@ def test_live_display_draws_the_gpu_split_service_and_jobs_on_a_terminal():
     assert rows["RTX4090"] == ["RTX4090", "2", "2", "0", "0", "SS"]
     assert rows["A100"] == ["A100", "2", "0", "0", "2", ".."]
     assert "SPIKE" in text and "1,234" in text and "demand 4" in text and "shrink demo-lo" in text
+
+
+def test_summary_table_names_the_window_a_missing_figure_was_looked_for_in():
+    from cluster.demo import summary_rows
+
+    samples = [sample(-1, training=6), sample(20, running=1, training=6, phase="spike"),
+               sample(80, running=2, training=2, serving=2, phase="post")]  # fmt: skip
+    f = spike_figures(
+        samples, [], [], spike_start_s=20, spike_end_s=80, end_s=150, replicas_needed=4, slo_ms=1000,
+        job_names=[], lost_steps_by_job={},
+    )  # fmt: skip
+    scenario = load_scenario(None)
+    rows = dict(summary_rows(f, scenario))
+    assert rows["time to capacity (spike start -> all needed replicas running)"] == "never (within the spike)"
+    post = scenario.load.post_spike_s
+    assert rows["GPUs back to training after the spike"] == f"not within the {post:g} s after it"

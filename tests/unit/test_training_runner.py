@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached, restart_due, restart_not_before
+from training.runner import CapacityGrantSource, metric_reached, restart_due, restart_not_before, spares_due
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -50,3 +50,14 @@ def test_a_restart_delay_ends_when_the_grant_is_back_at_the_size_given_up_from()
     # A failure's back-off (nothing given up from) is never cut short, whatever the grant.
     assert not restart_due(103.0, 106.0, 8, None)
     assert restart_due(106.0, 106.0, 1, None)
+
+
+def test_spares_wait_the_delay_after_a_restarts_first_step_not_after_the_first_attempts():
+    # A restart (attempt 1) that first stepped at t=100, delay 40 s: not at 120, at 140.
+    assert not spares_due(120.0, 0.0, 1, 100.0, 40.0)
+    assert spares_due(140.0, 0.0, 1, 100.0, 40.0)
+    # The first attempt starts its spares as soon as it trains (the demo waits for them before its load).
+    assert spares_due(120.0, 0.0, 0, 100.0, 40.0)
+    # The runner's own rhythm (due_s) holds either way; a restart not yet stepped (inf) never is due.
+    assert not spares_due(150.0, 155.0, 1, 100.0, 40.0)
+    assert not spares_due(150.0, 0.0, 1, float("inf"), 0.0)
