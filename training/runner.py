@@ -537,8 +537,9 @@ class ElasticRunner:
 
     def _top_up_spares(self, attempt: _Attempt, now: float) -> None:
         """Every 10 s while the attempt trains steadily (first step done, and for a restart the job's
-        ``spare_workers_delay_s`` since; no yield asked; 2 s after a round that started some), tops up the spare workers on the nodes of its GPU type and the driver's node, from a
-        thread (raylet RPCs must not delay a heartbeat)."""
+        ``spare_workers_delay_s`` since; no yield asked; 2 s after a round that started some), tops up the
+        spare workers on the nodes of its GPU type and the driver's node, from a thread (raylet RPCs must
+        not delay a heartbeat)."""
         spares = self.spares
         if (
             spares is None
