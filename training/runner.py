@@ -308,6 +308,24 @@ def restart_due(now: float, not_before_s: float, target_workers: int, gave_up_fr
     return now >= not_before_s or (gave_up_from is not None and target_workers >= gave_up_from)
 
 
+STARTING_YIELD_GRACE_S = 2.0
+
+
+def starting_yield_deadline(now: float, deadline_s: float | None) -> float:
+    """The force-stop deadline of a yield that gives GPUs back from an attempt not yet seen training.
+
+    ``STARTING_YIELD_GRACE_S`` from now (or the yield's own deadline if sooner): an attempt still starting
+    has nothing to checkpoint and may never start (its placement group waiting for GPUs that are gone), so
+    it does not get the whole grace; but its first step may have finished a moment ago, unreported, and
+    then it checkpoints at its next step boundary within that time instead of losing the step.
+
+    Example: ``starting_yield_deadline(100.0, 120.0)`` is 102.0; ``starting_yield_deadline(100.0, 101.0)``
+    is 101.0; with no deadline (``None``), 102.0.
+    """
+    soon = now + STARTING_YIELD_GRACE_S
+    return soon if deadline_s is None else min(deadline_s, soon)
+
+
 def spares_due(now: float, due_s: float, attempt_index: int, first_step_s: float, delay_s: float) -> bool:
     """Whether a top-up of spare workers may run now, for an attempt that trains steadily.
 
@@ -472,12 +490,15 @@ class ElasticRunner:
                 case Yield(reason=reason, target=target, deadline_s=deadline):
                     assert self.attempt is not None
                     if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
-                        # Still starting: there is nothing to checkpoint, so stop it now rather than after
-                        # the grace (its placement group may even wait for GPUs that are gone). Not for a
-                        # grow: stopped so, a starting controller took over 50 s to abort (bench/spike.py,
-                        # 2026-11-22 14:16; suspected: the hold asked for below, the whole new grant, took
-                        # the GPUs its worker group waited for). A grow yields at the first step instead.
-                        deadline = now
+                        # Still starting: stop it soon rather than after the whole grace (its placement
+                        # group may even wait for GPUs that are gone), but not at once: its first step may be
+                        # done already and not yet reported (a bench/spike.py run lost one step so, 23:03 on
+                        # 2026-11-22), and a loop that has stepped checkpoints at its next step boundary.
+                        # Not for a grow: stopped so, a starting controller took over 50 s to abort
+                        # (bench/spike.py, 2026-11-22 14:16; suspected: the hold asked for below, the whole
+                        # new grant, took the GPUs its worker group waited for). A grow yields at the first
+                        # step instead.
+                        deadline = starting_yield_deadline(now, deadline)
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
                     if not self._stop.is_set():

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
-from training.runner import CapacityGrantSource, metric_reached, restart_due, restart_not_before, spares_due
+from training.runner import (
+    CapacityGrantSource,
+    metric_reached,
+    restart_due,
+    restart_not_before,
+    spares_due,
+    starting_yield_deadline,
+)
 
 
 def test_a_loss_must_be_at_most_its_threshold_and_anything_else_at_least():
@@ -61,3 +68,10 @@ def test_spares_wait_the_delay_after_a_restarts_first_step_not_after_the_first_a
     # The runner's own rhythm (due_s) holds either way; a restart not yet stepped (inf) never is due.
     assert not spares_due(150.0, 155.0, 1, 100.0, 40.0)
     assert not spares_due(150.0, 0.0, 1, float("inf"), 0.0)
+
+
+def test_a_starting_attempt_asked_to_give_gpus_back_gets_a_short_grace_not_none():
+    # A first step may be done and not yet reported: two seconds to checkpoint at the step boundary.
+    assert starting_yield_deadline(100.0, 120.0) == 102.0
+    assert starting_yield_deadline(100.0, None) == 102.0
+    assert starting_yield_deadline(100.0, 101.0) == 101.0  # never later than the yield's own deadline
