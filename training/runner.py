@@ -156,15 +156,16 @@ class _ReleaseHold(WorkerGroupCallback):
     fell back to their type took one (seen in bench/spike.py: the job then waited for the GPU it was granted).
     """
 
-    def __init__(self, job: str, pg: Any) -> None:
+    def __init__(self, job: str, pgs: Sequence[Any] | None) -> None:
         self.job = job
-        self.pg = pg
+        self.pgs = list(pgs or ())
 
     def before_worker_group_start(self, worker_group_context: Any) -> None:
-        if self.pg is not None:
-            remove_pg(self.pg, self.job)
+        if self.pgs:
+            for pg in self.pgs:
+                remove_pg(pg, self.job)
             logger.info("job %s: released its GPU hold for the new worker group", self.job)
-            self.pg = None
+            self.pgs = []
 
 
 # --------------------------------------------------------------------------------------- the runner
@@ -186,7 +187,7 @@ class _Attempt:
     first_step_noted: bool = False
     first_step_s: float = float("inf")  # when the runner saw its first step (clock time)
     released: bool = False  # its workers' GPUs were freed on the yield's acknowledgement (JobSignal.ack_yield)
-    held_pg: Any = None  # the hold handed to this attempt's controller (removed by the runner if it never was)
+    held_pgs: tuple[Any, ...] = ()  # the hold handed to this attempt's controller (removed by the runner if it never was)
 
 
 @dataclass
@@ -233,7 +234,7 @@ class GpuHold:
         self.gpus_per_worker = gpus_per_worker
         self.gpu_types = frozenset(gpu_types)
         self.ready_timeout_s = ready_timeout_s
-        self.pg: Any = None
+        self.pgs: list[Any] = []  # one placement group, plus one per ``extend``
         self.grant: dict[str, int] = {}
 
     def hold(self, grant: Mapping[str, int], wait: bool = True) -> None:
@@ -244,29 +245,46 @@ class GpuHold:
         if grant == self.grant:
             return
         self.release()
+        pg = self._place(grant, wait)
+        if pg is not None:
+            self.pgs, self.grant = [pg], grant
+
+    def extend(self, grant: Mapping[str, int]) -> None:
+        """Holds ``grant`` without letting go of what is held: only the GPUs beyond it are asked for, in one
+        more placement group, so that none of the held ones is free in between (``hold`` replaces)."""
+        grant = {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
+        more = {t: n - self.grant.get(t, 0) for t, n in grant.items() if n > self.grant.get(t, 0)}
+        if not more:
+            return
+        pg = self._place(more, wait=False)
+        if pg is not None:
+            self.pgs.append(pg)
+            self.grant = {t: max(n, self.grant.get(t, 0)) for t, n in {**self.grant, **grant}.items()}
+
+    def _place(self, grant: Mapping[str, int], wait: bool) -> Any:
         bundles: list[dict[str, float]] = []
         selectors: list[dict[str, str]] = []
         for gpu_type, n in sorted(grant.items()):
             bundles += [{"GPU": self.gpus_per_worker}] * n
             selectors += [{GPU_TYPE_LABEL: gpu_type}] * n
         if not bundles:
-            return
-        self.pg = placement_group(bundles, strategy="PACK", name=f"tidal-hold-{self.job}", bundle_label_selector=selectors)
-        self.grant = grant
+            return None
+        pg = placement_group(bundles, strategy="PACK", name=f"tidal-hold-{self.job}", bundle_label_selector=selectors)
         if wait:
             # Placed within milliseconds when the GPUs are free; never wait long: the hold is a courtesy.
-            ray.wait([self.pg.ready()], timeout=self.ready_timeout_s)
+            ray.wait([pg.ready()], timeout=self.ready_timeout_s)
+        return pg
 
     def release(self) -> None:
-        if self.pg is not None:
-            remove_pg(self.pg, self.job)
-        self.pg, self.grant = None, {}
+        for pg in self.pgs:
+            remove_pg(pg, self.job)
+        self.pgs, self.grant = [], {}
 
-    def hand_over(self) -> Any:
-        """Forgets the placement group and returns it (None if nothing is held): its new owner removes it
-        (``_ReleaseHold``, when the next attempt's workers ask for the GPUs)."""
-        pg, self.pg, self.grant = self.pg, None, {}
-        return pg
+    def hand_over(self) -> tuple[Any, ...]:
+        """Forgets the placement groups and returns them (empty if nothing is held): their new owner removes
+        them (``_ReleaseHold``, when the next attempt's workers ask for the GPUs)."""
+        pgs, self.pgs, self.grant = tuple(self.pgs), [], {}
+        return pgs
 
 
 def restart_not_before(
@@ -482,6 +500,12 @@ class ElasticRunner:
                     # restart_due() sees the grant back at the size the yield gave up from.
                     if restart_due(now, self._not_before_s, target.num_workers, self._gave_up_from):
                         waiting_logged = None
+                        # Hold the GPUs the grant added since the shrink too, until the workers ask for them:
+                        # the controller takes 10-40 s to start here, and a replica that could not have its
+                        # own GPU yet (one still draining) fell back to a granted, free H100 meanwhile, so the
+                        # job never got back to its size (bench/spike.py, 2026-11-23 00:17).
+                        if self.hold.grant:
+                            self.hold.extend(grant)
                         self._start_attempt(target, now)
                     elif self.hold.grant:
                         # Waiting out a restart delay: keep holding what the grant says now, no more.
@@ -597,9 +621,9 @@ class ElasticRunner:
         self.attempt_index += 1
         ray.get(self._signal.begin_attempt.remote(index))
         # The attempt's controller removes the hold right before its workers ask for the GPUs (_ReleaseHold).
-        held_pg = self.hold.hand_over()
+        held_pgs = self.hold.hand_over()
         attempt = _Attempt(
-            index=index, target=target, started_s=now, start_step=self.checkpoint_step, held_pg=held_pg
+            index=index, target=target, started_s=now, start_step=self.checkpoint_step, held_pgs=held_pgs
         )
         self.held = {target.gpu_type: target.num_workers}
         # Tell the arbiter at once what we now hold (acknowledges a shrink: held = the new size).
@@ -624,7 +648,7 @@ class ElasticRunner:
                 failure_config=FailureConfig(max_failures=0),
                 callbacks=[
                     _RegisterController(signal_actor_name(self.spec.name), index),
-                    _ReleaseHold(self.spec.name, held_pg),
+                    _ReleaseHold(self.spec.name, held_pgs),
                 ],
             ),
         )
@@ -669,8 +693,8 @@ class ElasticRunner:
 
     def _end_attempt(self, attempt: _Attempt) -> AttemptRecord:
         now = self.clock()
-        if attempt.held_pg is not None:  # the attempt may have ended before its workers started
-            remove_pg(attempt.held_pg, self.spec.name)
+        for pg in attempt.held_pgs:  # the attempt may have ended before its workers started
+            remove_pg(pg, self.spec.name)
         snap = ray.get(self._signal.snapshot.remote())
         self.last_snapshot = snap
         # fit() may return (its workers gone) before the runner's poll saw the release: note it first.

@@ -75,3 +75,32 @@ def test_a_starting_attempt_asked_to_give_gpus_back_gets_a_short_grace_not_none(
     assert starting_yield_deadline(100.0, 120.0) == 102.0
     assert starting_yield_deadline(100.0, None) == 102.0
     assert starting_yield_deadline(100.0, 101.0) == 101.0  # never later than the yield's own deadline
+
+
+class _FakePg:
+    def __init__(self, bundles: list, selectors: list) -> None:
+        self.bundles, self.selectors = bundles, selectors
+
+
+def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keeps_the_rest(monkeypatch):
+    import training.runner as runner
+
+    made: list[_FakePg] = []
+    removed: list[_FakePg] = []
+
+    def fake_pg(bundles, strategy, name, bundle_label_selector):
+        made.append(_FakePg(bundles, bundle_label_selector))
+        return made[-1]
+
+    monkeypatch.setattr(runner, "placement_group", fake_pg)
+    monkeypatch.setattr(runner, "remove_pg", lambda pg, job: removed.append(pg))
+    hold = runner.GpuHold("j", 1.0, ["H100", "A100"])
+    hold.hold({"H100": 3}, wait=False)
+    hold.extend({"H100": 4, "RTX4090": 1})  # a type the job cannot train on is never held
+    assert [len(p.bundles) for p in made] == [3, 1] and made[1].selectors == [{runner.GPU_TYPE_LABEL: "H100"}]
+    assert hold.grant == {"H100": 4} and removed == []  # nothing held was let go in between
+    hold.extend({"H100": 4})
+    assert len(made) == 2  # nothing more to ask for
+    assert hold.hand_over() == tuple(made) and hold.grant == {} and hold.hand_over() == ()
+    hold.release()
+    assert removed == []  # handed over: the new owner removes them
