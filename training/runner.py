@@ -235,6 +235,7 @@ class GpuHold:
         self.gpu_types = frozenset(gpu_types)
         self.ready_timeout_s = ready_timeout_s
         self.pgs: list[Any] = []  # one placement group, plus one per ``extend``
+        self._placed = 0
         self.grant: dict[str, int] = {}
 
     def hold(self, grant: Mapping[str, int], wait: bool = True) -> None:
@@ -256,7 +257,11 @@ class GpuHold:
         more = {t: n - self.grant.get(t, 0) for t, n in grant.items() if n > self.grant.get(t, 0)}
         if not more:
             return
-        pg = self._place(more, wait=False)
+        try:
+            pg = self._place(more, wait=False)
+        except Exception as e:  # a courtesy: the restart goes on without it
+            logger.warning("job %s: could not hold the GPUs its grant added (%s): %r", self.job, more, e)
+            return
         if pg is not None:
             self.pgs.append(pg)
             self.grant = {t: max(n, self.grant.get(t, 0)) for t, n in {**self.grant, **grant}.items()}
@@ -269,7 +274,11 @@ class GpuHold:
             selectors += [{GPU_TYPE_LABEL: gpu_type}] * n
         if not bundles:
             return None
-        pg = placement_group(bundles, strategy="PACK", name=f"tidal-hold-{self.job}", bundle_label_selector=selectors)
+        # A placement group's name must be unique while the group lives ("name ... already exists"), and a
+        # handed-over hold lives on until the next attempt's controller removes it: one number per group.
+        self._placed += 1
+        name = f"tidal-hold-{self.job}-{self._placed}"
+        pg = placement_group(bundles, strategy="PACK", name=name, bundle_label_selector=selectors)
         if wait:
             # Placed within milliseconds when the GPUs are free; never wait long: the hold is a courtesy.
             ray.wait([pg.ready()], timeout=self.ready_timeout_s)

@@ -114,7 +114,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
 
     def holding_two_h100s():
         groups = placement_group_table().values()
-        return [g for g in groups if g["name"] == "tidal-hold-elastic-424" and g["state"] == "CREATED"]
+        return [g for g in groups if g["name"].startswith("tidal-hold-elastic-424-") and g["state"] == "CREATED"]
 
     (held,) = wait_for(holding_two_h100s, START_TIMEOUT_S, 0.2, "the job holding its 2 H100s between attempts")
     h100_nodes = {n["NodeID"] for n in ray_driver.nodes() if n.get("Labels", {}).get(GPU_TYPE_LABEL) == "H100"}

@@ -78,8 +78,8 @@ def test_a_starting_attempt_asked_to_give_gpus_back_gets_a_short_grace_not_none(
 
 
 class _FakePg:
-    def __init__(self, bundles: list, selectors: list) -> None:
-        self.bundles, self.selectors = bundles, selectors
+    def __init__(self, bundles: list, selectors: list, name: str) -> None:
+        self.bundles, self.selectors, self.name = bundles, selectors, name
 
 
 def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keeps_the_rest(monkeypatch):
@@ -89,7 +89,9 @@ def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keep
     removed: list[_FakePg] = []
 
     def fake_pg(bundles, strategy, name, bundle_label_selector):
-        made.append(_FakePg(bundles, bundle_label_selector))
+        if any(p.name == name for p in made if p not in removed):  # as Ray: "name ... already exists"
+            raise RuntimeError(f"Failed to create placement group because name {name!r} already exists.")
+        made.append(_FakePg(bundles, bundle_label_selector, name))
         return made[-1]
 
     monkeypatch.setattr(runner, "placement_group", fake_pg)
@@ -101,6 +103,16 @@ def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keep
     assert hold.grant == {"H100": 4} and removed == []  # nothing held was let go in between
     hold.extend({"H100": 4})
     assert len(made) == 2  # nothing more to ask for
-    assert hold.hand_over() == tuple(made) and hold.grant == {} and hold.hand_over() == ()
+    hold.extend({"H100": 5})  # a third group, under a third name
+    assert [p.name for p in made] == ["tidal-hold-j-1", "tidal-hold-j-2", "tidal-hold-j-3"]
+    handed = hold.hand_over()
+    assert handed == tuple(made) and hold.grant == {} and hold.hand_over() == ()
+    # A new hold while the handed-over ones still live (their controller has not removed them yet): a new name.
+    hold.hold({"H100": 1}, wait=False)
+    assert made[-1].name == "tidal-hold-j-4" and removed == []  # the handed-over groups are the new owner's
+    with monkeypatch.context() as m:  # a hold that cannot be placed is logged, not raised: the restart goes on
+        m.setattr(runner, "placement_group", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+        hold.extend({"H100": 2})
+    assert hold.grant == {"H100": 1}
     hold.release()
-    assert removed == []  # handed over: the new owner removes them
+    assert removed == [made[-1]]
