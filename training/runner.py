@@ -161,11 +161,11 @@ class _ReleaseHold(WorkerGroupCallback):
         self.pgs = list(pgs or ())
 
     def before_worker_group_start(self, worker_group_context: Any) -> None:
+        for pg in self.pgs:
+            remove_pg(pg, self.job)
         if self.pgs:
-            for pg in self.pgs:
-                remove_pg(pg, self.job)
             logger.info("job %s: released its GPU hold for the new worker group", self.job)
-            self.pgs = []
+        self.pgs = []
 
 
 # --------------------------------------------------------------------------------------- the runner
@@ -242,7 +242,7 @@ class GpuHold:
         """Holds ``grant`` (units = workers) on the job's GPU types, replacing what was held; an empty
         grant releases. Units of other types (which the job cannot train on) are not held. ``wait``:
         wait up to ``ready_timeout_s`` for it to be placed (not when the GPUs are still in use)."""
-        grant = {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
+        grant = self._own(grant)
         if grant == self.grant:
             return
         self.release()
@@ -253,8 +253,7 @@ class GpuHold:
     def extend(self, grant: Mapping[str, int]) -> None:
         """Holds ``grant`` without letting go of what is held: only the GPUs beyond it are asked for, in one
         more placement group, so that none of the held ones is free in between (``hold`` replaces)."""
-        grant = {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
-        more = {t: n - self.grant.get(t, 0) for t, n in grant.items() if n > self.grant.get(t, 0)}
+        more = {t: n - self.grant.get(t, 0) for t, n in self._own(grant).items() if n > self.grant.get(t, 0)}
         if not more:
             return
         try:
@@ -264,7 +263,11 @@ class GpuHold:
             return
         if pg is not None:
             self.pgs.append(pg)
-            self.grant = {t: max(n, self.grant.get(t, 0)) for t, n in {**self.grant, **grant}.items()}
+            self.grant = {**self.grant, **{t: self.grant.get(t, 0) + n for t, n in more.items()}}
+
+    def _own(self, grant: Mapping[str, int]) -> dict[str, int]:
+        """The units of ``grant`` on the job's GPU types (the only ones it can train on, so holds)."""
+        return {t: int(n) for t, n in grant.items() if n > 0 and t in self.gpu_types}
 
     def _place(self, grant: Mapping[str, int], wait: bool) -> Any:
         bundles: list[dict[str, float]] = []
