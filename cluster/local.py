@@ -66,6 +66,19 @@ CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
 STATE_FILE_NAME = "cluster.json"
 SPARE_NODES = 2  # nodes add_node() can start beyond the spec's
 _HEAD_NOT_READY = "No node info found for head node"
+# Serve's controller runs on the head and inherits its raylet's environment. Tidal has it place replicas
+# itself ("pack" scheduling: the first node, in the deployment's label_selector-then-fallback_strategy order,
+# that its view of free resources says fits, then a soft node affinity to that node) instead of handing Ray's
+# GCS a label selector with fallbacks: when the preferred type is full, the GCS's actor scheduler kept leasing
+# on the full node (~1,100 refused leases a second, gcs_server.out) before it tried the next type, and a
+# replica on free GPUs waited 4-6 s for its place (bench/spike.py, Serve on free GPUs: time to capacity
+# 6.5-8.0 s with the GCS placing, 2.5-3.0 s with Serve placing; README, "The spike"). Serve's node compaction,
+# which comes with it (moving replicas off a node to free it), is turned off: where a replica runs is the
+# arbiter's grant, not a bin-packing choice.
+SERVE_CONTROLLER_ENV = {
+    "RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY": "1",
+    "RAY_SERVE_NODE_COMPACTION_DELAY_S": "1e12",
+}
 
 # Ray's minimum object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES is 75 MiB).
 _MIN_OBJECT_STORE_MB = 75
@@ -722,6 +735,7 @@ class LocalCluster:
                 # Ray's fixed defaults (44217, 44227) would collide between clusters.
                 "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics_port),
                 "DASHBOARD_METRIC_PORT": str(dashboard_metrics_port),
+                **SERVE_CONTROLLER_ENV,
             }
             if self.autoscaling_config is not None:
                 head_args.append(f"--autoscaling-config={self._write_autoscaling_config()}")

@@ -16,6 +16,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from cluster.local import SERVE_CONTROLLER_ENV
 from serving.rollout import delete_app, deploy_config, replicas_by_gpu_type, serve_details
 
 pytestmark = pytest.mark.integration
@@ -151,6 +152,17 @@ def test_under_load_replicas_grow_up_to_the_grant_and_no_further(
     assert serve_target_replicas() == 2
     assert replicas_by_gpu_type(APP, DEPLOYMENT) == {"A100": 2}
     assert ray_driver.available_resources().get("GPU", 0) >= 2  # free GPUs that the grant keeps us off
+
+
+def test_the_serve_controller_runs_with_the_clusters_placement_settings(tidal_app):
+    """The replicas below are placed by Serve's controller (pack scheduling), not by the GCS's fallbacks."""
+    from ray.util.state import list_actors
+
+    (controller,) = list_actors(filters=[("class_name", "=", "ServeController"), ("state", "=", "ALIVE")])
+    with open(f"/proc/{controller.pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    for k, v in SERVE_CONTROLLER_ENV.items():
+        assert env.get(k.encode()) == v.encode(), (k, env.get(k.encode()))
 
 
 def test_when_the_grant_grows_replicas_grow_onto_the_granted_type(

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from cluster.local import SERVE_CONTROLLER_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 GPU_TYPES = {"H100", "H200", "A100", "RTX4090"}
 
@@ -35,6 +37,13 @@ def test_cluster_yaml_installs_tidal_and_starts_the_arbiter_on_the_head():
     assert any("pip install" in c and "tidal" in c for c in cfg["setup_commands"])
     assert any("tidal arbiter start" in c for c in cfg["head_start_ray_commands"])
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] if "ray start" in c)
+
+
+def test_cluster_yaml_starts_the_head_with_the_serve_controller_env_of_the_local_cluster():
+    cfg = _load(ROOT / "cluster.yaml")
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    for k, v in SERVE_CONTROLLER_ENV.items():
+        assert f"{k}={v}" in start.split(), (k, start)
 
 
 def test_fake_multinode_variant_has_the_same_gpu_types_and_validates():
