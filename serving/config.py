@@ -95,6 +95,8 @@ class TidalPolicyOptions(_Strict):
         keepalive_s: keep heartbeating without policy calls at most this long (then let the arbiter
             expire the registration: the deployment is gone).
         grant_ttl_s: a grant older than this (the arbiter stopped answering) no longer caps replicas.
+        grant_poll_s: while the demand is above the grant, the link asks the arbiter this often (for at
+            most ``serving.autoscale.GRANT_POLL_WINDOW_S``), not every ``heartbeat_period_s``.
     """
 
     service: ServiceOptions
@@ -107,6 +109,7 @@ class TidalPolicyOptions(_Strict):
     stale_after_s: float = Field(default=1.0, gt=0)
     keepalive_s: float = Field(default=120.0, gt=0)
     grant_ttl_s: float = Field(default=5.0, gt=0)
+    grant_poll_s: float = Field(default=0.1, gt=0, le=5)
 
 
 class ServeAppArgs(_Strict):

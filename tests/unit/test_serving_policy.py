@@ -2,13 +2,14 @@
 clock (no Ray: the policy is plain Python that Serve calls with an AutoscalingContext)."""
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.arbiter import GrantView, ManualClock
 from cluster.model import EMPTY, Allocation
-from serving.autoscale import TidalAutoscalingPolicy, replica_gpu_types
-from serving.config import GPU_TYPE_METRIC_PREFIX
+from serving.autoscale import GRANT_POLL_WINDOW_S, ArbiterLink, TidalAutoscalingPolicy, replica_gpu_types
+from serving.config import GPU_TYPE_METRIC_PREFIX, TidalPolicyOptions
 
 
 class FakeArbiterClient:
@@ -111,6 +112,72 @@ def test_a_bigger_grant_lets_replicas_grow_and_a_smaller_one_shrinks_them_at_onc
     policy.link.step()
     # No load hold for a grant shrink: the arbiter waits for these GPUs.
     assert policy(Ctx(total_num_requests=9))[0] == 1
+
+
+def test_a_changed_demand_wakes_the_link_and_an_unchanged_one_does_not():
+    clock = ManualClock(100.0)
+    policy = make_policy(FakeArbiterClient(grant=Allocation.of(A100=8)), clock)
+    policy(Ctx(total_num_requests=4))  # the first demand (2)
+    assert policy.link._wake.is_set()
+    policy.link._wake.clear()
+    clock.advance(0.1)
+    policy(Ctx(total_num_requests=4))  # demand 2 again: the next period is soon enough
+    assert not policy.link._wake.is_set()
+    clock.advance(0.1)
+    policy(Ctx(total_num_requests=9))  # demand 5
+    assert policy.link._wake.is_set()
+
+
+def test_the_link_asks_often_while_the_demand_is_above_the_grant_and_only_for_a_while():
+    clock = ManualClock(100.0)
+    client = FakeArbiterClient(grant=Allocation.of(A100=4))
+    policy = make_policy(client, clock)
+    period, poll = policy.options.heartbeat_period_s, policy.options.grant_poll_s
+    assert poll < period
+    assert policy.link.wait_s() == period  # nothing reported yet
+    policy(Ctx(total_num_requests=8))  # demand 4
+    policy.link.step()
+    assert policy.link.wait_s() == period  # the grant covers the demand
+    policy(Ctx(total_num_requests=12))  # demand 6, grant 4: GPUs are on their way
+    assert policy.link.wait_s() == poll
+    clock.advance(GRANT_POLL_WINDOW_S - 1)
+    assert policy.link.wait_s() == poll
+    clock.advance(1)
+    assert policy.link.wait_s() == period  # the window is over: the cluster has no more for it
+    client.grant = Allocation.of(A100=6)
+    policy.link.step()
+    assert policy.link.wait_s() == period
+    policy(Ctx(total_num_requests=16))  # demand 8 above the grant of 6: a new window
+    assert policy.link.wait_s() == poll
+
+
+def test_the_link_thread_sends_a_new_demand_without_waiting_for_its_period():
+    client = FakeArbiterClient(grant=Allocation.of(A100=1))
+    opts = TidalPolicyOptions(
+        service={"name": "digits", "gpu_types": ["A100"], "max_replicas": 8},
+        heartbeat_period_s=5.0,
+        grant_poll_s=5.0,
+    )
+    link = ArbiterLink(opts.service.to_spec(), opts, lambda name, ns: client)
+    link.report(1, {}, 0)
+    link.start()
+    try:
+        assert _wait_until(lambda: [h["demand_units"] for h in client.heartbeats] == [1], timeout_s=10)
+        link.report(3, {}, 1)  # a spike: the arbiter hears of it now, not in 5 s
+        assert _wait_until(lambda: [h["demand_units"] for h in client.heartbeats] == [1, 3], timeout_s=2)
+    finally:
+        link.stop()
+        link._thread.join(timeout=10)
+    assert not link._thread.is_alive()
+
+
+def _wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_held_units_are_the_running_replicas_per_gpu_type_they_report():
