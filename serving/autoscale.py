@@ -264,6 +264,7 @@ class TidalAutoscalingPolicy:
             max_replicas=self.spec.max_replicas,
             target_ongoing_requests=self.options.target_ongoing_requests,
             downscale_delay_s=self.options.downscale_delay_s,
+            upscale_delay_s=self.options.upscale_delay_s,
         )
         self.link = ArbiterLink(self.spec, self.options, self.client_factory, self.clock)
         self._hold = HoldState()

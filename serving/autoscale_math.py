@@ -11,8 +11,10 @@ Three numbers matter per decision:
 - **demand**: the load replicas after a downscale hold (the load must stay low for ``downscale_delay_s``
   before demand drops, so the arbiter does not flap GPUs on every lull) and clamped to ``[min, max]``.
   This is what the arbiter hears.
-- **replicas**: what Serve is told to run: the demand, capped at the grant. With no arbiter reachable
-  (``grant_units is None``) it is the demand alone: Serve's default behaviour within ``[min, max]``.
+- **replicas**: what Serve is told to run: the demand, capped at the grant, once the demand has been above
+  Serve's target for ``upscale_delay_s`` (Serve's own rule, applied here: see :func:`decide_replicas`). With
+  no arbiter reachable (``grant_units is None``) it is the delayed demand alone: Serve's default behaviour
+  within ``[min, max]``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ScalingBounds:
     max_replicas: int
     target_ongoing_requests: float
     downscale_delay_s: float = 30.0
+    upscale_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -59,6 +62,8 @@ class ScalingBounds:
             raise ValueError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
         if self.downscale_delay_s < 0:
             raise ValueError(f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
+        if self.upscale_delay_s < 0:
+            raise ValueError(f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +72,13 @@ class HoldState:
 
     ``lower_since_s`` is None while the load wants at least ``demand``; ``peak_lower`` is the highest
     load seen since the load started wanting less (demand drops to it, not to the last sample).
+    ``above_since_s`` is when the demand rose above Serve's target (None while it is not above).
     """
 
     demand: int = 0
     lower_since_s: float | None = None
     peak_lower: int = 0
+    above_since_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +143,7 @@ def decide_replicas(
 
     Args:
         obs: Serve's metrics now.
-        bounds: min/max replicas, target requests per replica, downscale hold.
+        bounds: min/max replicas, target requests per replica, downscale hold, upscale delay.
         state: carried from the previous tick (``HoldState()`` at first).
         grant_units: replicas the arbiter grants (all GPU types together); None when no arbiter is
             reachable, which means: scale on load alone, within ``[min, max]``.
@@ -145,15 +152,29 @@ def decide_replicas(
         The decision. ``num_replicas`` never exceeds ``grant_units`` unless ``min_replicas`` does (Serve
         enforces its minimum whatever a policy says; the arbiter grants minimums first).
 
-    Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5, demand 5, replicas 3 (capped).
+    The demand goes to the arbiter at once; Serve is told to add replicas only once the demand has been
+    above its target for ``upscale_delay_s`` (what Serve's own delay does; the deployment runs with Serve's
+    delay at 0, ``serving.config.autoscaling_config_for``). The delay runs on the demand, not on the capped
+    number: when GPUs reclaimed for a spike arrive 2 s after it began, the delay has long passed and the
+    replicas start at once. Serve's delay, applied after the cap, started only when the grant grew, and
+    added its 0.5 s to every reclaim (bench/spike.py).
+
+    Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5, demand 5, replicas 3 (capped), once
+    the demand has been above Serve's target for ``upscale_delay_s``.
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
     new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
+    wanted, above_since = demand, None
+    if demand > obs.target_replicas:
+        above_since = obs.now_s if state.above_since_s is None else state.above_since_s
+        if obs.now_s - above_since + 1e-9 < bounds.upscale_delay_s:  # (float noise: 0.9 - 0.4 < 0.5)
+            wanted = max(bounds.min_replicas, obs.target_replicas)
+    new_state = replace(new_state, above_since_s=above_since)
     if grant_units is None:
-        return ScalingDecision(load, demand, demand, False, new_state)
-    capped = max(bounds.min_replicas, min(demand, grant_units))
-    return ScalingDecision(load, demand, capped, capped < demand, new_state)
+        return ScalingDecision(load, demand, wanted, False, new_state)
+    capped = max(bounds.min_replicas, min(wanted, grant_units))
+    return ScalingDecision(load, demand, capped, capped < wanted, new_state)
 
 
 def held_by_type(

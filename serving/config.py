@@ -66,7 +66,12 @@ class AutoscalingOptions(_Strict):
 
     policy: Literal["tidal", "default"] = "tidal"
     target_ongoing_requests: float = Field(default=2.0, gt=0)
-    upscale_delay_s: float = Field(default=0.5, ge=0, description="Serve waits this long before adding.")
+    upscale_delay_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="The demand must stay above the running target this long before replicas are added "
+        "(with the Tidal policy the policy applies it, to the demand: replicas granted later start at once).",
+    )
     downscale_delay_s: float = Field(
         default=30.0, ge=0, description="Load must stay low this long before demand drops."
     )
@@ -102,6 +107,7 @@ class TidalPolicyOptions(_Strict):
     service: ServiceOptions
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
+    upscale_delay_s: float = Field(default=0.0, ge=0)
     heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
     arbiter_name: str = "tidal-arbiter"
     arbiter_namespace: str = "tidal"
@@ -175,6 +181,7 @@ def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
         service=args.service,
         target_ongoing_requests=a.target_ongoing_requests,
         downscale_delay_s=a.downscale_delay_s,
+        upscale_delay_s=a.upscale_delay_s,
         heartbeat_period_s=a.heartbeat_period_s,
         arbiter_name=a.arbiter_name,
         arbiter_namespace=a.arbiter_namespace,
@@ -197,6 +204,9 @@ def autoscaling_config_for(args: ServeAppArgs) -> dict[str, Any]:
         # The Tidal policy holds load-driven downscaling itself (downscale_delay_s); Serve's own
         # delay only paces grant-driven shrinks, which must be quick (the arbiter waits for them).
         cfg["downscale_delay_s"] = a.grant_shrink_delay_s
+        # It also applies upscale_delay_s itself, to the demand rather than to the number capped at the
+        # grant: replicas granted after a reclaim then start at once (serving.autoscale_math.decide_replicas).
+        cfg["upscale_delay_s"] = 0.0
         cfg["policy"] = {"policy_function": TIDAL_POLICY_PATH, "policy_kwargs": tidal_policy_kwargs(args)}
     else:
         cfg["downscale_delay_s"] = a.downscale_delay_s

@@ -70,11 +70,49 @@ def test_a_load_spike_during_the_hold_restarts_it():
     assert state.demand == 5  # the hold restarted at t=40
 
 
+UPSCALE = ScalingBounds(
+    min_replicas=1, max_replicas=8, target_ongoing_requests=2.0, downscale_delay_s=30.0, upscale_delay_s=0.5
+)
+
+
+def test_the_demand_goes_out_at_once_and_replicas_follow_after_the_upscale_delay():
+    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=8)
+    assert (d.demand_units, d.num_replicas) == (4, 1)  # the arbiter hears 4 now; Serve keeps 1 for now
+    d = decide_replicas(obs(8, now_s=0.4, target=1), UPSCALE, d.state, grant_units=8)
+    assert d.num_replicas == 1
+    d = decide_replicas(obs(8, now_s=0.5, target=1), UPSCALE, d.state, grant_units=8)
+    assert d.num_replicas == 4
+
+
+def test_the_upscale_delay_runs_while_the_grant_caps_so_granted_gpus_are_used_at_once():
+    # A spike: demand 4 at t=0 with 1 replica granted; the arbiter reclaims 3 GPUs, free at t=2.
+    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=1)
+    for t in (0.1, 0.6, 1.9):
+        d = decide_replicas(obs(8, now_s=t, target=1), UPSCALE, d.state, grant_units=1)
+        assert d.num_replicas == 1 and d.demand_units == 4
+    d = decide_replicas(obs(8, now_s=2.0, target=1), UPSCALE, d.state, grant_units=4)
+    assert d.num_replicas == 4  # at once: the delay ran out at t=0.5
+
+
+def test_a_demand_that_falls_back_before_the_upscale_delay_restarts_it():
+    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=8)
+    # The demand is held (downscale hold) but Serve's target is reached by another path: not above.
+    d = decide_replicas(obs(8, now_s=0.3, target=4), UPSCALE, d.state, grant_units=8)
+    assert d.state.above_since_s is None
+    d = decide_replicas(obs(12, now_s=0.4, target=4), UPSCALE, d.state, grant_units=8)  # demand 6 > 4
+    d = decide_replicas(obs(12, now_s=0.8, target=4), UPSCALE, d.state, grant_units=8)
+    assert d.num_replicas == 4  # 0.4 s above, not 0.5
+    d = decide_replicas(obs(12, now_s=0.9, target=4), UPSCALE, d.state, grant_units=8)
+    assert d.num_replicas == 6
+
+
 def test_scaling_bounds_refuse_nonsense():
     with pytest.raises(ValueError, match="min_replicas"):
         ScalingBounds(min_replicas=3, max_replicas=2, target_ongoing_requests=1)
     with pytest.raises(ValueError, match="target_ongoing_requests"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=0)
+    with pytest.raises(ValueError, match="upscale_delay_s"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=-1)
 
 
 def test_unknown_replicas_fill_the_grant_before_spilling_to_the_preferred_type():
@@ -124,9 +162,10 @@ def test_recent_calls_or_running_replicas_keep_the_last_demand():
     extra=st.integers(0, 10),
     grant=st.one_of(st.none(), st.integers(0, 20)),
     target=st.floats(min_value=0.1, max_value=50),
+    up=st.sampled_from([0.0, 0.5]),
 )
-def test_replicas_never_exceed_the_grant_unless_the_minimum_does(total, min_r, extra, grant, target):
-    bounds = ScalingBounds(min_r, max(1, min_r + extra), target, downscale_delay_s=0)
+def test_replicas_never_exceed_the_grant_unless_the_minimum_does(total, min_r, extra, grant, target, up):
+    bounds = ScalingBounds(min_r, max(1, min_r + extra), target, downscale_delay_s=0, upscale_delay_s=up)
     d = decide_replicas(obs(total), bounds, HoldState(), grant)
     assert bounds.min_replicas <= d.demand_units <= bounds.max_replicas
     assert bounds.min_replicas <= d.num_replicas <= bounds.max_replicas
