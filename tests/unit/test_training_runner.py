@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
 from training.runner import (
+    YIELD_POLL_S,
+    YIELD_POLL_WINDOW_S,
     CapacityGrantSource,
+    attempt_wait_s,
     metric_reached,
     restart_due,
     restart_not_before,
@@ -116,3 +119,11 @@ def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keep
     assert hold.grant == {"H100": 1}
     hold.release()
     assert removed == [made[-1]]
+
+
+def test_the_loop_looks_often_while_a_yields_gpus_are_not_yet_reported_free():
+    assert attempt_wait_s(0.25, yield_age_s=None, released=False) == 0.25
+    assert attempt_wait_s(0.25, yield_age_s=0.4, released=False) == YIELD_POLL_S < 0.25
+    assert attempt_wait_s(0.25, yield_age_s=0.4, released=True) == 0.25
+    assert attempt_wait_s(0.25, yield_age_s=YIELD_POLL_WINDOW_S, released=False) == 0.25  # a slow yield
+    assert attempt_wait_s(0.01, yield_age_s=0.4, released=False) == 0.01  # never slower than asked
