@@ -55,7 +55,9 @@ class Ctx:
     aggregated_metrics: dict[str, dict[Rid, float]] = field(default_factory=dict)
 
 
-def make_policy(client: FakeArbiterClient, clock: ManualClock, **service_overrides):
+def make_policy(
+    client: FakeArbiterClient, clock: ManualClock, upscale_delay_s: float = 0.0, **service_overrides
+):
     service = {"name": "digits", "gpu_types": ["A100", "H100"], "min_replicas": 0, "max_replicas": 8}
     service.update(service_overrides)
 
@@ -64,7 +66,9 @@ def make_policy(client: FakeArbiterClient, clock: ManualClock, **service_overrid
         run_link_thread = False
 
     Policy.clock = staticmethod(clock.now)
-    return Policy(service=service, target_ongoing_requests=2.0, downscale_delay_s=30.0)
+    return Policy(
+        service=service, target_ongoing_requests=2.0, downscale_delay_s=30.0, upscale_delay_s=upscale_delay_s
+    )
 
 
 def running(*types: str | None) -> tuple[list[Rid], dict[str, dict[Rid, float]]]:
@@ -117,8 +121,7 @@ def test_a_bigger_grant_lets_replicas_grow_and_a_smaller_one_shrinks_them_at_onc
 def test_the_policy_adds_replicas_after_its_upscale_delay_and_reports_the_demand_at_once():
     clock = ManualClock(100.0)
     client = FakeArbiterClient(grant=Allocation.of(A100=8))
-    policy = make_policy(client, clock)
-    policy = type(policy)(**{**policy.options.model_dump(), "upscale_delay_s": 0.5})
+    policy = make_policy(client, clock, upscale_delay_s=0.5)
     assert policy(Ctx(total_num_requests=9))[0] == 1  # Serve's target is 1: wait 0.5 s
     policy.link.step()
     assert client.heartbeats[-1]["demand_units"] == 5
