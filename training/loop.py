@@ -7,8 +7,8 @@ The loop is written for elasticity:
 - **Exact resume.** A checkpoint holds the model, optimiser, LR schedule, step (= data position, see
   ``training.batching``), loss history, and every worker's RNG states; ``ray.train.get_checkpoint()`` gives
   the latest one when the runner starts a new attempt under the same run name.
-- **Yield at a step boundary.** Rank 0 polls the job's signal actor (``training.signal.JobSignal``) without
-  blocking (the reply to the previous poll is read at the next step boundary); one all-reduce per step
+- **Yield at a step boundary.** Rank 0 asks the job's signal actor (``training.signal.JobSignal``) without
+  blocking (a held call answered when a yield is requested, read at the next step boundary); one all-reduce per step
   shares its answer, the loss and the checkpoint-now flag, so every worker yields, checkpoints and
   reports at the same step. A yield checkpoints, then rank 0 acknowledges to the signal actor with the
   worker group's placement group, which the signal actor removes (the GPUs are free at once).
@@ -156,23 +156,37 @@ def seed_rng(seed: int, step: int, rank: int) -> None:
 
 
 class _Poller:
-    """Rank 0's non-blocking view of the signal actor: at most one poll in flight, never waits for it."""
+    """Rank 0's non-blocking view of the signal actor: never waits for it.
+
+    Two calls at most in flight: a ``poll`` (progress in, "yield?" out, sent once a step) and a
+    ``wait_yield`` the actor answers the moment a yield is requested (renewed when it times out), so that a
+    yield is seen at the first step boundary after the request, not one step later.
+    """
+
+    WAIT_S = 5.0
 
     def __init__(self, handle: Any, attempt: int) -> None:
         self.handle = handle
         self.attempt = attempt
         self.ref: Any = None
+        self.wait_ref: Any = None
         self.yield_requested = False
 
     def yield_flag(self) -> bool:
-        if self.ref is not None:
-            ready, _ = ray.wait([self.ref], timeout=0)
-            if ready:
-                try:
-                    self.yield_requested |= bool(ray.get(self.ref)["yield"])
-                except ray.exceptions.RayError as e:  # the runner is gone; keep training
-                    logger.warning("poll of the job's signal actor failed: %s", e)
+        if self.wait_ref is None and not self.yield_requested:
+            self.wait_ref = self.handle.wait_yield.remote(self.attempt, self.WAIT_S)
+        refs = [r for r in (self.ref, self.wait_ref) if r is not None]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for r in ready:
+            try:
+                answer = ray.get(r)
+                self.yield_requested |= bool(answer["yield"] if isinstance(answer, dict) else answer)
+            except ray.exceptions.RayError as e:  # the runner is gone; keep training
+                logger.warning("poll of the job's signal actor failed: %s", e)
+            if r is self.ref:
                 self.ref = None
+            else:
+                self.wait_ref = None
         return self.yield_requested
 
     def send(self, progress: dict[str, Any]) -> None:

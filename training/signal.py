@@ -9,6 +9,7 @@ actor was a 390 MB process that spent a few CPU-seconds importing torch while th
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -18,13 +19,17 @@ from ray.util.placement_group import remove_placement_group
 logger = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+# Calls held by ``wait_yield`` take a thread each (one per attempt's rank 0, a stale one at most until its
+# timeout): the rest serve the runner and the loop's reports.
+@ray.remote(num_cpus=0, max_concurrency=8)
 class JobSignal:
     """The per-job rendezvous between the runner and its training loop (one per runner, on its node).
 
-    Rank 0 of the loop calls ``poll`` every step (progress in, "yield?" out), ``checkpointed`` after each
-    checkpoint and ``ack_yield`` when it yields (which frees the GPUs). The runner calls ``begin_attempt``, ``request_yield`` and
-    reads ``snapshot``. The Ray Train controller registers itself with ``set_controller`` (for a forced stop).
+    Rank 0 of the loop calls ``poll`` every step (progress in, "yield?" out), keeps one ``wait_yield`` in
+    flight (answered the moment a yield is requested), calls ``checkpointed`` after each checkpoint and
+    ``ack_yield`` when it yields (which frees the GPUs). The runner calls ``begin_attempt``, ``request_yield``
+    and reads ``snapshot``. The Ray Train controller registers itself with ``set_controller`` (for a forced
+    stop).
     """
 
     def __init__(self, job_name: str) -> None:
@@ -43,9 +48,13 @@ class JobSignal:
         self.worker_runtime_env: str | None = None
         # Per attempt: when it began, trained its first step, yielded (for benchmarks and post-mortems).
         self.history: dict[int, dict[str, Any]] = {}
+        # Set when a yield is requested for the current attempt, or when the attempt is over (a new one began).
+        self._yield_event = threading.Event()
 
     def begin_attempt(self, attempt: int) -> None:
         self.history[attempt] = {"attempt": attempt, "begun_s": time.time()}
+        self._yield_event.set()  # a stale wait_yield returns now; it answers for the old attempt
+        self._yield_event = threading.Event()
         self.attempt = attempt
         self.yield_for = None
         self.yield_reason = None
@@ -57,7 +66,19 @@ class JobSignal:
         if attempt != self.attempt:
             return False
         self.yield_for, self.yield_reason = attempt, reason
+        self._yield_event.set()
         return True
+
+    def wait_yield(self, attempt: int, timeout_s: float) -> bool:
+        """Whether a yield is requested for ``attempt``, answered as soon as one is, else after ``timeout_s``.
+
+        ``poll`` answers only when it is called: once a step, so a yield requested just after a poll was
+        seen a step later (0.4-0.6 s a step in bench/spike.py's spike). Held here, the answer is waiting
+        for the loop at its next step boundary.
+        """
+        if attempt == self.attempt:
+            self._yield_event.wait(timeout_s)
+        return self.yield_for == attempt
 
     def poll(self, attempt: int, progress: dict[str, Any]) -> dict[str, Any]:
         self.report(attempt, progress)

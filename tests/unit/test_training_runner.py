@@ -127,3 +127,41 @@ def test_the_loop_looks_often_while_a_yields_gpus_are_not_yet_reported_free():
     assert attempt_wait_s(0.25, yield_age_s=0.4, released=True) == 0.25
     assert attempt_wait_s(0.25, yield_age_s=YIELD_POLL_WINDOW_S, released=False) == 0.25  # a slow yield
     assert attempt_wait_s(0.01, yield_age_s=0.4, released=False) == 0.01  # never slower than asked
+
+
+def _signal(job: str = "j"):
+    from training.signal import JobSignal
+
+    return JobSignal.__ray_actor_class__(job)  # the plain class: its methods, without an actor
+
+
+def _wait_yield_in_thread(sig, attempt: int):
+    import threading
+
+    answer: list[bool] = []
+    t = threading.Thread(target=lambda: answer.append(sig.wait_yield(attempt, 60.0)), daemon=True)
+    t.start()
+    return t, answer
+
+
+def test_a_held_wait_for_a_yield_is_answered_when_the_yield_is_requested_not_at_its_timeout():
+    sig = _signal()
+    sig.begin_attempt(0)
+    t, answer = _wait_yield_in_thread(sig, 0)
+    t.join(timeout=0.2)
+    assert t.is_alive() and answer == []  # no yield asked: the call is held
+    assert sig.request_yield(0, "shrink")
+    t.join(timeout=10)  # (held for 60 s if the request did not wake it)
+    assert answer == [True]
+
+
+def test_a_wait_for_an_attempt_that_is_over_returns_when_the_next_attempt_begins():
+    sig = _signal()
+    sig.begin_attempt(0)
+    t, answer = _wait_yield_in_thread(sig, 0)
+    sig.begin_attempt(1)
+    t.join(timeout=10)
+    assert answer == [False]
+    # A yield asked of the new attempt is not one for the old, and a wait for the old one is not held.
+    assert not sig.request_yield(0, "shrink") and sig.wait_yield(0, 60.0) is False
+    assert sig.request_yield(1, "shrink") and sig.wait_yield(1, 60.0) is True
