@@ -6,8 +6,9 @@ The only place where ``ResourceArbiter`` (a plain class) meets Ray. The actor:
   so that losing a GPU node never takes the arbiter with it), and is restarted by Ray if its process dies
   (``max_restarts=-1``; calls in flight are retried, ``max_task_retries=-1``: every method is idempotent);
 - ticks on its own in a background thread, every ``tick_interval_s`` (1 s by default), and early, as soon as
-  ``ResourceArbiter.needs_tick()`` turns true (a registration, or a heartbeat that released GPUs), so that
-  released GPUs reach their next holder within milliseconds rather than at the next period;
+  ``ResourceArbiter.needs_early_tick()`` turns true (a registration, a heartbeat that released GPUs, or a
+  service whose demand rose above its grant), so that released GPUs reach their next holder, and a spike its
+  decision, within milliseconds rather than at the next period;
 - persists ``dump_state()`` and its current policy config after every change, in Ray's internal KV (held by
   the GCS). That is what survives an actor restart wherever the new process lands: a file in the session dir
   lives on one node only, while the KV is cluster-wide and goes away with the cluster, so a new cluster starts
@@ -281,7 +282,7 @@ class ArbiterActor:
         return self._tick_interval_override or self.cfg.arbiter.tick_interval_s
 
     def _maybe_wake(self) -> None:
-        if self.arbiter.needs_tick() and not self._wake.is_set():
+        if self.arbiter.needs_early_tick() and not self._wake.is_set():
             self._woken_at = time.perf_counter()
             self._wake.set()
 

@@ -231,6 +231,7 @@ class ResourceArbiter:
         self._pending_events: list[ArbiterEvent] = []
         self._generation = 0
         self._dirty = False
+        self._demand_rose = False
         self.reclaim_durations_s: deque[float] = deque(maxlen=1000)
         self.last_decide_ms = 0.0
         self.listeners: list[Callable[[TickReport], None]] = []
@@ -293,6 +294,12 @@ class ResourceArbiter:
         if demand_units is not None:
             demand = max(0, int(demand_units))
             if demand != reg.demand_units:
+                if (
+                    demand > reg.demand_units
+                    and reg.spec.kind is WorkloadKind.SERVICE
+                    and demand > self._grants.get(name, EMPTY).total()
+                ):
+                    self._demand_rose = True
                 reg.demand_units = demand
                 reg.last_snapshot = None
         if held is not None:
@@ -351,6 +358,16 @@ class ResourceArbiter:
         """True when a registration or a release arrived since the last tick (tick early)."""
         return self._dirty
 
+    def needs_early_tick(self) -> bool:
+        """``needs_tick``, or a service's demand rose above its grant since the last tick.
+
+        What the arbiter actor ticks early on: a service that needs more replicas waited up to a tick
+        interval (0.5 s in the demo) for its decision, part of every time to capacity. The simulator ticks
+        early on ``needs_tick`` only (a tick per demand rise would slow its 8-week runs), so it models
+        that wait.
+        """
+        return self._dirty or self._demand_rose
+
     # ------------------------------------------------------------------------------------- the loop
 
     def tick(self) -> TickReport:
@@ -363,7 +380,7 @@ class ResourceArbiter:
         4. Plan: shrink at once, grow only into GPUs that no holder still uses (release before grant).
         5. Apply the grants, and record what happened.
         """
-        self._dirty = False
+        self._dirty = self._demand_rose = False
         now = self.clock.now()
         # 1. observe
         self._nodes = tuple(self.backend.observe())

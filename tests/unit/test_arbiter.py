@@ -54,6 +54,29 @@ def test_gpus_go_to_the_recipient_only_after_the_donor_reports_their_release():
     assert list(arb.reclaim_durations_s) == [2.0]
 
 
+def test_a_service_whose_demand_rises_above_its_grant_asks_for_an_early_tick_and_nothing_else_does():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(max_workers=8, gpu_types=("H100",))
+    arb, _, clock = make_arbiter(nodes=make_nodes(H100=4))
+    arb.register(svc, demand_units=1)
+    arb.register(job)
+    arb.tick()
+    arb.heartbeat("job", held=arb.grant_of("job").grant)
+    clock.advance(1)
+    arb.tick()
+    assert arb.grant_of("svc").grant == Allocation.of(H100=1) and not arb.needs_early_tick()
+    arb.heartbeat("svc", demand_units=1)  # unchanged
+    arb.heartbeat("job", demand_units=6)  # a job's demand is not urgent
+    assert not arb.needs_early_tick()
+    arb.heartbeat("svc", demand_units=3)
+    # Early for the actor, not for the simulator, which ticks early on needs_tick() only.
+    assert arb.needs_early_tick() and not arb.needs_tick()
+    arb.tick()
+    assert not arb.needs_early_tick()
+    arb.heartbeat("svc", demand_units=2)  # a fall is not urgent (the guards hold the peak anyway)
+    assert not arb.needs_early_tick()
+
+
 def test_a_donor_that_ignores_the_shrink_is_stopped_by_force_after_its_grace():
     job = make_job(max_workers=8, gpu_types=("H100",), yield_grace_s=10)
     svc = make_service(max_replicas=8, gpu_types=("H100",))
