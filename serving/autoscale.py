@@ -284,7 +284,6 @@ class TidalAutoscalingPolicy:
             now_s=now,
             total_requests=float(ctx.total_num_requests or 0.0),
             current_replicas=int(ctx.current_num_replicas),
-            target_replicas=int(ctx.target_num_replicas),
         )
         running = replica_gpu_types(ctx)
         self._departed = track_departures(

@@ -8,12 +8,12 @@ Three numbers matter per decision:
 
 - **load replicas**: what the load needs now, Serve's own rule: ongoing plus queued requests over the
   target per replica, rounded up. 7 requests at a target of 2 -> 4 replicas.
-- **demand**: the load replicas after a downscale hold (the load must stay low for ``downscale_delay_s``
-  before demand drops, so the arbiter does not flap GPUs on every lull) and clamped to ``[min, max]``.
-  This is what the arbiter hears.
-- **replicas**: what Serve is told to run: the demand, capped at the grant, once the demand has been above
-  Serve's target for ``upscale_delay_s`` (Serve's own rule, applied here: see :func:`decide_replicas`). With
-  no arbiter reachable (``grant_units is None``) it is the delayed demand alone: Serve's default behaviour
+- **demand**: the load replicas after an upscale delay (a rise counts once it has lasted
+  ``upscale_delay_s``) and a downscale hold (the load must stay low for ``downscale_delay_s`` before demand
+  drops), clamped to ``[min, max]``: the arbiter does not move GPUs on a blip or a lull. This is what the
+  arbiter hears.
+- **replicas**: what Serve is told to run: the demand, capped at the grant (see :func:`decide_replicas`).
+  With no arbiter reachable (``grant_units is None``) it is the demand alone: Serve's default behaviour
   within ``[min, max]``.
 """
 
@@ -33,13 +33,11 @@ class LoadObservation:
         total_requests: ongoing plus queued requests over all replicas and handles (may be fractional:
             Serve averages over its look-back window).
         current_replicas: replicas running now.
-        target_replicas: the target Serve is working towards.
     """
 
     now_s: float
     total_requests: float
     current_replicas: int
-    target_replicas: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +70,7 @@ class HoldState:
 
     ``lower_since_s`` is None while the load wants at least ``demand``; ``peak_lower`` is the highest
     load seen since the load started wanting less (demand drops to it, not to the last sample).
-    ``above_since_s`` is when the demand rose above Serve's target (None while it is not above).
+    ``above_since_s`` is when the load rose above ``demand`` (None while it is not above): the upscale delay.
     """
 
     demand: int = 0
@@ -152,29 +150,32 @@ def decide_replicas(
         The decision. ``num_replicas`` never exceeds ``grant_units`` unless ``min_replicas`` does (Serve
         enforces its minimum whatever a policy says; the arbiter grants minimums first).
 
-    The demand goes to the arbiter at once; Serve is told to add replicas only once the demand has been
-    above its target for ``upscale_delay_s`` (what Serve's own delay does; the deployment runs with Serve's
-    delay at 0, ``serving.config.autoscaling_config_for``). The delay runs on the demand, not on the capped
-    number: when GPUs reclaimed for a spike arrive 2 s after it began, the delay has long passed and the
-    replicas start at once. Serve's delay, applied after the cap, started only when the grant grew, and
-    added its 0.5 s to every reclaim (bench/spike.py).
+    The upscale delay is Serve's rule, applied here to the load: a load above the demand in force counts only
+    once it has stayed above for ``upscale_delay_s``; a load that falls back before that restarts the delay.
+    Then the arbiter hears the new demand and Serve runs it (as soon as the grant allows: the deployment runs
+    with Serve's own delay at 0, ``serving.config.autoscaling_config_for``, so replicas granted after a
+    reclaim start at once, not ``upscale_delay_s`` after the grant). A blip of the load (one sample of
+    Serve's metrics, e.g. while a restarting trainer takes the CPU) used to reach the arbiter at once and be
+    held there for the downscale delay: it took GPUs from training at the base load after every spike, and
+    the restarts that followed made the next blip (bench/spike.py, 2026-11-23).
 
-    Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5, demand 5, replicas 3 (capped), once
-    the demand has been above Serve's target for ``upscale_delay_s``.
+    Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
+    demand 5 and replicas 3 (capped).
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
-    new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
-    demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
-    wanted, above_since = demand, None
-    if demand > obs.target_replicas:
+    if load > max(state.demand, bounds.min_replicas):
         above_since = obs.now_s if state.above_since_s is None else state.above_since_s
         if obs.now_s - above_since + 1e-9 < bounds.upscale_delay_s:  # (float noise: 0.9 - 0.4 < 0.5)
-            wanted = max(bounds.min_replicas, obs.target_replicas)
-    new_state = replace(new_state, above_since_s=above_since)
+            new_state = replace(state, above_since_s=above_since)  # not yet: the hold runs on as it was
+        else:
+            new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
+    else:
+        new_state = replace(hold_demand(load, state, obs.now_s, bounds.downscale_delay_s), above_since_s=None)
+    demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
-        return ScalingDecision(load, demand, wanted, False, new_state)
-    capped = max(bounds.min_replicas, min(wanted, grant_units))
-    return ScalingDecision(load, demand, capped, capped < wanted, new_state)
+        return ScalingDecision(load, demand, demand, False, new_state)
+    capped = max(bounds.min_replicas, min(demand, grant_units))
+    return ScalingDecision(load, demand, capped, capped < demand, new_state)
 
 
 def held_by_type(

@@ -69,8 +69,9 @@ class AutoscalingOptions(_Strict):
     upscale_delay_s: float = Field(
         default=0.5,
         ge=0,
-        description="The demand must stay above the running target this long before replicas are added "
-        "(with the Tidal policy the policy applies it, to the demand: replicas granted later start at once).",
+        description="The load must stay above the demand in force this long before replicas are added "
+        "(with the Tidal policy the policy applies it, before the arbiter hears the rise: a blip moves no GPU, "
+        "and replicas granted later start at once).",
     )
     downscale_delay_s: float = Field(
         default=30.0, ge=0, description="Load must stay low this long before demand drops."
@@ -204,8 +205,9 @@ def autoscaling_config_for(args: ServeAppArgs) -> dict[str, Any]:
         # The Tidal policy holds load-driven downscaling itself (downscale_delay_s); Serve's own
         # delay only paces grant-driven shrinks, which must be quick (the arbiter waits for them).
         cfg["downscale_delay_s"] = a.grant_shrink_delay_s
-        # It also applies upscale_delay_s itself, to the demand rather than to the number capped at the
-        # grant: replicas granted after a reclaim then start at once (serving.autoscale_math.decide_replicas).
+        # It also applies upscale_delay_s itself, to the load before the arbiter hears it, not to the number
+        # capped at the grant: replicas granted after a reclaim then start at once
+        # (serving.autoscale_math.decide_replicas).
         cfg["upscale_delay_s"] = 0.0
         cfg["policy"] = {"policy_function": TIDAL_POLICY_PATH, "policy_kwargs": tidal_policy_kwargs(args)}
     else:

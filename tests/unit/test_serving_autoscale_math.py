@@ -17,10 +17,8 @@ from serving.autoscale_math import (
 )
 
 
-def obs(total: float, now_s: float = 0.0, current: int = 1, target: int = 1) -> LoadObservation:
-    return LoadObservation(
-        now_s=now_s, total_requests=total, current_replicas=current, target_replicas=target
-    )
+def obs(total: float, now_s: float = 0.0, current: int = 1) -> LoadObservation:
+    return LoadObservation(now_s=now_s, total_requests=total, current_replicas=current)
 
 
 BOUNDS = ScalingBounds(min_replicas=1, max_replicas=8, target_ongoing_requests=2.0, downscale_delay_s=30.0)
@@ -75,35 +73,52 @@ UPSCALE = ScalingBounds(
 )
 
 
-def test_the_demand_goes_out_at_once_and_replicas_follow_after_the_upscale_delay():
-    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=8)
-    assert (d.demand_units, d.num_replicas) == (4, 1)  # the arbiter hears 4 now; Serve keeps 1 for now
-    d = decide_replicas(obs(8, now_s=0.4, target=1), UPSCALE, d.state, grant_units=8)
-    assert d.num_replicas == 1
-    d = decide_replicas(obs(8, now_s=0.5, target=1), UPSCALE, d.state, grant_units=8)
-    assert d.num_replicas == 4
+def test_a_rise_reaches_the_arbiter_and_serve_once_it_has_lasted_the_upscale_delay():
+    d = decide_replicas(obs(8, now_s=0.0), UPSCALE, HoldState(), grant_units=8)
+    assert (d.load_replicas, d.demand_units, d.num_replicas) == (4, 1, 1)
+    d = decide_replicas(obs(8, now_s=0.4), UPSCALE, d.state, grant_units=8)
+    assert (d.demand_units, d.num_replicas) == (1, 1)
+    d = decide_replicas(obs(8, now_s=0.5), UPSCALE, d.state, grant_units=8)
+    assert (d.demand_units, d.num_replicas) == (4, 4)
 
 
-def test_the_upscale_delay_runs_while_the_grant_caps_so_granted_gpus_are_used_at_once():
-    # A spike: demand 4 at t=0 with 1 replica granted; the arbiter reclaims 3 GPUs, free at t=2.
-    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=1)
+def test_replicas_granted_after_the_delay_start_at_once():
+    # A spike: demand 4 from t=0.5 with 1 replica granted; the arbiter reclaims 3 GPUs, free at t=2.
+    d = decide_replicas(obs(8, now_s=0.0), UPSCALE, HoldState(), grant_units=1)
     for t in (0.1, 0.6, 1.9):
-        d = decide_replicas(obs(8, now_s=t, target=1), UPSCALE, d.state, grant_units=1)
-        assert d.num_replicas == 1 and d.demand_units == 4
-    d = decide_replicas(obs(8, now_s=2.0, target=1), UPSCALE, d.state, grant_units=4)
+        d = decide_replicas(obs(8, now_s=t), UPSCALE, d.state, grant_units=1)
+    assert d.num_replicas == 1 and d.demand_units == 4 and d.capped_by_grant
+    d = decide_replicas(obs(8, now_s=2.0), UPSCALE, d.state, grant_units=4)
     assert d.num_replicas == 4  # at once: the delay ran out at t=0.5
 
 
-def test_a_demand_that_falls_back_before_the_upscale_delay_restarts_it():
-    d = decide_replicas(obs(8, now_s=0.0, target=1), UPSCALE, HoldState(), grant_units=8)
-    # The demand is held (downscale hold) but Serve's target is reached by another path: not above.
-    d = decide_replicas(obs(8, now_s=0.3, target=4), UPSCALE, d.state, grant_units=8)
-    assert d.state.above_since_s is None
-    d = decide_replicas(obs(12, now_s=0.4, target=4), UPSCALE, d.state, grant_units=8)  # demand 6 > 4
-    d = decide_replicas(obs(12, now_s=0.8, target=4), UPSCALE, d.state, grant_units=8)
-    assert d.num_replicas == 4  # 0.4 s above, not 0.5
-    d = decide_replicas(obs(12, now_s=0.9, target=4), UPSCALE, d.state, grant_units=8)
-    assert d.num_replicas == 6
+def test_a_blip_shorter_than_the_upscale_delay_is_never_heard_and_leaves_the_downscale_hold_running():
+    d = decide_replicas(obs(8, now_s=0.0), UPSCALE, HoldState(), grant_units=8)
+    d = decide_replicas(obs(8, now_s=0.5), UPSCALE, d.state, grant_units=8)
+    assert d.demand_units == 4
+    d = decide_replicas(obs(2, now_s=1.0), UPSCALE, d.state, grant_units=8)  # the load wants 1: a hold
+    assert d.state.lower_since_s == 1.0
+    d = decide_replicas(obs(16, now_s=10.0), UPSCALE, d.state, grant_units=8)  # a blip: 8 replicas' worth
+    assert (d.demand_units, d.num_replicas) == (4, 4)
+    d = decide_replicas(obs(2, now_s=10.3), UPSCALE, d.state, grant_units=8)  # gone before 0.5 s
+    assert d.state.above_since_s is None and d.state.lower_since_s == 1.0
+    d = decide_replicas(obs(2, now_s=31.0), UPSCALE, d.state, grant_units=8)
+    assert d.demand_units == 1  # 30 s after the load fell, as if the blip had not been
+
+
+def test_a_rise_that_falls_back_before_the_upscale_delay_restarts_it():
+    d = decide_replicas(obs(8, now_s=0.0), UPSCALE, HoldState(), grant_units=8)
+    d = decide_replicas(obs(2, now_s=0.3), UPSCALE, d.state, grant_units=8)
+    d = decide_replicas(obs(8, now_s=0.4), UPSCALE, d.state, grant_units=8)
+    d = decide_replicas(obs(8, now_s=0.8), UPSCALE, d.state, grant_units=8)
+    assert d.demand_units == 1  # 0.4 s above since it came back, not 0.5
+    d = decide_replicas(obs(8, now_s=0.9), UPSCALE, d.state, grant_units=8)
+    assert (d.demand_units, d.num_replicas) == (4, 4)
+
+
+def test_without_an_upscale_delay_a_rise_counts_at_once():
+    d = decide_replicas(obs(8, now_s=0.0), BOUNDS, HoldState(), grant_units=2)
+    assert (d.demand_units, d.num_replicas) == (4, 2)
 
 
 def test_scaling_bounds_refuse_nonsense():

@@ -118,15 +118,17 @@ def test_a_bigger_grant_lets_replicas_grow_and_a_smaller_one_shrinks_them_at_onc
     assert policy(Ctx(total_num_requests=9))[0] == 1
 
 
-def test_the_policy_adds_replicas_after_its_upscale_delay_and_reports_the_demand_at_once():
+def test_the_policy_reports_a_rise_and_adds_replicas_once_it_has_lasted_the_upscale_delay():
     clock = ManualClock(100.0)
     client = FakeArbiterClient(grant=Allocation.of(A100=8))
     policy = make_policy(client, clock, upscale_delay_s=0.5)
-    assert policy(Ctx(total_num_requests=9))[0] == 1  # Serve's target is 1: wait 0.5 s
+    assert policy(Ctx(total_num_requests=9))[0] == 0  # the load wants 5: wait 0.5 s
     policy.link.step()
-    assert client.heartbeats[-1]["demand_units"] == 5
+    assert client.heartbeats[-1]["demand_units"] == 0
     clock.advance(0.5)
     assert policy(Ctx(total_num_requests=9))[0] == 5
+    policy.link.step()
+    assert client.heartbeats[-1]["demand_units"] == 5
 
 
 def test_a_changed_demand_wakes_the_link_and_an_unchanged_one_does_not():

@@ -99,7 +99,7 @@ def test_serve_bounds_come_from_the_service_spec_and_the_tidal_policy_gets_the_s
     # Serve's own delay paces grant shrinks; the load hold is the policy's.
     assert cfg["downscale_delay_s"] == 1.0
     assert cfg["policy"]["policy_kwargs"]["downscale_delay_s"] == 30.0
-    # The upscale delay too is the policy's (on the demand); Serve's own would start only when a grant grew.
+    # The upscale delay too is the policy's (on the load); Serve's own would start only when a grant grew.
     assert cfg["upscale_delay_s"] == 0.0
     assert cfg["policy"]["policy_kwargs"]["upscale_delay_s"] == 0.5
 
