@@ -178,12 +178,13 @@ class _Poller:
         refs = [r for r in (self.ref, self.wait_ref) if r is not None]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for r in ready:
+            is_poll = r is self.ref
             try:
                 answer = ray.get(r)
-                self.yield_requested |= bool(answer["yield"] if isinstance(answer, dict) else answer)
+                self.yield_requested |= bool(answer["yield"] if is_poll else answer)
             except ray.exceptions.RayError as e:  # the runner is gone; keep training
                 logger.warning("poll of the job's signal actor failed: %s", e)
-            if r is self.ref:
+            if is_poll:
                 self.ref = None
             else:
                 self.wait_ref = None

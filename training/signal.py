@@ -76,8 +76,9 @@ class JobSignal:
         seen a step later (0.4-0.6 s a step in bench/spike.py's spike). Held here, the answer is waiting
         for the loop at its next step boundary.
         """
+        event = self._yield_event  # (begin_attempt sets it before it puts a new one in its place)
         if attempt == self.attempt:
-            self._yield_event.wait(timeout_s)
+            event.wait(timeout_s)
         return self.yield_for == attempt
 
     def poll(self, attempt: int, progress: dict[str, Any]) -> dict[str, Any]:

@@ -106,3 +106,65 @@ def test_an_attempt_resumes_from_the_newer_of_ray_trains_checkpoint_and_the_runn
     # The runner's is not in storage (never whole, or deleted): Ray Train's, not a crash.
     assert resume_checkpoint(registered, {"step": 50, "dir": checkpoint_dir_name(50, 0)}, ctx) is registered
     assert resume_checkpoint(None, {"step": 50, "dir": checkpoint_dir_name(50, 0)}, ctx) is None
+
+
+class _Call:
+    """A fake ObjectRef: ``answer`` once ``ready``."""
+
+    def __init__(self, name: str, answer) -> None:
+        self.name, self.answer, self.ready = name, answer, False
+
+
+class _FakeSignal:
+    """The JobSignal methods rank 0's poller calls; every call is recorded, none answers until told."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        signal = self
+
+        class _Method:
+            def __init__(self, name: str, answer) -> None:
+                self.name, self.answer = name, answer
+
+            def remote(self, *args):
+                call = _Call(self.name, self.answer)
+                signal.calls.append(call)
+                return call
+
+        self.poll = _Method("poll", {"yield": False})
+        self.wait_yield = _Method("wait_yield", False)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    import training.loop as loop
+
+    def wait(refs, num_returns, timeout):
+        return [r for r in refs if r.ready], [r for r in refs if not r.ready]
+
+    monkeypatch.setattr(loop.ray, "wait", wait)
+    monkeypatch.setattr(loop.ray, "get", lambda ref: ref.answer)
+    return loop
+
+
+def test_rank_0_sees_a_yield_at_its_next_step_boundary_through_the_held_wait_not_a_poll_later(fake_ray):
+    signal = _FakeSignal()
+    poller = fake_ray._Poller(signal, attempt=0)
+    assert poller.yield_flag() is False  # a wait_yield is now held at the actor
+    poller.send({"step": 1})
+    wait, poll = signal.calls
+    assert (wait.name, poll.name) == ("wait_yield", "poll")
+    poll.ready = True  # the step's poll: no yield yet
+    assert poller.yield_flag() is False and len(signal.calls) == 2  # the held wait is not renewed
+    wait.answer, wait.ready = True, True  # the runner asked for a yield: the actor answers the held call
+    assert poller.yield_flag() is True
+
+
+def test_a_held_wait_that_timed_out_is_renewed(fake_ray):
+    signal = _FakeSignal()
+    poller = fake_ray._Poller(signal, attempt=0)
+    poller.yield_flag()
+    signal.calls[0].ready = True  # answered False after its timeout
+    assert poller.yield_flag() is False
+    assert poller.yield_flag() is False
+    assert [c.name for c in signal.calls] == ["wait_yield", "wait_yield"]
