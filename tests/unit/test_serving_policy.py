@@ -50,7 +50,6 @@ class Ctx:
 
     total_num_requests: float = 0.0
     current_num_replicas: int = 1
-    target_num_replicas: int = 1
     running_replicas: list[Rid] = field(default_factory=list)
     aggregated_metrics: dict[str, dict[Rid, float]] = field(default_factory=dict)
 
@@ -262,7 +261,7 @@ def test_a_cold_start_reports_demand_while_serve_does_not_call_the_policy():
     clock = ManualClock(100.0)
     client = FakeArbiterClient()
     policy = make_policy(client, clock, min_replicas=0)
-    policy(Ctx(total_num_requests=0, current_num_replicas=0, target_num_replicas=0))
+    policy(Ctx(total_num_requests=0, current_num_replicas=0))
     policy.link.step()
     assert client.heartbeats[-1]["demand_units"] == 0
     # A request arrives: Serve's cold-start path starts a replica without calling the policy.
