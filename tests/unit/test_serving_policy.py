@@ -213,13 +213,13 @@ def test_a_replica_that_stopped_is_still_held_while_it_drains():
     client = FakeArbiterClient(grant=Allocation.of(A100=2))
     policy = make_policy(client, clock)
     rids, metrics = running("A100", "A100")
-    policy(Ctx(6, 2, 2, rids, metrics))
+    policy(Ctx(6, 2, rids, metrics))
     clock.advance(1.0)
-    policy(Ctx(6, 1, 1, rids[:1], metrics))
+    policy(Ctx(6, 1, rids[:1], metrics))
     policy.link.step()
     assert client.heartbeats[-1]["held"] == {"A100": 2}
     clock.advance(policy.options.drain_hold_s)
-    policy(Ctx(6, 1, 1, rids[:1], metrics))
+    policy(Ctx(6, 1, rids[:1], metrics))
     policy.link.step()
     assert client.heartbeats[-1]["held"] == {"A100": 1}
 
