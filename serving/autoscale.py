@@ -266,6 +266,7 @@ class TidalAutoscalingPolicy:
             target_ongoing_requests=self.options.target_ongoing_requests,
             downscale_delay_s=self.options.downscale_delay_s,
             upscale_delay_s=self.options.upscale_delay_s,
+            surge_reserve_fraction=self.options.surge_reserve_fraction,
         )
         self.link = ArbiterLink(self.spec, self.options, self.client_factory, self.clock)
         self._hold = HoldState()

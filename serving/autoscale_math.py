@@ -12,6 +12,11 @@ Three numbers matter per decision:
   ``upscale_delay_s``) and a downscale hold (the load must stay low for ``downscale_delay_s`` before demand
   drops), clamped to ``[min, max]``: the arbiter does not move GPUs on a blip or a lull. This is what the
   arbiter hears.
+- **reserve**: when a rise of the demand is accepted, the arbiter is asked for ``surge_reserve_fraction``
+  of that rise again, ahead of the load (a step in the traffic reaches Serve's averaged metric as a ramp over
+  its look-back, so the first rise is rarely the last): the GPUs for the rest of the ramp are freed in the same
+  reclaim, not in one reclaim per step. Serve does not run them until the load asks; the reserve lapses
+  ``downscale_delay_s`` after the rise that set it.
 - **replicas**: what Serve is told to run: the demand, capped at the grant (see :func:`decide_replicas`).
   With no arbiter reachable (``grant_units is None``) it is the demand alone: Serve's default behaviour
   within ``[min, max]``.
@@ -49,6 +54,7 @@ class ScalingBounds:
     target_ongoing_requests: float
     downscale_delay_s: float = 30.0
     upscale_delay_s: float = 0.0
+    surge_reserve_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -62,6 +68,8 @@ class ScalingBounds:
             raise ValueError(f"downscale_delay_s must be >= 0, got {self.downscale_delay_s}")
         if self.upscale_delay_s < 0:
             raise ValueError(f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
+        if self.surge_reserve_fraction < 0:
+            raise ValueError(f"surge_reserve_fraction must be >= 0, got {self.surge_reserve_fraction}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +79,15 @@ class HoldState:
     ``lower_since_s`` is None while the load wants at least ``demand``; ``peak_lower`` is the highest
     load seen since the load started wanting less (demand drops to it, not to the last sample).
     ``above_since_s`` is when the load rose above ``demand`` (None while it is not above): the upscale delay.
+    ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``.
     """
 
     demand: int = 0
     lower_since_s: float | None = None
     peak_lower: int = 0
     above_since_s: float | None = None
+    reserve: int = 0
+    reserve_since_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +96,10 @@ class ScalingDecision:
 
     Attributes:
         load_replicas: what the load alone needs now (before hold and bounds).
-        demand_units: what to report to the arbiter (held, within ``[min, max]``).
-        num_replicas: what Serve should run (demand capped at the grant, when there is one).
+        demand_units: what to report to the arbiter: the held demand, or the reserve while it is higher
+            (within ``[min, max]``).
+        num_replicas: what Serve should run (the held demand, not the reserve, capped at the grant when
+            there is one).
         capped_by_grant: the grant, not the load, set ``num_replicas``.
         state: the :class:`HoldState` for the next tick.
     """
@@ -159,11 +172,18 @@ def decide_replicas(
     held there for the downscale delay: it took GPUs from training at the base load after every spike, and
     the restarts that followed made the next blip (bench/spike.py, 2026-11-23).
 
+    The reserve (``surge_reserve_fraction`` > 0): a rise from ``d0`` to ``d1`` asks the arbiter for
+    ``d1 + ceil((d1 - d0) * fraction)``. In the spike benchmark the traffic's step reached the hook as 1, then
+    3, then 4 replicas' worth (Serve averages over a 2 s look-back), and each step was a reclaim of its own,
+    each waiting for a training step boundary and a checkpoint (bench/spike.py, 2026-11-23: 1.2-1.5 s apart
+    in two of three runs). With fraction 1 the first step asks for 5 (4 at the max): one reclaim.
+
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
-    if load > max(state.demand, bounds.min_replicas):
+    floor = max(state.demand, bounds.min_replicas)
+    if load > floor:
         above_since = obs.now_s if state.above_since_s is None else state.above_since_s
         if obs.now_s - above_since + 1e-9 < bounds.upscale_delay_s:  # (float noise: 0.9 - 0.4 < 0.5)
             new_state = replace(state, above_since_s=above_since)  # not yet: the hold runs on as it was
@@ -171,11 +191,31 @@ def decide_replicas(
             new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
     else:
         new_state = replace(hold_demand(load, state, obs.now_s, bounds.downscale_delay_s), above_since_s=None)
+    new_state = _update_reserve(state, new_state, floor, obs.now_s, bounds)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
+    asked = clamp(max(new_state.demand, new_state.reserve), bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
-        return ScalingDecision(load, demand, demand, False, new_state)
+        return ScalingDecision(load, asked, demand, False, new_state)
     capped = max(bounds.min_replicas, min(demand, grant_units))
-    return ScalingDecision(load, demand, capped, capped < demand, new_state)
+    return ScalingDecision(load, asked, capped, capped < demand, new_state)
+
+
+def _update_reserve(
+    old: HoldState, new: HoldState, floor: int, now_s: float, bounds: ScalingBounds
+) -> HoldState:
+    """The reserve after one tick: set by an accepted rise, dropped ``downscale_delay_s`` later.
+
+    (The demand itself cannot fall sooner: it falls ``downscale_delay_s`` after the load fell, and the load
+    fell after the rise that set the reserve.)
+    """
+    if new.demand > floor and bounds.surge_reserve_fraction > 0:
+        ahead = new.demand + math.ceil((new.demand - floor) * bounds.surge_reserve_fraction - 1e-9)
+        if old.reserve > ahead and now_s - old.reserve_since_s < bounds.downscale_delay_s:
+            return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
+        return replace(new, reserve=ahead, reserve_since_s=now_s)
+    if old.reserve and now_s - old.reserve_since_s < bounds.downscale_delay_s:
+        return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
+    return replace(new, reserve=0, reserve_since_s=0.0)
 
 
 def held_by_type(

@@ -76,6 +76,14 @@ class AutoscalingOptions(_Strict):
     downscale_delay_s: float = Field(
         default=30.0, ge=0, description="Load must stay low this long before demand drops."
     )
+    surge_reserve_fraction: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="With the Tidal policy: a rise of the demand by N replicas also asks the arbiter for "
+        "ceil(N x this) more GPUs, ahead of the load (freed from training in the same reclaim; Serve runs them "
+        "only once the load needs them; they go back after downscale_delay_s if it does not). 0 turns it off.",
+    )
     grant_shrink_delay_s: float = Field(
         default=1.0,
         ge=0,
@@ -109,6 +117,7 @@ class TidalPolicyOptions(_Strict):
     target_ongoing_requests: float = Field(default=2.0, gt=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
     upscale_delay_s: float = Field(default=0.0, ge=0)
+    surge_reserve_fraction: float = Field(default=0.0, ge=0, le=10)
     heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
     arbiter_name: str = "tidal-arbiter"
     arbiter_namespace: str = "tidal"
@@ -183,6 +192,7 @@ def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
         target_ongoing_requests=a.target_ongoing_requests,
         downscale_delay_s=a.downscale_delay_s,
         upscale_delay_s=a.upscale_delay_s,
+        surge_reserve_fraction=a.surge_reserve_fraction,
         heartbeat_period_s=a.heartbeat_period_s,
         arbiter_name=a.arbiter_name,
         arbiter_namespace=a.arbiter_namespace,

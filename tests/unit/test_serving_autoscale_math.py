@@ -1,5 +1,7 @@
 """The arithmetic of Tidal's Serve autoscaling hook: load -> demand -> replicas capped at the grant."""
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -121,6 +123,56 @@ def test_without_an_upscale_delay_a_rise_counts_at_once():
     assert (d.demand_units, d.num_replicas) == (4, 2)
 
 
+SURGE = ScalingBounds(
+    min_replicas=1,
+    max_replicas=8,
+    target_ongoing_requests=1.0,
+    downscale_delay_s=8.0,
+    upscale_delay_s=0.5,
+    surge_reserve_fraction=1.0,
+)
+
+
+def ramp(loads_at: list[tuple[float, float]], bounds: ScalingBounds, grant: int = 8):
+    d = None
+    for t, load in loads_at:
+        d = decide_replicas(obs(load, now_s=t), bounds, HoldState() if d is None else d.state, grant)
+    return d
+
+
+def test_a_rise_asks_the_arbiter_for_the_same_rise_again_ahead_of_the_load():
+    # The spike as Serve's 2 s look-back shows it: 1, then 3, then 4 replicas' worth.
+    d = ramp([(0.0, 3), (0.5, 3)], SURGE)
+    assert (d.demand_units, d.num_replicas) == (5, 3)  # 3 + (3 - 1): freed now, run when the load asks
+    d = ramp([(0.0, 3), (0.5, 3), (1.0, 4), (1.5, 4)], SURGE)
+    assert (d.demand_units, d.num_replicas) == (5, 4)  # the 4th replica runs on a GPU already granted
+    assert ramp([(0.0, 3), (0.5, 3)], replace(SURGE, max_replicas=4)).demand_units == 4  # never above max
+
+
+def test_a_reserve_the_load_never_uses_lapses_after_the_downscale_delay():
+    d = ramp([(0.0, 3), (0.5, 3), (8.4, 3)], SURGE)
+    assert d.demand_units == 5
+    d = ramp([(0.0, 3), (0.5, 3), (8.5, 3)], SURGE)
+    assert (d.demand_units, d.state.reserve) == (3, 0)
+
+
+def test_after_a_spike_the_reserve_is_gone_before_the_demand_falls():
+    d = ramp([(0.0, 3), (0.5, 3), (1.0, 1), (8.5, 1)], SURGE)
+    assert (d.state.demand, d.demand_units) == (3, 3)  # still held: the load fell at t=1
+    d = ramp([(0.0, 3), (0.5, 3), (1.0, 1), (8.5, 1), (9.0, 1)], SURGE)
+    assert (d.state.demand, d.demand_units) == (1, 1)
+
+
+def test_a_later_smaller_rise_keeps_the_larger_reserve_until_it_lapses():
+    d = ramp([(0.0, 5), (0.5, 5), (1.0, 6), (1.5, 6)], SURGE)  # 1 -> 5 asks 8 (max); 5 -> 6 would ask 7
+    assert (d.demand_units, d.num_replicas, d.state.reserve_since_s) == (8, 6, 0.5)
+
+
+def test_without_a_reserve_fraction_the_arbiter_hears_the_demand_alone():
+    d = ramp([(0.0, 3), (0.5, 3)], replace(SURGE, surge_reserve_fraction=0.0))
+    assert (d.demand_units, d.num_replicas, d.state.reserve) == (3, 3, 0)
+
+
 def test_scaling_bounds_refuse_nonsense():
     with pytest.raises(ValueError, match="min_replicas"):
         ScalingBounds(min_replicas=3, max_replicas=2, target_ongoing_requests=1)
@@ -128,6 +180,8 @@ def test_scaling_bounds_refuse_nonsense():
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=0)
     with pytest.raises(ValueError, match="upscale_delay_s"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=-1)
+    with pytest.raises(ValueError, match="surge_reserve_fraction"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, surge_reserve_fraction=-1)
 
 
 def test_unknown_replicas_fill_the_grant_before_spilling_to_the_preferred_type():
@@ -178,9 +232,19 @@ def test_recent_calls_or_running_replicas_keep_the_last_demand():
     grant=st.one_of(st.none(), st.integers(0, 20)),
     target=st.floats(min_value=0.1, max_value=50),
     up=st.sampled_from([0.0, 0.5]),
+    surge=st.sampled_from([0.0, 1.0, 2.5]),
 )
-def test_replicas_never_exceed_the_grant_unless_the_minimum_does(total, min_r, extra, grant, target, up):
-    bounds = ScalingBounds(min_r, max(1, min_r + extra), target, downscale_delay_s=0, upscale_delay_s=up)
+def test_replicas_never_exceed_the_grant_unless_the_minimum_does(
+    total, min_r, extra, grant, target, up, surge
+):
+    bounds = ScalingBounds(
+        min_r,
+        max(1, min_r + extra),
+        target,
+        downscale_delay_s=0,
+        upscale_delay_s=up,
+        surge_reserve_fraction=surge,
+    )
     d = decide_replicas(obs(total), bounds, HoldState(), grant)
     assert bounds.min_replicas <= d.demand_units <= bounds.max_replicas
     assert bounds.min_replicas <= d.num_replicas <= bounds.max_replicas
