@@ -13,7 +13,7 @@ Three numbers matter per decision:
   drops), clamped to ``[min, max]``: the arbiter does not move GPUs on a blip or a lull. This is what the
   arbiter hears.
 - **reserve**: when a rise of the demand is accepted, the arbiter is asked for ``surge_reserve_fraction``
-  of that rise again, ahead of the load (a step in the traffic reaches Serve's averaged metric as a ramp over
+  of that rise again (rounded down), ahead of the load (a step in the traffic reaches Serve's averaged metric as a ramp over
   its look-back, so the first rise is rarely the last): the GPUs for the rest of the ramp are freed in the same
   reclaim, not in one reclaim per step. Serve does not run them until the load asks; the reserve lapses
   ``downscale_delay_s`` after the rise that set it.
@@ -173,10 +173,13 @@ def decide_replicas(
     the restarts that followed made the next blip (bench/spike.py, 2026-11-23).
 
     The reserve (``surge_reserve_fraction`` > 0): a rise from ``d0`` to ``d1`` asks the arbiter for
-    ``d1 + ceil((d1 - d0) * fraction)``. In the spike benchmark the traffic's step reached the hook as 1, then
+    ``d1 + floor((d1 - d0) * fraction)``. In the spike benchmark the traffic's step reached the hook as 1, then
     3, then 4 replicas' worth (Serve averages over a 2 s look-back), and each step was a reclaim of its own,
     each waiting for a training step boundary and a checkpoint (bench/spike.py, 2026-11-23: 1.2-1.5 s apart
-    in two of three runs). With fraction 1 the first step asks for 5 (4 at the max): one reclaim.
+    in two of three runs). With fraction 0.5 the first step asks for 4: one reclaim. Rounded down, so that a
+    rise of one replica asks for nothing more: with ceil and fraction 1, the base load's rises from 1 to 2
+    replicas after the spike (the jobs' restarts slow the replicas) asked for 3 and took a GPU from training
+    for nothing (bench/spike.py run M, 07:22:17).
 
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
@@ -209,7 +212,7 @@ def _update_reserve(
     fell after the rise that set the reserve.)
     """
     if new.demand > floor and bounds.surge_reserve_fraction > 0:
-        ahead = new.demand + math.ceil((new.demand - floor) * bounds.surge_reserve_fraction - 1e-9)
+        ahead = new.demand + int((new.demand - floor) * bounds.surge_reserve_fraction + 1e-9)
         if old.reserve > ahead and now_s - old.reserve_since_s < bounds.downscale_delay_s:
             return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
         return replace(new, reserve=ahead, reserve_since_s=now_s)

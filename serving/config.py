@@ -77,11 +77,11 @@ class AutoscalingOptions(_Strict):
         default=30.0, ge=0, description="Load must stay low this long before demand drops."
     )
     surge_reserve_fraction: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         le=10,
         description="With the Tidal policy: a rise of the demand by N replicas also asks the arbiter for "
-        "ceil(N x this) more GPUs, ahead of the load (freed from training in the same reclaim; Serve runs them "
+        "floor(N x this) more GPUs, ahead of the load (freed from training in the same reclaim; Serve runs them "
         "only once the load needs them; they go back after downscale_delay_s if it does not). 0 turns it off.",
     )
     grant_shrink_delay_s: float = Field(

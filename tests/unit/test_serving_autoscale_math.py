@@ -129,7 +129,7 @@ SURGE = ScalingBounds(
     target_ongoing_requests=1.0,
     downscale_delay_s=8.0,
     upscale_delay_s=0.5,
-    surge_reserve_fraction=1.0,
+    surge_reserve_fraction=0.5,
 )
 
 
@@ -140,18 +140,24 @@ def ramp(loads_at: list[tuple[float, float]], bounds: ScalingBounds, grant: int 
     return d
 
 
-def test_a_rise_asks_the_arbiter_for_the_same_rise_again_ahead_of_the_load():
+def test_a_rise_asks_the_arbiter_for_half_the_rise_again_ahead_of_the_load():
     # The spike as Serve's 2 s look-back shows it: 1, then 3, then 4 replicas' worth.
     d = ramp([(0.0, 3), (0.5, 3)], SURGE)
-    assert (d.demand_units, d.num_replicas) == (5, 3)  # 3 + (3 - 1): freed now, run when the load asks
+    assert (d.demand_units, d.num_replicas) == (4, 3)  # 3 + (3 - 1) / 2: freed now, run when the load asks
     d = ramp([(0.0, 3), (0.5, 3), (1.0, 4), (1.5, 4)], SURGE)
-    assert (d.demand_units, d.num_replicas) == (5, 4)  # the 4th replica runs on a GPU already granted
-    assert ramp([(0.0, 3), (0.5, 3)], replace(SURGE, max_replicas=4)).demand_units == 4  # never above max
+    assert (d.demand_units, d.num_replicas) == (4, 4)  # the 4th replica runs on a GPU already granted
+    assert ramp([(0.0, 6), (0.5, 6)], SURGE).demand_units == 8  # 6 + 2.5 -> 8, the max
+
+
+def test_a_rise_of_one_replica_asks_for_nothing_more():
+    # Rounded down: the base load's rises of one replica (a slow moment on a busy host) take no GPU ahead.
+    d = ramp([(0.0, 2), (0.5, 2)], SURGE)
+    assert (d.demand_units, d.num_replicas) == (2, 2)
 
 
 def test_a_reserve_the_load_never_uses_lapses_after_the_downscale_delay():
     d = ramp([(0.0, 3), (0.5, 3), (8.4, 3)], SURGE)
-    assert d.demand_units == 5
+    assert d.demand_units == 4
     d = ramp([(0.0, 3), (0.5, 3), (8.5, 3)], SURGE)
     assert (d.demand_units, d.state.reserve) == (3, 0)
 
@@ -164,8 +170,8 @@ def test_after_a_spike_the_reserve_is_gone_before_the_demand_falls():
 
 
 def test_a_later_smaller_rise_keeps_the_larger_reserve_until_it_lapses():
-    d = ramp([(0.0, 5), (0.5, 5), (1.0, 6), (1.5, 6)], SURGE)  # 1 -> 5 asks 8 (max); 5 -> 6 would ask 7
-    assert (d.demand_units, d.num_replicas, d.state.reserve_since_s) == (8, 6, 0.5)
+    d = ramp([(0.0, 5), (0.5, 5), (1.0, 6), (1.5, 6)], SURGE)  # 1 -> 5 asks 7; 5 -> 6 would ask 6
+    assert (d.demand_units, d.num_replicas, d.state.reserve_since_s) == (7, 6, 0.5)
 
 
 def test_without_a_reserve_fraction_the_arbiter_hears_the_demand_alone():
