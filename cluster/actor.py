@@ -88,6 +88,8 @@ class ArbiterActor:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._ticked = threading.Condition()  # notified after every tick (``watch_grant`` waits on it)
+        self._tick_seq = 0
         self._tick_interval_override = tick_interval_s
         self._state_key = _STATE_KEY.format(name=name).encode()
         self._config_key = _CONFIG_KEY.format(name=name).encode()
@@ -188,6 +190,30 @@ class ArbiterActor:
         with self._lock:
             return self.arbiter.grant_of(name)
 
+    @ray.method(concurrency_group="watch")
+    def watch_grant(
+        self, name: WorkloadName, known: Mapping[GpuType, int] | None = None, timeout_s: float = 10.0
+    ) -> GrantView:
+        """The workload's view as soon as its grant differs from ``known`` (units per GPU type), or it is
+        not registered, or after ``timeout_s`` (at most 60) with the grant unchanged.
+
+        A held call, in its own concurrency group (``watch``) so that waiting watchers never take the
+        threads heartbeats are served on: a job's runner keeps one in flight and hears of a shrink the
+        moment the tick decides it, not at its next heartbeat (0.25-0.5 s later: bench/spike.py,
+        2026-11-23, 0.45 s between the arbiter's decision and the runner's yield request).
+        """
+        want = {t: int(n) for t, n in (known or {}).items() if n}
+        deadline = time.monotonic() + max(0.0, min(float(timeout_s), 60.0))
+        while True:
+            with self._ticked:
+                seq = self._tick_seq
+            view = self.grant_of(name)
+            left = deadline - time.monotonic()
+            if not view.registered or view.grant.as_dict() != want or left <= 0 or self._stop.is_set():
+                return view
+            with self._ticked:
+                self._ticked.wait_for(lambda seq=seq: self._tick_seq != seq or self._stop.is_set(), timeout=left)
+
     # ------------------------------------------------------------------------------- operators
 
     def status(self) -> dict[str, Any]:
@@ -273,6 +299,8 @@ class ArbiterActor:
         """Stops the tick loop (the actor itself is ended with ``ray.kill``)."""
         self._stop.set()
         self._wake.set()
+        with self._ticked:
+            self._ticked.notify_all()
         self._thread.join(timeout=5)
 
     # ------------------------------------------------------------------------------- the loop
@@ -348,6 +376,9 @@ class ArbiterActor:
                 self._grants_moved_s = time.monotonic()
             self._persist()
             status = self.arbiter.status() if self.metrics is not None else None
+        with self._ticked:
+            self._tick_seq += 1
+            self._ticked.notify_all()
         self.tick_durations_s.append(time.perf_counter() - t0)
         self.tick_count += 1
         self.last_tick_s = time.time()
@@ -421,6 +452,7 @@ def get_or_create_arbiter(
     metrics_port: int | None = None,
     tick_interval_s: float | None = None,
     max_concurrency: int = 32,
+    max_watchers: int = 64,
     ready_timeout_s: float = 60.0,
 ) -> ray.actor.ActorHandle:
     """The cluster's arbiter actor: the running one if it exists, else a new one. Needs ``ray.init`` first.
@@ -434,7 +466,10 @@ def get_or_create_arbiter(
         ray.exceptions.GetTimeoutError: the actor did not answer within ``ready_timeout_s``.
     """
     cfg = resolve_config(config if config is not None else config_path)
-    remote_cls = ray.remote(ArbiterActor)
+    # Held watch_grant calls wait in their own group, never on the threads that serve heartbeats; watchers
+    # beyond this many queue until one returns (each returns within its timeout, 10 s by default).
+    # (Ray takes concurrency groups in ray.remote only, not in .options.)
+    remote_cls = ray.remote(concurrency_groups={"watch": max_watchers})(ArbiterActor)
     handle = remote_cls.options(
         name=name,
         namespace=namespace,

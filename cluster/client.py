@@ -1,13 +1,19 @@
 """``ArbiterClient``: how a workload talks to the arbiter actor, from any Ray driver, actor or worker.
 
-Five calls. ``register`` (blocking, at start-up), ``heartbeat_nowait`` (never blocks: for hot paths such as
+Six calls. ``register`` (blocking, at start-up), ``heartbeat_nowait`` (never blocks: for hot paths such as
 Serve's autoscaling policy, which runs inside the Serve controller), ``heartbeat`` (blocking, with a timeout),
-``unregister``, and ``available``.
+``watch_grant`` (blocking until the grant changes: for a thread of its own, see below), ``unregister``, and
+``available``.
 
 ``heartbeat_nowait`` keeps at most one call in flight per workload: it fires a call, and on later calls
 reads its reply with ``ray.wait([ref], timeout=0)`` (no wait) and fires the next one. While a call is in
 flight the newest report is kept and sent with the next call, so a release is never lost, only coalesced.
 It returns the newest ``GrantView`` that has arrived (None before the first).
+
+``watch_grant`` holds a call on the arbiter that returns as soon as the workload's grant changes (the tick
+that decides a shrink answers it), and makes its view the newest: a caller that waits on it in a thread of
+its own hears of a shrink at once instead of at its next heartbeat. A heartbeat reply fired before that view
+arrived and older than it (a lower generation) does not replace it.
 
 If a reply says the workload is not registered (it expired, or the arbiter lost it), the client registers
 it again with the spec and meta it registered with, without blocking.
@@ -24,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +55,7 @@ class _Pending:
     fired_s: float = 0.0
     queued: dict[str, Any] | None = None  # the newest report, waiting for the call in flight
     latest: GrantView | None = None
+    watched_s: float = float("-inf")  # when a watch_grant view became ``latest``
     reregister: ray.ObjectRef | None = None
     errors: int = 0
     last_rtt_s: float | None = None
@@ -76,6 +84,7 @@ class ArbiterClient:
         self._last_lookup_s = float("-inf")
         self._pending: dict[WorkloadName, _Pending] = {}
         self._registrations: dict[WorkloadName, tuple[WorkloadSpec, dict[str, Any]]] = {}
+        self._latest_lock = threading.Lock()  # watch_grant runs in another thread than heartbeat_nowait
 
     # ------------------------------------------------------------------------------------ lookup
 
@@ -181,6 +190,27 @@ class ArbiterClient:
             p.latest = view
         return view
 
+    def watch_grant(
+        self, name: WorkloadName, known: Mapping[GpuType, int] | None, *, timeout_s: float = 10.0
+    ) -> GrantView:
+        """Blocks until the arbiter's grant for ``name`` differs from ``known``, or ``timeout_s`` passes;
+        returns the view then (the newest one ``heartbeat_nowait`` returns from then on, too).
+
+        Raises:
+            ArbiterUnavailableError: no arbiter, or it did not answer within ``timeout_s`` + 10 s.
+        """
+        handle = self._require()
+        fired_s = time.monotonic()
+        view: GrantView = self._get(
+            handle.watch_grant.remote(name, dict(known or {}), timeout_s), timeout_s + 10.0, "watch_grant"
+        )
+        p = self._pending.setdefault(name, _Pending())
+        with self._latest_lock:
+            if p.latest is None or view.generation >= p.latest.generation or p.fired_s < fired_s:
+                p.latest = view
+                p.watched_s = time.monotonic()
+        return view
+
     def unregister(self, name: WorkloadName, *, timeout_s: float = 10.0) -> bool:
         """Gives the workload's grant back at once (rather than at registration expiry)."""
         self._registrations.pop(name, None)
@@ -221,7 +251,9 @@ class ArbiterClient:
             view: GrantView = ray.get(p.ref)
             p.errors = 0
             p.last_rtt_s = time.monotonic() - p.fired_s
-            p.latest = view
+            with self._latest_lock:
+                if not _stale(view, p):
+                    p.latest = view
         except Exception as e:
             # The actor died for good, or the call failed: keep the last grant, look the actor up again.
             p.errors += 1
@@ -245,6 +277,16 @@ class ArbiterClient:
         except ray.exceptions.RayActorError as e:
             self._handle = None
             raise ArbiterUnavailableError(f"arbiter actor is gone ({what}): {e}") from e
+
+
+def _stale(reply: GrantView, p: _Pending) -> bool:
+    """A heartbeat reply fired before a watched view arrived, and older than it: the watched view stays.
+
+    (A reply fired after it always wins, even with a lower generation: an arbiter restored from an older
+    state counts from there.)
+    """
+    latest = p.latest
+    return latest is not None and p.fired_s < p.watched_s and reply.generation < latest.generation
 
 
 def _report(

@@ -149,6 +149,25 @@ def test_released_gpus_reach_the_waiting_service_only_after_the_job_lets_them_go
         client.unregister(job.name)
 
 
+def test_a_held_grant_watch_returns_the_shrink_the_tick_decides_and_an_unchanged_grant_at_its_timeout(arbiter):
+    ray, handle, client = arbiter
+    job = TrainingJobSpec("rt-job-watch", 1.0, 1, 4, ("H100",), yield_grace_s=600)
+    svc = ServiceSpec("rt-svc-watch", 1.0, 1, 2, ("H100",))
+    try:
+        client.register(job)
+        full = wait_for(lambda: _granted_and_held(client, job.name, "H100", 4), 20, message="4 H100 to the job")
+        # Nothing changes: the watch comes back with the same grant once its (short) timeout is over.
+        assert client.watch_grant(job.name, full.grant.as_dict(), timeout_s=0.5).grant == full.grant
+        # A watch held for up to 60 s, then a service that needs 1 H100 back from the job.
+        watch = handle.watch_grant.remote(job.name, full.grant.as_dict(), 60.0)
+        client.register(svc)
+        view = ray.get(watch, timeout=30)
+        assert view.grant.get("H100") < 4 and view.release_by_s is not None
+    finally:
+        client.unregister(svc.name)
+        client.unregister(job.name)
+
+
 @pytest.mark.parametrize("how", ["kill the named actor", "call its stop method"])
 def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
     ray, handle, client = arbiter

@@ -165,3 +165,41 @@ def test_a_wait_for_an_attempt_that_is_over_returns_when_the_next_attempt_begins
     # A yield asked of the new attempt is not one for the old, and a wait for the old one is not held.
     assert not sig.request_yield(0, "shrink") and sig.wait_yield(0, 60.0) is False
     assert sig.request_yield(1, "shrink") and sig.wait_yield(1, 60.0) is True
+
+
+class _WatchedGrants:
+    """A grant source with ``watch_grant``: each call waits until the test hands it the next view."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.views: queue.Queue = queue.Queue()
+        self.known: list[dict] = []
+
+    def watch_grant(self, name, known, *, timeout_s):
+        self.known.append(dict(known))
+        return self.views.get(timeout=30)
+
+
+def test_a_changed_grant_from_the_held_watch_wakes_the_loop_and_an_unchanged_one_does_not():
+    import threading
+
+    from cluster.arbiter import GrantView
+    from training.runner import ElasticRunner
+    from training.spec import load_spec
+
+    grants = _WatchedGrants()
+    runner = ElasticRunner(load_spec("training/jobs/digits.yaml"), grants)
+    runner.view = GrantView("digits", Allocation.of({"H100": 4}))
+    watcher = threading.Thread(target=runner._watch_grant, daemon=True)
+    watcher.start()
+    grants.views.put(GrantView("digits", Allocation.of({"H100": 4})))  # a watch that timed out unchanged
+    grants.views.put(GrantView("digits", Allocation.of({"H100": 3})))  # the tick shrank the job
+    assert runner._wake.wait(timeout=30)
+    assert grants.known[:2] == [{"H100": 4}, {"H100": 4}]
+    runner._wake.clear()
+    grants.views.put(GrantView("digits", Allocation.of({"H100": 3})))  # the next watch: still 3
+    runner.stop()  # wakes the loop itself, and ends the watcher after its current call
+    grants.views.put(GrantView("digits", Allocation.of({"H100": 3})))
+    watcher.join(timeout=30)
+    assert not watcher.is_alive() and grants.known[2] == {"H100": 3}
