@@ -4,19 +4,19 @@ The Ray glue (:mod:`serving.autoscale`) turns Serve's :class:`AutoscalingContext
 :class:`LoadObservation`, calls :func:`decide_replicas`, and hands the demand to the arbiter. Everything
 that decides a number lives here so that it can be tested with plain values.
 
-Three numbers matter per decision:
+Four numbers matter per decision:
 
 - **load replicas**: what the load needs now, Serve's own rule: ongoing plus queued requests over the
   target per replica, rounded up. 7 requests at a target of 2 -> 4 replicas.
 - **demand**: the load replicas after an upscale delay (a rise counts once it has lasted
   ``upscale_delay_s``) and a downscale hold (the load must stay low for ``downscale_delay_s`` before demand
   drops), clamped to ``[min, max]``: the arbiter does not move GPUs on a blip or a lull. This is what the
-  arbiter hears.
+  arbiter hears (or the reserve, while that is higher).
 - **reserve**: when a rise of the demand is accepted, the arbiter is asked for ``surge_reserve_fraction``
-  of that rise again (rounded down), ahead of the load (a step in the traffic reaches Serve's averaged metric as a ramp over
-  its look-back, so the first rise is rarely the last): the GPUs for the rest of the ramp are freed in the same
-  reclaim, not in one reclaim per step. Serve does not run them until the load asks; the reserve lapses
-  ``downscale_delay_s`` after the rise that set it.
+  of that rise again (rounded down), ahead of the load (a step in the traffic reaches Serve's averaged
+  metric as a ramp over its look-back, so the first rise is rarely the last): the GPUs for the rest of the
+  ramp are freed in the same reclaim, not in one reclaim per step. Serve does not run them until the load
+  asks; the reserve lapses ``downscale_delay_s`` after the rise that set it.
 - **replicas**: what Serve is told to run: the demand, capped at the grant (see :func:`decide_replicas`).
   With no arbiter reachable (``grant_units is None``) it is the demand alone: Serve's default behaviour
   within ``[min, max]``.

@@ -881,6 +881,9 @@ class ElasticRunner:
             if view.grant.as_dict() != known or not view.registered:
                 known = view.grant.as_dict()
                 self._wake.set()
+            if not view.registered:
+                # The loop registers again at its next heartbeat; until then a watch would return at once.
+                self._stop.wait(self.poll_interval_s)
 
     def _heartbeat(self, blocking: bool = False) -> None:
         snap = self.last_snapshot
