@@ -211,12 +211,12 @@ def _update_reserve(
     (The demand itself cannot fall sooner: it falls ``downscale_delay_s`` after the load fell, and the load
     fell after the rise that set the reserve.)
     """
+    live = old.reserve if now_s - old.reserve_since_s < bounds.downscale_delay_s else 0
     if new.demand > floor and bounds.surge_reserve_fraction > 0:
         ahead = new.demand + int((new.demand - floor) * bounds.surge_reserve_fraction + 1e-9)
-        if old.reserve > ahead and now_s - old.reserve_since_s < bounds.downscale_delay_s:
-            return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
-        return replace(new, reserve=ahead, reserve_since_s=now_s)
-    if old.reserve and now_s - old.reserve_since_s < bounds.downscale_delay_s:
+        if ahead >= live:
+            return replace(new, reserve=ahead, reserve_since_s=now_s)
+    if live:
         return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
     return replace(new, reserve=0, reserve_since_s=0.0)
 

@@ -486,8 +486,11 @@ class ElasticRunner:
         if not self.view.registered:
             raise RunnerError(f"the arbiter refused job {self.spec.name!r}: {self.view.reason}")
         logger.info("job %s registered; grant %s", self.spec.name, self.view.grant)
-        if callable(getattr(self.grants, "watch_grant", None)):
-            threading.Thread(target=self._watch_grant, name=f"grant-watch-{self.spec.name}", daemon=True).start()
+        watch = getattr(self.grants, "watch_grant", None)
+        if callable(watch):
+            threading.Thread(
+                target=self._watch_grant, args=(watch,), name=f"grant-watch-{self.spec.name}", daemon=True
+            ).start()
         finished = False
         try:
             finished = self._loop()
@@ -858,7 +861,7 @@ class ElasticRunner:
 
     # ------------------------------------------------------------------------------- helpers
 
-    def _watch_grant(self) -> None:
+    def _watch_grant(self, watch: Callable[..., GrantView]) -> None:
         """Keeps a ``watch_grant`` call on the arbiter and wakes the loop the moment the grant changes.
 
         The loop heartbeats every ``poll_interval_s`` and reads each reply a round later, so a shrink used to
@@ -869,7 +872,6 @@ class ElasticRunner:
         failures = 0
         while not self._stop.is_set():
             try:
-                watch = self.grants.watch_grant  # type: ignore[attr-defined]
                 view = watch(self.spec.name, known, timeout_s=GRANT_WATCH_S)
                 failures = 0
             except Exception as e:  # the arbiter restarting or gone: heartbeats carry on; try again soon

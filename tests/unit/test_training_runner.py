@@ -191,7 +191,7 @@ def test_a_changed_grant_from_the_held_watch_wakes_the_loop_and_an_unchanged_one
     grants = _WatchedGrants()
     runner = ElasticRunner(load_spec("training/jobs/digits.yaml"), grants)
     runner.view = GrantView("digits", Allocation.of({"H100": 4}))
-    watcher = threading.Thread(target=runner._watch_grant, daemon=True)
+    watcher = threading.Thread(target=runner._watch_grant, args=(grants.watch_grant,), daemon=True)
     watcher.start()
     grants.views.put(GrantView("digits", Allocation.of({"H100": 4})))  # a watch that timed out unchanged
     grants.views.put(GrantView("digits", Allocation.of({"H100": 3})))  # the tick shrank the job
