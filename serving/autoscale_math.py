@@ -17,6 +17,8 @@ Four numbers matter per decision:
   metric as a ramp over its look-back, so the first rise is rarely the last): the GPUs for the rest of the
   ramp are freed in the same reclaim, not in one reclaim per step. Serve does not run them until the load
   asks; the reserve lapses ``downscale_delay_s`` after the rise that set it.
+  A surge (a load ``early_reclaim_min_rise`` or more replicas above the demand) asks for its rise and
+  reserve at once, while its upscale delay still runs: the reclaim overlaps the delay.
 - **replicas**: what Serve is told to run: the demand, capped at the grant (see :func:`decide_replicas`).
   With no arbiter reachable (``grant_units is None``) it is the demand alone: Serve's default behaviour
   within ``[min, max]``.
@@ -55,6 +57,7 @@ class ScalingBounds:
     downscale_delay_s: float = 30.0
     upscale_delay_s: float = 0.0
     surge_reserve_fraction: float = 0.0
+    early_reclaim_min_rise: int = 0
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -70,6 +73,8 @@ class ScalingBounds:
             raise ValueError(f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
         if self.surge_reserve_fraction < 0:
             raise ValueError(f"surge_reserve_fraction must be >= 0, got {self.surge_reserve_fraction}")
+        if self.early_reclaim_min_rise < 0:
+            raise ValueError(f"early_reclaim_min_rise must be >= 0, got {self.early_reclaim_min_rise}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +84,8 @@ class HoldState:
     ``lower_since_s`` is None while the load wants at least ``demand``; ``peak_lower`` is the highest
     load seen since the load started wanting less (demand drops to it, not to the last sample).
     ``above_since_s`` is when the load rose above ``demand`` (None while it is not above): the upscale delay.
-    ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``.
+    ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``;
+    ``reserve_early`` while it was set by a surge still in its upscale delay (not yet accepted).
     """
 
     demand: int = 0
@@ -88,6 +94,7 @@ class HoldState:
     above_since_s: float | None = None
     reserve: int = 0
     reserve_since_s: float = 0.0
+    reserve_early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,20 +188,30 @@ def decide_replicas(
     replicas after the spike (the jobs' restarts slow the replicas) asked for 3 and took a GPU from training
     for nothing (bench/spike.py run M, 07:22:17).
 
+    The early reclaim (``early_reclaim_min_rise`` > 0): a load at least that many replicas above the demand
+    in force asks the arbiter for the rise and its reserve at once, while the upscale delay still runs; Serve
+    still runs them only once the delay has passed. Training's reclaim (a step boundary, a checkpoint, the
+    workers' exit: 0.3-1.2 s in bench/spike.py) then runs during the delay instead of after it. A surge that
+    falls back within the delay drops the ask at once; its cost is the one needless yield of a training job.
+    A rise of one replica (the base load's blips after a spike) never asks early: the minimum is 2 by default.
+
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
     floor = max(state.demand, bounds.min_replicas)
+    early = 0  # a surge still in its upscale delay, whose GPUs the arbiter is asked for already
     if load > floor:
         above_since = obs.now_s if state.above_since_s is None else state.above_since_s
         if obs.now_s - above_since + 1e-9 < bounds.upscale_delay_s:  # (float noise: 0.9 - 0.4 < 0.5)
             new_state = replace(state, above_since_s=above_since)  # not yet: the hold runs on as it was
+            if bounds.early_reclaim_min_rise and load - floor >= bounds.early_reclaim_min_rise:
+                early = min(load, bounds.max_replicas)
         else:
             new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
     else:
         new_state = replace(hold_demand(load, state, obs.now_s, bounds.downscale_delay_s), above_since_s=None)
-    new_state = _update_reserve(state, new_state, floor, obs.now_s, bounds)
+    new_state = _update_reserve(state, new_state, floor, obs.now_s, bounds, early)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
     asked = clamp(max(new_state.demand, new_state.reserve), bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
@@ -204,21 +221,29 @@ def decide_replicas(
 
 
 def _update_reserve(
-    old: HoldState, new: HoldState, floor: int, now_s: float, bounds: ScalingBounds
+    old: HoldState, new: HoldState, floor: int, now_s: float, bounds: ScalingBounds, early: int = 0
 ) -> HoldState:
     """The reserve after one tick: set by an accepted rise, dropped ``downscale_delay_s`` later.
 
     (The demand itself cannot fall sooner: it falls ``downscale_delay_s`` after the load fell, and the load
-    fell after the rise that set the reserve.)
+    fell after the rise that set the reserve.) A surge to ``early`` replicas still in its upscale delay sets
+    it too, unconfirmed: dropped at once if the load falls back before the delay has passed (a blip), kept
+    as any other once the rise is accepted.
     """
     live = old.reserve if now_s - old.reserve_since_s < bounds.downscale_delay_s else 0
-    if new.demand > floor and bounds.surge_reserve_fraction > 0:
-        ahead = new.demand + int((new.demand - floor) * bounds.surge_reserve_fraction + 1e-9)
+    accepted = new.demand > floor
+    # A surge does not replace a reserve already accepted (dropping it with the blip would drop both).
+    rise_to = new.demand if accepted else (early if not live or old.reserve_early else 0)
+    if rise_to > floor and (bounds.surge_reserve_fraction > 0 or early):
+        ahead = rise_to + int((rise_to - floor) * bounds.surge_reserve_fraction + 1e-9)
         if ahead >= live:
-            return replace(new, reserve=ahead, reserve_since_s=now_s)
-    if live:
-        return replace(new, reserve=old.reserve, reserve_since_s=old.reserve_since_s)
-    return replace(new, reserve=0, reserve_since_s=0.0)
+            return replace(new, reserve=ahead, reserve_since_s=now_s, reserve_early=not accepted)
+    if live and (accepted or early or not old.reserve_early or new.above_since_s is not None):
+        unconfirmed = old.reserve_early and not accepted
+        return replace(
+            new, reserve=old.reserve, reserve_since_s=old.reserve_since_s, reserve_early=unconfirmed
+        )
+    return replace(new, reserve=0, reserve_since_s=0.0, reserve_early=False)
 
 
 def held_by_type(

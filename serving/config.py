@@ -84,6 +84,14 @@ class AutoscalingOptions(_Strict):
         "floor(N x this) more GPUs, ahead of the load (freed from training in the same reclaim; Serve runs them "
         "only once the load needs them; they go back after downscale_delay_s if it does not). 0 turns it off.",
     )
+    early_reclaim_min_rise: int = Field(
+        default=2,
+        ge=0,
+        description="With the Tidal policy: a load this many replicas or more above the demand in force asks "
+        "the arbiter for its GPUs (and the reserve) at once, while upscale_delay_s still runs, so that training's "
+        "reclaim overlaps the delay; Serve runs the replicas only once the delay has passed, and a surge that "
+        "falls back within it drops the ask. 0 turns it off.",
+    )
     grant_shrink_delay_s: float = Field(
         default=1.0,
         ge=0,
@@ -118,6 +126,7 @@ class TidalPolicyOptions(_Strict):
     downscale_delay_s: float = Field(default=30.0, ge=0)
     upscale_delay_s: float = Field(default=0.0, ge=0)
     surge_reserve_fraction: float = Field(default=0.0, ge=0, le=10)
+    early_reclaim_min_rise: int = Field(default=0, ge=0)
     heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
     arbiter_name: str = "tidal-arbiter"
     arbiter_namespace: str = "tidal"
@@ -193,6 +202,7 @@ def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
         downscale_delay_s=a.downscale_delay_s,
         upscale_delay_s=a.upscale_delay_s,
         surge_reserve_fraction=a.surge_reserve_fraction,
+        early_reclaim_min_rise=a.early_reclaim_min_rise,
         heartbeat_period_s=a.heartbeat_period_s,
         arbiter_name=a.arbiter_name,
         arbiter_namespace=a.arbiter_namespace,

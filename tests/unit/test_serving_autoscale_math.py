@@ -179,6 +179,47 @@ def test_without_a_reserve_fraction_the_arbiter_hears_the_demand_alone():
     assert (d.demand_units, d.num_replicas, d.state.reserve) == (3, 3, 0)
 
 
+EARLY = replace(SURGE, early_reclaim_min_rise=2)
+
+
+def test_a_surge_asks_for_its_gpus_at_once_and_serve_runs_them_after_the_upscale_delay():
+    # The spike's first sample (1 -> 3): the arbiter hears 3 + 1 while the 0.5 s delay runs; Serve stays at 1.
+    d = ramp([(0.0, 3)], EARLY)
+    assert (d.demand_units, d.num_replicas, d.state.reserve_early) == (4, 1, True)
+    assert ramp([(0.0, 3)], SURGE).demand_units == 1  # without it: nothing until the delay has passed
+    # Delay passed: the rise is accepted, Serve runs 3 on GPUs already freed, the reserve is confirmed.
+    d = ramp([(0.0, 3), (0.5, 3)], EARLY)
+    assert (d.demand_units, d.num_replicas, d.state.reserve_early) == (4, 3, False)
+    # A later, smaller accepted rise keeps the surge's ask (no give-back and retake within the ramp).
+    d = ramp([(0.0, 4), (0.25, 3), (0.5, 3)], EARLY)
+    assert (d.demand_units, d.num_replicas) == (5, 3)
+
+
+def test_a_surge_that_falls_back_within_the_delay_drops_its_ask_at_once():
+    d = ramp([(0.0, 3), (0.25, 1)], EARLY)
+    assert (d.demand_units, d.num_replicas, d.state.reserve) == (1, 1, 0)
+    # Still above the demand by less than the minimum rise: the delay runs on, and so does the ask.
+    d = ramp([(0.0, 3), (0.25, 2)], EARLY)
+    assert (d.demand_units, d.num_replicas) == (4, 1)
+
+
+def test_a_rise_below_the_minimum_never_asks_early():
+    d = ramp([(0.0, 2)], EARLY)
+    assert (d.demand_units, d.num_replicas, d.state.reserve) == (1, 1, 0)
+    assert ramp([(0.0, 3)], replace(EARLY, early_reclaim_min_rise=3)).demand_units == 1
+
+
+def test_a_surge_blip_never_takes_away_a_reserve_already_accepted():
+    # 1 -> 5 accepted at 0.5 (asks 7); a blip to 8 at 1.0 falls back at 1.25: the accepted reserve stays.
+    d = ramp([(0.0, 5), (0.5, 5), (1.0, 8), (1.25, 5)], EARLY)
+    assert (d.demand_units, d.num_replicas, d.state.reserve, d.state.reserve_early) == (7, 5, 7, False)
+
+
+def test_without_a_reserve_fraction_a_surge_asks_for_the_load_alone():
+    d = ramp([(0.0, 3)], replace(EARLY, surge_reserve_fraction=0.0))
+    assert (d.demand_units, d.num_replicas) == (3, 1)
+
+
 def test_scaling_bounds_refuse_nonsense():
     with pytest.raises(ValueError, match="min_replicas"):
         ScalingBounds(min_replicas=3, max_replicas=2, target_ongoing_requests=1)
@@ -188,6 +229,8 @@ def test_scaling_bounds_refuse_nonsense():
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=-1)
     with pytest.raises(ValueError, match="surge_reserve_fraction"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, surge_reserve_fraction=-1)
+    with pytest.raises(ValueError, match="early_reclaim_min_rise"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, early_reclaim_min_rise=-1)
 
 
 def test_unknown_replicas_fill_the_grant_before_spilling_to_the_preferred_type():
@@ -239,9 +282,10 @@ def test_recent_calls_or_running_replicas_keep_the_last_demand():
     target=st.floats(min_value=0.1, max_value=50),
     up=st.sampled_from([0.0, 0.5]),
     surge=st.sampled_from([0.0, 1.0, 2.5]),
+    early=st.sampled_from([0, 1, 2]),
 )
 def test_replicas_never_exceed_the_grant_unless_the_minimum_does(
-    total, min_r, extra, grant, target, up, surge
+    total, min_r, extra, grant, target, up, surge, early
 ):
     bounds = ScalingBounds(
         min_r,
@@ -250,6 +294,7 @@ def test_replicas_never_exceed_the_grant_unless_the_minimum_does(
         downscale_delay_s=0,
         upscale_delay_s=up,
         surge_reserve_fraction=surge,
+        early_reclaim_min_rise=early,
     )
     d = decide_replicas(obs(total), bounds, HoldState(), grant)
     assert bounds.min_replicas <= d.demand_units <= bounds.max_replicas
