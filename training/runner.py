@@ -189,6 +189,10 @@ class _Attempt:
     first_step_s: float = float("inf")  # when the runner saw its first step (clock time)
     released: bool = False  # its workers' GPUs were freed on the yield's acknowledgement (JobSignal.ack_yield)
     held_pgs: tuple[Any, ...] = ()  # the hold handed to this attempt's controller (removed by the runner if it never was)
+    # A releasing yield asked while it had not been seen training gets STARTING_YIELD_GRACE_S; this is the
+    # yield's own deadline, restored if the attempt is seen training before that (it checkpoints then).
+    starting_yield_full_deadline_s: float | None = None
+    starting_yield: bool = False
 
 
 @dataclass
@@ -355,6 +359,22 @@ def starting_yield_deadline(now: float, deadline_s: float | None) -> float:
     """
     soon = now + STARTING_YIELD_GRACE_S
     return soon if deadline_s is None else min(deadline_s, soon)
+
+
+def restore_yield_grace(state: ElasticState, attempt: _Attempt) -> ElasticState:
+    """The state once a starting attempt is seen training while its shortened yield runs: the yield's own
+    deadline back (and the attempt's note of it cleared); ``state`` itself otherwise.
+
+    A loop that trains checkpoints at its next step boundary. bench/spike.py run Q, 2026-11-23 11:11:21:
+    demo-hi, restarting on two busy cores, finished step 159 after the request, and the runner stopped it
+    2 s after the request, in step 160: 1 step lost.
+
+    Example: YIELDING with deadline 102 (asked at 100, own deadline 120) -> YIELDING with deadline 120.
+    """
+    if not attempt.starting_yield or state.phase is not Phase.YIELDING:
+        return state
+    attempt.starting_yield = False
+    return dataclasses.replace(state, yield_deadline_s=attempt.starting_yield_full_deadline_s)
 
 
 YIELD_POLL_S = 0.05
@@ -565,6 +585,8 @@ class ElasticRunner:
                         # (bench/spike.py, 2026-11-22 14:16; suspected: the hold asked for below, the whole
                         # new grant, took the GPUs its worker group waited for). A grow yields at the first
                         # step instead.
+                        self.attempt.starting_yield = True
+                        self.attempt.starting_yield_full_deadline_s = deadline
                         deadline = starting_yield_deadline(now, deadline)
                     ray.get(self._signal.request_yield.remote(self.attempt.index, str(reason)))
                     self.attempt.yield_requested_s, self.attempt.yield_reason = now, str(reason)
@@ -906,6 +928,10 @@ class ElasticRunner:
         ):
             self.attempt.first_step_noted = True
             self.attempt.first_step_s = self.clock()
+            restored = restore_yield_grace(self.state, self.attempt)
+            if restored is not self.state:
+                self.state = restored
+                logger.info("job %s attempt %d: training; its yield gets its whole grace", self.spec.name, self.attempt.index)
             resumed_from = next(
                 (h.get("resumed_from") for h in snap.get("history") or [] if h.get("attempt") == self.attempt.index), None
             )

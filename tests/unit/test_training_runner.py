@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from cluster.model import Allocation, TrainingJobSpec
+from training.elastic import ElasticState, Phase, Target, YieldReason
 from training.runner import (
     YIELD_POLL_S,
     YIELD_POLL_WINDOW_S,
     CapacityGrantSource,
+    _Attempt,
     attempt_wait_s,
     metric_reached,
     restart_due,
     restart_not_before,
+    restore_yield_grace,
     spares_due,
     starting_yield_deadline,
 )
@@ -78,6 +81,21 @@ def test_a_starting_attempt_asked_to_give_gpus_back_gets_a_short_grace_not_none(
     assert starting_yield_deadline(100.0, 120.0) == 102.0
     assert starting_yield_deadline(100.0, None) == 102.0
     assert starting_yield_deadline(100.0, 101.0) == 101.0  # never later than the yield's own deadline
+
+
+def test_a_starting_attempt_seen_training_during_its_short_yield_gets_the_whole_grace_back():
+    attempt = _Attempt(index=2, target=Target("H100", 4), started_s=90.0, start_step=158)
+    attempt.starting_yield, attempt.starting_yield_full_deadline_s = True, 120.0
+    running = ElasticState().started(Target("H100", 4), 90.0)
+    state = running.yielding(YieldReason.SHRINK, 100.0, starting_yield_deadline(100.0, 120.0))
+    restored = restore_yield_grace(state, attempt)
+    assert (restored.phase, restored.yield_deadline_s, attempt.starting_yield) == (Phase.YIELDING, 120.0, False)
+    assert restore_yield_grace(restored, attempt) is restored  # once only
+    # Nothing to restore: a yield asked after the first step, or no yield running.
+    plain = _Attempt(index=3, target=Target("H100", 4), started_s=90.0, start_step=158)
+    assert restore_yield_grace(state, plain) is state
+    attempt.starting_yield = True
+    assert restore_yield_grace(running, attempt) is running
 
 
 class _FakePg:
