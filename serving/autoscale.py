@@ -268,6 +268,7 @@ class TidalAutoscalingPolicy:
             upscale_delay_s=self.options.upscale_delay_s,
             surge_reserve_fraction=self.options.surge_reserve_fraction,
             early_reclaim_min_rise=self.options.early_reclaim_min_rise,
+            ramp_window_s=self.options.ramp_window_s,
         )
         self.link = ArbiterLink(self.spec, self.options, self.client_factory, self.clock)
         self._hold = HoldState()

@@ -58,6 +58,7 @@ class ScalingBounds:
     upscale_delay_s: float = 0.0
     surge_reserve_fraction: float = 0.0
     early_reclaim_min_rise: int = 0
+    ramp_window_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -73,6 +74,8 @@ class ScalingBounds:
             raise ValueError(f"upscale_delay_s must be >= 0, got {self.upscale_delay_s}")
         if self.surge_reserve_fraction < 0:
             raise ValueError(f"surge_reserve_fraction must be >= 0, got {self.surge_reserve_fraction}")
+        if self.ramp_window_s < 0:
+            raise ValueError(f"ramp_window_s must be >= 0, got {self.ramp_window_s}")
         if self.early_reclaim_min_rise < 0:
             raise ValueError(f"early_reclaim_min_rise must be >= 0, got {self.early_reclaim_min_rise}")
 
@@ -86,6 +89,7 @@ class HoldState:
     ``above_since_s`` is when the load rose above ``demand`` (None while it is not above): the upscale delay.
     ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``;
     ``reserve_early`` while it was set by a surge still in its upscale delay (not yet accepted).
+    ``ramp_base`` is the demand before the ramp that the last rise (at ``ramp_at_s``) belongs to.
     """
 
     demand: int = 0
@@ -95,6 +99,8 @@ class HoldState:
     reserve: int = 0
     reserve_since_s: float = 0.0
     reserve_early: bool = False
+    ramp_base: int = 0
+    ramp_at_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,23 +201,35 @@ def decide_replicas(
     falls back within the delay drops the ask at once; its cost is the one needless yield of a training job.
     A rise of one replica (the base load's blips after a spike) never asks early: the minimum is 2 by default.
 
+    The ramp (``ramp_window_s`` > 0, the deployment's look-back period): a rise within that long of the last
+    one continues the same ramp, and both the reserve and the early reclaim count it from the ramp's base. A
+    step of the traffic reached the hook as 1, 2, 3, then 4 replicas' worth in some runs of bench/spike.py
+    (run R, 2026-11-23 11:20 and 11:24, as 1, 3, 4 in others): steps of one replica each, which neither asked
+    for a reserve nor early, and each became a reclaim of its own, 1.4-1.7 s apart. Counted from the base,
+    1 -> 2 -> 3 asks for 3 + 1 at once, and early.
+
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
     floor = max(state.demand, bounds.min_replicas)
+    # A rise within ramp_window_s of the last one continues its ramp: counted from the ramp's base.
+    ramp_live = state.ramp_at_s is not None and obs.now_s - state.ramp_at_s < bounds.ramp_window_s
+    base = min(state.ramp_base, floor) if ramp_live else floor
     early = 0  # a surge still in its upscale delay, whose GPUs the arbiter is asked for already
     if load > floor:
         above_since = obs.now_s if state.above_since_s is None else state.above_since_s
         if obs.now_s - above_since + 1e-9 < bounds.upscale_delay_s:  # (float noise: 0.9 - 0.4 < 0.5)
             new_state = replace(state, above_since_s=above_since)  # not yet: the hold runs on as it was
-            if bounds.early_reclaim_min_rise and load - floor >= bounds.early_reclaim_min_rise:
+            if bounds.early_reclaim_min_rise and load - base >= bounds.early_reclaim_min_rise:
                 early = min(load, bounds.max_replicas)
         else:
             new_state = hold_demand(load, state, obs.now_s, bounds.downscale_delay_s)
     else:
         new_state = replace(hold_demand(load, state, obs.now_s, bounds.downscale_delay_s), above_since_s=None)
-    new_state = _update_reserve(state, new_state, floor, obs.now_s, bounds, early)
+    new_state = _update_reserve(state, new_state, floor, base, obs.now_s, bounds, early)
+    if new_state.demand > floor or early:
+        new_state = replace(new_state, ramp_base=base, ramp_at_s=obs.now_s)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
     asked = clamp(max(new_state.demand, new_state.reserve), bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
@@ -221,7 +239,7 @@ def decide_replicas(
 
 
 def _update_reserve(
-    old: HoldState, new: HoldState, floor: int, now_s: float, bounds: ScalingBounds, early: int = 0
+    old: HoldState, new: HoldState, floor: int, base: int, now_s: float, bounds: ScalingBounds, early: int = 0
 ) -> HoldState:
     """The reserve after one tick: set by an accepted rise, dropped ``downscale_delay_s`` later.
 
@@ -232,10 +250,11 @@ def _update_reserve(
     """
     live = old.reserve if now_s - old.reserve_since_s < bounds.downscale_delay_s else 0
     accepted = new.demand > floor
-    # A surge does not replace a reserve already accepted (dropping it with the blip would drop both).
-    rise_to = new.demand if accepted else (early if not live or old.reserve_early else 0)
+    # A surge does not replace a reserve already accepted (dropping it with the blip would drop both), if
+    # that reserve is more than the demand in force.
+    rise_to = new.demand if accepted else (early if live <= floor or old.reserve_early else 0)
     if rise_to > floor and (bounds.surge_reserve_fraction > 0 or early):
-        ahead = rise_to + int((rise_to - floor) * bounds.surge_reserve_fraction + 1e-9)
+        ahead = rise_to + int((rise_to - base) * bounds.surge_reserve_fraction + 1e-9)
         if ahead >= live:
             return replace(new, reserve=ahead, reserve_since_s=now_s, reserve_early=not accepted)
     if live and (accepted or early or not old.reserve_early or new.above_since_s is not None):

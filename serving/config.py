@@ -127,6 +127,7 @@ class TidalPolicyOptions(_Strict):
     upscale_delay_s: float = Field(default=0.0, ge=0)
     surge_reserve_fraction: float = Field(default=0.0, ge=0, le=10)
     early_reclaim_min_rise: int = Field(default=0, ge=0)
+    ramp_window_s: float = Field(default=0.0, ge=0)
     heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
     arbiter_name: str = "tidal-arbiter"
     arbiter_namespace: str = "tidal"
@@ -203,6 +204,8 @@ def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
         upscale_delay_s=a.upscale_delay_s,
         surge_reserve_fraction=a.surge_reserve_fraction,
         early_reclaim_min_rise=a.early_reclaim_min_rise,
+        # A step of the traffic reaches Serve's averaged metric as a ramp one look-back long.
+        ramp_window_s=a.look_back_period_s,
         heartbeat_period_s=a.heartbeat_period_s,
         arbiter_name=a.arbiter_name,
         arbiter_namespace=a.arbiter_namespace,

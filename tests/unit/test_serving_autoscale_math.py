@@ -220,6 +220,24 @@ def test_without_a_reserve_fraction_a_surge_asks_for_the_load_alone():
     assert (d.demand_units, d.num_replicas) == (3, 1)
 
 
+RAMP = replace(EARLY, ramp_window_s=2.0)
+
+
+def test_a_ramp_of_single_steps_is_counted_from_its_base():
+    # Run R's spike: 1, 2, 3, 4 replicas' worth, 0.5-1.5 s apart. Without the window: one reclaim a step.
+    steps = [(0.0, 2), (0.5, 2), (1.0, 3), (1.1, 3)]
+    assert ramp(steps, EARLY).demand_units == 2  # 2 -> 3 is a rise of one: no reserve, not early
+    d = ramp(steps, RAMP)
+    assert (d.demand_units, d.num_replicas, d.state.reserve_early) == (4, 2, True)  # 3 + (3 - 1) / 2, early
+    d = ramp([*steps, (1.5, 3)], RAMP)
+    assert (d.demand_units, d.num_replicas, d.state.reserve_early) == (4, 3, False)
+
+
+def test_a_rise_after_the_ramp_window_starts_a_ramp_of_its_own():
+    d = ramp([(0.0, 2), (0.5, 2), (2.5, 3), (2.6, 3), (3.0, 3)], RAMP)
+    assert (d.demand_units, d.num_replicas) == (3, 3)  # 2 -> 3 two seconds after the last rise: one replica
+
+
 def test_scaling_bounds_refuse_nonsense():
     with pytest.raises(ValueError, match="min_replicas"):
         ScalingBounds(min_replicas=3, max_replicas=2, target_ongoing_requests=1)
@@ -229,6 +247,8 @@ def test_scaling_bounds_refuse_nonsense():
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=-1)
     with pytest.raises(ValueError, match="surge_reserve_fraction"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, surge_reserve_fraction=-1)
+    with pytest.raises(ValueError, match="ramp_window_s"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, ramp_window_s=-1)
     with pytest.raises(ValueError, match="early_reclaim_min_rise"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, early_reclaim_min_rise=-1)
 
