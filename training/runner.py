@@ -365,9 +365,9 @@ def restore_yield_grace(state: ElasticState, attempt: _Attempt) -> ElasticState:
     """The state once a starting attempt is seen training while its shortened yield runs: the yield's own
     deadline back (and the attempt's note of it cleared); ``state`` itself otherwise.
 
-    A loop that trains checkpoints at its next step boundary. bench/spike.py run Q, 2026-11-23 11:11:21:
-    demo-hi, restarting on two busy cores, finished step 159 after the request, and the runner stopped it
-    2 s after the request, in step 160: 1 step lost.
+    A loop that trains checkpoints at its next step boundary. bench/spike.py run Q, 2026-11-23 11:11:19-22:
+    demo-hi, restarting on two busy cores from checkpoint 158, was asked to yield, made step 159, and was
+    stopped by force 2 s after the request, before its next step boundary: 1 step lost.
 
     Example: YIELDING with deadline 102 (asked at 100, own deadline 120) -> YIELDING with deadline 120.
     """
