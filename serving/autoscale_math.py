@@ -257,8 +257,9 @@ def _update_reserve(
         ahead = rise_to + int((rise_to - base) * bounds.surge_reserve_fraction + 1e-9)
         if ahead >= live:
             return replace(new, reserve=ahead, reserve_since_s=now_s, reserve_early=not accepted)
-    if live and (accepted or early or not old.reserve_early or new.above_since_s is not None):
-        unconfirmed = old.reserve_early and not accepted
+    unconfirmed = old.reserve_early and not accepted
+    fell_back = unconfirmed and new.above_since_s is None  # a surge's load back at the demand: a blip
+    if live and not fell_back:
         return replace(
             new, reserve=old.reserve, reserve_since_s=old.reserve_since_s, reserve_early=unconfirmed
         )
