@@ -7,6 +7,7 @@ Example ``policy.yaml``::
     prices_per_gpu_hour: {H100: 2.49, H200: 3.29, A100: 1.29, RTX4090: 0.34}
     speeds: {H100: 3.0, H200: 3.6, A100: 2.0, RTX4090: 1.0}
     headroom_fraction: 0.1
+    restart_hold_s: 60             # a job stopped for a service waits this long after the last pressure
     static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
     guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
     arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15}
@@ -90,6 +91,12 @@ class PolicyConfigModel(_Strict):
     prices_per_gpu_hour: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     speeds: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPEEDS))
     headroom_fraction: float = Field(0.1, ge=0, le=10)
+    restart_hold_s: float = Field(
+        60.0,
+        ge=0,
+        description="A job stopped for a service starts again once its GPU type has had no service "
+        "reclaim or unmet service demand for this long (tidal policy).",
+    )
     static: StaticModel = Field(default_factory=StaticModel)
     guards: GuardsModel = Field(default_factory=GuardsModel)
     arbiter: ArbiterModel = Field(default_factory=ArbiterModel)
@@ -172,7 +179,9 @@ def build_policy(cfg: PolicyConfigModel) -> GuardedPolicy:
     """The configured policy, wrapped in the guards."""
     inner: Policy
     if cfg.policy == "tidal":
-        inner = TidalPolicy(TidalPolicyConfig(cfg.headroom_fraction, dict(cfg.speeds)))
+        inner = TidalPolicy(
+            TidalPolicyConfig(cfg.headroom_fraction, dict(cfg.speeds), restart_hold_s=cfg.restart_hold_s)
+        )
     elif cfg.policy == "static":
         inner = StaticSplitPolicy(
             StaticSplitConfig(

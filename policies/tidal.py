@@ -1,21 +1,32 @@
 """The default Tidal policy: serving gets what its load needs, training gets the rest.
 
-1. Services get the replicas their demand needs, plus headroom, on their preferred GPU types first,
-   into free GPUs first.
-2. When free GPUs run out, a service reclaims from training: on the types it accepts (most preferred
-   first), from preemptible jobs of lower priority, lowest priority first, units above a job's minimum
-   before any job is stopped, cheapest loss first (the job whose shrink alone covers the need, then the
-   least work since its last checkpoint).
+Priorities decide (as in Kueue and KAI): a workload's claim outranks every preemptible job of lower
+priority, waiting or running, and a job's minimum protects it only against workloads of its own
+priority or lower.
+
+1. Services get their minimum, then, level by level from the highest priority down, the waiting jobs
+   of that priority or higher start and the services of that priority grow to their want (demand plus
+   headroom). A waiting job never starts on GPUs that a higher-priority service's demand needs.
+2. A service takes free GPUs first, on its preferred types first. When they run out it reclaims from
+   preemptible jobs of lower priority on the types it accepts (most preferred first): first the units
+   above those jobs' minimums, then whole jobs (the job yields at a step boundary, checkpoints and
+   waits, losing nothing), lowest priority first, cheapest loss first (the job whose shrink alone
+   covers the need, then the least work since its last checkpoint).
 3. Training gets the rest, by priority; within a priority, waiting jobs get their minimum first, then
    free GPUs are shared by weight. A job runs on one GPU type at a time and keeps it; a new job goes to
    the accepted type where it runs fastest (a per-type speed table, Gavel's idea) among those that fit.
    A higher-priority waiting job may stop lower-priority preemptible jobs to get its minimum.
+4. No churn: a job stopped for a service waits until the GPU type it was stopped on has seen no
+   service reclaim and no unmet service demand for ``restart_hold_s``; meanwhile its GPUs serve the
+   service or other jobs, never idle. (The service's side of the hysteresis is the guards' hold of
+   its demand over the downscale window, ``policies.guards``.)
 
 Non-preemptible jobs are never reclaimed. Growth is batched by the guards (``policies.guards``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -34,11 +45,14 @@ class TidalPolicyConfig:
         headroom_fraction: extra replicas above demand, rounded down: 0.1 turns 10 into 11, 1 into 1.
         speeds: relative training throughput per GPU type (H100 3.0 means 3x an RTX4090 at 1.0).
         default_speed: speed of a type missing from ``speeds``.
+        restart_hold_s: how long a job stopped for a service waits, after the last service reclaim or
+            unmet service demand on the GPU type it was stopped on, before it may start again.
     """
 
     headroom_fraction: float = 0.1
     speeds: Mapping[GpuType, float] = field(default_factory=dict)
     default_speed: float = 1.0
+    restart_hold_s: float = 60.0
 
 
 def service_want(w: WorkloadSnapshot, headroom_fraction: float) -> int:
@@ -66,16 +80,99 @@ class TidalPolicy:
 
     def decide(self, snapshot: ClusterSnapshot, state: PolicyState) -> tuple[PolicyDecision, PolicyState]:
         ws = Workspace(snapshot)
-        want = {w.name: service_want(w, self.config.headroom_fraction) for w in ws.services()}
+        now = snapshot.now_s
+        services = ws.services()
+        want = {w.name: service_want(w, self.config.headroom_fraction) for w in services}
+        held = RestartHold.from_state(state, ws.workloads)
         # 1. What nobody wants any more goes back.
         shrink_to_want(ws, want)
-        # 2. Minimums first, services' then jobs', so that every minimum holds while the cluster can
-        #    hold them all; 3. then services grow to their want; 4. then training grows into the rest.
-        fill_services(ws, {w.name: min(want[w.name], w.spec.min_units) for w in ws.services()}, reclaim=True)
-        start_jobs(ws, self.speed, preempt=True)
-        fill_services(ws, want, reclaim=True)
+        # 2. Service minimums first.
+        fill_services(ws, {w.name: min(want[w.name], w.spec.min_units) for w in services}, reclaim=True)
+        # 3. Level by level, highest priority first: the waiting jobs of this priority or higher start
+        #    (a job's minimum is protected against workloads of its own priority or lower), then the
+        #    services of this priority grow to their want, reclaiming from lower-priority jobs down to
+        #    zero if their demand needs it.
+        levels = sorted({w.spec.priority for w in services}, reverse=True)
+        hold = held.holding(now, self.config.restart_hold_s)
+        above: int | None = None
+        for level in levels:
+            start_jobs(ws, self.speed, preempt=True, priorities=(level, above), hold=hold)
+            fill_services(ws, want, reclaim=True, priority=level)
+            above = level
+        start_jobs(ws, self.speed, preempt=True, priorities=(None, above), hold=hold)
+        # 4. Training grows into the rest.
         grow_jobs(ws)
-        return ws.decision(), state
+        decision = ws.decision()
+        return decision, held.after(decision, snapshot, want).to_state(state)
+
+
+class RestartHold:
+    """The job's side of the no-churn rule: jobs stopped for a service, and when each GPU type last
+    saw service pressure (a reclaim for a service on it, or a service short of its want that accepts
+    it). Kept in the policy state under ``restart_hold`` (JSON-able) and carried between decisions.
+
+    Example: a job stopped on H100 at t=100 s, ``restart_hold_s`` 60, the service reclaims on H100
+    again at t=130 s: the job may start again from t=190 s, if no later pressure on H100 moves it on.
+    """
+
+    KEY = "restart_hold"
+
+    def __init__(self, stopped: dict[str, tuple[GpuType, float]], pressure: dict[GpuType, float]) -> None:
+        self.stopped = stopped
+        self.pressure = pressure
+
+    @classmethod
+    def from_state(cls, state: PolicyState, workloads: Mapping[str, WorkloadSnapshot]) -> RestartHold:
+        data = state.data.get(cls.KEY) or {}
+        stopped = {n: (t, float(at)) for n, (t, at) in (data.get("stopped") or {}).items() if n in workloads}
+        pressure = {t: float(at) for t, at in (data.get("pressure") or {}).items()}
+        return cls(stopped, pressure)
+
+    def holding(self, now_s: float, hold_s: float) -> dict[str, str]:
+        """The stopped jobs that may not start yet, each with the reason it waits."""
+        out: dict[str, str] = {}
+        for name, (t, _) in self.stopped.items():
+            last = self.pressure.get(t, -math.inf)
+            if now_s - last < hold_s:
+                out[name] = (
+                    f"waiting: stopped for a higher-priority service on {t}; starts again once {t} has "
+                    f"had no service reclaim or unmet service demand for {hold_s:g} s "
+                    f"(last {now_s - last:.0f} s ago)"
+                )
+        return out
+
+    def after(self, decision: PolicyDecision, snapshot: ClusterSnapshot, want: Mapping[str, int]) -> RestartHold:
+        """The hold after ``decision``: new stops and pressure recorded, restarted jobs let go."""
+        now = snapshot.now_s
+        stopped, pressure = dict(self.stopped), dict(self.pressure)
+        targets, grants = decision.targets, snapshot.grants
+        for r in decision.reclaims:
+            if r.recipient in want:
+                pressure[r.gpu_type] = now
+                before = grants.get(r.donor)
+                if before is not None and before.total() > 0 and r.donor not in targets:
+                    stopped[r.donor] = (r.gpu_type, now)
+        if want:
+            for w in snapshot.workloads:
+                name = w.spec.name
+                if name in want:
+                    target = targets.get(name)
+                    if (target.total() if target is not None else 0) < want[name]:
+                        for t in w.spec.gpu_types:
+                            pressure[t] = now
+        for name in [n for n in stopped if n in targets]:
+            del stopped[name]  # it started again
+        return RestartHold(stopped, pressure)
+
+    def to_state(self, state: PolicyState) -> PolicyState:
+        if not self.stopped and not self.pressure and self.KEY not in state.data:
+            return state
+        data = dict(state.data)
+        data[self.KEY] = {
+            "stopped": {n: [t, at] for n, (t, at) in sorted(self.stopped.items())},
+            "pressure": dict(sorted(self.pressure.items())),
+        }
+        return PolicyState(data)
 
 
 # ------------------------------------------------------------------------------ shared building blocks
@@ -106,24 +203,33 @@ def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
             excess -= ws.shrink(name, t, excess)
 
 
-def fill_services(ws: Workspace, want: Mapping[str, int], *, reclaim: bool) -> None:
-    """Grows services to ``want``: free GPUs first (preferred types first), then, if ``reclaim``,
-    GPUs above their minimum taken from lower-priority preemptible training jobs."""
+def fill_services(
+    ws: Workspace, want: Mapping[str, int], *, reclaim: bool, priority: int | None = None
+) -> None:
+    """Grows services (those of ``priority``, or all) to ``want``: free GPUs first (preferred types
+    first); then, if ``reclaim``, GPUs of lower-priority preemptible training jobs: their units above
+    minimum on every accepted type first, then whole jobs (stopped: they wait, having checkpointed)."""
     for s in _by_priority(ws.services()):
+        spec = s.spec
+        if priority is not None and spec.priority != priority:
+            continue
         need = want[s.name] - ws.units(s.name)
         if need <= 0:
             continue
-        for t in s.spec.gpu_types:
+        for t in spec.gpu_types:
             need -= ws.place(s.name, t, need)
             if need <= 0:
                 break
         if need > 0 and reclaim:
-            for t in s.spec.gpu_types:
-                if ws.reclaimable_gpus(t, s.spec.priority, include_min=False) < s.spec.gpus_per_unit - 1e-9:
-                    continue
-                donors = _donors(ws, t, s.spec.priority, need * s.spec.gpus_per_unit)
-                if donors:
-                    need -= ws.reclaim_for(s.name, t, need, donors, [])
+            for include_min in (False, True):
+                for t in spec.gpu_types:
+                    if ws.reclaimable_gpus(t, spec.priority, include_min) < spec.gpus_per_unit - 1e-9:
+                        continue
+                    donors = _donors(ws, t, spec.priority, need * spec.gpus_per_unit, include_min)
+                    if donors:
+                        need -= ws.reclaim_for(s.name, t, need, donors, donors if include_min else [])
+                    if need <= 0:
+                        break
                 if need <= 0:
                     break
         if need > 0:
@@ -194,12 +300,17 @@ def start_jobs(
     preempt: bool,
     greedy: bool = False,
     order: Callable[[WorkloadSnapshot], tuple] | None = None,
+    priorities: tuple[int | None, int | None] = (None, None),
+    hold: Mapping[str, str] | None = None,
 ) -> None:
     """Starts waiting jobs, priority level by priority level (or in ``order``, e.g. arrival).
 
     A job gets its minimum on the fastest accepted type that fits (``greedy``: everything it wants
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
+
+    ``priorities`` (low, high): only jobs with ``low <= priority < high`` (None: no bound). ``hold``:
+    jobs that may not start now, each with the reason it waits.
 
     A long queue stays cheap: a waiting job of a kind (types, unit, minimum, priority) already found
     unable to start, with nothing changed in the workspace since, costs a lookup and reuses its
@@ -212,6 +323,21 @@ def start_jobs(
     kinds, known = _KINDS, _KINDS.by_id.get
     changes = ws.changes  # moves only inside _start_job
     jobs = ws.jobs()
+    low, high = priorities
+    if low is not None or high is not None or hold:
+        lo = -math.inf if low is None else low
+        hi = math.inf if high is None else high
+        held = hold or {}
+        kept = []
+        for w in jobs:
+            p = w.spec.priority
+            if lo <= p < hi:
+                reason = held.get(w.spec.name)
+                if reason is None:
+                    kept.append(w)
+                elif not units_of(w.spec.name):
+                    append(Infeasible(w.spec.name, reason))
+        jobs = kept
     if not preempt:
         # Without preemption no job loses units during the walk, so the running ones (and those that
         # want nothing) can be left out before the sort.

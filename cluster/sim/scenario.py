@@ -23,6 +23,9 @@ Format::
     bounds:
       tidal: {slo_minutes: {min: 0.97}}
       ray-alone: {slo_minutes: {max: 0.9}}
+    compare:                             # a metric against another policy's (or another metric)
+      - {policy: tidal, metric: avg_jct_s, of_policy: static, max_ratio: 0.667}
+      - {policy: tidal, metric: gpu_allocation_ratio, of_metric: oracle_allocation_ratio, min_ratio: 0.95}
 """
 
 from __future__ import annotations
@@ -125,6 +128,30 @@ class Bound(_Strict):
     max: float | None = None
 
 
+class Comparison(_Strict):
+    """``policy.metric / of_policy.of_metric`` within ``[min_ratio, max_ratio]`` (each defaults to the
+    policy and metric compared)."""
+
+    policy: str
+    metric: str
+    of_policy: str | None = None
+    of_metric: str | None = None
+    min_ratio: float | None = Field(None, ge=0)
+    max_ratio: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _something_to_check(self) -> Comparison:
+        if self.min_ratio is None and self.max_ratio is None:
+            raise ValueError("compare: give min_ratio, max_ratio or both")
+        if self.of_policy is None and self.of_metric is None:
+            raise ValueError("compare: give of_policy, of_metric or both (else it compares a metric to itself)")
+        return self
+
+    def describe(self) -> str:
+        ref = f"{self.of_policy or self.policy}.{self.of_metric or self.metric}"
+        return f"{self.policy}.{self.metric} / {ref}"
+
+
 class ScenarioModel(_Strict):
     name: str
     description: str = ""
@@ -136,6 +163,7 @@ class ScenarioModel(_Strict):
     jobs: list[JobModel] = Field(default_factory=list)
     job_stream: JobStream | None = None
     bounds: dict[str, dict[str, Bound]] = Field(default_factory=dict)
+    compare: list[Comparison] = Field(default_factory=list)
 
 
 def load_scenario(path: str | Path) -> ScenarioModel:
@@ -185,4 +213,28 @@ def check_bounds(s: ScenarioModel, results: dict[str, PolicyResult]) -> list[str
             v = results[policy].get(metric)
             if v is None or (b.min is not None and v < b.min) or (b.max is not None and v > b.max):
                 out.append(f"{s.name}: {policy}.{metric} = {v!r}, outside [{b.min}, {b.max}]")
+    for c in s.compare:
+        ref_policy = c.of_policy or c.policy
+        missing = [p for p in (c.policy, ref_policy) if p not in results]
+        if missing:
+            out.append(f"{s.name}: {c.describe()}: {', '.join(missing)} did not run (policies: {', '.join(results)})")
+            continue
+        v = results[c.policy].get(c.metric)
+        ref = results[ref_policy].get(c.of_metric or c.metric)
+        if v is None or ref is None or ref == 0:
+            out.append(f"{s.name}: {c.describe()}: cannot compare {v!r} with {ref!r}")
+            continue
+        r = v / ref
+        if (c.min_ratio is not None and r < c.min_ratio) or (c.max_ratio is not None and r > c.max_ratio):
+            out.append(f"{s.name}: {c.describe()} = {v:g} / {ref:g} = {r:.4f}, outside [{c.min_ratio}, {c.max_ratio}]")
+    return out
+
+
+def comparisons(s: ScenarioModel, results: dict[str, PolicyResult]) -> dict[str, float | None]:
+    """Each comparison's ratio, by its description (None where it cannot be computed)."""
+    out: dict[str, float | None] = {}
+    for c in s.compare:
+        v = results.get(c.policy, {}).get(c.metric)
+        ref = results.get(c.of_policy or c.policy, {}).get(c.of_metric or c.metric)
+        out[c.describe()] = v / ref if v is not None and ref else None
     return out

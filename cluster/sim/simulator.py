@@ -256,6 +256,9 @@ class Simulator:
         self.jobs_finished = 0
         self.preemptions = 0
         self.forced_stops = 0
+        self.job_stops = 0
+        self.job_restarts = 0
+        self.job_quick_restops = 0
         self.lost_gpu_s = 0.0
         self.overhead_gpu_s = 0.0
         # oracle: min(demand, capacity), integrated
@@ -344,6 +347,9 @@ class Simulator:
     def _absorb(self, job: SimTrainingJob) -> None:
         self.preemptions += job.preemptions
         self.forced_stops += job.forced_stops
+        self.job_stops += job.stops
+        self.job_restarts += job.restarts
+        self.job_quick_restops += job.quick_restops
         self.lost_gpu_s += job.lost_gpu_s
         self.overhead_gpu_s += job.overhead_gpu_s
 
@@ -506,6 +512,9 @@ class Simulator:
             "jobs_never_started": never_started,
             "median_jct_s": _quantile(jct, 0.5),
             "forced_stops": self.forced_stops,
+            "job_stops": self.job_stops,
+            "job_restarts": self.job_restarts,
+            "job_quick_restops": self.job_quick_restops,
             "service_forced_stops": self.backend.forced_services,
             "restart_overhead_gpu_hours": self.overhead_gpu_s / 3600.0,
             "allocation_by_kind": {k: v / cap_area for k, v in sorted(by_kind.items())} if cap_area else {},

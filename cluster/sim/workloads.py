@@ -98,6 +98,9 @@ def training_spec(
 # ------------------------------------------------------------------------------------- training jobs
 
 WAITING, STARTING, RUNNING, YIELDING, DONE = "waiting", "starting", "running", "yielding", "done"
+# A stop this soon after a restart counts as churn (``quick_restops``): the restart's cost, a worker
+# group's start and a checkpoint load, bought less than ten minutes of training.
+CHURN_WINDOW_S = 600.0
 
 
 class SimTrainingJob:
@@ -144,6 +147,12 @@ class SimTrainingJob:
         self.heartbeat_pending = False
         self.preemptions = 0
         self.forced_stops = 0
+        # Churn: stops by a shrink below the minimum (the job waits), restarts after any stop, and
+        # stops that came within CHURN_WINDOW_S of the job's last restart.
+        self.stops = 0
+        self.restarts = 0
+        self.quick_restops = 0
+        self.last_restart_s: float | None = None
         self.lost_gpu_s = 0.0
         self.overhead_gpu_s = 0.0  # GPU-seconds held while starting or yielding (no progress)
         self._overhead_since: float | None = None
@@ -220,6 +229,7 @@ class SimTrainingJob:
                     self.workers = u  # the start is in progress: it simply uses fewer workers
                     self._start_overhead(now)
                 else:
+                    self._count_stop(now)
                     self._to_waiting()
                     self._maybe_start(now)
                 self.request_heartbeat()
@@ -242,7 +252,15 @@ class SimTrainingJob:
         if best is None:
             return
         t = best[1]
+        if self.first_start_s is not None:
+            self.restarts += 1
+            self.last_restart_s = now
         self._start(now, t, min(self.grant.get(t), self.spec.max_workers))
+
+    def _count_stop(self, now: float) -> None:
+        self.stops += 1
+        if self.last_restart_s is not None and now - self.last_restart_s < CHURN_WINDOW_S:
+            self.quick_restops += 1
 
     def _start(self, now: float, gpu_type: str, workers: int) -> None:
         self.state = STARTING
@@ -293,6 +311,7 @@ class SimTrainingJob:
         if u >= self.spec.min_workers:
             self._start(now, self.gpu_type, min(u, self.spec.max_workers))  # type: ignore[arg-type]
         else:
+            self._count_stop(now)
             self._to_waiting()
             self._maybe_start(now)
             self.request_heartbeat()

@@ -113,3 +113,38 @@ def test_arbiter_ticks_are_never_closer_than_the_min_gap_nor_further_than_the_pe
     assert max(gaps) <= loop.tick_s + 1e-9
     # Early ticks happened (registrations, releases), so the check above covered them.
     assert any(g < loop.tick_s - 1e-9 for g in gaps)
+
+
+def test_a_comparison_outside_its_ratio_is_reported_and_one_inside_is_not() -> None:
+    from cluster.sim.scenario import Comparison, ScenarioModel, check_bounds, comparisons
+
+    scenario = ScenarioModel(
+        name="cmp",
+        cluster={"node_groups": [{"gpu_type": "H100", "count": 1, "num_gpus": 8}]},
+        compare=[
+            Comparison(policy="tidal", metric="avg_jct_s", of_policy="static", max_ratio=0.6667),
+            Comparison(policy="tidal", metric="gpu_allocation_ratio", of_metric="oracle_allocation_ratio", min_ratio=0.95),
+        ],
+    )
+    results = {
+        "tidal": {"avg_jct_s": 100.0, "gpu_allocation_ratio": 0.90, "oracle_allocation_ratio": 1.0},
+        "static": {"avg_jct_s": 120.0},
+    }
+    problems = check_bounds(scenario, results)
+    assert len(problems) == 2
+    assert "tidal.avg_jct_s / static.avg_jct_s = 100 / 120 = 0.8333" in problems[0]
+    assert "outside [0.95, None]" in problems[1]
+    results["tidal"].update(avg_jct_s=60.0, gpu_allocation_ratio=0.99)
+    assert check_bounds(scenario, results) == []
+    assert comparisons(scenario, results)["tidal.avg_jct_s / static.avg_jct_s"] == 0.5
+
+
+def test_a_comparison_without_a_ratio_or_a_reference_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from cluster.sim.scenario import Comparison
+
+    with pytest.raises(ValidationError, match="min_ratio, max_ratio"):
+        Comparison(policy="tidal", metric="avg_jct_s", of_policy="static")
+    with pytest.raises(ValidationError, match="of_policy, of_metric"):
+        Comparison(policy="tidal", metric="avg_jct_s", max_ratio=1.0)

@@ -92,7 +92,7 @@ def test_service_uses_idle_gpus_before_reclaiming_from_training():
     assert d.reclaims == ()
 
 
-def test_reclaim_never_takes_a_job_below_its_minimum():
+def test_service_stops_a_lower_priority_job_below_its_minimum_when_its_demand_needs_it():
     svc = make_service(max_replicas=8, gpu_types=("H100",))
     job = make_job(min_workers=3, max_workers=8, gpu_types=("H100",))
     snap = make_snapshot(
@@ -101,9 +101,102 @@ def test_reclaim_never_takes_a_job_below_its_minimum():
         grants={"svc": {"H100": 1}, "job": {"H100": 7}},
     )
     d = decide(snap)
-    assert d.target_of("job") == Allocation.of(H100=3)
-    assert d.target_of("svc") == Allocation.of(H100=5)
+    # The job's minimum protects it only against workloads of its own priority or lower: it stops.
+    assert d.target_of("job") == Allocation()
+    assert d.target_of("svc") == Allocation.of(H100=8)
+    assert [i.workload for i in d.infeasible] == ["job"]  # it waits, having checkpointed
+
+
+def test_a_minimum_holds_against_a_service_of_the_same_priority():
+    svc = make_service(max_replicas=8, gpu_types=("H100",), priority=100)
+    job = make_job(min_workers=3, max_workers=8, gpu_types=("H100",), priority=100)
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=8), make_workload(job)],
+        grants={"svc": {"H100": 1}, "job": {"H100": 7}},
+    )
+    d = decide(snap)
+    assert d.target_of("job") == Allocation.of(H100=7)
+    assert d.target_of("svc") == Allocation.of(H100=1)
     assert any(i.workload == "svc" for i in d.infeasible)
+
+
+def test_service_takes_units_above_minimum_on_any_type_before_it_stops_a_job():
+    svc = make_service(max_replicas=8, gpu_types=("H100", "A100"))
+    at_min = make_job("at-min", min_workers=8, max_workers=8, gpu_types=("H100",))
+    above = make_job("above", min_workers=4, max_workers=8, gpu_types=("A100",))
+    snap = make_snapshot(
+        nodes=make_nodes(H100=1, A100=1),
+        workloads=[make_workload(svc, demand=4), make_workload(at_min), make_workload(above)],
+        grants={"at-min": {"H100": 8}, "above": {"A100": 8}},
+    )
+    d = decide(snap)
+    # H100 is the service's first choice, but taking it would stop a job; A100 has 4 spare units.
+    assert d.target_of("svc") == Allocation.of(A100=4)
+    assert d.target_of("at-min") == Allocation.of(H100=8)
+    assert d.target_of("above") == Allocation.of(A100=4)
+
+
+def test_a_waiting_lower_priority_job_never_starts_on_gpus_the_service_needs():
+    svc = make_service(min_replicas=1, max_replicas=8, gpu_types=("H100",))
+    job = make_job(min_workers=4, max_workers=8, gpu_types=("H100",))
+    snap = make_snapshot(nodes=make_nodes(H100=1), workloads=[make_workload(svc, demand=6), make_workload(job)])
+    d = decide(snap)
+    assert d.target_of("svc") == Allocation.of(H100=6)
+    assert d.target_of("job") == Allocation()
+    assert [i.workload for i in d.infeasible] == ["job"]
+
+
+def test_a_waiting_job_above_the_services_priority_starts_before_the_service_grows():
+    svc = make_service(min_replicas=1, max_replicas=8, gpu_types=("H100",), priority=100)
+    job = make_job(min_workers=4, max_workers=8, gpu_types=("H100",), priority=200)
+    snap = make_snapshot(nodes=make_nodes(H100=1), workloads=[make_workload(svc, demand=6), make_workload(job)])
+    d = decide(snap)
+    assert d.target_of("job") == Allocation.of(H100=4)
+    assert d.target_of("svc") == Allocation.of(H100=4)
+
+
+def test_a_job_stopped_for_a_service_waits_out_the_restart_hold_then_starts():
+    svc = make_service(max_replicas=8, gpu_types=("H100",))
+    job = make_job(min_workers=3, max_workers=8, gpu_types=("H100",))
+    policy = TidalPolicy(TidalPolicyConfig(headroom_fraction=0.0, speeds=SPEEDS, restart_hold_s=60.0))
+    spike = make_snapshot(
+        nodes=make_nodes(H100=1),
+        workloads=[make_workload(svc, demand=8), make_workload(job)],
+        grants={"svc": {"H100": 1}, "job": {"H100": 7}},
+        now_s=100.0,
+    )
+    d, state = policy.decide(spike, PolicyState())
+    assert d.target_of("job") == Allocation()
+    calm = [make_workload(svc, demand=1), make_workload(job)]
+    # 30 s later the service is back at 1 replica; the job was stopped 30 s ago: it waits.
+    d, state = policy.decide(make_snapshot(make_nodes(H100=1), calm, dict(d.targets), now_s=130.0), state)
+    assert d.target_of("svc") == Allocation.of(H100=1)
+    assert d.target_of("job") == Allocation()
+    assert "stopped for a higher-priority service on H100" in d.infeasible[0].reason
+    # 60 s after the last pressure on H100 it starts again, and takes what the service left.
+    d, state = policy.decide(make_snapshot(make_nodes(H100=1), calm, dict(d.targets), now_s=160.0), state)
+    assert d.target_of("job") == Allocation.of(H100=7)
+    assert "restart_hold" not in state.data or state.data["restart_hold"]["stopped"] == {}
+
+
+def test_the_restart_hold_moves_on_while_the_service_is_short_on_that_type():
+    svc = make_service(max_replicas=16, gpu_types=("H100",))
+    job = make_job(min_workers=3, max_workers=8, gpu_types=("H100",))
+    policy = TidalPolicy(TidalPolicyConfig(headroom_fraction=0.0, speeds=SPEEDS, restart_hold_s=60.0))
+    nodes = make_nodes(H100=1)
+    d, state = policy.decide(
+        make_snapshot(nodes, [make_workload(svc, demand=8), make_workload(job)], {"svc": {"H100": 1}, "job": {"H100": 7}}),
+        state=PolicyState(),
+    )
+    assert d.target_of("job") == Allocation()
+    # At 50 s the service wants 12 and has 8: H100 is still under pressure.
+    d, state = policy.decide(make_snapshot(nodes, [make_workload(svc, demand=12), make_workload(job)], dict(d.targets), now_s=50.0), state)
+    calm = [make_workload(svc, demand=2), make_workload(job)]
+    d, state = policy.decide(make_snapshot(nodes, calm, dict(d.targets), now_s=70.0), state)
+    assert d.target_of("job") == Allocation()
+    d, state = policy.decide(make_snapshot(nodes, calm, dict(d.targets), now_s=110.0), state)
+    assert d.target_of("job") == Allocation.of(H100=6)
 
 
 def test_non_preemptible_job_is_never_reclaimed():

@@ -112,14 +112,17 @@ def test_decide_is_deterministic_and_leaves_its_input_unchanged(snapshot):
     st.integers(0, 4),
 )
 def test_minimums_hold_when_they_all_fit(num_nodes, jobs, svc_min):
-    """One GPU type, 1-GPU units: the minimums fit iff their sum fits; then each one holds."""
+    """One GPU type, 1-GPU units: the minimums and the (priority 100) service's want fit iff their sum
+    fits; then each minimum holds."""
     nodes = tuple(NodeSnapshot(f"n{i}", "H100", 8) for i in range(num_nodes))
     capacity = 8 * num_nodes
-    workloads = [WorkloadSnapshot(ServiceSpec("svc", 1.0, svc_min, svc_min + 8, ("H100",)), 50)]
+    svc = ServiceSpec("svc", 1.0, svc_min, svc_min + 8, ("H100",))
+    workloads = [WorkloadSnapshot(svc, 50)]
     for i, (lo, extra, prio) in enumerate(jobs):
         spec = TrainingJobSpec(f"j{i}", 1.0, lo, lo + extra, ("H100",), priority=prio)
         workloads.append(WorkloadSnapshot(spec, spec.max_workers, registered_s=float(i)))
-    if sum(w.spec.min_units for w in workloads) > capacity:
+    # The service's want (demand 50 is above its max) outranks the minimums of lower-priority jobs.
+    if sum(w.spec.min_units for w in workloads[1:]) + svc.max_units > capacity:
         return
     decision = run_ticks(TidalPolicy(), ClusterSnapshot(0.0, nodes, tuple(workloads)), ticks=4)
     for w in workloads:
@@ -187,8 +190,34 @@ def test_a_spike_on_a_full_cluster_is_met_from_training_and_returned_after(num_n
     grants = {"svc": Allocation.of(A100=1), "job": Allocation.of(A100=8 * num_nodes - 1)}
     spiked = (WorkloadSnapshot(svc, spike), WorkloadSnapshot(job, job.max_workers))
     d, state = policy.decide(ClusterSnapshot(0, nodes, spiked, grants), PolicyState())
-    expected = min(spike, 8 * num_nodes - 1)  # the job keeps its minimum of 1
-    assert d.target_of("svc").total() == max(1, expected)
+    # The job (priority 10) protects its minimum of 1 only against its own priority or lower: a
+    # spike of the whole cluster stops it.
+    assert d.target_of("svc").total() == max(1, min(spike, 8 * num_nodes))
+    assert d.target_of("job").total() == 8 * num_nodes - d.target_of("svc").total()
     calm = (WorkloadSnapshot(svc, 1), WorkloadSnapshot(job, job.max_workers))
-    d2, _ = policy.decide(ClusterSnapshot(1, nodes, calm, dict(d.targets)), state)
+    # Once the restart hold has passed (a stopped job waits it out), training gets it all back.
+    later = policy.config.restart_hold_s
+    d2, _ = policy.decide(ClusterSnapshot(later, nodes, calm, dict(d.targets)), state)
     assert d2.target_of("job").total() == 8 * num_nodes - 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snapshots())
+def test_a_service_is_short_only_while_no_lower_priority_preemptible_job_holds_its_types(snapshot):
+    """A service's SLO outranks every lower-priority job, waiting or running: after a few decisions, a
+    service below its want leaves no GPU of a type it accepts to a preemptible job of lower priority
+    (whole GPUs per unit, so that any job's GPUs could hold a replica: packing aside)."""
+    cfg = TidalPolicyConfig(headroom_fraction=0.0)
+    decision = run_ticks(TidalPolicy(cfg), snapshot, ticks=3)
+    for s in snapshot.workloads:
+        if not isinstance(s.spec, ServiceSpec) or s.spec.gpus_per_unit != 1.0:
+            continue
+        want = min(max(s.demand_units, s.spec.min_units), s.spec.max_units)
+        if decision.target_of(s.name).total() >= want:
+            continue
+        for w in snapshot.workloads:
+            spec = w.spec
+            if isinstance(spec, TrainingJobSpec) and spec.preemptible and spec.priority < s.spec.priority:
+                held = decision.target_of(w.name)
+                on_types = [t for t in held.types() if t in s.spec.gpu_types]
+                assert not on_types, (s.name, w.name, held, decision.target_of(s.name), want)
