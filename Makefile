@@ -44,6 +44,7 @@ bench-all: bench bench-sim bench-spike bench-serving bench-resize bench-runtime
 
 bench-sim: venv
 	$(PY) bench/simulate.py
+	$(PY) bench/simulate.py --case saturated
 
 bench-spike: venv
 	$(PY) bench/spike.py

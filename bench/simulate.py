@@ -1,14 +1,18 @@
-"""The headline simulation: 8 weeks of Philly and ServeGen on 2,048 GPUs, tidal vs static vs Ray alone.
+"""The simulations of Philly and ServeGen on 2,048 GPUs, tidal vs static vs Ray alone, in two cases.
 
-Runs ``tidal simulate`` (``cluster.sim.cli``) with the flags below (extra flags are passed through and
-override them), and writes ``bench/results/simulate.json``: the summary of every policy (every key, and the
-oracle), the wall-clock and CPU time of the run, each policy's CPU time and where it went (the policy's
-decide(), the rest of the arbiter's tick, the simulator), the machine's load, and the exact command. Plots go
-to ``bench/results/simulate/``.
+- ``headline``: 8 weeks of the traces at twice the Philly rate (``--training-load 2``).
+- ``saturated``: the 14 busiest days (from day 28) at four times the rate: training wants more than the
+  whole cluster for days, and priorities decide (the service's SLO against a long queue of jobs).
 
-Run: ``python bench/simulate.py [...any tidal simulate flag]``; nothing for the issue's 8 weeks (4:46 on two
-quiet cores, 2026-11-22: tidal 125 CPU s, static 279, Ray alone 104; static, whose queue grows long, is the
-long pole: cluster/sim/README.md), or e.g. ``--start-day 28 --days 3`` for three busy days of the trace.
+Runs ``tidal simulate`` (``cluster.sim.cli``) with the case's flags (extra flags are passed through and
+override them), and writes ``bench/results/simulate.json`` (headline) or
+``bench/results/simulate-saturated.json``: the summary of every policy (every key, and the oracle), the
+wall-clock and CPU time of the run, each policy's CPU time and where it went (the policy's decide(), the
+rest of the arbiter's tick, the simulator), the machine's load, and the exact command. Plots go to
+``bench/results/simulate[-saturated]/``. Figures: ``docs/benchmarks.md``.
+
+Run: ``python bench/simulate.py [--case headline|saturated] [...any tidal simulate flag]``, e.g.
+``--start-day 28 --days 3`` for three busy days of the trace.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "traces"
 RESULTS = ROOT / "bench" / "results"
 
-HEADLINE = [
+COMMON = [
     "--cluster",
     str(ROOT / "cluster" / "configs" / "sim-2048.yaml"),
     "--training-trace",
@@ -35,10 +39,6 @@ HEADLINE = [
     str(TRACES / "servegen_m-large_days1-7.csv"),
     "--inference-peak-share",
     "0.333",
-    "--days",
-    "56",
-    "--training-load",
-    "2",
     "--max-scale",
     "4",
     # 20 s (the simulator's default): at 60 s tidal's short jobs wait a tick longer to grow from their
@@ -50,7 +50,16 @@ HEADLINE = [
     # One process per core (the default), not one per policy: on two cores the first two policies
     # start and the third follows the first to finish, so static (the longest, given second) keeps a
     # core to itself; three processes on two cores made every policy finish later.
+    # (Flags given twice: the last one wins, so a case's flags and the caller's override these.)
 ]
+
+CASES = {
+    "headline": (COMMON + ["--days", "56", "--training-load", "2"], "simulate"),
+    # Training at 4x the Philly rate over its busiest two weeks: at their minimums alone the jobs want more
+    # than the cluster; the case where a waiting job's minimum must not outrank the service.
+    "saturated": (COMMON + ["--start-day", "28", "--days", "14", "--training-load", "4"], "simulate-saturated"),
+}
+HEADLINE = CASES["headline"][0]
 
 
 def _cpu_s() -> float:
@@ -60,8 +69,17 @@ def _cpu_s() -> float:
 
 
 def main(argv: list[str]) -> int:
-    out_dir = RESULTS / "simulate"
-    args = [*HEADLINE, *argv]
+    case = "headline"
+    if "--case" in argv:
+        i = argv.index("--case")
+        if i + 1 >= len(argv) or argv[i + 1] not in CASES:
+            print(f"--case: give one of {', '.join(CASES)}", file=sys.stderr)
+            return 2
+        case = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    flags, name = CASES[case]
+    out_dir = RESULTS / name
+    args = [*flags, *argv]
     if "--out" not in args:
         args += ["--out", str(out_dir)]
     else:
@@ -76,7 +94,8 @@ def main(argv: list[str]) -> int:
     policies = {k: v for k, v in summary.items() if not k.startswith("_") and k != "oracle"}
     cores = os.cpu_count() or 1
     result = {
-        "command": "python bench/simulate.py " + " ".join(argv),
+        "case": case,
+        "command": " ".join(["python bench/simulate.py", *(["--case", case] if case != "headline" else []), *argv]),
         "equivalent_cli": "tidal simulate " + " ".join(args),
         "wall_s": wall,
         "cpu_s": cpu,
@@ -100,8 +119,9 @@ def main(argv: list[str]) -> int:
         "summary": {k: v for k, v in summary.items() if not k.startswith("_")},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "simulate.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wall {wall:.0f} s, CPU {cpu:.0f} s ({cpu / cores:.0f} s on {cores} quiet cores); wrote {RESULTS / 'simulate.json'}")
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wall {wall:.0f} s, CPU {cpu:.0f} s ({cpu / cores:.0f} s on {cores} quiet cores); wrote {path}")
     return 0
 
 

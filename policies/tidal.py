@@ -93,13 +93,13 @@ class TidalPolicy:
         #    services of this priority grow to their want, reclaiming from lower-priority jobs down to
         #    zero if their demand needs it.
         levels = sorted({w.spec.priority for w in services}, reverse=True)
-        hold = held.holding(now, self.config.restart_hold_s)
-        above: int | None = None
-        for level in levels:
-            start_jobs(ws, self.speed, preempt=True, priorities=(level, above), hold=hold)
-            fill_services(ws, want, reclaim=True, priority=level)
-            above = level
-        start_jobs(ws, self.speed, preempt=True, priorities=(None, above), hold=hold)
+        bands = _priority_bands(ws, levels, held.holding(now, self.config.restart_hold_s))
+        for i, (jobs, waiting) in enumerate(bands):
+            ws.infeasible.extend(waiting)
+            if jobs:
+                start_jobs(ws, self.speed, preempt=True, jobs=jobs)
+            if i < len(levels):
+                fill_services(ws, want, reclaim=True, priority=levels[i])
         # 4. Training grows into the rest.
         grow_jobs(ws)
         decision = ws.decision()
@@ -173,6 +173,40 @@ class RestartHold:
             "pressure": dict(sorted(self.pressure.items())),
         }
         return PolicyState(data)
+
+
+def _band(priority: int, levels: list[int]) -> int:
+    i = 0
+    while i < len(levels) and priority < levels[i]:
+        i += 1
+    return i
+
+
+def _priority_bands(
+    ws: Workspace, levels: list[int], hold: Mapping[str, str]
+) -> list[tuple[list[WorkloadSnapshot], list[Infeasible]]]:
+    """The jobs that may start, split by the services' priority levels (highest first): band ``i`` holds
+    the jobs with ``levels[i] <= priority < levels[i - 1]``, the last band those below every level.
+    Each band comes with the ``Infeasible`` records of its held jobs (``hold``: name -> reason), which
+    wait instead of starting.
+
+    With no held job, one level and no job at or above it (the usual case: services outrank
+    training), the jobs are not copied: one pass finds their highest priority.
+    """
+    jobs = ws.jobs()
+    bands: list[tuple[list[WorkloadSnapshot], list[Infeasible]]] = [([], []) for _ in range(len(levels) + 1)]
+    if not hold and (not jobs or not levels or max(map(_PRIORITY, jobs)) < levels[-1]):
+        bands[-1] = (jobs, [])
+        return bands
+    units_of = ws.unit_counts.get
+    for w in jobs:
+        band = bands[_band(w.spec.priority, levels)]
+        reason = hold.get(w.spec.name)
+        if reason is None:
+            band[0].append(w)
+        elif not units_of(w.spec.name):
+            band[1].append(Infeasible(w.spec.name, reason))
+    return bands
 
 
 # ------------------------------------------------------------------------------ shared building blocks
@@ -300,8 +334,7 @@ def start_jobs(
     preempt: bool,
     greedy: bool = False,
     order: Callable[[WorkloadSnapshot], tuple] | None = None,
-    priorities: tuple[int | None, int | None] = (None, None),
-    hold: Mapping[str, str] | None = None,
+    jobs: list[WorkloadSnapshot] | None = None,
 ) -> None:
     """Starts waiting jobs, priority level by priority level (or in ``order``, e.g. arrival).
 
@@ -309,8 +342,7 @@ def start_jobs(
     there, as a plain elastic Ray Train job would); with ``preempt``, a job that fits nowhere may stop
     lower-priority preemptible jobs, taking their units above minimum first.
 
-    ``priorities`` (low, high): only jobs with ``low <= priority < high`` (None: no bound). ``hold``:
-    jobs that may not start now, each with the reason it waits.
+    ``jobs``: the jobs to walk (a list this call may reorder), or every job of the workspace.
 
     A long queue stays cheap: a waiting job of a kind (types, unit, minimum, priority) already found
     unable to start, with nothing changed in the workspace since, costs a lookup and reuses its
@@ -322,22 +354,8 @@ def start_jobs(
     append = ws.infeasible.append
     kinds, known = _KINDS, _KINDS.by_id.get
     changes = ws.changes  # moves only inside _start_job
-    jobs = ws.jobs()
-    low, high = priorities
-    if low is not None or high is not None or hold:
-        lo = -math.inf if low is None else low
-        hi = math.inf if high is None else high
-        held = hold or {}
-        kept = []
-        for w in jobs:
-            p = w.spec.priority
-            if lo <= p < hi:
-                reason = held.get(w.spec.name)
-                if reason is None:
-                    kept.append(w)
-                elif not units_of(w.spec.name):
-                    append(Infeasible(w.spec.name, reason))
-        jobs = kept
+    if jobs is None:
+        jobs = ws.jobs()
     if not preempt:
         # Without preemption no job loses units during the walk, so the running ones (and those that
         # want nothing) can be left out before the sort.
