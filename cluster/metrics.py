@@ -66,6 +66,10 @@ class ArbiterMetrics:
         self.reclaims = Counter("tidal_reclaims", "Units reclaimed from a donor", ["donor", "gpu_type"], registry=r)
         self.forced = Counter("tidal_forced_releases", "Workloads stopped by force", ["workload"], registry=r)
         self.expired = Counter("tidal_expirations", "Registrations expired (silent workloads)", ["workload"], registry=r)
+        # Churn: a grant that falls to nothing stops its workload (a job then waits, checkpointed); one
+        # that rises from nothing starts it, a restart if it was stopped before.
+        self.stops = Counter("tidal_stops", "Grants shrunk to nothing (the workload stops)", ["workload"], registry=r)
+        self.starts = Counter("tidal_starts", "Grants grown from nothing (the workload starts)", ["workload"], registry=r)
         self.reclaim_duration = Histogram(
             "tidal_reclaim_duration_seconds", "Shrink decided -> GPUs released", buckets=_RECLAIM_BUCKETS, registry=r
         )
@@ -88,6 +92,10 @@ class ArbiterMetrics:
                 )
             elif e.kind == "released" and "reclaim_s" in e.detail:
                 self.reclaim_duration.observe(float(e.detail["reclaim_s"]))
+            elif e.kind == "shrink" and not e.detail.get("to"):
+                self.stops.labels(e.workload).inc()
+            elif e.kind == "grow" and not e.detail.get("from"):
+                self.starts.labels(e.workload).inc()
             elif e.kind == "forced":
                 self.forced.labels(e.workload).inc()
             elif e.kind == "expired":

@@ -119,6 +119,20 @@ def test_metrics_count_reclaims_and_observe_reclaim_and_decision_times():
     assert s[("tidal_decision_seconds_sum", ())] == pytest.approx(0.0015)
 
 
+def test_metrics_count_stops_and_starts_of_grants():
+    m = ArbiterMetrics()
+    events = (
+        ArbiterEvent(1.0, "shrink", "job", {"from": {"H100": 4}, "to": {}}),
+        ArbiterEvent(1.0, "shrink", "job2", {"from": {"H100": 4}, "to": {"H100": 2}}),
+        ArbiterEvent(9.0, "grow", "job", {"from": {}, "to": {"H100": 4}}),
+    )
+    m.on_tick(TickReport(9.0, 1.0, {}, (), events))
+    s = _samples(m)
+    assert s[("tidal_stops_total", (("workload", "job"),))] == 1.0
+    assert ("tidal_stops_total", (("workload", "job2"),)) not in s
+    assert s[("tidal_starts_total", (("workload", "job"),))] == 1.0
+
+
 def test_tidal_down_with_nothing_up_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TIDAL_HOME", str(tmp_path))
     assert main(["down"]) == 0
