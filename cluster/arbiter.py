@@ -35,6 +35,7 @@ from cluster.model import (
     WorkloadName,
     WorkloadSnapshot,
     WorkloadSpec,
+    index_from_parts,
     spec_from_dict,
     spec_to_dict,
 )
@@ -215,6 +216,7 @@ class ResourceArbiter:
         self.config = config or ArbiterConfig()
         self.prices = dict(prices_per_gpu_hour or {})
         self._regs: dict[WorkloadName, _Registration] = {}
+        self._table = _SnapshotTable()
         self._seq = itertools.count()
         self._grants: dict[WorkloadName, Allocation] = {}
         self._policy_state = PolicyState()
@@ -263,12 +265,13 @@ class ResourceArbiter:
                 meta=dict(meta or {}),
                 seq=next(self._seq),
             )
+            self._table.add(spec.name, spec.kind)
             self._record(ArbiterEvent(now, "registered", spec.name, {"kind": str(spec.kind)}))
         else:
             reg.spec = spec
             reg.last_heartbeat_s = now
             reg.demand_units = demand
-            reg.last_snapshot = None
+            self._table.changed(reg)
             reg.meta.update(meta or {})
         self._dirty = True
         return self._view(spec.name)
@@ -301,19 +304,19 @@ class ResourceArbiter:
                 ):
                     self._demand_rose = True
                 reg.demand_units = demand
-                reg.last_snapshot = None
+                self._table.changed(reg)
         if held is not None:
             new_held = held if isinstance(held, Allocation) else Allocation.of(held) if held else EMPTY
             if new_held != reg.held:
                 self._dirty = True
                 reg.held = new_held
-                reg.last_snapshot = None
+                self._table.changed(reg)
             self._note_release(name, reg, now)
         if progress is not None:
             reg.progress.update(progress)
         if seconds_since_checkpoint is not None and seconds_since_checkpoint != reg.seconds_since_checkpoint:
             reg.seconds_since_checkpoint = seconds_since_checkpoint
-            reg.last_snapshot = None
+            self._table.changed(reg)
         return self._view(name)
 
     def unregister(self, name: WorkloadName) -> bool:
@@ -321,6 +324,7 @@ class ResourceArbiter:
         self._grants.pop(name, None)
         if reg is None:
             return False
+        self._table.remove(name)
         self._record(ArbiterEvent(self.clock.now(), "unregistered", name))
         self._dirty = True
         return True
@@ -390,6 +394,7 @@ class ResourceArbiter:
             for name in [n for n, r in self._regs.items() if now - r.last_heartbeat_s > ttl]:
                 reg = self._regs.pop(name)
                 self._grants.pop(name, None)
+                self._table.remove(name)
                 self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
             self._oldest_heartbeat_s = min([r.last_heartbeat_s for r in self._regs.values()], default=math.inf)
         self._enforce_grace(now)
@@ -417,9 +422,7 @@ class ResourceArbiter:
         return ClusterSnapshot(
             now_s=self.clock.now(),
             nodes=self._nodes,
-            # A registration's snapshot is kept until one of its fields changes (``heartbeat``,
-            # ``register``, a forced stop set ``last_snapshot`` to None): most, most ticks.
-            workloads=tuple([r.last_snapshot or _workload_snapshot(r) for r in self._regs.values()]),
+            workloads=self._table.workloads(self._regs),
             grants=dict(self._grants),
         )
 
@@ -503,6 +506,7 @@ class ResourceArbiter:
             raise ValueError(f"arbiter state version {state.get('version')!r} is not supported (valid: 1)")
         now = self.clock.now()
         self._regs = {}
+        self._table = _SnapshotTable()
         for r in state["registrations"]:
             spec = spec_from_dict(r["spec"])
             self._regs[spec.name] = _Registration(
@@ -516,6 +520,7 @@ class ResourceArbiter:
                 shrink_issued_s=r.get("shrink_issued_s"),
                 seq=next(self._seq),
             )
+            self._table.add(spec.name, spec.kind)
         self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
         self._oldest_heartbeat_s = now
         self._shrinking = set()
@@ -636,7 +641,7 @@ class ResourceArbiter:
             self._record(ArbiterEvent(now, "forced", name, {"held": reg.held.as_dict(), "grant": grant.as_dict()}))
             # The backend stopped it: what it held beyond the grant is free from now on.
             reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in reg.held.items})
-            reg.last_snapshot = None
+            self._table.changed(reg)
             reg.shrink_issued_s = None
             reg.release_deadlines.clear()
             self._dirty = True
@@ -646,6 +651,62 @@ class ResourceArbiter:
         self._pending_events.append(event)
         if event.kind in ("shrink", "forced", "expired", "infeasible") and logger.isEnabledFor(logging.INFO):
             logger.info("%s %s %s", event.kind, event.workload, dict(event.detail))
+
+
+class _SnapshotTable:
+    """The registrations' snapshots, kept between ticks: by name in registration order, and by kind.
+
+    A tick's snapshot needs every workload as a frozen ``WorkloadSnapshot``, and its readers need them
+    by name and split into services and jobs (``cluster.model.workload_index``). Behind a long queue of
+    waiting jobs, whose snapshots stay the same tick after tick, deriving those was a pass over every
+    workload per reader per tick. Here a registration's snapshot is rebuilt only after one of its fields
+    changed (``changed``), and the tuples and name maps are C-level copies of dicts kept in registration
+    order (a new registration is added at the end of each, as ``_regs`` adds it).
+    """
+
+    __slots__ = ("all", "services", "jobs", "stale")
+
+    def __init__(self) -> None:
+        self.all: dict[WorkloadName, WorkloadSnapshot | None] = {}
+        self.services: dict[WorkloadName, WorkloadSnapshot | None] = {}
+        self.jobs: dict[WorkloadName, WorkloadSnapshot | None] = {}
+        # The names whose snapshot is to be rebuilt before the next tick.
+        self.stale: set[WorkloadName] = set()
+
+    def add(self, name: WorkloadName, kind: WorkloadKind) -> None:
+        # (A place in registration order now; the snapshot itself at the next tick.)
+        self.all[name] = None
+        (self.services if kind is WorkloadKind.SERVICE else self.jobs)[name] = None
+        self.stale.add(name)
+
+    def changed(self, reg: _Registration) -> None:
+        reg.last_snapshot = None
+        self.stale.add(reg.spec.name)
+
+    def remove(self, name: WorkloadName) -> None:
+        self.all.pop(name, None)
+        self.services.pop(name, None)
+        self.jobs.pop(name, None)
+        self.stale.discard(name)
+
+    def workloads(self, regs: Mapping[WorkloadName, _Registration]) -> tuple[WorkloadSnapshot, ...]:
+        """Every registration's snapshot, in registration order, with its ``WorkloadIndex`` remembered."""
+        if self.stale:
+            service = WorkloadKind.SERVICE
+            for name in self.stale:
+                w = _workload_snapshot(regs[name])
+                self.all[name] = w
+                (self.services if w.spec.kind is service else self.jobs)[name] = w
+            self.stale.clear()
+        workloads = tuple(self.all.values())
+        index_from_parts(
+            workloads,  # type: ignore[arg-type]
+            dict(self.all),  # type: ignore[arg-type]
+            tuple(self.services.values()),  # type: ignore[arg-type]
+            tuple(self.jobs.values()),  # type: ignore[arg-type]
+            dict(self.jobs),  # type: ignore[arg-type]
+        )
+        return workloads  # type: ignore[return-value]
 
 
 def _workload_snapshot(r: _Registration) -> WorkloadSnapshot:

@@ -307,6 +307,47 @@ def workload_index(workloads: Iterable[WorkloadSnapshot]) -> WorkloadIndex:
     return _remember(workloads)
 
 
+def index_from_parts(
+    workloads: tuple[WorkloadSnapshot, ...],
+    by_name: dict[WorkloadName, WorkloadSnapshot],
+    services: tuple[WorkloadSnapshot, ...],
+    jobs: tuple[WorkloadSnapshot, ...],
+    jobs_by_name: dict[WorkloadName, WorkloadSnapshot],
+) -> WorkloadIndex:
+    """Remembers the index of ``workloads`` from parts its producer keeps between ticks (the arbiter
+    keeps its workloads by name and by kind), so that no reader walks a long queue to derive them.
+
+    ``services`` and ``jobs`` are the two kinds in the workloads' order; ``by_name`` and
+    ``jobs_by_name`` are handed over (the caller keeps no reference that it mutates later).
+    """
+    if len(_INDEXES) > _MAX_INDEXES - 3:
+        _INDEXES.clear()  # (room for the three tuples at once: none of them evicts another)
+    index = _remember(workloads)
+    index._by_name = by_name
+    # The services' positions, by identity: a walk up to the last service only (services register
+    # first in practice, so it stops within the first few workloads).
+    found: list[int] = []
+    i = 0
+    for s in services:
+        while workloads[i] is not s:
+            i += 1
+        found.append(i)
+        i += 1
+    if not services:
+        jobs = workloads  # (as ``split`` hands them out: the same tuple)
+    index._split = (tuple(found), services, jobs)
+    for part, split, names in (
+        (services, (tuple(range(len(services))), services, ()), None),
+        (jobs, ((), (), jobs), jobs_by_name),
+    ):
+        if part is not workloads and part:
+            sub = _remember(part)
+            sub._split = split
+            if names is not None:
+                sub._by_name = names
+    return index
+
+
 def _remember(workloads: tuple[WorkloadSnapshot, ...]) -> WorkloadIndex:
     hit = _INDEXES.get(id(workloads))
     if hit is not None and hit.workloads is workloads:

@@ -31,6 +31,7 @@ from cluster.model import (
     WorkloadKind,
     WorkloadName,
     WorkloadSnapshot,
+    index_from_parts,
     inventory,
     workload_index,
 )
@@ -87,7 +88,15 @@ class GuardedPolicy:
                     smoothed = list(workloads)
                     by_name = dict(by_name)
                 w = smoothed[i] = by_name[w.name] = replace(w, demand_units=int(stair[0][1]))  # type: ignore[index]
-        inner_snapshot = snapshot if smoothed is None else replace(snapshot, workloads=tuple(smoothed))
+        if smoothed is None:
+            inner_snapshot = snapshot
+        else:
+            # The smoothed tuple's index from the parts at hand (the jobs are the same tuple), so that
+            # no reader of it walks the queue again to derive them.
+            at, _, jobs = index.split()
+            inner = tuple(smoothed)
+            index_from_parts(inner, by_name, tuple([inner[i] for i in at]), jobs, workload_index(jobs).by_name())
+            inner_snapshot = replace(snapshot, workloads=inner)
 
         # 2. The policy itself.
         inner_state = PolicyState({k: v for k, v in state.data.items() if k != "guards"})

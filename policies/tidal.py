@@ -31,7 +31,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from cluster.model import ClusterSnapshot, GpuType, WorkloadKind, WorkloadSnapshot, WorkloadSpec
+from cluster.model import (
+    ClusterSnapshot,
+    GpuType,
+    WorkloadKind,
+    WorkloadSnapshot,
+    WorkloadSpec,
+    workload_index,
+)
 from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
 from policies.packing import to_centi
 from policies.workspace import Workspace
@@ -153,7 +160,8 @@ class RestartHold:
                 if before is not None and before.total() > 0 and r.donor not in targets:
                     stopped[r.donor] = (r.gpu_type, now)
         if want:
-            for w in snapshot.workloads:
+            # (``want`` names services only: their part of the snapshot, not a walk of the queue.)
+            for w in workload_index(snapshot.workloads).split()[1]:
                 name = w.spec.name
                 if name in want:
                     target = targets.get(name)
