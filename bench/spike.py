@@ -21,6 +21,8 @@ Usage::
 
     .venv/bin/python bench/spike.py                      # 3 Tidal runs, 1 Ray-alone, 3 free-GPU runs
     .venv/bin/python bench/spike.py --runs 1 --free-gpu-runs 1 --spike-s 40   # quicker
+    # the spike on a cluster saturated by low-priority jobs' minimums (tests/e2e/test_saturated_spike.py)
+    .venv/bin/python bench/spike.py --scenario cluster/configs/saturated-scenario.yaml --ray-alone-runs 0
 """
 
 from __future__ import annotations

@@ -550,8 +550,11 @@ class DemoRuntime:
                 self._cache.signals.pop(name, None)
                 continue
             p = snap.get("progress") or {}
-            if p.get("step") is not None:
-                step, best = int(p["step"]), self._cache.steps.get(name, 0)
+            acked = snap.get("acked") or {}
+            if p.get("step") is not None or acked.get("step") is not None:
+                # A yield's own step (its checkpoint) may come after the loop's last report of progress.
+                step = max(int(p.get("step") or 0), int(acked.get("step") or 0))
+                best = self._cache.steps.get(name, 0)
                 if step < best:
                     # Restarted from an older checkpoint: the steps in between were computed twice.
                     self._cache.regressed[name] = self._cache.regressed.get(name, 0) + best - step
@@ -560,6 +563,8 @@ class DemoRuntime:
             running = p and not snap.get("acked")
             sample.job_workers[name] = int(p.get("num_workers") or 0) if running else 0
             sample.job_gpu_type[name] = p.get("gpu_type") if running else None
+            if running and p.get("resumed_from") is not None:
+                sample.resumed_from[name] = int(p["resumed_from"])
         sample.steps = dict(self._cache.steps)
         for name in self.jobs:
             lost = max(self._cache.regressed.get(name, 0), self._cache.reported_lost.get(name, 0))

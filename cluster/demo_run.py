@@ -7,6 +7,8 @@ systems and repetitions, measured) call:
 2. *fill*: wait until every job has trained steadily at its granted size for ``settle_s`` (see
    ``cluster.demo_timeline.steady_since``), sampling meanwhile;
 3. play the load (base, spike, base) with ``LiveLoad`` and sample the cluster every ``sample_interval_s``;
+   then, if the caller asks, go on sampling with no load until a condition on the samples holds (``until``,
+   e.g. every job stopped for the spike trains again), at most ``until_timeout_s``;
 4. stop the jobs (their runners write their summaries: steps lost), and compute the figures
    (``cluster.demo_timeline.spike_figures``).
 
@@ -68,8 +70,14 @@ def run_system(
     sample_interval_s: float = 0.5,
     fill_timeout_s: float = 240.0,
     stop: threading.Event | None = None,
+    until: Callable[[list[Sample]], bool] | None = None,
+    until_timeout_s: float = 60.0,
 ) -> RunResult:
-    """Runs the scenario once for ``system`` on ``rt`` (a started, connected runtime). See the module docstring."""
+    """Runs the scenario once for ``system`` on ``rt`` (a started, connected runtime). See the module docstring.
+
+    ``until``: after the load, the cluster is sampled (phase ``done``) until ``until(samples)`` is true or
+    ``until_timeout_s`` has passed; the jobs are stopped only then. None: they are stopped at the load's end.
+    """
     sc = rt.scenario
     phases = sc.phases()
     stop = stop or threading.Event()
@@ -186,6 +194,22 @@ def run_system(
         raise KeyboardInterrupt
     load.wait(sc.load.request_timeout_s + 5)
     records = load.records()
+    if until is not None:
+        t0 = time.monotonic()
+        deadline = t0 + until_timeout_s
+        while not until(samples) and time.monotonic() < deadline and not stop.is_set():
+            tick = time.monotonic()
+            s = rt.observe(tick - start_mono, "done")
+            _diff(prev, s, emit, events)
+            prev = s
+            samples.append(s)
+            show(s)
+            if system.arbiter:
+                seen_events = _arbiter_events(rt, t_wall_ref - 1.0, load_wall, seen_events, emit, events)
+            stop.wait(max(0.0, sample_interval_s - (time.monotonic() - tick)))
+        timings["after_load_s"] = time.monotonic() - t0
+        if stop.is_set():
+            raise KeyboardInterrupt
 
     # 4. stop the jobs (their runners write summary.json), then the figures
     arbiter_events = []

@@ -13,6 +13,8 @@ from those records, the same way for every system (Tidal, Ray alone, Serve on fr
 - **Allocation ratio**: GPU-seconds held by serving and training over GPU-seconds that exist, over the
   load's duration (time-weighted between samples).
 - **SLO attainment**: share of requests that succeeded within the SLO (a failed request misses it).
+- **Job stops**: each time the arbiter took a job down to no GPU at all (``job_stops``), the step it
+  stopped at, and when and from which checkpointed step it trained again.
 
 Times are seconds from the start of the load (``t_s``); set-up happens at negative times.
 """
@@ -48,6 +50,8 @@ class Sample:
         requests_sent, requests_failed: totals so far.
         steps: training steps per job so far (the highest seen); ``steps_lost``: steps thrown away.
         job_workers / job_gpu_type: each job's current size and GPU type.
+        resumed_from: for each job training now, the step its current attempt loaded from its checkpoint
+            (0: it started from scratch).
     """
 
     t_s: float
@@ -71,6 +75,7 @@ class Sample:
     steps_lost: dict[str, int] = field(default_factory=dict)
     job_workers: dict[str, int] = field(default_factory=dict)
     job_gpu_type: dict[str, str | None] = field(default_factory=dict)
+    resumed_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def serving_total(self) -> float:
@@ -289,6 +294,60 @@ def reclaim_durations_s(
     return out
 
 
+@dataclass(frozen=True)
+class JobStop:
+    """A job the arbiter took down to no GPU at all, and its return.
+
+    Attributes:
+        job: the job's name.
+        stopped_s: the first sample with none of its workers running and nothing granted to it.
+        step_at_stop: the highest step it had made by then (a yield checkpoints at that step).
+        resumed_s: the first later sample with its workers training again (None: not seen again).
+        resumed_from: the step that attempt loaded from its checkpoint (None: not seen again). Equal to
+            ``step_at_stop`` when the stop lost nothing; 0 if it started over.
+    """
+
+    job: str
+    stopped_s: float
+    step_at_stop: int
+    resumed_s: float | None = None
+    resumed_from: int | None = None
+
+    @property
+    def steps_lost(self) -> int | None:
+        """Steps made before the stop and not in the checkpoint it resumed from (None: not resumed)."""
+        return None if self.resumed_from is None else max(0, self.step_at_stop - self.resumed_from)
+
+
+def job_stops(samples: Sequence[Sample], job_names: Iterable[str], start_s: float, end_s: float) -> list[JobStop]:
+    """The stops of the jobs in ``[start_s, end_s]``, each with its return (after ``end_s`` too), if any.
+
+    A stop: a sample where a job that has run workers since its last stop runs none, and the arbiter grants
+    it nothing (a resize's restart keeps a grant: not a stop; without an arbiter there are no grants, and no
+    stops are seen). Its return: the first later sample where it runs workers again.
+
+    Example: ``lo`` trains with 2 workers at step 130 at t=20, runs none with no grant at t=21 (step 134),
+    trains again at t=95 from step 134 -> ``[JobStop("lo", 21.0, 134, 95.0, 134)]``.
+    """
+    out: list[JobStop] = []
+    for job in job_names:
+        stop: JobStop | None = None
+        ran = False  # workers seen since the last stop
+        for s in samples:
+            workers = s.job_workers.get(job, 0)
+            if stop is not None:
+                if workers > 0:
+                    out.append(JobStop(job, stop.stopped_s, stop.step_at_stop, s.t_s, s.resumed_from.get(job)))
+                    stop, ran = None, True
+            elif workers > 0:
+                ran = True
+            elif ran and job in s.grants and not sum(s.grants[job].values()):
+                stop, ran = JobStop(job, s.t_s, s.steps.get(job, 0)), False
+        if stop is not None:
+            out.append(stop)
+    return sorted((st for st in out if start_s <= st.stopped_s <= end_s), key=lambda st: (st.stopped_s, st.job))
+
+
 def median_or_none(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -346,6 +405,7 @@ def spike_figures(
         "replicas_needed": replicas_needed,
         "peak_replicas_running": max((s.replicas_running for s in in_spike), default=0),
         "peak_demand_replicas": max(demand, default=None),
+        "job_stops": [asdict(st) for st in job_stops(samples, job_names, 0.0, end_s)],
     }
 
 
@@ -363,11 +423,15 @@ def steady_since(first: Sample | None, s: Sample, jobs: Collection[str], granted
     """The first sample of the stretch of steady training that ``s`` continues, or None if ``s`` is not steady.
 
     Steady: every job trains (workers and steps), at the size the arbiter granted it (when there is an
-    arbiter), and no job changed size or GPU type since ``first``. The load starts after a stretch of
-    ``settle_s``: a cluster meets a spike in steady state, not while its trainers are still starting (on this
-    machine their start-up takes the CPU the service needs, and the service scales up for it).
+    arbiter), and no job changed size or GPU type since ``first``. A job the arbiter registered and granted
+    nothing, and that runs nothing, is steady too: it waits in the queue by the arbiter's decision (a full
+    cluster). The load starts after a stretch of ``settle_s``: a cluster meets a spike in steady state, not
+    while its trainers are still starting (on this machine their start-up takes the CPU the service needs,
+    and the service scales up for it).
     """
     for j in jobs:
+        if granted and waits_ungranted(s, j):
+            continue
         workers = s.job_workers.get(j, 0)
         if workers <= 0 or s.steps.get(j, 0) <= 0:
             return None
@@ -381,5 +445,13 @@ def steady_since(first: Sample | None, s: Sample, jobs: Collection[str], granted
 
 
 def trained_since(first: Sample, s: Sample, jobs: Collection[str]) -> bool:
-    """Every job made steps between ``first`` and ``s``."""
-    return all(s.steps.get(j, 0) > first.steps.get(j, 0) for j in jobs)
+    """Every job made steps between ``first`` and ``s``, but those waiting ungranted (``waits_ungranted``)."""
+    return all(s.steps.get(j, 0) > first.steps.get(j, 0) or waits_ungranted(s, j) for j in jobs)
+
+
+def waits_ungranted(s: Sample, job: str) -> bool:
+    """The arbiter knows ``job``, grants it nothing, and it runs no worker: it waits in the queue.
+
+    A job not registered yet (absent from ``s.grants``) does not wait so: it has not been decided on.
+    """
+    return job in s.grants and not sum(s.grants[job].values()) and s.job_workers.get(job, 0) == 0

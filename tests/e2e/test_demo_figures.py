@@ -6,15 +6,18 @@ import io
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from cluster.demo_scenario import ScenarioError, load_scenario, parse_scenario
 from cluster.demo_timeline import (
+    JobStop,
     Sample,
     allocation_ratio,
     classify_actors,
     gpus_back_to_training_s,
+    job_stops,
     reclaim_durations_s,
     slo_attainment,
     spike_figures,
@@ -22,6 +25,7 @@ from cluster.demo_timeline import (
     time_to_capacity_s,
     train_steps_between,
     trained_since,
+    waits_ungranted,
 )
 
 CAP = {"H100": 4.0, "A100": 2.0, "RTX4090": 2.0}
@@ -68,6 +72,57 @@ def test_the_load_waits_for_a_stretch_of_steady_training_at_the_granted_sizes():
     assert steady_since(None, at(0.0, grants={}), jobs, granted=False) is not None
     assert steady_since(None, at(0.0, grants={}), jobs, granted=True) is None
     assert not trained_since(first, at(12.0, lo=(2, "A100", 5)), jobs), "lo made no step"
+
+
+def test_a_job_the_arbiter_keeps_waiting_in_the_queue_does_not_hold_the_load_back():
+    def at(t, hi_step, queued_grant):
+        return sample(
+            t, phase="fill", job_workers={"hi": 4, "queued": 0}, job_gpu_type={"hi": "H100", "queued": None},
+            steps={"hi": hi_step}, grants={"hi": {"H100": 4}, **queued_grant},
+        )  # fmt: skip
+
+    jobs = ["hi", "queued"]
+    first = steady_since(None, at(0.0, 10, {"queued": {}}), jobs, granted=True)
+    assert first is not None and waits_ungranted(first, "queued")
+    later = at(12.0, 40, {"queued": {}})
+    assert steady_since(first, later, jobs, granted=True) is first and trained_since(first, later, jobs)
+    # Not registered yet (no grant known): not decided on, so not steady; granted but not running: not steady.
+    assert steady_since(None, at(0.0, 10, {}), jobs, granted=True) is None
+    assert steady_since(None, at(0.0, 10, {"queued": {"A100": 2}}), jobs, granted=True) is None
+
+
+def test_job_stops_find_a_job_taken_to_no_gpu_and_the_step_it_resumed_from():
+    def at(t, workers, grant, step, resumed_from=None):
+        return sample(
+            t, phase="spike", job_workers={"lo": workers}, grants={"lo": grant}, steps={"lo": step},
+            resumed_from={} if resumed_from is None else {"lo": resumed_from},
+        )  # fmt: skip
+
+    samples = [
+        at(19.5, 2, {"A100": 2}, 130, 0),
+        at(20.0, 2, {}, 132, 0),  # the arbiter took the grant; the job yields at its next step
+        at(21.0, 0, {}, 134),
+        at(60.0, 0, {"A100": 2}, 134),  # granted again: restarting
+        at(95.0, 2, {"A100": 2}, 140, 134),
+    ]
+    stops = job_stops(samples, ["lo"], 20, 80)
+    assert stops == [JobStop("lo", 21.0, 134, 95.0, 134)]
+    assert stops[0].steps_lost == 0
+    # Outside the window: not this spike's stop. Never back: no return. Back from scratch: all lost.
+    assert job_stops(samples, ["lo"], 30, 80) == []
+    assert job_stops(samples[:4], ["lo"], 20, 80) == [JobStop("lo", 21.0, 134)]
+    scratch = job_stops(samples[:4] + [at(95.0, 2, {"A100": 2}, 134, 0)], ["lo"], 20, 80)
+    assert scratch[0].steps_lost == 134
+
+
+def test_job_stops_leave_out_a_resize_restart_and_runs_without_an_arbiter():
+    def at(t, workers, grants):
+        return sample(t, job_workers={"hi": workers}, grants=grants, steps={"hi": int(t)})
+
+    resize = [at(0, 4, {"hi": {"H100": 4}}), at(1, 0, {"hi": {"H100": 2}}), at(9, 2, {"hi": {"H100": 2}})]
+    assert job_stops(resize, ["hi"], 0, 80) == []
+    no_arbiter = [at(0, 4, {}), at(1, 0, {}), at(9, 2, {})]
+    assert job_stops(no_arbiter, ["hi"], 0, 80) == []
 
 
 def test_classify_actors_splits_gpus_by_type_and_workload_and_ignores_dead_and_cpu_actors():
@@ -166,6 +221,34 @@ def test_default_scenario_spikes_eight_times_and_needs_the_services_max():
     assert p.rate_windows()[-1] == (p.end_s, 0.0)
     assert sc.load.replicas_needed == sc.service["service"]["max_replicas"]
     assert [p.phase_at(t) for t in (0, p.spike_start_s, p.spike_end_s, p.end_s)] == ["pre", "spike", "post", "done"]
+
+
+def test_saturated_scenario_fills_what_the_service_accepts_with_job_minimums_and_queues_one_more():
+    from cluster.local import load_cluster_spec
+
+    sc = load_scenario(Path(__file__).resolve().parents[2] / "cluster" / "configs" / "saturated-scenario.yaml")
+    capacity: dict[str, float] = {}
+    for g in load_cluster_spec().node_groups:
+        capacity[g.gpu_type] = capacity.get(g.gpu_type, 0.0) + g.count * g.num_gpus
+    svc = sc.service["service"]
+    # The service's minimum sits on its most preferred type; the running jobs' minimums take the rest.
+    used = {svc["gpu_types"][0]: svc["min_replicas"] * svc["gpus_per_replica"]}
+    running = [j for j in sc.jobs if j["name"] != "sat-queued"]
+    for j in running:
+        assert j["min_workers"] == j["max_workers"] and j["priority"] < svc["priority"], j["name"]
+        (t,) = j["gpu_types"]
+        used[t] = used.get(t, 0.0) + j["min_workers"] * j["gpus_per_worker"]
+    assert {t: used.get(t, 0.0) for t in svc["gpu_types"]} == {t: capacity[t] for t in svc["gpu_types"]}
+    # The queued job fits on no type it accepts, and outranks no running job (it cannot stop one).
+    (queued,) = [j for j in sc.jobs if j["name"] == "sat-queued"]
+    assert all(capacity[t] - used.get(t, 0.0) < queued["min_workers"] * queued["gpus_per_worker"] for t in queued["gpu_types"])
+    assert all(queued["priority"] < j["priority"] for j in running)
+    # Nothing is free and nothing is above a minimum: the spike's extra replicas must stop whole jobs.
+    assert sc.load.replicas_needed > svc["min_replicas"]
+    from training.spec import parse_spec
+
+    for name in sc.job_names:
+        assert parse_spec(sc.job_spec(name, "/tmp/tidal-e2e-x")).name == name
 
 
 def test_scenario_refuses_a_spike_that_needs_more_replicas_than_the_service_may_run():
