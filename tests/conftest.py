@@ -26,16 +26,16 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
-# No per-example deadline: it is a timed assertion, and a property test on a busy machine (the suite's
-# Ray clusters share two cores) can take longer than the 200 ms default without anything being wrong.
-settings.register_profile("tidal", deadline=None)
-settings.load_profile("tidal")
-
 # Re-exported for `from conftest import wait_for`; prefer `from tidal_testing import wait_for`, which a
 # conftest.py in a sub-directory (tests/serving_ray/ has one) cannot shadow.
 from tidal_testing import wait_for
 
 logger = logging.getLogger(__name__)
+
+# No per-example deadline: it is a timed assertion, and a property test on a busy machine (the suite's
+# Ray clusters share two cores) can take longer than the 200 ms default without anything being wrong.
+settings.register_profile("tidal", deadline=None)
+settings.load_profile("tidal")
 
 
 @pytest.fixture(name="wait_for")
