@@ -158,6 +158,17 @@ def run_system(
         events[i] = TimelineEvent(e.t_s - shift, e.kind, e.workload, e.detail)
     seen_events = 0
     last_phase = None
+
+    def record(sample: Sample) -> None:
+        """Keeps a sample of the load or after it: its changes as events, the arbiter's new events."""
+        nonlocal prev, seen_events
+        _diff(prev, sample, emit, events)
+        prev = sample
+        samples.append(sample)
+        show(sample)
+        if system.arbiter:
+            seen_events = _arbiter_events(rt, t_wall_ref - 1.0, load_wall, seen_events, emit, events)
+
     # The schedule ends at end_s; requests still in flight get their timeout, and no more.
     give_up_s = phases.end_s + sc.load.request_timeout_s + 5.0
     try:
@@ -180,12 +191,7 @@ def run_system(
             s.failed = w.failed
             s.requests_sent = len(recs)
             s.requests_failed = sum(1 for r in recs if not 200 <= r.status < 300)
-            _diff(prev, s, emit, events)
-            prev = s
-            samples.append(s)
-            show(s)
-            if system.arbiter:
-                seen_events = _arbiter_events(rt, t_wall_ref - 1.0, load_wall, seen_events, emit, events)
+            record(s)
             stop.wait(max(0.0, sample_interval_s - (time.monotonic() - tick)))
     finally:
         if not load.done:
@@ -199,13 +205,7 @@ def run_system(
         deadline = t0 + until_timeout_s
         while not until(samples) and time.monotonic() < deadline and not stop.is_set():
             tick = time.monotonic()
-            s = rt.observe(tick - start_mono, "done")
-            _diff(prev, s, emit, events)
-            prev = s
-            samples.append(s)
-            show(s)
-            if system.arbiter:
-                seen_events = _arbiter_events(rt, t_wall_ref - 1.0, load_wall, seen_events, emit, events)
+            record(rt.observe(tick - start_mono, "done"))
             stop.wait(max(0.0, sample_interval_s - (time.monotonic() - tick)))
         timings["after_load_s"] = time.monotonic() - t0
         if stop.is_set():
