@@ -31,7 +31,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 demo: venv
-	$(PY) -m cluster.demo
+	$(PY) -m tidal.demo
 
 # The quick benchmarks (pure: a few minutes). Each script writes bench/results/<name>.json.
 bench: venv

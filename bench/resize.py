@@ -1,6 +1,6 @@
 """Measures what a shrink costs an elastic training job, on a real local Ray cluster.
 
-A digits job (``training.run``, submitted with ``ray job submit``) trains on 4 H100 workers under the real
+A digits job (``tidal.training.run``, submitted with ``ray job submit``) trains on 4 H100 workers under the real
 arbiter. Each cycle, a high-priority competitor service asks for 2 H100s; the arbiter shrinks the job, the job
 yields at a step boundary, checkpoints and restarts on 2; the competitor then *places* a placement group of
 2 H100 GPUs (the proof that the GPUs are free). The competitor leaves and the job grows back to 4.
@@ -54,8 +54,8 @@ POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_res
 def job_yaml(storage: str, grace_s: float, spare_workers: int = 0, spare_control_workers: int = 0) -> str:
     return f"""
 name: {JOB_NAME}
-model: {{class: "training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
-data: {{factory: "training.data:digits"}}
+model: {{class: "tidal.training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
+data: {{factory: "tidal.training.data:digits"}}
 gpu_types: [H100]
 min_workers: 1
 max_workers: 4
@@ -106,8 +106,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import ray
-
-    from cluster.local import LocalCluster, load_cluster_spec
+    from tidal.cluster.local import LocalCluster, load_cluster_spec
 
     cluster = LocalCluster(load_cluster_spec())
     cluster.start()
@@ -133,11 +132,10 @@ def main() -> int:
 def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
-
-    from cluster.actor import get_or_create_arbiter
-    from cluster.client import ArbiterClient
-    from cluster.model import GPU_TYPE_LABEL, ServiceSpec
-    from training.runner import NAMESPACE, signal_actor_name
+    from tidal.cluster.actor import get_or_create_arbiter
+    from tidal.cluster.client import ArbiterClient
+    from tidal.cluster.model import GPU_TYPE_LABEL, ServiceSpec
+    from tidal.training.runner import NAMESPACE, signal_actor_name
 
     arbiter = get_or_create_arbiter(config=POLICY)
     ray.get(arbiter.reload_config.remote(POLICY))
@@ -148,7 +146,7 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
     sub_id = f"bench-resize-{int(time.time())}"
     subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sub_id,
-         "--working-dir", str(PROJECT), "--", "python", "-m", "training.run", str(spec_path)],
+         "--working-dir", str(PROJECT), "--", "python", "-m", "tidal.training.run", str(spec_path)],
         env=env, check=True, capture_output=True,
     )  # fmt: skip
 

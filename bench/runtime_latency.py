@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import ray
-
-from cluster.actor import get_or_create_arbiter, kill_arbiter
-from cluster.client import ArbiterClient
-from cluster.local import LocalCluster, load_cluster_spec
-from cluster.model import ServiceSpec, TrainingJobSpec
+from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
+from tidal.cluster.client import ArbiterClient
+from tidal.cluster.local import LocalCluster, load_cluster_spec
+from tidal.cluster.model import ServiceSpec, TrainingJobSpec
 
 logger = logging.getLogger("bench.runtime_latency")
 NAME, NAMESPACE = "tidal-arbiter-bench", "tidal-bench"

@@ -1,4 +1,4 @@
-"""Serving benchmarks on a real local cluster, driven by ``bench/loadgen.py``; JSON into ``bench/results/``.
+"""Serving benchmarks on a real local cluster, driven by ``tidal.demo.loadgen``; JSON into ``bench/results/``.
 
 Measures, in one run on this machine:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import shutil
@@ -33,13 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tidal.demo import loadgen
+
 logger = logging.getLogger("serving_bench")
 
 HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("loadgen", HERE / "loadgen.py")
-loadgen = importlib.util.module_from_spec(_spec)
-sys.modules["loadgen"] = loadgen
-_spec.loader.exec_module(loadgen)
 
 SPEC = {
     "head": {"num_cpus": 1},
@@ -56,7 +53,7 @@ def app(
     return {
         "name": name,
         "route_prefix": f"/{name}",
-        "import_path": "serving.app:build_app",
+        "import_path": "tidal.serving.app:build_app",
         "args": {
             "service": {
                 "name": name,
@@ -143,8 +140,8 @@ def policy_call_cost_us(n_calls: int = 20_000, n_replicas: int = 8) -> dict:
     """Time ``TidalAutoscalingPolicy.__call__`` in-process (no arbiter: the link is not started)."""
     from dataclasses import dataclass, field
 
-    from serving.autoscale import TidalAutoscalingPolicy
-    from serving.config import GPU_TYPE_METRIC_PREFIX
+    from tidal.serving.autoscale import TidalAutoscalingPolicy
+    from tidal.serving.config import GPU_TYPE_METRIC_PREFIX
 
     @dataclass(frozen=True)
     class Rid:
@@ -203,11 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
     from ray import serve
-
-    from cluster.actor import get_or_create_arbiter, kill_arbiter
-    from cluster.local import LocalCluster, LocalClusterError, parse_cluster_spec
-    from serving.examples import train_digits_checkpoint
-    from serving.rollout import deploy_config, serve_details
+    from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
+    from tidal.cluster.local import LocalCluster, LocalClusterError, parse_cluster_spec
+    from tidal.serving.examples import train_digits_checkpoint
+    from tidal.serving.rollout import deploy_config, serve_details
 
     # Short: Ray's unix socket paths under the cluster's temp dirs must stay under 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="tidal-sv-", dir="/tmp"))

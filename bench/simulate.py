@@ -4,7 +4,7 @@
 - ``saturated``: the 14 busiest days (from day 28) at four times the rate: training wants more than the
   whole cluster for days, and priorities decide (the service's SLO against a long queue of jobs).
 
-Runs ``tidal simulate`` (``cluster.sim.cli``) with the case's flags (extra flags are passed through and
+Runs ``tidal simulate`` (``tidal.cluster.sim.cli``) with the case's flags (extra flags are passed through and
 override them), and writes ``bench/results/simulate.json`` (headline) or
 ``bench/results/simulate-saturated.json``: the summary of every policy (every key, and the oracle), the
 wall-clock and CPU time of the run, each policy's CPU time and where it went (the policy's decide(), the
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.sim.cli import main as simulate_main
+from tidal.cluster.sim.cli import main as simulate_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "traces"

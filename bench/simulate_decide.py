@@ -20,11 +20,11 @@ import statistics
 import time
 from pathlib import Path
 
-from cluster.sim.config import load_sim_config
-from cluster.sim.run import cluster_nodes, prepare_inputs
-from cluster.sim.simulator import Simulator
-from policies.base import PolicyState
-from policies.config import load_policy_config
+from tidal.cluster.sim.config import load_sim_config
+from tidal.cluster.sim.run import cluster_nodes, prepare_inputs
+from tidal.cluster.sim.simulator import Simulator
+from tidal.policies.base import PolicyState
+from tidal.policies.config import load_policy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "traces"

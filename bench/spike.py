@@ -1,12 +1,12 @@
 """The spike benchmark: Tidal against Ray alone, on the same local cluster, in one run.
 
-The scenario is the demo's (``cluster/configs/demo-scenario.yaml``): one inference service (1 GPU per
+The scenario is the demo's (``demo/configs/demo-scenario.yaml``): one inference service (1 GPU per
 replica, min 1, max 4, prefers RTX4090 > A100 > H100) and two elastic training jobs (priority 50 on H100s,
 priority 5 on A100s) on 4 H100 + 2 A100 + 2 RTX4090 (logical GPUs), a base load that jumps 8x for a minute,
 and the base load again. Measured, for each system:
 
-1. **tidal**: the arbiter (``cluster/configs/demo-policy.yaml``), Tidal's Serve autoscaling hook and Tidal's
-   training runner (``python -m training.run``), ``--runs`` times (time to capacity: median of the runs);
+1. **tidal**: the arbiter (``demo/configs/demo-policy.yaml``), Tidal's Serve autoscaling hook and Tidal's
+   training runner (``python -m tidal.training.run``), ``--runs`` times (time to capacity: median of the runs);
 2. **ray-alone**: the same Serve deployment with Serve's default autoscaler (same min/max and targets) and
    the same training as plain Ray Train elastic jobs, ``ScalingConfig(num_workers=(min, max))``
    (``bench/spike_ray_alone_job.py``), no arbiter;
@@ -22,7 +22,7 @@ Usage::
     .venv/bin/python bench/spike.py                      # 3 Tidal runs, 1 Ray-alone, 3 free-GPU runs
     .venv/bin/python bench/spike.py --runs 1 --free-gpu-runs 1 --spike-s 40   # quicker
     # the spike on a cluster saturated by low-priority jobs' minimums (tests/e2e/test_saturated_spike.py)
-    .venv/bin/python bench/spike.py --scenario cluster/configs/saturated-scenario.yaml --ray-alone-runs 0
+    .venv/bin/python bench/spike.py --scenario demo/configs/saturated-scenario.yaml --ray-alone-runs 0
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cluster.demo_scenario import DEFAULT_POLICY_PATH, load_scenario  # noqa: E402
+from tidal.demo.scenario import DEFAULT_POLICY_PATH, load_scenario  # noqa: E402
 
 logger = logging.getLogger("bench.spike")
 
@@ -94,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    from cluster.demo_ray import DemoRuntime, SystemConfig
-    from cluster.demo_run import run_system
+    from tidal.demo.run import run_system
+    from tidal.demo.runtime import DemoRuntime, SystemConfig
 
     plan: list[tuple[str, int]] = (
         [("serve-only", i) for i in range(args.free_gpu_runs)]
@@ -198,7 +198,7 @@ def build_report(
     failures: list[str],
     leftovers: set[int],
 ) -> dict[str, Any]:
-    from policies.config import load_policy_config
+    from tidal.policies.config import load_policy_config
 
     phases = scenario.phases()
     systems = {}
@@ -278,7 +278,7 @@ def _brief(f: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plot(result: Any, scenario: Any, path: Path) -> None:
-    from cluster.demo_plot import plot_timeline
+    from tidal.demo.plot import plot_timeline
 
     try:
         phases = scenario.phases()

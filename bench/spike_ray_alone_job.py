@@ -4,13 +4,13 @@ Submitted like Tidal's runner, with the same job spec::
 
     ray job submit --working-dir . -- python bench/spike_ray_alone_job.py JOB.yaml
 
-It runs the *same* training (``training.loop.train_loop_per_worker``: same model, data, batch, checkpoints)
+It runs the *same* training (``tidal.training.loop.train_loop_per_worker``: same model, data, batch, checkpoints)
 as one ``TorchTrainer`` with ``ScalingConfig(num_workers=(min_workers, max_workers))`` on the job's most
 preferred GPU type (``label_selector``) and lets Ray Train size it: no arbiter, no yield, no resize by
 anyone but Ray Train itself. ``FailureConfig(max_failures=-1)`` lets Ray Train restart the worker group
 from the latest checkpoint as elastic jobs do.
 
-The loop's rank 0 reports its progress to a ``training.signal.JobSignal`` actor named like the runner's,
+The loop's rank 0 reports its progress to a ``tidal.training.signal.JobSignal`` actor named like the runner's,
 so that the benchmark reads the steps of both systems the same way; nothing ever asks this job to yield.
 """
 
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from training.spec import SpecError, load_spec
+    from tidal.training.spec import SpecError, load_spec
 
     text = base64.b64decode(os.environ[args.spec_from_env]).decode() if args.spec_from_env else None
     try:
@@ -46,11 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cluster.model import GPU_TYPE_LABEL
-    from training.loop import train_loop_per_worker
-    from training.runner import NAMESPACE, AutoTorchConfig, signal_actor_name
-    from training.signal import JobSignal
+    from tidal.cluster.model import GPU_TYPE_LABEL
+    from tidal.training.loop import train_loop_per_worker
+    from tidal.training.runner import NAMESPACE, AutoTorchConfig, signal_actor_name
+    from tidal.training.signal import JobSignal
 
     ray.init(namespace=NAMESPACE)
     progress_board = JobSignal.options(name=signal_actor_name(spec.name), namespace=NAMESPACE).remote(spec.name)

@@ -14,11 +14,11 @@ The only place where ``ResourceArbiter`` (a plain class) meets Ray. The actor:
   lives on one node only, while the KV is cluster-wide and goes away with the cluster, so a new cluster starts
   clean. With ``state_path`` set (``arbiter.state_path`` in the policy file) it also writes the state to that
   file, which can outlive the cluster; it is read only when the KV has nothing;
-- exports Prometheus metrics on ``metrics_port`` (``cluster.metrics``);
+- exports Prometheus metrics on ``metrics_port`` (``tidal.cluster.metrics``);
 - swaps its policy config with ``reload_config``, which validates first, so that a bad file leaves the
   running config in place;
 - keeps idle, preloaded worker processes on the GPU nodes when ``warm_pool`` is configured
-  (``cluster.warm_pool``), in a thread of its own, so that a new replica does not wait for a Python process.
+  (``tidal.cluster.warm_pool``), in a thread of its own, so that a new replica does not wait for a Python process.
 
 The actor is threaded (``max_concurrency``): heartbeats are served while a tick runs; one lock serialises
 every touch of the arbiter.
@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-
-from cluster.arbiter import GrantView, ResourceArbiter, TickReport
-from cluster.model import GpuType, WorkloadName, WorkloadSpec, spec_from_dict
-from cluster.ray_backend import RayBackend
-from policies.config import (
+from tidal.cluster.arbiter import GrantView, ResourceArbiter, TickReport
+from tidal.cluster.model import GpuType, WorkloadName, WorkloadSpec, spec_from_dict
+from tidal.cluster.ray_backend import RayBackend
+from tidal.policies.config import (
     PolicyConfigModel,
     arbiter_config,
     build_policy,
@@ -117,7 +116,7 @@ class ArbiterActor:
         self.metrics = None
         port = metrics_port if metrics_port is not None else self.cfg.arbiter.metrics_port
         if port:
-            from cluster.metrics import ArbiterMetrics
+            from tidal.cluster.metrics import ArbiterMetrics
 
             self.metrics = ArbiterMetrics()
             self.metrics.serve(port)
@@ -337,8 +336,8 @@ class ArbiterActor:
             next_due = time.monotonic() + self.tick_interval_s
 
     def _warm_loop(self) -> None:
-        """Keeps idle workers on the GPU nodes (``cluster.warm_pool``) while ``warm_pool`` is configured."""
-        from cluster.warm_pool import RayletRpc, WarmPool, nodes_from_ray
+        """Keeps idle workers on the GPU nodes (``tidal.cluster.warm_pool``) while ``warm_pool`` is configured."""
+        from tidal.cluster.warm_pool import RayletRpc, WarmPool, nodes_from_ray
 
         raylets = RayletRpc()
         pool: WarmPool | None = None

@@ -1,7 +1,7 @@
 """The resource arbiter: the outer loop that moves GPUs between serving and training.
 
 A plain class. It takes a policy (pure), a backend (observe the inventory, apply grants, stop a
-workload by force) and a clock; it becomes a Ray actor in one place only (``cluster.actor``). The same
+workload by force) and a clock; it becomes a Ray actor in one place only (``tidal.cluster.actor``). The same
 class runs in unit tests (``FakeBackend`` + ``ManualClock``), in the simulator and on Ray.
 
 Workloads talk to it through five calls: ``register``, ``heartbeat`` (report demand and what they
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cluster.model import (
+from tidal.cluster.model import (
     EMPTY,
     Allocation,
     ClusterSnapshot,
@@ -39,7 +39,7 @@ from cluster.model import (
     spec_from_dict,
     spec_to_dict,
 )
-from policies.base import Infeasible, Policy, PolicyDecision, PolicyState
+from tidal.policies.base import Infeasible, Policy, PolicyDecision, PolicyState
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ManualClock:
 
 
 class Backend(Protocol):
-    """Observes the inventory and acts on grants. The Ray backend lives in ``cluster.ray_backend``."""
+    """Observes the inventory and acts on grants. The Ray backend lives in ``tidal.cluster.ray_backend``."""
 
     def observe(self) -> tuple[NodeSnapshot, ...]: ...
 
@@ -657,7 +657,7 @@ class _SnapshotTable:
     """The registrations' snapshots, kept between ticks: by name in registration order, and by kind.
 
     A tick's snapshot needs every workload as a frozen ``WorkloadSnapshot``, and its readers need them
-    by name and split into services and jobs (``cluster.model.workload_index``). Behind a long queue of
+    by name and split into services and jobs (``tidal.cluster.model.workload_index``). Behind a long queue of
     waiting jobs, whose snapshots stay the same tick after tick, deriving those was a pass over every
     workload per reader per tick. Here a registration's snapshot is rebuilt only after one of its fields
     changed (``changed``), and the tuples and name maps are C-level copies of dicts kept in registration

@@ -9,8 +9,8 @@
     tidal arbiter start [--config policy.yaml] [--address ADDR] [--metrics-port N] [--tick-interval S]
     tidal arbiter stop [--address ADDR]
 
-Subcommands owned by other packages are added when present: ``tidal serve ...`` (``serving.cli``), ``tidal
-train ...`` (``training.cli``), ``tidal simulate ...`` (``cluster.sim.cli``).
+Subcommands owned by other packages are added when present: ``tidal serve ...`` (``tidal.serving.cli``), ``tidal
+train ...`` (``tidal.training.cli``), ``tidal simulate ...`` (``tidal.cluster.sim.cli``).
 
 What ``tidal up`` started is recorded in ``$TIDAL_HOME/local-cluster.json`` (default ``~/.tidal``), which
 points at the cluster's own state file; ``tidal down`` stops exactly the processes recorded there.
@@ -56,7 +56,7 @@ def _err(msg: str) -> None:
 
 def _recorded_cluster() -> Any | None:
     """The local cluster recorded in TIDAL_HOME (a ``LocalCluster`` handle), or None."""
-    from cluster.local import LocalCluster
+    from tidal.cluster.local import LocalCluster
 
     pointer = tidal_home() / POINTER_FILE
     if not pointer.exists():
@@ -99,7 +99,7 @@ def _connect(address: str | None) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from cluster.local import LocalCluster, load_cluster_spec
+    from tidal.cluster.local import LocalCluster, load_cluster_spec
 
     existing = _recorded_cluster()
     if existing is not None:
@@ -116,7 +116,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec = load_cluster_spec(args.config)
         policy_cfg = None
         if not args.no_arbiter:
-            from policies.config import load_policy_config
+            from tidal.policies.config import load_policy_config
 
             policy_cfg = load_policy_config(args.policy)
     except ValueError as e:
@@ -136,8 +136,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     arbiter_line = "Arbiter: not started (--no-arbiter); start it with `tidal arbiter start`"
     if policy_cfg is not None:
         import ray
-
-        from cluster.actor import get_or_create_arbiter
+        from tidal.cluster.actor import get_or_create_arbiter
 
         try:
             cluster.activate()
@@ -223,7 +222,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_ERROR
     try:
-        from cluster.actor import get_arbiter
+        from tidal.cluster.actor import get_arbiter
 
         handle = get_arbiter()
         if handle is None:
@@ -244,8 +243,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _inventory_only_status() -> dict[str, Any]:
     """Capacity by type from Ray's node table, for a cluster without an arbiter."""
     import ray
-
-    from cluster.ray_backend import nodes_from_table
+    from tidal.cluster.ray_backend import nodes_from_table
 
     cap: dict[str, float] = {}
     nodes: dict[str, int] = {}
@@ -325,9 +323,8 @@ def _alloc(d: dict[str, float]) -> str:
 
 def cmd_arbiter_start(args: argparse.Namespace) -> int:
     import ray
-
-    from cluster.actor import get_arbiter, get_or_create_arbiter
-    from policies.config import load_policy_config
+    from tidal.cluster.actor import get_arbiter, get_or_create_arbiter
+    from tidal.policies.config import load_policy_config
 
     # Validate before touching the cluster: a bad file changes nothing, a running arbiter keeps its config.
     try:
@@ -368,8 +365,7 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
 
 def cmd_arbiter_stop(args: argparse.Namespace) -> int:
     import ray
-
-    from cluster.actor import kill_arbiter
+    from tidal.cluster.actor import kill_arbiter
 
     try:
         address = _connect(args.address)
@@ -424,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--address", default=None)
     a.set_defaults(func=cmd_arbiter_stop)
 
-    for module_name in ("serving.cli", "training.cli", "cluster.sim.cli"):
+    for module_name in ("tidal.serving.cli", "tidal.training.cli", "tidal.cluster.sim.cli"):
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:

@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-
-from cluster.actor import ARBITER_NAME, ARBITER_NAMESPACE
-from cluster.arbiter import GrantView
-from cluster.model import GpuType, WorkloadName, WorkloadSpec
+from tidal.cluster.actor import ARBITER_NAME, ARBITER_NAMESPACE
+from tidal.cluster.arbiter import GrantView
+from tidal.cluster.model import GpuType, WorkloadName, WorkloadSpec
 
 logger = logging.getLogger(__name__)
 

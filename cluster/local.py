@@ -55,9 +55,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from cluster.model import GPU_TYPE_LABEL
-from cluster.preload import POOL_MODULES_ENV
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.cluster.preload import POOL_MODULES_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ class LocalClusterSpec(_SpecModel):
     # replica then starts in a process that has them already (cluster/warm_pool.py has the figures).
     preload_python_modules: list[str] = Field(default_factory=list)
     # Modules only the workers not bound to a job import (the warm pool's, which Serve replicas take; not
-    # Ray Train's workers or a job's spares): the node preloads cluster.preload, which reads this list
+    # Ray Train's workers or a job's spares): the node preloads tidal.cluster.preload, which reads this list
     # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
     pool_preload_python_modules: list[str] = Field(default_factory=list)
 
@@ -175,7 +174,7 @@ class LocalClusterSpec(_SpecModel):
     def _module_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for i, m in enumerate(v):
             if not all(part.isidentifier() for part in m.split(".")):
-                raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, serving.app)")
+                raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, tidal.serving.app)")
         return v
 
     def raylet_preload_env(self) -> dict[str, str]:
@@ -183,7 +182,7 @@ class LocalClusterSpec(_SpecModel):
         modules = list(self.preload_python_modules)
         env: dict[str, str] = {}
         if self.pool_preload_python_modules:
-            modules.append("cluster.preload")
+            modules.append("tidal.cluster.preload")
             env[POOL_MODULES_ENV] = ",".join(self.pool_preload_python_modules)
         if modules:
             env["RAY_preload_python_modules"] = ",".join(modules)
@@ -855,7 +854,7 @@ class LocalCluster:
         else:
             # `ray start` imports Ray's whole CLI (about 2 s of CPU per node, a lot on two cores): a worker
             # node is started by the same Node() call, from a process that imports only what it needs.
-            args = [sys.executable, "-m", "cluster.local", "start-worker-node", json.dumps({**node_args, "address": self.address})]
+            args = [sys.executable, "-m", "tidal.cluster.local", "start-worker-node", json.dumps({**node_args, "address": self.address})]
         env = _clean_env()
         env.update(self.auth_env())
         env[CLUSTER_MARKER_ENV] = self.cluster_id
@@ -1190,7 +1189,7 @@ def _ray_start_flags(a: Mapping[str, Any]) -> list[str]:
 def start_worker_node(a: Mapping[str, Any]) -> None:
     """Starts a worker node as ``ray start --address=...`` does (Ray 2.60 ``scripts.start``), and returns.
 
-    Runs in its own process (``python -m cluster.local start-worker-node '<json>'``); the raylet and its agents
+    Runs in its own process (``python -m tidal.cluster.local start-worker-node '<json>'``); the raylet and its agents
     outlive it, as they outlive ``ray start``.
     """
     import ray._private.node
@@ -1251,4 +1250,4 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         start_worker_node(json.loads(sys.argv[2]))
     else:
-        sys.exit(f"usage: python -m cluster.local start-worker-node '<json>' (got {sys.argv[1:]})")
+        sys.exit(f"usage: python -m tidal.cluster.local start-worker-node '<json>' (got {sys.argv[1:]})")

@@ -36,8 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from cluster.arbiter import TickReport
+from tidal.cluster.arbiter import TickReport
 
 logger = logging.getLogger(__name__)
 

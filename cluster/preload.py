@@ -2,9 +2,9 @@
 lists it): imports the modules of ``TIDAL_POOL_PRELOAD_MODULES`` only in a worker that is not bound to a job.
 
 Ray's preload list is one per raylet: every new worker on the node imports all of it. The warm pool's idle
-workers (``cluster.warm_pool``) are what a Serve replica starts in, so they want the model server
-(``serving.app``: ``ray.serve`` and its web stack, ~1.3 CPU-seconds of imports here); but a Ray Train worker or
-a job's spare (``training.spares``) is a process the raylet starts *for its job*, and never runs the model
+workers (``tidal.cluster.warm_pool``) are what a Serve replica starts in, so they want the model server
+(``tidal.serving.app``: ``ray.serve`` and its web stack, ~1.3 CPU-seconds of imports here); but a Ray Train worker or
+a job's spare (``tidal.training.spares``) is a process the raylet starts *for its job*, and never runs the model
 server. In the demo that was 12 processes importing it for nothing while the two cores were saturated. The
 raylet tells them apart: it gives a worker started for a job that job's id in ``RAY_JOB_ID``, and an unbound
 one (a pool worker, any job may take it) the nil id.

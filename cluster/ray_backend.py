@@ -24,8 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
-
-from cluster.model import GPU_TYPE_LABEL, Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
+from tidal.cluster.model import GPU_TYPE_LABEL, Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from cluster.model import ServiceSpec, TrainingJobSpec
+from tidal.cluster.model import ServiceSpec, TrainingJobSpec
 
 
 class SpecError(ValueError):

@@ -11,7 +11,7 @@ Ray has both halves of the remedy, and this module keeps them working after the 
 
 - ``RAY_preload_python_modules`` (set on a node's raylet: ``LocalClusterSpec.preload_python_modules``, or
   the ``ray start`` commands of ``cluster.yaml``) makes every new worker process import those modules
-  before it accepts work (the model server only in workers not bound to a job: ``cluster.preload``);
+  before it accepts work (the model server only in workers not bound to a job: ``tidal.cluster.preload``);
 - the raylet's ``PrestartWorkers`` RPC starts idle worker processes that are not yet bound to a job (late
   binding) and keeps them ``keep_alive_s`` seconds. Ray calls it itself only when a raylet starts
   (``RAY_enable_worker_prestart``) and for task backlogs, so once replicas or trainers have taken the idle
@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cluster.model import GPU_TYPE_LABEL
+from tidal.cluster.model import GPU_TYPE_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class PoolNode:
     node_id: str
     raylet_address: str  # "ip:port" of the node manager
     num_gpus: float
-    gpu_type: str | None = None  # its ray.io/accelerator-type label (training.spares keeps spares per type)
+    gpu_type: str | None = None  # its ray.io/accelerator-type label (tidal.training.spares keeps spares per type)
 
 
 class Raylets(Protocol):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from cluster.model import Allocation, ClusterSnapshot, WorkloadName
+from tidal.cluster.model import Allocation, ClusterSnapshot, WorkloadName
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,4 +100,4 @@ def resolve_policy(name: str) -> PolicyFactory:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register_policy decorators.
-    from policies import fcfs, static_split, tidal  # noqa: F401
+    from tidal.policies import fcfs, static_split, tidal  # noqa: F401

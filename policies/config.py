@@ -23,13 +23,12 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from cluster.arbiter import ArbiterConfig
-from cluster.specs import format_validation_error
-from policies.base import Policy, known_policies, resolve_policy
-from policies.guards import GuardConfig, GuardedPolicy
-from policies.static_split import StaticSplitConfig, StaticSplitPolicy
-from policies.tidal import TidalPolicy, TidalPolicyConfig
+from tidal.cluster.arbiter import ArbiterConfig
+from tidal.cluster.specs import format_validation_error
+from tidal.policies.base import Policy, known_policies, resolve_policy
+from tidal.policies.guards import GuardConfig, GuardedPolicy
+from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy
+from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
 
 DEFAULT_PRICES = {"H100": 2.49, "H200": 3.29, "A100": 1.29, "RTX4090": 0.34}
 DEFAULT_SPEEDS = {"H100": 3.0, "H200": 3.6, "A100": 2.0, "RTX4090": 1.0}
@@ -60,7 +59,7 @@ class ArbiterModel(_Strict):
 
 
 class WarmPoolModel(_Strict):
-    """Idle worker processes kept on every GPU node (``cluster.warm_pool``); 0 turns the pool off."""
+    """Idle worker processes kept on every GPU node (``tidal.cluster.warm_pool``); 0 turns the pool off."""
 
     spare_workers_per_node: int = Field(0, ge=0, le=64)
     interval_s: float = Field(5.0, gt=0)

@@ -8,10 +8,10 @@ baseline for the simulator and for ``bench/spike.py``.
 
 from __future__ import annotations
 
-from cluster.model import ClusterSnapshot
-from policies.base import PolicyDecision, PolicyState, register_policy
-from policies.tidal import fill_services, fill_training, service_want, shrink_to_want
-from policies.workspace import Workspace
+from tidal.cluster.model import ClusterSnapshot
+from tidal.policies.base import PolicyDecision, PolicyState, register_policy
+from tidal.policies.tidal import fill_services, fill_training, service_want, shrink_to_want
+from tidal.policies.workspace import Workspace
 
 
 @register_policy("ray-alone")

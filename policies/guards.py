@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cluster.model import (
+from tidal.cluster.model import (
     EMPTY,
     Allocation,
     ClusterSnapshot,
@@ -35,7 +35,7 @@ from cluster.model import (
     inventory,
     workload_index,
 )
-from policies.base import Policy, PolicyDecision, PolicyState
+from tidal.policies.base import Policy, PolicyDecision, PolicyState
 
 
 @dataclass(frozen=True)

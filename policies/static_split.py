@@ -13,10 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, workload_index
-from policies.base import PolicyDecision, PolicyState, register_policy
-from policies.tidal import fill_services, fill_training, service_want, shrink_to_want
-from policies.workspace import Workspace
+from tidal.cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, workload_index
+from tidal.policies.base import PolicyDecision, PolicyState, register_policy
+from tidal.policies.tidal import fill_services, fill_training, service_want, shrink_to_want
+from tidal.policies.workspace import Workspace
 
 
 @dataclass(frozen=True)

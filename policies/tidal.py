@@ -19,9 +19,9 @@ priority or lower.
 4. No churn: a job stopped for a service waits until the GPU type it was stopped on has seen no
    service reclaim and no unmet service demand for ``restart_hold_s``; meanwhile its GPUs serve the
    service or other jobs, never idle. (The service's side of the hysteresis is the guards' hold of
-   its demand over the downscale window, ``policies.guards``.)
+   its demand over the downscale window, ``tidal.policies.guards``.)
 
-Non-preemptible jobs are never reclaimed. Growth is batched by the guards (``policies.guards``).
+Non-preemptible jobs are never reclaimed. Growth is batched by the guards (``tidal.policies.guards``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from cluster.model import (
+from tidal.cluster.model import (
     ClusterSnapshot,
     GpuType,
     WorkloadKind,
@@ -39,9 +39,9 @@ from cluster.model import (
     WorkloadSpec,
     workload_index,
 )
-from policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
-from policies.packing import to_centi
-from policies.workspace import Workspace
+from tidal.policies.base import Infeasible, PolicyDecision, PolicyState, register_policy
+from tidal.policies.packing import to_centi
+from tidal.policies.workspace import Workspace
 
 
 @dataclass(frozen=True)

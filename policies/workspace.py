@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from cluster.model import (
+from tidal.cluster.model import (
     Allocation,
     ClusterSnapshot,
     GpuType,
@@ -27,8 +27,8 @@ from cluster.model import (
     inventory,
     workload_index,
 )
-from policies.base import Infeasible, PolicyDecision, Reclaim
-from policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
+from tidal.policies.base import Infeasible, PolicyDecision, Reclaim
+from tidal.policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
 
 
 def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:

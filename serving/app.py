@@ -5,7 +5,7 @@ Deploy it the way Ray users do, with a Serve config file naming this builder::
     applications:
       - name: digits
         route_prefix: /
-        import_path: serving.app:build_app
+        import_path: tidal.serving.app:build_app
         args: {service: {...}, model: {checkpoint: /path/to/ckpt}, autoscaling: {...}}
 
 (see ``serving/config.yaml``), with ``serve deploy``/``serve run``, or ``tidal serve deploy``.
@@ -21,7 +21,7 @@ Bad input gets a 4xx naming the problem: malformed JSON 400, missing/wrong API k
 count too large 413, wrong shape/type/value 422. Nothing a client sends can take a replica down: every
 handler turns unexpected errors into a 500 and the replica carries on.
 
-Each replica runs where Ray placed it (on a granted GPU type, see ``serving.config.ray_actor_options_for``),
+Each replica runs where Ray placed it (on a granted GPU type, see ``tidal.serving.config.ray_actor_options_for``),
 loads the model on CUDA when it sees one, batches requests with ``@serve.batch``, and reports its node's GPU
 type to the autoscaling policy as a custom metric. A new checkpoint arrives as a new ``user_config``
 (``tidal serve promote``): :meth:`ModelServer.reconfigure` loads it beside the old one and swaps it in
@@ -42,18 +42,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from cluster.model import GPU_TYPE_LABEL
-from serving.config import (
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.serving.config import (
     GPU_TYPE_METRIC_PREFIX,
     ModelOptions,
     ServeAppArgs,
     autoscaling_config_for,
     ray_actor_options_for,
 )
-from serving.inference import LoadedModel, load_for_inference, pick_device, run_batch, to_response
-from serving.manifest import load_manifest
-from serving.schemas import InputError, ModelInfo, PredictResponse, flatten_instances, parse_predict_body
+from tidal.serving.inference import LoadedModel, load_for_inference, pick_device, run_batch, to_response
+from tidal.serving.manifest import load_manifest
+from tidal.serving.schemas import (
+    InputError,
+    ModelInfo,
+    PredictResponse,
+    flatten_instances,
+    parse_predict_body,
+)
 
 logger = logging.getLogger("ray.serve.tidal")
 
@@ -263,9 +268,9 @@ class ModelServer:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application builder that Serve config files name (``import_path: serving.app:build_app``).
+    """The application builder that Serve config files name (``import_path: tidal.serving.app:build_app``).
 
-    Validates ``args`` (:class:`serving.config.ServeAppArgs`) and the initial checkpoint's manifest, so
+    Validates ``args`` (:class:`tidal.serving.config.ServeAppArgs`) and the initial checkpoint's manifest, so
     a bad config fails ``serve deploy`` with a message naming the field instead of failing replicas.
     """
     parsed = ServeAppArgs.model_validate(args)

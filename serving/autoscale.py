@@ -1,10 +1,10 @@
-"""Tidal's custom Serve autoscaling policy: the Ray glue around :mod:`serving.autoscale_math`.
+"""Tidal's custom Serve autoscaling policy: the Ray glue around :mod:`tidal.serving.autoscale_math`.
 
-Configured per deployment (``serving.config.autoscaling_config_for`` writes it)::
+Configured per deployment (``tidal.serving.config.autoscaling_config_for`` writes it)::
 
     autoscaling_config:
       policy:
-        policy_function: serving.autoscale:TidalAutoscalingPolicy
+        policy_function: tidal.serving.autoscale:TidalAutoscalingPolicy
         policy_kwargs: {service: {...}, target_ongoing_requests: 2, ...}
 
 Serve (2.60) instantiates the class once per deployment version inside the Serve controller and calls it
@@ -15,7 +15,7 @@ Each call is arithmetic on in-memory values only; it never waits on the network:
 
 1. observe: ongoing + queued requests, running replicas, and each replica's GPU type. Replicas report
    their node's ``ray.io/accelerator-type`` as a custom autoscaling metric (``tidal_gpu_type:<TYPE>`` = 1,
-   see ``serving.app.ModelServer.record_autoscaling_stats``), so no state-API call is needed here.
+   see ``tidal.serving.app.ModelServer.record_autoscaling_stats``), so no state-API call is needed here.
 2. decide: demand from load (with a downscale hold), capped at the latest grant.
 3. report: hand demand and held units to the :class:`ArbiterLink`, whose own thread talks to the arbiter.
 
@@ -29,7 +29,7 @@ It also covers the one case where Serve does not call the policy: at zero replic
 with a request waiting, Serve's cold-start path starts a replica by itself; the link then reports a
 demand of 1 so that the arbiter frees a GPU for it (see ``autoscale_math.keepalive_demand``).
 
-With no arbiter reachable (not started, unreachable, or ``cluster.client`` missing), the grant is None and
+With no arbiter reachable (not started, unreachable, or ``tidal.cluster.client`` missing), the grant is None and
 the policy scales on load alone within ``[min, max]``, Serve's default behaviour; it logs that once, and
 once again when the arbiter is back.
 
@@ -49,8 +49,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cluster.model import EMPTY, Allocation, ServiceSpec
-from serving.autoscale_math import (
+from tidal.cluster.model import EMPTY, Allocation, ServiceSpec
+from tidal.serving.autoscale_math import (
     HoldState,
     LoadObservation,
     ScalingBounds,
@@ -59,7 +59,7 @@ from serving.autoscale_math import (
     keepalive_demand,
     track_departures,
 )
-from serving.config import GPU_TYPE_METRIC_PREFIX, TidalPolicyOptions
+from tidal.serving.config import GPU_TYPE_METRIC_PREFIX, TidalPolicyOptions
 
 # A child of Serve's logger, so these lines land in the Serve controller's log next to Serve's own
 # autoscaling decisions, where an operator looks first.
@@ -67,7 +67,7 @@ logger = logging.getLogger("ray.serve.tidal")
 
 
 class ArbiterClientLike(Protocol):
-    """The part of ``cluster.client.ArbiterClient`` the link uses (blocking calls, on the link thread)."""
+    """The part of ``tidal.cluster.client.ArbiterClient`` the link uses (blocking calls, on the link thread)."""
 
     def available(self) -> bool: ...
 
@@ -79,8 +79,8 @@ class ArbiterClientLike(Protocol):
 
 
 def default_client_factory(name: str, namespace: str) -> ArbiterClientLike:
-    """``cluster.client.ArbiterClient``; imported here so that a missing module only means 'no arbiter'."""
-    from cluster.client import ArbiterClient
+    """``tidal.cluster.client.ArbiterClient``; imported here so that a missing module only means 'no arbiter'."""
+    from tidal.cluster.client import ArbiterClient
 
     return ArbiterClient(name=name, namespace=namespace)
 
@@ -249,7 +249,7 @@ def _run_link(link: ArbiterLink) -> None:
 class TidalAutoscalingPolicy:
     """Serve autoscaling policy that reports demand to Tidal's arbiter and caps replicas at its grant.
 
-    Serve passes ``policy_kwargs`` (validated as :class:`serving.config.TidalPolicyOptions`). The class
+    Serve passes ``policy_kwargs`` (validated as :class:`tidal.serving.config.TidalPolicyOptions`). The class
     attributes are seams for unit tests (a fake client, a manual clock, no thread); production keeps them.
     """
 

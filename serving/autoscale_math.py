@@ -1,6 +1,6 @@
 """The arithmetic of Tidal's Serve autoscaling hook: pure, no Ray, no torch, no wall clock.
 
-The Ray glue (:mod:`serving.autoscale`) turns Serve's :class:`AutoscalingContext` into a
+The Ray glue (:mod:`tidal.serving.autoscale`) turns Serve's :class:`AutoscalingContext` into a
 :class:`LoadObservation`, calls :func:`decide_replicas`, and hands the demand to the arbiter. Everything
 that decides a number lives here so that it can be tested with plain values.
 
@@ -49,7 +49,7 @@ class LoadObservation:
 
 @dataclass(frozen=True, slots=True)
 class ScalingBounds:
-    """The knobs of one service's scaling (validated at the boundary, in :mod:`serving.config`)."""
+    """The knobs of one service's scaling (validated at the boundary, in :mod:`tidal.serving.config`)."""
 
     min_replicas: int
     max_replicas: int
@@ -179,7 +179,7 @@ def decide_replicas(
     The upscale delay is Serve's rule, applied here to the load: a load above the demand in force counts only
     once it has stayed above for ``upscale_delay_s``; a load that falls back before that restarts the delay.
     Then the arbiter hears the new demand and Serve runs it (as soon as the grant allows: the deployment runs
-    with Serve's own delay at 0, ``serving.config.autoscaling_config_for``, so replicas granted after a
+    with Serve's own delay at 0, ``tidal.serving.config.autoscaling_config_for``, so replicas granted after a
     reclaim start at once, not ``upscale_delay_s`` after the grant). A blip of the load (one sample of
     Serve's metrics, e.g. while a restarting trainer takes the CPU) used to reach the arbiter at once and be
     held there for the downscale delay: it took GPUs from training at the base load after every spike, and

@@ -80,7 +80,7 @@ def _connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     try:
-        from cluster.cli import _connect as tidal_connect
+        from tidal.cluster.cli import _connect as tidal_connect
     except ImportError:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         return
@@ -94,7 +94,7 @@ def _reserved_http_port(flag: int | None) -> int | None:
     if os.environ.get("TIDAL_SERVE_HTTP_PORT"):
         return int(os.environ["TIDAL_SERVE_HTTP_PORT"])
     try:
-        from cluster.cli import _recorded_cluster
+        from tidal.cluster.cli import _recorded_cluster
 
         cluster = _recorded_cluster()
     except ImportError:
@@ -103,7 +103,7 @@ def _reserved_http_port(flag: int | None) -> int | None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from serving.rollout import RolloutError, deploy_config
+    from tidal.serving.rollout import RolloutError, deploy_config
 
     try:
         config = yaml.safe_load(Path(args.config).read_text())
@@ -112,7 +112,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return 2
     if args.checkpoint:
         for app in config.get("applications", []):
-            if app.get("import_path") == "serving.app:build_app":
+            if app.get("import_path") == "tidal.serving.app:build_app":
                 app.setdefault("args", {}).setdefault("model", {})["checkpoint"] = str(
                     Path(args.checkpoint).expanduser().resolve()
                 )
@@ -127,7 +127,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from serving.rollout import RolloutError, promote_checkpoint
+    from tidal.serving.rollout import RolloutError, promote_checkpoint
 
     _connect(args.address)
     try:
@@ -149,7 +149,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from serving.rollout import RolloutError, delete_app
+    from tidal.serving.rollout import RolloutError, delete_app
 
     _connect(args.address)
     try:
@@ -162,8 +162,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from serving.config import ServeAppArgs
-    from serving.rollout import replicas_by_gpu_type, serve_details, tidal_apps
+    from tidal.serving.config import ServeAppArgs
+    from tidal.serving.rollout import replicas_by_gpu_type, serve_details, tidal_apps
 
     _connect(args.address)
     details = serve_details()

@@ -1,10 +1,10 @@
 """Tidal's serving options, validated at the boundary (pure: pydantic only, no Ray, no torch).
 
 A Serve config file (``serving/config.yaml``) names the application builder
-``serving.app:build_app`` and passes it ``args``; :class:`ServeAppArgs` validates them before anything
+``tidal.serving.app:build_app`` and passes it ``args``; :class:`ServeAppArgs` validates them before anything
 starts, so a typo fails ``serve deploy`` with a message naming the field, not a replica at 3 a.m.
 
-- ``service``: the :class:`~cluster.model.ServiceSpec` the arbiter sees (GPUs per replica, min/max,
+- ``service``: the :class:`~tidal.cluster.model.ServiceSpec` the arbiter sees (GPUs per replica, min/max,
   accepted GPU types in preference order, SLO, priority). Serve's ``min_replicas``/``max_replicas`` are
   derived from it, so the two can never disagree.
 - ``model``: the deployment's ``user_config`` (:class:`ModelOptions`): checkpoint, precision, batching.
@@ -20,12 +20,11 @@ import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from cluster.model import GPU_TYPE_LABEL
-from cluster.specs import ServiceSpecModel
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.cluster.specs import ServiceSpecModel
 
 DEFAULT_API_KEY_ENV = "TIDAL_SERVE_API_KEY"
-TIDAL_POLICY_PATH = "serving.autoscale:TidalAutoscalingPolicy"
+TIDAL_POLICY_PATH = "tidal.serving.autoscale:TidalAutoscalingPolicy"
 GPU_TYPE_METRIC_PREFIX = "tidal_gpu_type:"
 
 
@@ -59,7 +58,7 @@ class ModelOptions(_Strict):
 class AutoscalingOptions(_Strict):
     """How replicas follow load and grants.
 
-    ``policy: tidal`` uses :class:`serving.autoscale.TidalAutoscalingPolicy` (reports demand to the
+    ``policy: tidal`` uses :class:`tidal.serving.autoscale.TidalAutoscalingPolicy` (reports demand to the
     arbiter, caps replicas at the grant); ``policy: default`` is Serve's own queue-length policy with the
     same targets (for comparison, or for a cluster without Tidal).
     """
@@ -107,7 +106,7 @@ class AutoscalingOptions(_Strict):
 
 
 class TidalPolicyOptions(_Strict):
-    """What :class:`serving.autoscale.TidalAutoscalingPolicy` is built with (Serve's ``policy_kwargs``).
+    """What :class:`tidal.serving.autoscale.TidalAutoscalingPolicy` is built with (Serve's ``policy_kwargs``).
 
     Attributes:
         drain_hold_s: a replica that left the running set still counts as held this long (it drains its
@@ -118,7 +117,7 @@ class TidalPolicyOptions(_Strict):
             expire the registration: the deployment is gone).
         grant_ttl_s: a grant older than this (the arbiter stopped answering) no longer caps replicas.
         grant_poll_s: while the demand is above the grant, the link asks the arbiter this often (for at
-            most ``serving.autoscale.GRANT_POLL_WINDOW_S``), not every ``heartbeat_period_s``.
+            most ``tidal.serving.autoscale.GRANT_POLL_WINDOW_S``), not every ``heartbeat_period_s``.
     """
 
     service: ServiceOptions
@@ -195,7 +194,7 @@ def ray_actor_options_for(args: ServeAppArgs) -> dict[str, Any]:
 
 
 def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
-    """The JSON-able kwargs Serve passes to :class:`serving.autoscale.TidalAutoscalingPolicy`."""
+    """The JSON-able kwargs Serve passes to :class:`tidal.serving.autoscale.TidalAutoscalingPolicy`."""
     a = args.autoscaling
     return TidalPolicyOptions(
         service=args.service,
@@ -230,7 +229,7 @@ def autoscaling_config_for(args: ServeAppArgs) -> dict[str, Any]:
         cfg["downscale_delay_s"] = a.grant_shrink_delay_s
         # It also applies upscale_delay_s itself, to the load before the arbiter hears it, not to the number
         # capped at the grant: replicas granted after a reclaim then start at once
-        # (serving.autoscale_math.decide_replicas).
+        # (tidal.serving.autoscale_math.decide_replicas).
         cfg["upscale_delay_s"] = 0.0
         cfg["policy"] = {"policy_function": TIDAL_POLICY_PATH, "policy_kwargs": tidal_policy_kwargs(args)}
     else:

@@ -12,13 +12,12 @@ import os
 from pathlib import Path
 
 import torch
+from tidal.serving.manifest import write_model_checkpoint
 from torch import nn
-
-from serving.manifest import write_model_checkpoint
 
 logger = logging.getLogger(__name__)
 
-DIGITS_MODEL_CLASS = "training.models:DigitsMLP"
+DIGITS_MODEL_CLASS = "tidal.training.models:DigitsMLP"
 DIGITS_LABELS = [str(i) for i in range(10)]
 
 
@@ -42,7 +41,7 @@ def train_digits_checkpoint(
 
     Inputs are the raw pixel values (0..16), as a client would send them; the model learns the scale.
     """
-    from training.models import DigitsMLP
+    from tidal.training.models import DigitsMLP
 
     torch.manual_seed(seed)
     x, y = digits_data()

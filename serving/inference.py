@@ -1,6 +1,6 @@
 """Loading a checkpoint for inference and running a batch: torch only, no Ray.
 
-The Serve deployment (:mod:`serving.app`) holds one :class:`LoadedModel` at a time and swaps it whole on
+The Serve deployment (:mod:`tidal.serving.app`) holds one :class:`LoadedModel` at a time and swaps it whole on
 a rollout, so a batch always runs against one consistent (model, manifest, precision) triple.
 """
 
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from serving.config import ModelOptions
-from serving.manifest import ModelManifest, load_manifest, load_model
+from tidal.serving.config import ModelOptions
+from tidal.serving.manifest import ModelManifest, load_manifest, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def load_for_inference(options: ModelOptions, device: torch.device | None = None
       fly). PyTorch runs it on CPU only, so it is refused on a CUDA device rather than silently ignored.
 
     Raises:
-        serving.manifest.CheckpointError: missing or invalid checkpoint.
+        tidal.serving.manifest.CheckpointError: missing or invalid checkpoint.
         ValueError: int8 asked for on CUDA.
     """
     device = device or pick_device()
@@ -97,7 +96,7 @@ def run_batch(loaded: LoadedModel, flat_inputs: list[list[float]]) -> list[torch
 
 
 def to_response(loaded: LoadedModel, outputs: torch.Tensor) -> dict[str, Any]:
-    """One request's outputs as the JSON body of :class:`serving.schemas.PredictResponse`."""
+    """One request's outputs as the JSON body of :class:`tidal.serving.schemas.PredictResponse`."""
     rows = outputs.tolist()
     if outputs.dim() == 2:
         idx = outputs.argmax(dim=1).tolist()

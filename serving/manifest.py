@@ -47,7 +47,7 @@ class ModelManifest(BaseModel):
 
     Example::
 
-        {"model_class": "training.models:DigitsMLP", "model_kwargs": {"hidden": 128},
+        {"model_class": "tidal.training.models:DigitsMLP", "model_kwargs": {"hidden": 128},
          "version": "digits-3", "input_shape": [64], "input_dtype": "float32",
          "labels": ["0", "1", ...], "framework": "torch", "created_s": 1720000000.0,
          "metrics": {"val_accuracy": 0.97}}
@@ -71,7 +71,7 @@ class ModelManifest(BaseModel):
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr or ":" in attr:
             raise ValueError(
-                f"model_class must be 'module:attr' (e.g. 'training.models:DigitsMLP'), got {v!r}"
+                f"model_class must be 'module:attr' (e.g. 'tidal.training.models:DigitsMLP'), got {v!r}"
             )
         return v
 
@@ -188,7 +188,7 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
     if not mpath.is_file():
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r} has no {MANIFEST_FILE}; write it with "
-            "serving.manifest.write_model_checkpoint"
+            "tidal.serving.manifest.write_model_checkpoint"
         )
     try:
         raw = json.loads(mpath.read_text())

@@ -6,7 +6,7 @@ the config of every application deployed from a config, and a change to it is ap
 **Promote** (zero-downtime rollout of a new checkpoint) changes only the deployment's ``user_config``
 (``model.checkpoint``). Serve applies a ``user_config``-only change by calling ``reconfigure`` on the
 running replicas, which load the new checkpoint beside the old one and swap it in
-(``serving.app.ModelServer.reconfigure``): no replica restarts, nothing is dropped, and the replica count
+(``tidal.serving.app.ModelServer.reconfigure``): no replica restarts, nothing is dropped, and the replica count
 and their GPUs stay as they are. The checkpoint is checked here first (manifest valid, weights present,
 model class importable, same input shape), so that a bad checkpoint fails the command, not the replicas.
 
@@ -24,13 +24,12 @@ import ray
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
-
-from serving.config import ModelOptions, ServeAppArgs
-from serving.manifest import WEIGHTS_FILE, CheckpointError, import_model_class, load_manifest
+from tidal.serving.config import ModelOptions, ServeAppArgs
+from tidal.serving.manifest import WEIGHTS_FILE, CheckpointError, import_model_class, load_manifest
 
 logger = logging.getLogger(__name__)
 
-BUILDER_PATH = "serving.app:build_app"
+BUILDER_PATH = "tidal.serving.app:build_app"
 
 
 class RolloutError(RuntimeError):
@@ -255,7 +254,7 @@ def delete_app(app_name: str, *, unregister: bool = True) -> None:
     if unregister and app_name in apps:
         args = ServeAppArgs.model_validate(apps[app_name].get("args", {}))
         try:
-            from cluster.client import ArbiterClient
+            from tidal.cluster.client import ArbiterClient
 
             client = ArbiterClient(
                 name=args.autoscaling.arbiter_name, namespace=args.autoscaling.arbiter_namespace
@@ -270,7 +269,7 @@ def delete_app(app_name: str, *, unregister: bool = True) -> None:
 
 def replicas_by_gpu_type(app_name: str, deployment_name: str) -> dict[str, int]:
     """Running replicas per GPU type, read from each replica's node label (state API + node table)."""
-    from cluster.model import GPU_TYPE_LABEL
+    from tidal.cluster.model import GPU_TYPE_LABEL
 
     d = serve_details()
     dep = d.applications[app_name].deployments[deployment_name]

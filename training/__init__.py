@@ -5,6 +5,6 @@ batch arithmetic that keep the optimisation the same at any size), ``elastic`` (
 ``data`` (datasets shipped with installed packages).
 
 Ray and torch: ``runner`` (the driver: grant, attempts, yield, forced stop; the Ray glue), ``loop`` (what every
-Ray Train worker runs), ``run`` (``python -m training.run JOB.yaml``), ``cli`` (``tidal train``), ``models``.
+Ray Train worker runs), ``run`` (``python -m tidal.training.run JOB.yaml``), ``cli`` (``tidal train``), ``models``.
 Ray without torch: ``signal`` (the per-job signal actor), ``spares`` (spare worker processes).
 """

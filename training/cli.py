@@ -1,12 +1,12 @@
 """``tidal train JOB.yaml``: validate a job spec here, then submit its runner as a Ray job.
 
-It submits exactly what ``ray job submit --working-dir . -- python -m training.run JOB.yaml`` would, through
+It submits exactly what ``ray job submit --working-dir . -- python -m tidal.training.run JOB.yaml`` would, through
 Ray's ``JobSubmissionClient``, with the project as working directory. A spec with a bad field, a model
 that does not import, or a GPU type the cluster does not have is refused here, before anything is
 submitted (exit code 2). Without ``--no-wait`` it follows the job's logs and exits with its outcome.
 
-``register_cli(subparsers)`` adds the ``train`` subcommand to the ``tidal`` CLI (``cluster.cli``);
-``python -m training.cli train JOB.yaml`` runs it on its own.
+``register_cli(subparsers)`` adds the ``train`` subcommand to the ``tidal`` CLI (``tidal.cluster.cli``);
+``python -m tidal.training.cli train JOB.yaml`` runs it on its own.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.run import EXIT_OK, EXIT_SPEC, EXIT_UNFINISHED, split_types
-from training.spec import SpecError, load_spec
+from tidal.training.run import EXIT_OK, EXIT_SPEC, EXIT_UNFINISHED, split_types
+from tidal.training.spec import SpecError, load_spec
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
         help="comma-separated GPU types to accept besides those the cluster's nodes report",
     )
     p.add_argument("--working-dir", default=str(PROJECT_ROOT), help="the job's working directory (default: the project)")
-    p.add_argument("--standalone", action="store_true", help="run without the arbiter (see training.run)")
+    p.add_argument("--standalone", action="store_true", help="run without the arbiter (see tidal.training.run)")
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
     p.add_argument("--submission-id", default=None, help="the Ray job submission id (default: generated)")
     p.set_defaults(func=cmd_train)
@@ -63,7 +63,7 @@ def cluster_gpu_types(address: str | None) -> set[str] | None:
 
     Returns None when the cluster cannot be asked; the runner checks again once it runs.
     """
-    from cluster.model import GPU_TYPE_LABEL
+    from tidal.cluster.model import GPU_TYPE_LABEL
 
     try:
         from ray.util.state import list_nodes
@@ -76,7 +76,7 @@ def cluster_gpu_types(address: str | None) -> set[str] | None:
 
 
 def build_entrypoint(job: Path, working_dir: Path, extra: Sequence[str]) -> tuple[str, dict[str, str]]:
-    """The ``python -m training.run`` command line and the env vars it needs.
+    """The ``python -m tidal.training.run`` command line and the env vars it needs.
 
     A spec inside the working directory travels with it and is named by its relative path; one outside it
     is sent inline (base64 in an env var), so that the job does not depend on this machine's files.
@@ -84,11 +84,11 @@ def build_entrypoint(job: Path, working_dir: Path, extra: Sequence[str]) -> tupl
     args = " ".join(extra)
     try:
         rel = job.resolve().relative_to(working_dir.resolve())
-        return f"python -m training.run {rel} {args}".strip(), {}
+        return f"python -m tidal.training.run {rel} {args}".strip(), {}
     except ValueError:
         encoded = base64.b64encode(job.read_bytes()).decode()
         return (
-            f"python -m training.run {job.name} --spec-from-env {SPEC_ENV_VAR} {args}".strip(),
+            f"python -m tidal.training.run {job.name} --spec-from-env {SPEC_ENV_VAR} {args}".strip(),
             {SPEC_ENV_VAR: encoded},
         )
 
@@ -99,7 +99,7 @@ def resolve_address(address: str | None) -> str | None:
     if address is not None:
         return address
     try:
-        from cluster.cli import _recorded_cluster
+        from tidal.cluster.cli import _recorded_cluster
     except ImportError:
         return None
     cluster = _recorded_cluster()
@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.cli")
+    parser = argparse.ArgumentParser(prog="python -m tidal.training.cli")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

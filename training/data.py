@@ -2,7 +2,7 @@
 
 Pure: numpy only (no ray, no torch, not even scikit-learn's code: its data file is read directly). A dataset factory ``f(seed=..., **kwargs)`` returns a
 :class:`Dataset`; the training loop asks it for the samples of a step by index (``batch(indices)``), so the
-data order stays the batch arithmetic's business (``training.batching``), the same on every worker count.
+data order stays the batch arithmetic's business (``tidal.training.batching``), the same on every worker count.
 
 - :func:`digits`: scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
 - :func:`stdlib_docs`: byte-level language-model windows over the docstrings of Python's standard library
@@ -77,7 +77,7 @@ def digits(seed: int = 0, test_fraction: float = 0.2, split_seed: int = 0) -> Da
     which saves every training worker about 2 s of CPU at each (re)start. The split uses ``split_seed``
     (not the job's seed), so jobs with different seeds test on the same images: 1438 train, 359 test.
     """
-    del seed  # the data itself does not depend on the job's seed; its order does (training.batching)
+    del seed  # the data itself does not depend on the job's seed; its order does (tidal.training.batching)
     raw = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")
     x = (raw[:, :-1] / 16.0).astype(np.float32)
     y = raw[:, -1].astype(np.int64)

@@ -1,6 +1,6 @@
 """Resize decisions of the elastic runner: a pure function of the grant, the runner's state and the time.
 
-No Ray, no torch, no clock: the runner (``training.runner``) observes the grant and the time, calls
+No Ray, no torch, no clock: the runner (``tidal.training.runner``) observes the grant and the time, calls
 :func:`decide`, and carries out the decision. The same function runs in unit tests with made-up grants.
 
 The runner's life, one trainer *attempt* at a time::
@@ -257,7 +257,7 @@ class AttemptRecord:
     reason: str | None = None
     yield_requested_s: float | None = None
     resumed_from: int | None = None  # the step the loop loaded from its checkpoint (None: it never trained)
-    warm_start: bool | None = None  # rank 0 ran in a process started before the attempt (training.spares)
+    warm_start: bool | None = None  # rank 0 ran in a process started before the attempt (tidal.training.spares)
 
     @property
     def steps_lost(self) -> int:

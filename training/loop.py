@@ -3,11 +3,11 @@
 The loop is written for elasticity:
 
 - **Same optimisation at any size.** Data order, shares, micro-batches and loss scale come from
-  ``training.batching``; the model is built from the job's seed on every worker.
+  ``tidal.training.batching``; the model is built from the job's seed on every worker.
 - **Exact resume.** A checkpoint holds the model, optimiser, LR schedule, step (= data position, see
-  ``training.batching``), loss history, and every worker's RNG states; ``ray.train.get_checkpoint()`` gives
+  ``tidal.training.batching``), loss history, and every worker's RNG states; ``ray.train.get_checkpoint()`` gives
   the latest one when the runner starts a new attempt under the same run name.
-- **Yield at a step boundary.** Rank 0 asks the job's signal actor (``training.signal.JobSignal``) without
+- **Yield at a step boundary.** Rank 0 asks the job's signal actor (``tidal.training.signal.JobSignal``) without
   blocking (a held call answered when a yield is requested, read at the next step boundary); one all-reduce per step
   shares its answer, the loss and the checkpoint-now flag, so every worker yields, checkpoints and
   reports at the same step. A yield checkpoints, then rank 0 acknowledges to the signal actor with the
@@ -37,13 +37,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from tidal.training.batching import WorkerStepPlan, epoch_of_step, lr_multiplier, plan_worker_step
+from tidal.training.data import Dataset
+from tidal.training.spares import process_started_s
+from tidal.training.spec import JobSpec, import_entrypoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from training.batching import WorkerStepPlan, epoch_of_step, lr_multiplier, plan_worker_step
-from training.data import Dataset
-from training.spares import process_started_s
-from training.spec import JobSpec, import_entrypoint
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ def reference_history(spec: JobSpec, num_steps: int | None = None) -> list[list[
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function. ``config`` comes from ``training.runner`` (see ``_loop_config``)."""
+    """Ray Train's per-worker function. ``config`` comes from ``tidal.training.runner`` (see ``_loop_config``)."""
     spec = JobSpec.model_validate(config["spec"])
     attempt: int = config["attempt"]
     if spec.cpu_niceness:

@@ -1,9 +1,9 @@
-"""``python -m training.run JOB.yaml``: the driver of one elastic training job.
+"""``python -m tidal.training.run JOB.yaml``: the driver of one elastic training job.
 
-Started by ``ray job submit --working-dir . -- python -m training.run JOB.yaml`` (or ``tidal train``).
+Started by ``ray job submit --working-dir . -- python -m tidal.training.run JOB.yaml`` (or ``tidal train``).
 It refuses a bad spec before anything starts (exit code 2, every problem on stderr, field first), then
 connects to the cluster, checks the GPU types against the cluster's inventory, and hands over to
-``training.runner.ElasticRunner``.
+``tidal.training.runner.ElasticRunner``.
 
 Exit codes: 0 the job finished (model exported), 1 it stopped unfinished or failed, 2 the spec was refused.
 """
@@ -18,15 +18,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from training.spec import JobSpec, SpecError, load_spec
+from tidal.training.spec import JobSpec, SpecError, load_spec
 
-logger = logging.getLogger("training.run")
+logger = logging.getLogger("tidal.training.run")
 
 EXIT_OK, EXIT_UNFINISHED, EXIT_SPEC = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tidal.training.run", description=__doc__.splitlines()[0])
     p.add_argument("job", help="the job spec YAML (see training/jobs/)")
     p.add_argument("--address", default=None, help="Ray address (default: the cluster `ray job submit` runs in)")
     p.add_argument(
@@ -84,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     import ray
-
-    from training import runner as runner_mod
+    from tidal.training import runner as runner_mod
 
     ray.init(address=args.address, namespace=runner_mod.NAMESPACE, log_to_driver=True)
     try:
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grants = runner_mod.CapacityGrantSource()
             arbiter_types: set[str] = set()
         else:
-            from cluster.client import ArbiterClient
+            from tidal.cluster.client import ArbiterClient
 
             grants = ArbiterClient()
             # The arbiter's inventory; an unavailable arbiter is reported by register() below.

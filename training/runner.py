@@ -5,9 +5,9 @@ It registers the job with the arbiter, waits for a grant of at least ``min_worke
 trainer run is one *attempt*; all attempts share one Ray Train run name and storage path, so each one
 resumes from the latest checkpoint (``ray.train.get_checkpoint()``).
 
-What to do next is decided by the pure ``training.elastic.decide``; this module observes and acts:
+What to do next is decided by the pure ``tidal.training.elastic.decide``; this module observes and acts:
 
-- **Grant**: through a :class:`GrantSource` (``cluster.client.ArbiterClient`` in production), heartbeating
+- **Grant**: through a :class:`GrantSource` (``tidal.cluster.client.ArbiterClient`` in production), heartbeating
   what it holds and its progress; with the arbiter's client, a thread also keeps a ``watch_grant`` call in
   flight, which wakes the loop as soon as a tick changes the grant.
 - **Yield**: a small named actor per job (:class:`JobSignal`) that rank 0 of the training loop polls every
@@ -41,11 +41,10 @@ from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from cluster.arbiter import GrantView
-from cluster.model import GPU_TYPE_LABEL, TrainingJobSpec
-from cluster.warm_pool import RayletRpc, nodes_from_ray
-from training.elastic import (
+from tidal.cluster.arbiter import GrantView
+from tidal.cluster.model import GPU_TYPE_LABEL, TrainingJobSpec
+from tidal.cluster.warm_pool import RayletRpc, nodes_from_ray
+from tidal.training.elastic import (
     AttemptRecord,
     ElasticConfig,
     ElasticState,
@@ -60,9 +59,9 @@ from training.elastic import (
     YieldReason,
     decide,
 )
-from training.signal import JobSignal, remove_pg
-from training.spares import SpareWorkers
-from training.spec import JobSpec
+from tidal.training.signal import JobSignal, remove_pg
+from tidal.training.spares import SpareWorkers
+from tidal.training.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ def signal_actor_name(job_name: str) -> str:
 
 
 class GrantSource(Protocol):
-    """Where the grant comes from: ``cluster.client.ArbiterClient`` in production."""
+    """Where the grant comes from: ``tidal.cluster.client.ArbiterClient`` in production."""
 
     def register(self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None) -> GrantView: ...
 
@@ -463,7 +462,7 @@ class ElasticRunner:
         self.attempt_index = 0
         self.last_snapshot: dict[str, Any] = {}
         self.checkpoint_step = 0
-        # The checkpoint the loop last reported whole (see ``training.loop.resume_checkpoint``).
+        # The checkpoint the loop last reported whole (see ``tidal.training.loop.resume_checkpoint``).
         self.checkpoint_dir: str | None = None
         self.last_result: Any = None
         self._stop = threading.Event()
@@ -977,7 +976,7 @@ class ElasticRunner:
             "restarts": max(0, self.attempt_index - 1),
             "steps_lost": self.ledger.steps_lost,
             "last_checkpoint_step": snap.get("checkpoint_step"),
-            # Spare workers (training.spares): idle and wanted on the current type's nodes, at the last count.
+            # Spare workers (tidal.training.spares): idle and wanted on the current type's nodes, at the last count.
             "spares_idle": self.spares.idle if self.spares is not None else 0,
             "spares_wanted": self.spares.wanted if self.spares is not None else 0,
         }
@@ -1019,7 +1018,7 @@ class ElasticRunner:
     def _meta(self) -> dict[str, Any]:
         job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
         return {
-            "runner": "training.run",
+            "runner": "tidal.training.run",
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             "ray_job_submission_id": (job_config.get("metadata") or {}).get("job_submission_id"),
             # Not `submission_id`: stopping the Ray job would end this runner, and the job would never resume.
@@ -1085,7 +1084,7 @@ def metric_reached(name: str, value: Any, threshold: float) -> bool:
 
 def _train_fn() -> Callable[[dict[str, Any]], None]:
     # Imported here so that the driver does not need the loop's imports until it starts a trainer.
-    from training.loop import train_loop_per_worker
+    from tidal.training.loop import train_loop_per_worker
 
     return train_loop_per_worker
 
@@ -1123,8 +1122,7 @@ class AutoTorchConfig(TorchConfig):
 def _export(spec: JobSpec, ckpt_dir: Path, finished: bool) -> tuple[list[list[float]], dict[str, Any], str | None]:
     """Loads the final checkpoint and, if the run finished, writes the model for serving."""
     import torch
-
-    from training.loop import META_FILE, STATE_FILE, build_model
+    from tidal.training.loop import META_FILE, STATE_FILE, build_model
 
     state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((ckpt_dir / META_FILE).read_text())
@@ -1132,7 +1130,7 @@ def _export(spec: JobSpec, ckpt_dir: Path, finished: bool) -> tuple[list[list[fl
     metrics = dict(meta.get("metrics") or {})
     if not finished:
         return history, metrics, None
-    from serving.manifest import write_model_checkpoint
+    from tidal.serving.manifest import write_model_checkpoint
 
     model = build_model(spec)
     model.load_state_dict(state["model"])
@@ -1198,7 +1196,7 @@ class CapacityGrantSource:
         self.specs: dict[str, TrainingJobSpec] = {}
 
     def _view(self, name: str) -> GrantView:
-        from cluster.model import Allocation
+        from tidal.cluster.model import Allocation
 
         spec = self.specs.get(name)
         if spec is None:

@@ -1,7 +1,7 @@
 """The per-job signal actor: the rendezvous between a job's runner and its training loop.
 
 In a module of its own that imports neither torch nor Ray Train, so that the actor's process does not
-either: defined in ``training.runner`` (which imports ``ray.train.torch``, hence torch), each job's signal
+either: defined in ``tidal.training.runner`` (which imports ``ray.train.torch``, hence torch), each job's signal
 actor was a 390 MB process that spent a few CPU-seconds importing torch while the job started
 (``ps``/``/proc/PID/maps`` during ``bench/spike.py``, 2026-11-22).
 """

@@ -4,7 +4,7 @@ Every resize of an elastic job restarts Ray Train's worker group, and each new w
 that imports Ray, the node's preloaded modules (torch) and Ray Train before its actor runs: ~7 s of CPU each
 here, and 30-40 s of wall time when four start at once on a busy 2-core host (``bench/spike.py`` logs:
 raylet start -> core worker up 11 s -> actor created 28 s later). The cluster's warm pool
-(``cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime env, while a
+(``tidal.cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime env, while a
 Ray Train worker inherits its job's runtime env (working dir, env vars) and its controller's env vars, and
 the raylet gives an idle worker only to an actor of the same job whose runtime env hashes the same.
 
@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from cluster.warm_pool import PoolNode, Raylets
+from tidal.cluster.warm_pool import PoolNode, Raylets
 
 logger = logging.getLogger(__name__)
 

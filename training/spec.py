@@ -16,8 +16,8 @@ Every error names the field, the bad value and what would be valid, e.g.::
 Example YAML (see ``training/jobs/digits.yaml``)::
 
     name: digits
-    model: {class: "training.models:DigitsMLP", kwargs: {hidden: 128}}
-    data: {factory: "training.data:digits"}
+    model: {class: "tidal.training.models:DigitsMLP", kwargs: {hidden: 128}}
+    data: {factory: "tidal.training.data:digits"}
     gpu_types: [H100, A100]
     min_workers: 1
     max_workers: 4
@@ -45,8 +45,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from cluster.model import TrainingJobSpec
+from tidal.cluster.model import TrainingJobSpec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -63,7 +62,7 @@ class SpecError(ValueError):
 def _check_entrypoint_syntax(field: str, value: str) -> str:
     module, sep, attr = value.partition(":")
     if not sep or not module or not attr or ":" in attr:
-        raise ValueError(f"{field} must be 'module:attr' (e.g. 'training.models:DigitsMLP'), got {value!r}")
+        raise ValueError(f"{field} must be 'module:attr' (e.g. 'tidal.training.models:DigitsMLP'), got {value!r}")
     return value
 
 
@@ -112,7 +111,7 @@ class DataRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    factory: str = Field(description="A dataset factory, as 'module:attr' (see training.data).")
+    factory: str = Field(description="A dataset factory, as 'module:attr' (see tidal.training.data).")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("factory")
@@ -332,7 +331,7 @@ class JobSpec(BaseModel):
         return self.export_path or f"{self.storage_path.rstrip('/')}/{self.name}/model"
 
     def to_training_job_spec(self) -> TrainingJobSpec:
-        """The arbiter's view of this job (``cluster.model.TrainingJobSpec``)."""
+        """The arbiter's view of this job (``tidal.cluster.model.TrainingJobSpec``)."""
         return TrainingJobSpec(
             name=self.name,
             gpus_per_worker=self.gpus_per_worker,

@@ -17,16 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from cluster.model import Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
-from cluster.sim.engine import Event
-from cluster.sim.workloads import ORDER_HEARTBEAT
+from tidal.cluster.model import Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
+from tidal.cluster.sim.engine import Event
+from tidal.cluster.sim.workloads import ORDER_HEARTBEAT
 
 if TYPE_CHECKING:
-    from cluster.sim.simulator import Simulator
+    from tidal.cluster.sim.simulator import Simulator
 
 
 class SimBackend:
-    """Implements ``cluster.arbiter.Backend`` for the simulator. See the module docstring."""
+    """Implements ``tidal.cluster.arbiter.Backend`` for the simulator. See the module docstring."""
 
     def __init__(self, sim: Simulator, nodes: list[NodeSnapshot], heartbeat_delay_s: float) -> None:
         self.sim = sim

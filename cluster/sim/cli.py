@@ -1,7 +1,7 @@
 """``tidal simulate``: run policies on traces over a simulated cluster; write summary.json and plots.
 
-``register_cli(subparsers)`` adds the ``simulate`` sub-command to the ``tidal`` CLI (``cluster.cli``);
-``python -m cluster.sim.cli ...`` runs it on its own. Example::
+``register_cli(subparsers)`` adds the ``simulate`` sub-command to the ``tidal`` CLI (``tidal.cluster.cli``);
+``python -m tidal.cluster.sim.cli ...`` runs it on its own. Example::
 
     tidal simulate --cluster cluster/configs/sim-2048.yaml \\
         --training-trace ../shared/traces/philly_2017-09_10.csv \\
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy-config", help="policy YAML (speeds, prices, headroom, guards); default: built-in"
     )
-    p.add_argument("--sim-config", help="simulator YAML (cluster.sim.config.SimConfig); flags override it")
+    p.add_argument("--sim-config", help="simulator YAML (tidal.cluster.sim.config.SimConfig); flags override it")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--days", type=float, help="simulated days (default: the training trace's span)")
     p.add_argument("--start-day", type=float, help="skip this many days of the training trace")
@@ -145,19 +145,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Runs the simulation the flags describe. Returns the process exit code."""
-    from cluster.sim.config import SimConfigError, load_sim_config
-    from cluster.sim.report import format_table, summarize, write_plots, write_summary
-    from cluster.sim.run import cluster_nodes, prepare_inputs, run_policies
-    from cluster.sim.traces import TraceError
-    from policies.base import known_policies
-    from policies.config import PolicyConfigError, load_policy_config
+    from tidal.cluster.sim.config import SimConfigError, load_sim_config
+    from tidal.cluster.sim.report import format_table, summarize, write_plots, write_summary
+    from tidal.cluster.sim.run import cluster_nodes, prepare_inputs, run_policies
+    from tidal.cluster.sim.traces import TraceError
+    from tidal.policies.base import known_policies
+    from tidal.policies.config import PolicyConfigError, load_policy_config
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:
         # One warning per forced stop would flood the terminal at datacenter scale; summary.json counts them.
-        logging.getLogger("cluster.arbiter").setLevel(logging.ERROR)
+        logging.getLogger("tidal.cluster.arbiter").setLevel(logging.ERROR)
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     valid = known_policies()
     for p in policies:
@@ -226,7 +226,7 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.sim.cli", description=(__doc__ or "").split("\n\n")[0]
+        prog="python -m tidal.cluster.sim.cli", description=(__doc__ or "").split("\n\n")[0]
     )
     add_arguments(parser)
     return simulate_command(parser.parse_args(argv))

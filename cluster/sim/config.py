@@ -1,7 +1,7 @@
 """Knobs of the simulator and of its workload models, validated at the boundary (YAML or CLI).
 
 The policy's own knobs (speeds, prices, headroom, guards, static split) come from the policy file
-(``policies.config``); these are the simulator's: how simulated services and jobs behave, how often the
+(``tidal.policies.config``); these are the simulator's: how simulated services and jobs behave, how often the
 arbiter ticks, and how trace jobs become ``TrainingJobSpec``s.
 """
 
@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from cluster.specs import format_validation_error
+from tidal.cluster.specs import format_validation_error
 
 
 class SimConfigError(ValueError):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cluster.sim.simulator import PolicyResult
+from tidal.cluster.sim.simulator import PolicyResult
 
 SUMMARY_KEYS = (
     "slo_attainment",

@@ -18,11 +18,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cluster.local import load_cluster_spec
-from cluster.model import NodeSnapshot
-from cluster.sim.config import SimConfig
-from cluster.sim.simulator import PolicyResult, SimInputs, Simulator, peak_multiplier
-from cluster.sim.traces import (
+from tidal.cluster.local import load_cluster_spec
+from tidal.cluster.model import NodeSnapshot
+from tidal.cluster.sim.config import SimConfig
+from tidal.cluster.sim.simulator import PolicyResult, SimInputs, Simulator, peak_multiplier
+from tidal.cluster.sim.traces import (
     DAY_S,
     RateSeries,
     TraceError,
@@ -30,7 +30,7 @@ from cluster.sim.traces import (
     load_inference_trace,
     load_training_trace,
 )
-from policies.config import PolicyConfigModel
+from tidal.policies.config import PolicyConfigModel
 
 logger = logging.getLogger(__name__)
 

@@ -5,15 +5,15 @@ bounds its metrics must stay within (in the spirit of kueue's
 ``test/performance/scheduler/configs/baseline/rangespec.yaml``: every bound is commented in the YAML
 with where its number comes from). The tests in ``tests/sim/`` run them; so can anyone::
 
-    python -c "from cluster.sim.scenario import *; print(check_bounds(*run_scenario(load_scenario('x.yaml'))))"
+    python -c "from tidal.cluster.sim.scenario import *; print(check_bounds(*run_scenario(load_scenario('x.yaml'))))"
 
 Format::
 
     name: burst
     policies: [tidal, static, ray-alone]
     cluster: {node_groups: [{gpu_type: H100, count: 4, num_gpus: 8}]}   # the `tidal up` format
-    sim: {days: 0.25, seed: 0, service: {...}, training: {...}}          # cluster.sim.config.SimConfig
-    policy_config: {headroom_fraction: 0.1}                               # policies.config (optional)
+    sim: {days: 0.25, seed: 0, service: {...}, training: {...}}          # tidal.cluster.sim.config.SimConfig
+    policy_config: {headroom_fraction: 0.1}                               # tidal.policies.config (optional)
     inference:                                                            # one service
       window_s: 600
       rates_rps: [10, 10, 40, 10]        # or: diurnal: {min_rps: 5, max_rps: 30, peak_hour: 14}
@@ -36,15 +36,14 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from cluster.local import parse_cluster_spec
-from cluster.model import NodeSnapshot
-from cluster.sim.config import parse_sim_config
-from cluster.sim.run import prepare_inputs, run_policies
-from cluster.sim.simulator import PolicyResult, SimInputs
-from cluster.sim.traces import RateSeries, TrainingJobRecord
-from cluster.specs import format_validation_error
-from policies.config import parse_policy_config
+from tidal.cluster.local import parse_cluster_spec
+from tidal.cluster.model import NodeSnapshot
+from tidal.cluster.sim.config import parse_sim_config
+from tidal.cluster.sim.run import prepare_inputs, run_policies
+from tidal.cluster.sim.simulator import PolicyResult, SimInputs
+from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
+from tidal.cluster.specs import format_validation_error
+from tidal.policies.config import parse_policy_config
 
 
 class ScenarioError(ValueError):

@@ -2,10 +2,10 @@
 
 One ``Simulator`` runs one policy over the inputs (``SimInputs``) and returns its metrics and time
 series (``PolicyResult``). Nothing here decides a grant: the policy built by
-``policies.config.build_policy`` does, inside ``cluster.arbiter.ResourceArbiter.tick``; the simulated
+``tidal.policies.config.build_policy`` does, inside ``tidal.cluster.arbiter.ResourceArbiter.tick``; the simulated
 workloads only register, heartbeat and follow their grants.
 
-The loop (``cluster.sim.engine``) handles, in time order: trace job arrivals, workload state changes
+The loop (``tidal.cluster.sim.engine``) handles, in time order: trace job arrivals, workload state changes
 (started, yielded, finished, replicas ready or drained), rate windows, heartbeats, node failures,
 the periodic arbiter tick (``arbiter.tick_s``), an event-driven tick ``event_tick_delay_s`` after the
 arbiter saw a registration or a release (``ResourceArbiter.needs_tick``), and metric samples.
@@ -22,14 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.arbiter import ArbiterConfig, ResourceArbiter
-from cluster.model import NodeSnapshot, ServiceSpec
-from cluster.sim.backend import SimBackend
-from cluster.sim.config import ServiceModelConfig, SimConfig
-from cluster.sim.engine import Event, EventLoop, SimClock
-from cluster.sim.traces import RateSeries, TrainingJobRecord
-from cluster.sim.workloads import ORDER_STATE, JobArrival, SimService, SimTrainingJob, training_spec
-from policies.config import PolicyConfigModel, StaticModel, build_policy
+from tidal.cluster.arbiter import ArbiterConfig, ResourceArbiter
+from tidal.cluster.model import NodeSnapshot, ServiceSpec
+from tidal.cluster.sim.backend import SimBackend
+from tidal.cluster.sim.config import ServiceModelConfig, SimConfig
+from tidal.cluster.sim.engine import Event, EventLoop, SimClock
+from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
+from tidal.cluster.sim.workloads import ORDER_STATE, JobArrival, SimService, SimTrainingJob, training_spec
+from tidal.policies.config import PolicyConfigModel, StaticModel, build_policy
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ ORDER_SAMPLE = 99
 
 @dataclass(frozen=True)
 class SimInputs:
-    """Everything one run needs, already loaded, scaled and validated (see ``cluster.sim.run``)."""
+    """Everything one run needs, already loaded, scaled and validated (see ``tidal.cluster.sim.run``)."""
 
     nodes: tuple[NodeSnapshot, ...]
     jobs: tuple[TrainingJobRecord, ...]
@@ -122,7 +122,7 @@ def static_serving_share(
 class PeriodicTick(Event):
     """The arbiter's timer: it ticks ``tick_s`` after its last tick, early or not.
 
-    As in the actor's loop (``cluster.actor``: ``next_due = now + tick_interval_s`` after every tick),
+    As in the actor's loop (``tidal.cluster.actor``: ``next_due = now + tick_interval_s`` after every tick),
     an event-driven tick restarts the timer, so two ticks are never closer than the event tick's
     minimum gap, and no periodic tick follows an early one within the same ``tick_s``.
     """

@@ -13,7 +13,7 @@ Serve autoscaling hook do on Ray:
 - **Service** (``SimService``): its request rate follows a trace; it reports as demand the replicas
   that serve that rate at a target utilisation, starts replicas on granted GPU types (ready after a
   start-up delay) and drains removed ones (GPUs free after the drain). Its queue is integrated per
-  segment by ``cluster.sim.queueing``, so SLO attainment is a result of capacity, not an input.
+  segment by ``tidal.cluster.sim.queueing``, so SLO attainment is a result of capacity, not an input.
 
 State changes that the arbiter must hear about are sent by a heartbeat *event* scheduled at the same
 instant (never by calling the arbiter from inside another arbiter call).
@@ -27,15 +27,15 @@ from array import array
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from cluster.arbiter import GrantView
-from cluster.model import EMPTY, Allocation, ServiceSpec, TrainingJobSpec
-from cluster.sim.config import ServiceModelConfig, TrainingModelConfig
-from cluster.sim.engine import Event
-from cluster.sim.queueing import StableTail, integrate_segment
-from cluster.sim.traces import RateSeries, TrainingJobRecord
+from tidal.cluster.arbiter import GrantView
+from tidal.cluster.model import EMPTY, Allocation, ServiceSpec, TrainingJobSpec
+from tidal.cluster.sim.config import ServiceModelConfig, TrainingModelConfig
+from tidal.cluster.sim.engine import Event
+from tidal.cluster.sim.queueing import StableTail, integrate_segment
+from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
 
 if TYPE_CHECKING:
-    from cluster.sim.simulator import Simulator
+    from tidal.cluster.sim.simulator import Simulator
 
 MINUTE_S = 60.0
 

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from cluster.demo_scenario import ScenarioError, load_scenario, parse_scenario
-from cluster.demo_timeline import (
+from tidal.demo.scenario import ScenarioError, load_scenario, parse_scenario
+from tidal.demo.timeline import (
     JobStop,
     Sample,
     allocation_ratio,
@@ -224,9 +223,9 @@ def test_default_scenario_spikes_eight_times_and_needs_the_services_max():
 
 
 def test_saturated_scenario_fills_what_the_service_accepts_with_job_minimums_and_queues_one_more():
-    from cluster.local import load_cluster_spec
+    from tidal.cluster.local import load_cluster_spec
 
-    sc = load_scenario(Path(__file__).resolve().parents[2] / "cluster" / "configs" / "saturated-scenario.yaml")
+    sc = load_scenario(Path(__file__).resolve().parents[2] / "demo" / "configs" / "saturated-scenario.yaml")
     capacity: dict[str, float] = {}
     for g in load_cluster_spec().node_groups:
         capacity[g.gpu_type] = capacity.get(g.gpu_type, 0.0) + g.count * g.num_gpus
@@ -245,7 +244,7 @@ def test_saturated_scenario_fills_what_the_service_accepts_with_job_minimums_and
     assert all(queued["priority"] < j["priority"] for j in running)
     # Nothing is free and nothing is above a minimum: the spike's extra replicas must stop whole jobs.
     assert sc.load.replicas_needed > svc["min_replicas"]
-    from training.spec import parse_spec
+    from tidal.training.spec import parse_spec
 
     for name in sc.job_names:
         assert parse_spec(sc.job_spec(name, "/tmp/tidal-e2e-x")).name == name
@@ -266,8 +265,8 @@ def test_scenario_refuses_an_unknown_load_field_naming_it():
 
 
 def test_scenario_service_and_jobs_validate_with_their_own_packages():
-    from serving.config import ServeAppArgs
-    from training.spec import parse_spec
+    from tidal.serving.config import ServeAppArgs
+    from tidal.training.spec import parse_spec
 
     sc = load_scenario()
     args = ServeAppArgs.model_validate(sc.service_args("/tmp/ckpt", "default"))
@@ -278,8 +277,8 @@ def test_scenario_service_and_jobs_validate_with_their_own_packages():
 
 
 def test_demo_policy_file_is_valid_and_shortens_the_delays():
-    from cluster.demo_scenario import DEFAULT_POLICY_PATH
-    from policies.config import build_policy, load_policy_config
+    from tidal.demo.scenario import DEFAULT_POLICY_PATH
+    from tidal.policies.config import build_policy, load_policy_config
 
     cfg = load_policy_config(DEFAULT_POLICY_PATH)
     build_policy(cfg)
@@ -287,7 +286,7 @@ def test_demo_policy_file_is_valid_and_shortens_the_delays():
 
 
 def test_plain_display_prints_phase_changes_and_status_lines_without_escape_codes():
-    from cluster.demo_display import make_display
+    from tidal.demo.display import make_display
 
     out = io.StringIO()
     d = make_display("t", 1000, ["H100", "A100", "RTX4090"], stream=out)  # StringIO is not a TTY
@@ -300,7 +299,7 @@ def test_plain_display_prints_phase_changes_and_status_lines_without_escape_code
 
 
 def test_timeline_plot_writes_a_png(tmp_path):
-    from cluster.demo_plot import plot_timeline
+    from tidal.demo.plot import plot_timeline
 
     sc = load_scenario()
     samples = [sample(t, running=1 + (20 <= t < 80) * 3, steps={"demo-hi": t * 3}, p99_ms=50.0) for t in range(-10, 150, 5)]
@@ -310,7 +309,7 @@ def test_timeline_plot_writes_a_png(tmp_path):
 
 def test_pure_demo_modules_import_neither_ray_nor_torch():
     code = (
-        "import sys; import cluster.demo_scenario, cluster.demo_timeline, cluster.demo_display, cluster.demo_plot;"
+        "import sys; import tidal.demo.scenario, tidal.demo.timeline, tidal.demo.display, tidal.demo.plot;"
         "bad = [m for m in ('ray', 'torch') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -319,8 +318,7 @@ def test_pure_demo_modules_import_neither_ray_nor_torch():
 
 def test_live_display_draws_the_gpu_split_service_and_jobs_on_a_terminal():
     from rich.console import Console
-
-    from cluster.demo_display import LiveDisplay, render_text
+    from tidal.demo.display import LiveDisplay, render_text
 
     out = io.StringIO()
     d = LiveDisplay("Tidal demo", 1000, ["H100", "A100", "RTX4090"], Console(file=out, force_terminal=True, width=120))
@@ -343,7 +341,7 @@ def test_live_display_draws_the_gpu_split_service_and_jobs_on_a_terminal():
 
 
 def test_summary_table_names_the_window_a_missing_figure_was_looked_for_in():
-    from cluster.demo import summary_rows
+    from tidal.demo.main import summary_rows
 
     samples = [sample(-1, training=6), sample(20, running=1, training=6, phase="spike"),
                sample(80, running=2, training=2, serving=2, phase="post")]  # fmt: skip

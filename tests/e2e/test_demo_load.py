@@ -6,8 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-from cluster.demo_load import LiveLoad
+from tidal.demo.live_load import LiveLoad
 
 
 class _Handler(BaseHTTPRequestHandler):

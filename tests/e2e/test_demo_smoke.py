@@ -14,10 +14,10 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_path_serves_a_short_spike_and_stops_what_it_started(local_cluster, ray_driver, tmp_path):
-    from cluster.demo_plot import plot_timeline
-    from cluster.demo_ray import DemoRuntime, SystemConfig
-    from cluster.demo_run import run_system
-    from cluster.demo_scenario import load_scenario
+    from tidal.demo.plot import plot_timeline
+    from tidal.demo.run import run_system
+    from tidal.demo.runtime import DemoRuntime, SystemConfig
+    from tidal.demo.scenario import load_scenario
 
     scenario = load_scenario().with_overrides(pre_spike_s=2, spike_s=6, post_spike_s=2)
     lines: list[str] = []

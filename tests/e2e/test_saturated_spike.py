@@ -1,11 +1,11 @@
 """A spike on a saturated cluster, on the session's local Ray cluster: real Serve over real HTTP, real Ray Train
 jobs submitted with ``ray job submit``, the arbiter actor with the demo's policy file.
 
-The scenario (``cluster/configs/saturated-scenario.yaml``): low-priority jobs whose minimums fill every GPU the
+The scenario (``demo/configs/saturated-scenario.yaml``): low-priority jobs whose minimums fill every GPU the
 service's one replica leaves, one more job waiting in the queue, and the demo's spike to 16 req/s. The service
 (priority 100) must stop whole jobs to reach the replicas the spike needs, and the jobs it stops must come
 back from their checkpoints. It runs through the same ``run_system`` as ``make demo`` and ``bench/spike.py``
-(``bench/spike.py --scenario cluster/configs/saturated-scenario.yaml`` measures the same case), about five
+(``bench/spike.py --scenario demo/configs/saturated-scenario.yaml`` measures the same case), about five
 minutes on a 2-core machine.
 """
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIO_PATH = ROOT / "cluster" / "configs" / "saturated-scenario.yaml"
+SCENARIO_PATH = ROOT / "demo" / "configs" / "saturated-scenario.yaml"
 QUEUED_JOB = "sat-queued"
 
 
@@ -38,10 +38,10 @@ def spike_targets() -> dict[str, float]:
 def test_spike_on_a_saturated_cluster_stops_low_priority_jobs_and_they_resume_from_their_checkpoints(
     local_cluster, ray_driver, tmp_path
 ):
-    from cluster.demo_ray import DemoRuntime, SystemConfig
-    from cluster.demo_run import run_system
-    from cluster.demo_scenario import load_scenario
-    from cluster.demo_timeline import Sample, job_stops, waits_ungranted
+    from tidal.demo.run import run_system
+    from tidal.demo.runtime import DemoRuntime, SystemConfig
+    from tidal.demo.scenario import load_scenario
+    from tidal.demo.timeline import Sample, job_stops, waits_ungranted
 
     targets = spike_targets()
     scenario = load_scenario(SCENARIO_PATH)

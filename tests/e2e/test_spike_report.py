@@ -50,7 +50,7 @@ def test_gpus_back_to_training_is_the_worst_run_and_null_if_any_run_never_got_th
 
 
 def test_report_checks_the_targets_against_serve_on_free_gpus(spike):
-    from cluster.demo_scenario import DEFAULT_POLICY_PATH, load_scenario
+    from tidal.demo.scenario import DEFAULT_POLICY_PATH, load_scenario
 
     class R:
         def __init__(self, figures):

@@ -11,11 +11,10 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
+from tidal.cluster.client import ArbiterClient
+from tidal.cluster.model import Allocation, ServiceSpec, TrainingJobSpec
 from tidal_testing import wait_for
-
-from cluster.actor import get_or_create_arbiter, kill_arbiter
-from cluster.client import ArbiterClient
-from cluster.model import Allocation, ServiceSpec, TrainingJobSpec
 
 pytestmark = pytest.mark.integration
 
@@ -192,7 +191,7 @@ def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
     assert ray.get(victim.ping.remote(), timeout=30) == "alive"
     if tag == "kill":
         meta = {"actor_name": f"rt-victim-{tag}", "actor_namespace": NAMESPACE}
-    else:  # what training.runner registers; a submission_id next to it must not be used
+    else:  # what tidal.training.runner registers; a submission_id next to it must not be used
         meta = {
             "stop_actor": f"rt-victim-{tag}", "stop_actor_namespace": NAMESPACE, "stop_method": "force_stop",
             "submission_id": "not-a-ray-job",

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cluster.local import HeadSpec, LocalCluster, LocalClusterSpec
+from tidal.cluster.local import HeadSpec, LocalCluster, LocalClusterSpec
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from cluster.local import LocalCluster, pid_alive
+from tidal.cluster.local import LocalCluster, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +23,7 @@ def _tidal(*args: str, home, timeout: float = 180) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["TIDAL_HOME"] = str(home)
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "tidal.cluster.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

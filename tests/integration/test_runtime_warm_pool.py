@@ -12,9 +12,8 @@ import sys
 import time
 
 import pytest
+from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
 from tidal_testing import wait_for
-
-from cluster.actor import get_or_create_arbiter, kill_arbiter
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +60,7 @@ def test_a_new_gpu_actor_starts_in_a_worker_the_pool_started_with_torch_already_
         class Probe:
             def __init__(self) -> None:
                 # Nothing in this test imported them in the actor's process.
-                self.preloaded = ("torch" in sys.modules, "serving.app" in sys.modules)
+                self.preloaded = ("torch" in sys.modules, "tidal.serving.app" in sys.modules)
 
             def facts(self) -> tuple[tuple[bool, bool], int]:
                 return self.preloaded, os.getpid()

@@ -15,9 +15,8 @@ from collections import Counter
 
 import httpx
 import pytest
-
-from cluster.local import SERVE_CONTROLLER_ENV
-from serving.rollout import delete_app, deploy_config, replicas_by_gpu_type, serve_details
+from tidal.cluster.local import SERVE_CONTROLLER_ENV
+from tidal.serving.rollout import delete_app, deploy_config, replicas_by_gpu_type, serve_details
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +41,7 @@ A100_AND_H100 = {"A100": 1.0, "H100": 1.0, "RTX4090": 1.0}
 
 @pytest.fixture(scope="module")
 def arbiter(ray_driver):
-    from cluster.actor import get_or_create_arbiter, kill_arbiter
+    from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
 
     handle = get_or_create_arbiter(config=policy_config(A100_ONLY), name=ARBITER, tick_interval_s=0.5)
     ray_driver.get(handle.reload_config.remote(policy_config(A100_ONLY)))
@@ -65,7 +64,7 @@ def tidal_app(serve_instance, local_cluster, arbiter, digits_checkpoints):
             {
                 "name": APP,
                 "route_prefix": f"/{APP}",
-                "import_path": "serving.app:build_app",
+                "import_path": "tidal.serving.app:build_app",
                 "args": {
                     "service": {
                         "name": APP,

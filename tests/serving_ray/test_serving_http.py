@@ -15,10 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-
-from serving.examples import digits_data
-from serving.manifest import load_model
-from serving.rollout import replicas_by_gpu_type, serve_details
+from tidal.serving.examples import digits_data
+from tidal.serving.manifest import load_model
+from tidal.serving.rollout import replicas_by_gpu_type, serve_details
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ def app_config(name, route, checkpoint, service, **args):
     return {
         "name": name,
         "route_prefix": route,
-        "import_path": "serving.app:build_app",
+        "import_path": "tidal.serving.app:build_app",
         "args": {
             "service": {"name": name, **service},
             "model": {"checkpoint": str(checkpoint)},
@@ -49,7 +48,7 @@ def app_config(name, route, checkpoint, service, **args):
 @pytest.fixture(scope="module")
 def serve_app(serve_instance, local_cluster, checkpoints):
     """The digits app on the session's Serve; deleted (with the cold-start app) at the end."""
-    from serving.rollout import delete_app, deploy_config
+    from tidal.serving.rollout import delete_app, deploy_config
 
     cfg = {
         "proxy_location": "HeadOnly",
@@ -80,7 +79,7 @@ def tidal_serve(*argv: str) -> int:
     """Run ``tidal serve ARGV`` in this process (already connected to the cluster)."""
     import argparse
 
-    from serving.cli import register_cli
+    from tidal.serving.cli import register_cli
 
     parser = argparse.ArgumentParser(prog="tidal")
     register_cli(parser.add_subparsers(dest="command"))
@@ -141,7 +140,7 @@ def test_every_route_but_health_needs_the_api_key(serve_app):
         == 200
     )
     models = httpx.get(f"{base}/v1/models", headers=auth(), timeout=30).json()["models"]
-    assert models[0]["input_shape"] == [64] and models[0]["model_class"] == "training.models:DigitsMLP"
+    assert models[0]["input_shape"] == [64] and models[0]["model_class"] == "tidal.training.models:DigitsMLP"
 
 
 def test_a_new_checkpoint_rolls_out_without_a_failed_request(serve_app, checkpoints, wait_for):
@@ -179,13 +178,13 @@ def test_a_new_checkpoint_rolls_out_without_a_failed_request(serve_app, checkpoi
 
 
 def test_promote_refuses_a_checkpoint_that_clients_could_not_use(serve_app, tmp_path, capsys):
-    from serving.manifest import write_model_checkpoint
-    from training.models import DigitsMLP
+    from tidal.serving.manifest import write_model_checkpoint
+    from tidal.training.models import DigitsMLP
 
     bad = write_model_checkpoint(
         DigitsMLP(in_features=32, hidden=8),
         tmp_path / "bad",
-        model_class="training.models:DigitsMLP",
+        model_class="tidal.training.models:DigitsMLP",
         model_kwargs={"in_features": 32, "hidden": 8},
         version="bad",
         input_shape=[32],
@@ -229,7 +228,7 @@ def test_a_killed_replica_is_replaced(serve_app, ray_driver, wait_for):
 def test_min_replicas_zero_holds_nothing_when_idle_and_the_first_request_waits_for_a_replica(
     serve_app, local_cluster, checkpoints
 ):
-    from serving.rollout import deploy_config
+    from tidal.serving.rollout import deploy_config
 
     cold = app_config(
         "digits-cold",
@@ -255,7 +254,7 @@ def test_tidal_serve_deploys_the_shipped_config_file_and_deletes_it(
     serve_app, checkpoints, local_cluster, capsys
 ):
     # Runs last in this module: a deploy replaces the set of applications, as `serve deploy` does.
-    from serving import config as serving_config
+    from tidal.serving import config as serving_config
 
     config_file = str(Path(serving_config.__file__).parent / "config.yaml")
     port = str(local_cluster.serve_http_port)

@@ -1,12 +1,11 @@
-"""The per-segment queue model of simulated services (cluster.sim.queueing)."""
+"""The per-segment queue model of simulated services (tidal.cluster.sim.queueing)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-
-from cluster.sim.queueing import erlang_c, integrate_segment
+from tidal.cluster.sim.queueing import erlang_c, integrate_segment
 
 
 def _exact_erlang_c(m: int, a: float) -> float:

@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cluster.sim.config import SimConfigError, TrainingModelConfig, load_sim_config
-from cluster.sim.report import SUMMARY_KEYS
-from cluster.sim.traces import TrainingJobRecord
-from cluster.sim.workloads import training_spec
+from tidal.cluster.sim.config import SimConfigError, TrainingModelConfig, load_sim_config
+from tidal.cluster.sim.report import SUMMARY_KEYS
+from tidal.cluster.sim.traces import TrainingJobRecord
+from tidal.cluster.sim.workloads import training_spec
 
 TYPES = ["H200", "H100", "A100", "RTX4090"]
 
@@ -74,7 +73,7 @@ def test_simulate_cli_writes_every_summary_metric_and_the_plots(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "cluster.sim.cli",
+            "tidal.cluster.sim.cli",
             "--cluster",
             str(cluster),
             "--training-trace",
@@ -112,7 +111,7 @@ def test_simulate_cli_refuses_an_unknown_policy_naming_the_valid_ones(tmp_path: 
         [
             sys.executable,
             "-m",
-            "cluster.sim.cli",
+            "tidal.cluster.sim.cli",
             "--policy",
             "tidal,fifo",
             "--out",

@@ -12,16 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import cluster.arbiter
-import policies.guards
-import policies.static_split
-import policies.tidal
-from cluster.sim.scenario import check_bounds, load_scenario, run_scenario, scenario_inputs
-from cluster.sim.simulator import Simulator
+import tidal.cluster.arbiter
+import tidal.policies.guards
+import tidal.policies.static_split
+import tidal.policies.tidal
+from tidal.cluster.sim.scenario import check_bounds, load_scenario, run_scenario, scenario_inputs
+from tidal.cluster.sim.simulator import Simulator
 
 SCENARIOS = Path(__file__).parent / "scenarios"
-SIM_DIR = Path(cluster.arbiter.__file__).parent / "sim"
+SIM_DIR = Path(tidal.cluster.arbiter.__file__).parent / "sim"
 TIMING_KEYS = {
     "wall_s", "cpu_s", "tick_cpu_s", "decide_cpu_s", "sim_cpu_s", "decide_ms_mean", "decide_ms_p99", "decide_ms_max"
 }
@@ -53,7 +52,7 @@ def test_another_seed_changes_what_is_seeded() -> None:
     other = scenario.model_copy(update={"sim": {**scenario.sim, "seed": 7}})
     a = Simulator(inputs, "tidal")
     b = Simulator(scenario_inputs(other), "tidal")
-    from cluster.sim.workloads import training_spec
+    from tidal.cluster.sim.workloads import training_spec
 
     types_a = [training_spec(j, a.cfg.training, a.cluster_types, a.cfg.seed).gpu_types for j in inputs.jobs]
     types_b = [training_spec(j, b.cfg.training, b.cluster_types, b.cfg.seed).gpu_types for j in inputs.jobs]
@@ -63,12 +62,12 @@ def test_another_seed_changes_what_is_seeded() -> None:
 def test_simulator_runs_the_production_arbiter_and_policies() -> None:
     inputs = scenario_inputs(load_scenario(SCENARIOS / "burst.yaml"))
     for name, inner in (
-        ("tidal", policies.tidal.TidalPolicy),
-        ("static", policies.static_split.StaticSplitPolicy),
+        ("tidal", tidal.policies.tidal.TidalPolicy),
+        ("static", tidal.policies.static_split.StaticSplitPolicy),
     ):
         sim = Simulator(inputs, name)
-        assert type(sim.arbiter) is cluster.arbiter.ResourceArbiter
-        assert type(sim.policy) is policies.guards.GuardedPolicy
+        assert type(sim.arbiter) is tidal.cluster.arbiter.ResourceArbiter
+        assert type(sim.policy) is tidal.policies.guards.GuardedPolicy
         assert type(sim.policy.inner) is inner
     result = Simulator(inputs, "tidal").run()
     assert result["ticks"] > 0 and result["preemptions"] > 0
@@ -83,7 +82,7 @@ def test_simulator_package_defines_no_policy_and_no_simulate_switch() -> None:
                 offending.append(f"{path.name}: {needle}")
     # Production code never branches on being simulated.
     switch = re.compile(r"^\s*(if|elif)\b.*simulat|simulat\w*\s*[:=]", re.IGNORECASE | re.MULTILINE)
-    for path in [Path(cluster.arbiter.__file__), *Path(policies.tidal.__file__).parent.glob("*.py")]:
+    for path in [Path(tidal.cluster.arbiter.__file__), *Path(tidal.policies.tidal.__file__).parent.glob("*.py")]:
         if switch.search(path.read_text()):
             offending.append(f"{path.name}: branches on simulation")
     assert offending == []
@@ -91,8 +90,8 @@ def test_simulator_package_defines_no_policy_and_no_simulate_switch() -> None:
 
 def test_simulator_imports_neither_ray_nor_torch() -> None:
     code = (
-        "import sys; import cluster.sim.cli, cluster.sim.run, cluster.sim.simulator, cluster.sim.report, "
-        "cluster.sim.scenario; bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
+        "import sys; import tidal.cluster.sim.cli, tidal.cluster.sim.run, tidal.cluster.sim.simulator, tidal.cluster.sim.report, "
+        "tidal.cluster.sim.scenario; bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -116,7 +115,7 @@ def test_arbiter_ticks_are_never_closer_than_the_min_gap_nor_further_than_the_pe
 
 
 def test_a_comparison_outside_its_ratio_is_reported_and_one_inside_is_not() -> None:
-    from cluster.sim.scenario import Comparison, ScenarioModel, check_bounds, comparisons
+    from tidal.cluster.sim.scenario import Comparison, ScenarioModel, check_bounds, comparisons
 
     scenario = ScenarioModel(
         name="cmp",
@@ -141,8 +140,7 @@ def test_a_comparison_outside_its_ratio_is_reported_and_one_inside_is_not() -> N
 
 def test_a_comparison_without_a_ratio_or_a_reference_is_refused() -> None:
     from pydantic import ValidationError
-
-    from cluster.sim.scenario import Comparison
+    from tidal.cluster.sim.scenario import Comparison
 
     with pytest.raises(ValidationError, match="min_ratio, max_ratio"):
         Comparison(policy="tidal", metric="avg_jct_s", of_policy="static")

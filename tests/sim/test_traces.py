@@ -1,13 +1,12 @@
-"""Trace loaders and load scaling (cluster.sim.traces, cluster.sim.run)."""
+"""Trace loaders and load scaling (tidal.cluster.sim.traces, tidal.cluster.sim.run)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-from cluster.sim.run import replicate_jobs
-from cluster.sim.traces import (
+from tidal.cluster.sim.run import replicate_jobs
+from tidal.cluster.sim.traces import (
     DAY_S,
     RateSeries,
     TraceError,

@@ -6,7 +6,7 @@ before the test's next move lands, however slow the machine. Grants are steered 
 with the arbiter (the Tidal policy reclaims GPUs from training for it).
 
 The loss-curve tolerance: a run that resizes must follow the loss curve of the same job trained on one
-worker in this process (``training.loop.reference_history``) within ``LOSS_TOLERANCE`` at every step. The
+worker in this process (``tidal.training.loop.reference_history``) within ``LOSS_TOLERANCE`` at every step. The
 data order, the shares and the loss scale make the optimisation identical at every size; only the
 floating-point summation order differs (4 gloo workers vs one process: at most 3e-7 over 100 steps here).
 """
@@ -23,6 +23,10 @@ import pytest
 import torch
 import yaml
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.serving.manifest import load_manifest, load_model
+from tidal.training.data import digits
+from tidal.training.loop import evaluate
 from tidal_testing import wait_for
 from training_harness import (
     TEST_POLICY,
@@ -36,11 +40,6 @@ from training_harness import (
     workload,
 )
 
-from cluster.model import GPU_TYPE_LABEL
-from serving.manifest import load_manifest, load_model
-from training.data import digits
-from training.loop import evaluate
-
 pytestmark = pytest.mark.integration
 
 LOSS_TOLERANCE = 1e-4
@@ -53,7 +52,7 @@ JOB_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def arbiter(ray_driver: Any) -> Iterator[Any]:
     """The session cluster's arbiter, with the test policy for this module (its old config is put back)."""
-    from cluster.actor import get_or_create_arbiter
+    from tidal.cluster.actor import get_or_create_arbiter
 
     handle = get_or_create_arbiter(config=TEST_POLICY)
     old = ray_driver.get(handle.config.remote())
@@ -91,7 +90,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
     # restart_delay_s: the job keeps its 2 H100s in a placement group for 4 s before it restarts on them.
-    # spare_workers: it keeps 4 worker processes started for its next attempt (training.spares), and
+    # spare_workers: it keeps 4 worker processes started for its next attempt (tidal.training.spares), and
     # spare_control_workers 5 more on the driver's node for Ray Train's controller and its helpers.
     spec = digits_job(
         "elastic-424", storage, min_workers=2, max_workers=4, steps=600, restart_delay_s=4, spare_workers=4,
@@ -156,7 +155,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
     # The final model is a checkpoint serving loads, and it scores what the run reported.
     manifest = load_manifest(summary["export_path"])
-    assert manifest.model_class == "training.models:DigitsMLP" and manifest.version == "elastic-424-step600"
+    assert manifest.model_class == "tidal.training.models:DigitsMLP" and manifest.version == "elastic-424-step600"
     scores = evaluate(load_model(summary["export_path"]), digits(), torch.device("cpu"))
     assert scores["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-9)
 
@@ -282,13 +281,13 @@ def test_a_bad_job_spec_is_refused_before_anything_starts_naming_field_value_and
     arbiter, local_cluster, storage, tmp_path, jobs
 ):
     bad_fields = digits_job("elastic-bad", storage, min_workers=5, max_workers=4)
-    bad_fields["model"] = {"class": "training.models:NoSuchNet"}
+    bad_fields["model"] = {"class": "tidal.training.models:NoSuchNet"}
     job = submit_job(bad_fields, local_cluster, tmp_path)
     jobs.append(job)
     assert job.wait_done(120) == "FAILED"
     logs = job.logs()
     assert "max_workers: min_workers=5 is above max_workers=4" in logs
-    assert "model.class: 'training.models:NoSuchNet' does not import" in logs
+    assert "model.class: 'tidal.training.models:NoSuchNet' does not import" in logs
 
     bad_type = digits_job("elastic-bad-type", storage, gpu_types=["H100", "V100"])
     job2 = submit_job(bad_type, local_cluster, tmp_path)
@@ -302,8 +301,7 @@ def test_a_bad_job_spec_is_refused_before_anything_starts_naming_field_value_and
 
 def test_tidal_train_refuses_an_unknown_gpu_type_without_submitting_anything(local_cluster, storage, tmp_path, capsys):
     from ray.job_submission import JobSubmissionClient
-
-    from training.cli import main
+    from tidal.training.cli import main
 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(digits_job("elastic-cli-bad", storage, gpu_types=["B200"])))

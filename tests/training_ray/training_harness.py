@@ -32,8 +32,8 @@ def digits_job(name: str, storage: Path, **overrides: Any) -> dict[str, Any]:
     """A small, slow-enough digits job: every test job starts from this."""
     spec: dict[str, Any] = {
         "name": name,
-        "model": {"class": "training.models:DigitsMLP", "kwargs": {"hidden": 64}},
-        "data": {"factory": "training.data:digits"},
+        "model": {"class": "tidal.training.models:DigitsMLP", "kwargs": {"hidden": 64}},
+        "data": {"factory": "tidal.training.data:digits"},
         "gpu_types": ["H100"],
         "min_workers": 1,
         "max_workers": 4,
@@ -97,13 +97,13 @@ class SubmittedJob:
 
 
 def submit_job(spec: dict[str, Any], local_cluster: Any, spec_dir: Path) -> SubmittedJob:
-    """The real ``ray job submit --working-dir <project> -- python -m training.run JOB.yaml``."""
+    """The real ``ray job submit --working-dir <project> -- python -m tidal.training.run JOB.yaml``."""
     path = spec_dir / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
     sid = f"test-{spec['name']}-{uuid.uuid4().hex[:6]}"
     subprocess.run(
         [RAY_CLI, "job", "submit", "--no-wait", "--submission-id", sid, "--working-dir", str(PROJECT),
-         "--", "python", "-m", "training.run", str(path)],
+         "--", "python", "-m", "tidal.training.run", str(path)],
         env={**os.environ, **local_cluster.env()}, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return SubmittedJob(spec, sid, path, local_cluster.dashboard_url)
@@ -111,8 +111,8 @@ def submit_job(spec: dict[str, Any], local_cluster: Any, spec_dir: Path) -> Subm
 
 def reference_losses(spec: dict[str, Any]) -> list[list[float]]:
     """The loss curve of the same job trained in this process on one worker: the run that never resized."""
-    from training.loop import reference_history
-    from training.spec import parse_spec
+    from tidal.training.loop import reference_history
+    from tidal.training.spec import parse_spec
 
     return reference_history(parse_spec(spec))
 
@@ -148,8 +148,8 @@ class Competitor:
     """
 
     def __init__(self, name: str, gpu_type: str, max_units: int, priority: int = 100, kind: str = "service") -> None:
-        from cluster.client import ArbiterClient
-        from cluster.model import ServiceSpec, TrainingJobSpec
+        from tidal.cluster.client import ArbiterClient
+        from tidal.cluster.model import ServiceSpec, TrainingJobSpec
 
         self.name = name
         self.client = ArbiterClient()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.model import (
+from tidal.cluster.model import (
     Allocation,
     ClusterSnapshot,
     NodeSnapshot,

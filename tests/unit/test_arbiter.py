@@ -2,11 +2,10 @@
 
 import pytest
 from builders import make_job, make_nodes, make_service
-
-from cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
-from cluster.model import Allocation
-from policies.base import PolicyDecision, PolicyState
-from policies.config import build_policy, parse_policy_config
+from tidal.cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
+from tidal.cluster.model import Allocation
+from tidal.policies.base import PolicyDecision, PolicyState
+from tidal.policies.config import build_policy, parse_policy_config
 
 FAST_GUARDS = {"guards": {"job_resize_min_interval_s": 0, "service_downscale_delay_s": 0}}
 

@@ -1,11 +1,10 @@
 """The two baselines: the static split and Ray alone (first come, first served)."""
 
 from builders import make_job, make_nodes, make_service, make_snapshot, make_workload
-
-from cluster.model import Allocation
-from policies.base import PolicyState
-from policies.fcfs import FcfsPolicy
-from policies.static_split import StaticSplitConfig, StaticSplitPolicy, split_nodes
+from tidal.cluster.model import Allocation
+from tidal.policies.base import PolicyState
+from tidal.policies.fcfs import FcfsPolicy
+from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy, split_nodes
 
 
 def test_static_split_divides_each_type_by_whole_nodes():

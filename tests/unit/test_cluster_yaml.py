@@ -9,8 +9,7 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-from cluster.local import SERVE_CONTROLLER_ENV
+from tidal.cluster.local import SERVE_CONTROLLER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_TYPES = {"H100", "H200", "A100", "RTX4090"}

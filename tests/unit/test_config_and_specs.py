@@ -1,13 +1,12 @@
 """The policy file and workload specs at the boundary: clear errors, naming field, value and what is valid."""
 
 import pytest
-
-from cluster.specs import SpecError, parse_service_spec, parse_training_job_spec
-from policies.base import resolve_policy
-from policies.config import PolicyConfigError, build_policy, load_policy_config, parse_policy_config
-from policies.guards import GuardedPolicy
-from policies.static_split import StaticSplitPolicy
-from policies.tidal import TidalPolicy
+from tidal.cluster.specs import SpecError, parse_service_spec, parse_training_job_spec
+from tidal.policies.base import resolve_policy
+from tidal.policies.config import PolicyConfigError, build_policy, load_policy_config, parse_policy_config
+from tidal.policies.guards import GuardedPolicy
+from tidal.policies.static_split import StaticSplitPolicy
+from tidal.policies.tidal import TidalPolicy
 
 
 def test_defaults_build_the_guarded_tidal_policy():
@@ -44,7 +43,7 @@ def test_an_unknown_key_is_refused():
 
 
 def test_a_policy_given_as_module_attr_is_resolved():
-    assert resolve_policy("policies.fcfs:FcfsPolicy")().name == "ray-alone"
+    assert resolve_policy("tidal.policies.fcfs:FcfsPolicy")().name == "ray-alone"
     with pytest.raises(PolicyConfigError, match="cannot import module"):
         build_policy(parse_policy_config({"policy": "no_such_module:Policy"}))
 

@@ -16,10 +16,9 @@ import os
 import random
 
 import pytest
-
-from cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
-from cluster.model import NodeSnapshot, ServiceSpec, TrainingJobSpec
-from policies.config import build_policy, parse_policy_config
+from tidal.cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
+from tidal.cluster.model import NodeSnapshot, ServiceSpec, TrainingJobSpec
+from tidal.policies.config import build_policy, parse_policy_config
 
 TYPES = ("H100", "H200", "A100", "RTX4090")
 

@@ -1,4 +1,4 @@
-"""The demo starts its load once no Ray worker process is still starting (cluster.demo_ray)."""
+"""The demo starts its load once no Ray worker process is still starting (tidal.demo.runtime)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from cluster.demo_ray import idle_worker_cpu_s, starting_cpu_s
+from tidal.demo.runtime import idle_worker_cpu_s, starting_cpu_s
 
 
 def test_a_new_process_counts_all_its_cpu_and_a_gone_one_none():

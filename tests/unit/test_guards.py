@@ -2,11 +2,10 @@
 
 import pytest
 from builders import make_job, make_nodes, make_service, make_snapshot, make_workload
-
-from cluster.model import Allocation
-from policies.base import PolicyDecision, PolicyState
-from policies.guards import GuardConfig, GuardedPolicy, GuardViolation
-from policies.tidal import TidalPolicy, TidalPolicyConfig
+from tidal.cluster.model import Allocation
+from tidal.policies.base import PolicyDecision, PolicyState
+from tidal.policies.guards import GuardConfig, GuardedPolicy, GuardViolation
+from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
 
 
 def guarded(**cfg):

@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
-import cluster.local as local
-from cluster.local import (
+import tidal.cluster.local as local
+from tidal.cluster.local import (
     DEFAULT_SPEC_PATH,
     LocalClusterSpec,
     PortLease,
@@ -97,7 +96,7 @@ def test_port_leases_do_not_overlap_and_stale_leases_are_taken_over(tmp_path, mo
 
 
 def test_local_cluster_module_imports_without_ray():
-    code = "import sys, cluster.local; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, tidal.cluster.local; assert 'ray' not in sys.modules, 'ray imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
     assert r.returncode == 0, r.stderr
 

@@ -3,14 +3,13 @@
 import random
 
 import pytest
+import tidal.policies.workspace as workspace_module
 from builders import make_job, make_nodes, make_workload
-
-import policies.workspace as workspace_module
-from cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
-from cluster.model import Allocation, ClusterSnapshot, NodeSnapshot, ServiceSpec, TrainingJobSpec
-from policies.config import build_policy, parse_policy_config
-from policies.packing import TypePacker, uniform_packer
-from policies.workspace import Workspace, _PackMemo
+from tidal.cluster.arbiter import ArbiterConfig, FakeBackend, ManualClock, ResourceArbiter
+from tidal.cluster.model import Allocation, ClusterSnapshot, NodeSnapshot, ServiceSpec, TrainingJobSpec
+from tidal.policies.config import build_policy, parse_policy_config
+from tidal.policies.packing import TypePacker, uniform_packer
+from tidal.policies.workspace import Workspace, _PackMemo
 
 
 def test_best_fit_follows_the_worked_example():
@@ -241,8 +240,7 @@ def test_waiting_jobs_have_no_alloc_entry_and_count_zero_units():
 
 def test_a_tuple_of_workloads_is_indexed_once_and_its_parts_are_indexed_too():
     from builders import make_service
-
-    from cluster.model import workload_index
+    from tidal.cluster.model import workload_index
 
     svc = make_workload(make_service("svc"))
     jobs = [make_workload(make_job(f"j{i}")) for i in range(4)]

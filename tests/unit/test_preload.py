@@ -1,11 +1,10 @@
-"""cluster.preload: the pool's modules are imported only by workers the raylet did not start for a job."""
+"""tidal.cluster.preload: the pool's modules are imported only by workers the raylet did not start for a job."""
 
 from __future__ import annotations
 
 import pytest
-
-from cluster.local import LocalClusterSpec, load_cluster_spec
-from cluster.preload import NIL_JOB_ID, POOL_MODULES_ENV, bound_to_a_job, preload
+from tidal.cluster.local import LocalClusterSpec, load_cluster_spec
+from tidal.cluster.preload import NIL_JOB_ID, POOL_MODULES_ENV, bound_to_a_job, preload
 
 
 def recording_importer(fail: frozenset[str] = frozenset()):
@@ -22,15 +21,15 @@ def recording_importer(fail: frozenset[str] = frozenset()):
 
 def test_a_worker_bound_to_no_job_imports_the_pool_modules():
     seen, imp = recording_importer()
-    env = {"RAY_JOB_ID": NIL_JOB_ID, POOL_MODULES_ENV: "serving.app, json"}
-    assert preload(env, imp) == ["serving.app", "json"]
-    assert seen == ["serving.app", "json"]
+    env = {"RAY_JOB_ID": NIL_JOB_ID, POOL_MODULES_ENV: "tidal.serving.app, json"}
+    assert preload(env, imp) == ["tidal.serving.app", "json"]
+    assert seen == ["tidal.serving.app", "json"]
 
 
 def test_a_worker_started_for_a_job_imports_none():
     seen, imp = recording_importer()
     assert bound_to_a_job({"RAY_JOB_ID": "02000000"})
-    assert preload({"RAY_JOB_ID": "02000000", POOL_MODULES_ENV: "serving.app"}, imp) == []
+    assert preload({"RAY_JOB_ID": "02000000", POOL_MODULES_ENV: "tidal.serving.app"}, imp) == []
     assert seen == []
 
 
@@ -44,7 +43,7 @@ def test_no_list_imports_nothing_and_a_failing_module_is_skipped():
 
 def test_the_local_cluster_preloads_torch_everywhere_and_the_model_server_in_pool_workers_only():
     env = load_cluster_spec().raylet_preload_env()
-    assert env == {"RAY_preload_python_modules": "torch,cluster.preload", POOL_MODULES_ENV: "serving.app"}
+    assert env == {"RAY_preload_python_modules": "torch,tidal.cluster.preload", POOL_MODULES_ENV: "tidal.serving.app"}
     assert LocalClusterSpec(preload_python_modules=["torch"]).raylet_preload_env() == {
         "RAY_preload_python_modules": "torch"
     }

@@ -2,9 +2,8 @@
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from cluster.arbiter import FakeBackend, ManualClock, ResourceArbiter
-from cluster.model import (
+from tidal.cluster.arbiter import FakeBackend, ManualClock, ResourceArbiter
+from tidal.cluster.model import (
     Allocation,
     ClusterSnapshot,
     NodeSnapshot,
@@ -12,12 +11,12 @@ from cluster.model import (
     TrainingJobSpec,
     WorkloadSnapshot,
 )
-from policies.base import PolicyState
-from policies.fcfs import FcfsPolicy
-from policies.guards import GuardConfig, GuardedPolicy
-from policies.packing import TypePacker
-from policies.static_split import StaticSplitConfig, StaticSplitPolicy
-from policies.tidal import TidalPolicy, TidalPolicyConfig
+from tidal.policies.base import PolicyState
+from tidal.policies.fcfs import FcfsPolicy
+from tidal.policies.guards import GuardConfig, GuardedPolicy
+from tidal.policies.packing import TypePacker
+from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy
+from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
 
 TYPES = ("H100", "A100", "RTX4090")
 # Unit sizes divide node sizes, so first-fit decreasing packs optimally and can serve as the checker.

@@ -4,17 +4,17 @@ import subprocess
 import sys
 
 PURE_MODULES = [
-    "cluster.model",
-    "cluster.arbiter",
-    "cluster.specs",
-    "policies.base",
-    "policies.packing",
-    "policies.workspace",
-    "policies.tidal",
-    "policies.static_split",
-    "policies.fcfs",
-    "policies.guards",
-    "policies.config",
+    "tidal.cluster.model",
+    "tidal.cluster.arbiter",
+    "tidal.cluster.specs",
+    "tidal.policies.base",
+    "tidal.policies.packing",
+    "tidal.policies.workspace",
+    "tidal.policies.tidal",
+    "tidal.policies.static_split",
+    "tidal.policies.fcfs",
+    "tidal.policies.guards",
+    "tidal.policies.config",
 ]
 
 

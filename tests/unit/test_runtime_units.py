@@ -6,12 +6,11 @@ import json
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from cluster.arbiter import ArbiterEvent, TickReport
-from cluster.cli import main
-from cluster.metrics import ArbiterMetrics
-from cluster.model import NodeSnapshot
-from cluster.ray_backend import InventoryUnavailableError, RayBackend, nodes_from_table
+from tidal.cluster.arbiter import ArbiterEvent, TickReport
+from tidal.cluster.cli import main
+from tidal.cluster.metrics import ArbiterMetrics
+from tidal.cluster.model import NodeSnapshot
+from tidal.cluster.ray_backend import InventoryUnavailableError, RayBackend, nodes_from_table
 
 
 def _row(node_id: str, gpu_type: str | None, gpus: float, alive: bool = True) -> dict:

@@ -5,8 +5,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from serving.autoscale_math import (
+from tidal.serving.autoscale_math import (
     HoldState,
     LoadObservation,
     ScalingBounds,

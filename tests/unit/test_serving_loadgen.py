@@ -1,15 +1,9 @@
 """The load generator's schedules and summary (pure parts; the HTTP driver runs in the integration tests)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-_spec = importlib.util.spec_from_file_location("loadgen", Path(__file__).parents[2] / "bench" / "loadgen.py")
-loadgen = importlib.util.module_from_spec(_spec)
-sys.modules["loadgen"] = loadgen
-_spec.loader.exec_module(loadgen)
+from tidal.demo import loadgen
 
 TRACES = Path("/work/shared/traces")
 BOUNDS = {"max_duration_s": 1e9, "max_requests": 10**9, "seed": 1}

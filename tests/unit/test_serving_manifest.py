@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-
-from serving.manifest import (
+from tidal.serving.manifest import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     CheckpointError,
@@ -14,12 +13,12 @@ from serving.manifest import (
     load_model,
     write_model_checkpoint,
 )
-from training.models import DigitsMLP
+from tidal.training.models import DigitsMLP
 
 
 def write(model, path, **overrides):
     kw = dict(
-        model_class="training.models:DigitsMLP", model_kwargs={"hidden": 16}, version="v1", input_shape=[64]
+        model_class="tidal.training.models:DigitsMLP", model_kwargs={"hidden": 16}, version="v1", input_shape=[64]
     )
     kw.update(overrides)
     return write_model_checkpoint(model, path, **kw)
@@ -60,7 +59,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("model_class", "training.models", "module:attr"),
+        ("model_class", "tidal.training.models", "module:attr"),
         ("input_shape", [], "input_shape"),
         ("input_shape", [64, 0], "positive"),
         ("version", "", "version"),
@@ -96,7 +95,7 @@ def test_missing_weights_an_unimportable_class_or_wrong_kwargs_are_clear_errors(
     (path / WEIGHTS_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"has no {WEIGHTS_FILE}"):
         load_model(path)
-    path = write(DigitsMLP(hidden=16), tmp_path / "ck2", model_class="training.models:NoSuchModel")
+    path = write(DigitsMLP(hidden=16), tmp_path / "ck2", model_class="tidal.training.models:NoSuchModel")
     with pytest.raises(CheckpointError, match="no attribute 'NoSuchModel'"):
         load_model(path)
     path = write(DigitsMLP(hidden=16), tmp_path / "ck3", model_kwargs={"hidden": 32})

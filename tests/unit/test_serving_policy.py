@@ -6,10 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.arbiter import GrantView, ManualClock
-from cluster.model import EMPTY, Allocation
-from serving.autoscale import GRANT_POLL_WINDOW_S, ArbiterLink, TidalAutoscalingPolicy, replica_gpu_types
-from serving.config import GPU_TYPE_METRIC_PREFIX, TidalPolicyOptions
+from tidal.cluster.arbiter import GrantView, ManualClock
+from tidal.cluster.model import EMPTY, Allocation
+from tidal.serving.autoscale import (
+    GRANT_POLL_WINDOW_S,
+    ArbiterLink,
+    TidalAutoscalingPolicy,
+    replica_gpu_types,
+)
+from tidal.serving.config import GPU_TYPE_METRIC_PREFIX, TidalPolicyOptions
 
 
 class FakeArbiterClient:

@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 PURE_SERVING_MODULES = [
-    "serving.autoscale_math",
-    "serving.config",
-    "serving.schemas",
-    "serving.manifest",
-    "serving.autoscale",
+    "tidal.serving.autoscale_math",
+    "tidal.serving.config",
+    "tidal.serving.schemas",
+    "tidal.serving.manifest",
+    "tidal.serving.autoscale",
 ]
 
 

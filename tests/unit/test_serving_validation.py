@@ -4,16 +4,15 @@ import math
 
 import pytest
 from pydantic import ValidationError
-
-from cluster.model import GPU_TYPE_LABEL
-from serving.config import (
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.serving.config import (
     TIDAL_POLICY_PATH,
     ModelOptions,
     ServeAppArgs,
     autoscaling_config_for,
     ray_actor_options_for,
 )
-from serving.schemas import InputError, flatten_instances, parse_predict_body
+from tidal.serving.schemas import InputError, flatten_instances, parse_predict_body
 
 
 def test_instances_of_the_right_shape_flatten_in_order():
@@ -142,13 +141,12 @@ def test_the_shipped_serve_config_is_valid_for_serve_and_for_tidal():
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from serving import config as serving_config
+    from tidal.serving import config as serving_config
 
     raw = yaml.safe_load((Path(serving_config.__file__).parent / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
-    assert app.import_path == "serving.app:build_app"
+    assert app.import_path == "tidal.serving.app:build_app"
     parsed = ServeAppArgs.model_validate(app.args)
     assert parsed.service.min_replicas == 0 and parsed.autoscaling.policy == "tidal"
     assert raw["http_options"]["port"] != 8000

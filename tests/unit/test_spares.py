@@ -1,4 +1,4 @@
-"""``training.spares.SpareWorkers``: which nodes get a job's spare workers, how many, with what (fake raylets)."""
+"""``tidal.training.spares.SpareWorkers``: which nodes get a job's spare workers, how many, with what (fake raylets)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import sys
 import time
 
 import pytest
-
-from cluster.warm_pool import PoolNode, nodes_from_ray
-from training.spares import SpareWorkers, process_started_s
+from tidal.cluster.warm_pool import PoolNode, nodes_from_ray
+from tidal.training.spares import SpareWorkers, process_started_s
 
 JOB = bytes.fromhex("03000000")
 ENV = '{"env_vars":{"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":"1.0"}}'
@@ -151,7 +150,7 @@ def test_process_started_s_is_when_the_process_started():
     # kernel counts process start in clock ticks, and the two clocks are read apart).
     before = time.time()
     out = subprocess.run(
-        [sys.executable, "-c", "import time; time.sleep(1.5); from training.spares import process_started_s;"
+        [sys.executable, "-c", "import time; time.sleep(1.5); from tidal.training.spares import process_started_s;"
          " print(process_started_s())"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from training.batching import (
+from tidal.training.batching import (
     epoch_permutation,
     global_batch_indices,
     loss_scale,

@@ -1,4 +1,4 @@
-"""`tidal train` and `python -m training.run` without a cluster: argument handling and refusals."""
+"""`tidal train` and `python -m tidal.training.run` without a cluster: argument handling and refusals."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import base64
 from pathlib import Path
 
 import yaml
-
-from training.cli import SPEC_ENV_VAR, build_entrypoint, register_cli
-from training.run import EXIT_OK, EXIT_SPEC, main
+from tidal.training.cli import SPEC_ENV_VAR, build_entrypoint, register_cli
+from tidal.training.run import EXIT_OK, EXIT_SPEC, main
 
 JOBS = Path(__file__).resolve().parents[2] / "training" / "jobs"
 
@@ -29,7 +28,7 @@ def test_a_spec_inside_the_working_dir_is_named_by_its_relative_path(tmp_path: P
     job = tmp_path / "jobs" / "a.yaml"
     job.write_text("name: a\n")
     entrypoint, env = build_entrypoint(job, tmp_path, ["--standalone"])
-    assert entrypoint == "python -m training.run jobs/a.yaml --standalone"
+    assert entrypoint == "python -m tidal.training.run jobs/a.yaml --standalone"
     assert env == {}
 
 
@@ -39,7 +38,7 @@ def test_a_spec_outside_the_working_dir_travels_inline(tmp_path: Path):
     work = tmp_path / "project"
     work.mkdir()
     entrypoint, env = build_entrypoint(job, work, [])
-    assert entrypoint == f"python -m training.run elsewhere.yaml --spec-from-env {SPEC_ENV_VAR}"
+    assert entrypoint == f"python -m tidal.training.run elsewhere.yaml --spec-from-env {SPEC_ENV_VAR}"
     assert base64.b64decode(env[SPEC_ENV_VAR]).decode() == "name: elsewhere\n"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from training.elastic import (
+from tidal.training.elastic import (
     AttemptRecord,
     ElasticConfig,
     ElasticState,

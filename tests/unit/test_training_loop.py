@@ -9,9 +9,8 @@ import pyarrow.fs
 import pytest
 import ray.train
 import torch
-
-from training.batching import plan_worker_step
-from training.loop import (
+from tidal.training.batching import plan_worker_step
+from tidal.training.loop import (
     STATE_FILE,
     build_dataset,
     build_model,
@@ -22,14 +21,14 @@ from training.loop import (
     resume_checkpoint,
     train_step,
 )
-from training.spec import parse_spec
+from tidal.training.spec import parse_spec
 
 
 def make_spec(**overrides):
     spec = {
         "name": "loop-test",
-        "model": {"class": "training.models:DigitsMLP", "kwargs": {"hidden": 32}},
-        "data": {"factory": "training.data:digits"},
+        "model": {"class": "tidal.training.models:DigitsMLP", "kwargs": {"hidden": 32}},
+        "data": {"factory": "tidal.training.data:digits"},
         "gpu_types": ["H100"],
         "max_workers": 4,
         "global_batch_size": 30,
@@ -137,7 +136,7 @@ class _FakeSignal:
 
 @pytest.fixture
 def fake_ray(monkeypatch):
-    import training.loop as loop
+    import tidal.training.loop as loop
 
     def wait(refs, num_returns, timeout):
         return [r for r in refs if r.ready], [r for r in refs if not r.ready]

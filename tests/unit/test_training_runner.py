@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.model import Allocation, TrainingJobSpec
-from training.elastic import ElasticState, Phase, Target, YieldReason
-from training.runner import (
+from tidal.cluster.model import Allocation, TrainingJobSpec
+from tidal.training.elastic import ElasticState, Phase, Target, YieldReason
+from tidal.training.runner import (
     YIELD_POLL_S,
     YIELD_POLL_WINDOW_S,
     CapacityGrantSource,
@@ -104,7 +104,7 @@ class _FakePg:
 
 
 def test_a_hold_extended_to_a_bigger_grant_asks_only_for_the_added_gpus_and_keeps_the_rest(monkeypatch):
-    import training.runner as runner
+    import tidal.training.runner as runner
 
     made: list[_FakePg] = []
     removed: list[_FakePg] = []
@@ -148,7 +148,7 @@ def test_the_loop_looks_often_while_a_yields_gpus_are_not_yet_reported_free():
 
 
 def _signal(job: str = "j"):
-    from training.signal import JobSignal
+    from tidal.training.signal import JobSignal
 
     return JobSignal.__ray_actor_class__(job)  # the plain class: its methods, without an actor
 
@@ -202,9 +202,9 @@ class _WatchedGrants:
 def test_a_changed_grant_from_the_held_watch_wakes_the_loop_and_an_unchanged_one_does_not():
     import threading
 
-    from cluster.arbiter import GrantView
-    from training.runner import ElasticRunner
-    from training.spec import load_spec
+    from tidal.cluster.arbiter import GrantView
+    from tidal.training.runner import ElasticRunner
+    from tidal.training.spec import load_spec
 
     grants = _WatchedGrants()
     runner = ElasticRunner(load_spec("training/jobs/digits.yaml"), grants)

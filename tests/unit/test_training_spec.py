@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cluster.model import TrainingJobSpec
-from training.spec import JobSpec, SpecError, load_spec, parse_spec
+from tidal.cluster.model import TrainingJobSpec
+from tidal.training.spec import JobSpec, SpecError, load_spec, parse_spec
 
 JOBS = Path(__file__).resolve().parents[2] / "training" / "jobs"
 
@@ -17,8 +16,8 @@ JOBS = Path(__file__).resolve().parents[2] / "training" / "jobs"
 def make_spec(**overrides) -> dict:
     spec = {
         "name": "digits-test",
-        "model": {"class": "training.models:DigitsMLP", "kwargs": {"hidden": 32}},
-        "data": {"factory": "training.data:digits"},
+        "model": {"class": "tidal.training.models:DigitsMLP", "kwargs": {"hidden": 32}},
+        "data": {"factory": "tidal.training.data:digits"},
         "gpu_types": ["H100", "A100"],
         "min_workers": 1,
         "max_workers": 4,
@@ -63,15 +62,15 @@ def test_a_gpu_type_listed_twice_is_refused():
 
 def test_a_model_whose_module_does_not_import_is_refused_naming_the_module():
     with pytest.raises(SpecError) as e:
-        parse_spec(make_spec(model={"class": "training.no_such_module:Net"}), check_imports=True)
+        parse_spec(make_spec(model={"class": "tidal.training.no_such_module:Net"}), check_imports=True)
     msg = str(e.value)
-    assert "model.class: 'training.no_such_module:Net' does not import" in msg
-    assert "No module named 'training.no_such_module'" in msg
+    assert "model.class: 'tidal.training.no_such_module:Net' does not import" in msg
+    assert "No module named 'tidal.training.no_such_module'" in msg
 
 
 def test_a_model_missing_from_its_module_is_refused_naming_what_the_module_has():
     with pytest.raises(SpecError) as e:
-        parse_spec(make_spec(model={"class": "training.models:NoSuchNet"}), check_imports=True)
+        parse_spec(make_spec(model={"class": "tidal.training.models:NoSuchNet"}), check_imports=True)
     msg = str(e.value)
     assert "has no attribute 'NoSuchNet'" in msg
     assert "DigitsMLP" in msg
@@ -79,12 +78,12 @@ def test_a_model_missing_from_its_module_is_refused_naming_what_the_module_has()
 
 def test_a_model_that_is_not_a_class_is_refused():
     with pytest.raises(SpecError, match="not a class"):
-        parse_spec(make_spec(model={"class": "training.data:digits"}), check_imports=True)
+        parse_spec(make_spec(model={"class": "tidal.training.data:digits"}), check_imports=True)
 
 
 def test_an_entrypoint_without_a_colon_is_refused_with_an_example():
     with pytest.raises(SpecError) as e:
-        parse_spec(make_spec(data={"factory": "training.data.digits"}))
+        parse_spec(make_spec(data={"factory": "tidal.training.data.digits"}))
     assert "data.factory must be 'module:attr'" in str(e.value)
 
 
@@ -162,7 +161,7 @@ def test_the_spec_round_trips_through_the_json_the_workers_get():
 
 def test_the_pure_training_modules_import_neither_ray_nor_torch():
     code = (
-        "import sys, training.spec, training.batching, training.elastic, training.data\n"
+        "import sys, tidal.training.spec, tidal.training.batching, tidal.training.elastic, tidal.training.data\n"
         "print(','.join(sorted(m for m in ('ray', 'torch') if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

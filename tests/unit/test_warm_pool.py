@@ -1,10 +1,9 @@
-"""``cluster.warm_pool.WarmPool``: which nodes get new idle workers, how many, and when (fake raylets, manual clock)."""
+"""``tidal.cluster.warm_pool.WarmPool``: which nodes get new idle workers, how many, and when (fake raylets, manual clock)."""
 
 from __future__ import annotations
 
 import pytest
-
-from cluster.warm_pool import PoolNode, WarmPool, nodes_from_ray
+from tidal.cluster.warm_pool import PoolNode, WarmPool, nodes_from_ray
 
 
 class FakeRaylets:

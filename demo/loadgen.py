@@ -21,7 +21,7 @@ throughput, and errors by kind.
 
 Example::
 
-    .venv/bin/python bench/loadgen.py --url http://127.0.0.1:52080/v1/predict \\
+    .venv/bin/python -m tidal.demo.loadgen --url http://127.0.0.1:52080/v1/predict \\
         --rate-trace /work/shared/traces/servegen_m-large_days1-7.csv --time-scale 600 --rate-scale 0.2 \\
         --max-duration-s 30 --out bench/results/loadgen-servegen.json
 """
@@ -44,10 +44,10 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-logger = logging.getLogger("loadgen")
+logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path("bench") / "results"  # relative to the working directory, as bench/ scripts write
 
 
 # ------------------------------------------------------------------------------ schedules (pure)

@@ -5,12 +5,12 @@ systems and repetitions, measured) call:
 
 1. set up the system: the arbiter (Tidal only), the service, the training jobs (``ray job submit``);
 2. *fill*: wait until every job has trained steadily at its granted size for ``settle_s`` (see
-   ``cluster.demo_timeline.steady_since``), sampling meanwhile;
+   ``tidal.demo.timeline.steady_since``), sampling meanwhile;
 3. play the load (base, spike, base) with ``LiveLoad`` and sample the cluster every ``sample_interval_s``;
    then, if the caller asks, go on sampling with no load until a condition on the samples holds (``until``,
    e.g. every job stopped for the spike trains again), at most ``until_timeout_s``;
 4. stop the jobs (their runners write their summaries: steps lost), and compute the figures
-   (``cluster.demo_timeline.spike_figures``).
+   (``tidal.demo.timeline.spike_figures``).
 
 The caller owns the runtime and stops it (``reset`` between systems, ``close`` at the end) in a
 ``finally``, so that Ctrl-C or an error anywhere leaves nothing running.
@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.demo_load import LiveLoad
-from cluster.demo_ray import DemoRuntime, SystemConfig
-from cluster.demo_timeline import Sample, TimelineEvent, spike_figures, steady_since, trained_since
+from tidal.demo.live_load import LiveLoad
+from tidal.demo.runtime import DemoRuntime, SystemConfig
+from tidal.demo.timeline import Sample, TimelineEvent, spike_figures, steady_since, trained_since
 
 logger = logging.getLogger(__name__)
 

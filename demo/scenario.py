@@ -1,11 +1,11 @@
 """The spike scenario of ``make demo`` and ``bench/spike.py``, validated at the boundary (pure: no Ray, no torch).
 
-The scenario file (``cluster/configs/demo-scenario.yaml``) holds four things:
+The scenario file (``demo/configs/demo-scenario.yaml``) holds four things:
 
 - ``load``: the request rate over time: ``base_rps`` for ``pre_spike_s``, ``base_rps * spike_factor`` for
   ``spike_s``, ``base_rps`` again for ``post_spike_s``; the SLO and what the spike needs;
 - ``served_model``: the model the service serves and the device time per batch it stands in for;
-- ``service``: the ``args`` of ``serving.app:build_app`` (the format of ``serving/config.yaml``);
+- ``service``: the ``args`` of ``tidal.serving.app:build_app`` (the format of ``serving/config.yaml``);
 - ``jobs``: training job specs (the format of ``training/jobs/*.yaml``).
 
 ``LoadPhases`` turns ``load`` into phase boundaries and the piecewise-constant rate windows that the load
@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from cluster.specs import format_validation_error
+from tidal.cluster.specs import format_validation_error
 
 DEFAULT_SCENARIO_PATH = Path(__file__).parent / "configs" / "demo-scenario.yaml"
 DEFAULT_POLICY_PATH = Path(__file__).parent / "configs" / "demo-policy.yaml"
@@ -54,7 +53,7 @@ class LoadModel(BaseModel):
 
 
 class ServedModelModel(BaseModel):
-    """The model the service serves (``cluster.demo_model.DeviceTimedMLP``, trained by the run)."""
+    """The model the service serves (``tidal.demo.model.DeviceTimedMLP``, trained by the run)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -178,7 +177,7 @@ def parse_scenario(data: Any, source: str = "<dict>") -> ScenarioConfig:
 
 
 def load_scenario(path: str | Path | None = None) -> ScenarioConfig:
-    """Reads and validates a scenario file (default: ``cluster/configs/demo-scenario.yaml``).
+    """Reads and validates a scenario file (default: ``demo/configs/demo-scenario.yaml``).
 
     Raises:
         ScenarioError: naming the file, the field, the bad value and what is valid.

@@ -1,6 +1,6 @@
 """The timeline of a spike run and the figures computed from it (pure: no Ray, no torch).
 
-The Ray glue (``cluster.demo_ray``) samples the cluster about twice a second into ``Sample``s; the load
+The Ray glue (``tidal.demo.runtime``) samples the cluster about twice a second into ``Sample``s; the load
 generator records every request. Everything the demo shows and the benchmark reports is computed here
 from those records, the same way for every system (Tidal, Ray alone, Serve on free GPUs):
 

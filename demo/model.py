@@ -7,8 +7,8 @@ weights, same outputs) whose forward, when it runs on the CPU, also waits ``devi
 milliseconds, as a GPU kernel would: the replica's thread sleeps, so the CPU stays free, like the host of
 a busy GPU. On CUDA it waits nothing: the real device takes its real time.
 
-It is an ordinary torch model named in a checkpoint's manifest (``cluster.demo_model:DeviceTimedMLP``),
-served by ``serving.app`` like any other. The training jobs do the same with ``step_delay_s``.
+It is an ordinary torch model named in a checkpoint's manifest (``tidal.demo.model:DeviceTimedMLP``),
+served by ``tidal.serving.app`` like any other. The training jobs do the same with ``step_delay_s``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 import time
 
 import torch
-
-from training.models import DigitsMLP
+from tidal.training.models import DigitsMLP
 
 
 class DeviceTimedMLP(DigitsMLP):
@@ -41,16 +40,16 @@ class DeviceTimedMLP(DigitsMLP):
 
 
 def train_demo_checkpoint(path: str, *, device_ms_per_batch: float, hidden: int = 128, version: str = "digits-v1") -> str:
-    """Trains the digits classifier (``serving.examples``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
-    from serving.examples import DIGITS_LABELS, train_digits_checkpoint
-    from serving.manifest import load_model, write_model_checkpoint
+    """Trains the digits classifier (``tidal.serving.examples``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
+    from tidal.serving.examples import DIGITS_LABELS, train_digits_checkpoint
+    from tidal.serving.manifest import load_model, write_model_checkpoint
 
     plain = train_digits_checkpoint(f"{path}-plain", version=version, hidden=hidden)
     model = load_model(str(plain), "cpu")
     out = write_model_checkpoint(
         model,
         path,
-        model_class="cluster.demo_model:DeviceTimedMLP",
+        model_class="tidal.demo.model:DeviceTimedMLP",
         model_kwargs={"hidden": hidden, "device_ms_per_batch": device_ms_per_batch},
         version=version,
         input_shape=[64],

@@ -1,6 +1,6 @@
-"""A live, open-loop HTTP load for the demo and the spike benchmark, built on ``bench/loadgen.py``.
+"""A live, open-loop HTTP load for the demo and the spike benchmark, built on ``tidal.demo.loadgen``.
 
-``bench/loadgen.py`` sends a schedule and returns every request's record at the end; the demo needs them
+``tidal.demo.loadgen`` sends a schedule and returns every request's record at the end; the demo needs them
 *while* the load runs (request rate and p99 on screen, the timeline). ``LiveLoad`` reuses the load
 generator's pieces (Poisson arrivals from rate windows, ``RequestRecord``, ``percentile``, ``summarize``,
 the ``/v1/predict`` body, the loopback check) and runs the same open-loop driver on a background thread,
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib
 import json
 import logging
 import subprocess
@@ -24,27 +23,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from tidal.demo import loadgen
+
 logger = logging.getLogger(__name__)
-
-
-def loadgen() -> ModuleType:
-    """``bench/loadgen.py`` as a module.
-
-    ``bench/`` holds scripts, not an installed package: it imports as ``bench.loadgen`` from the project
-    root (``make demo`` runs there); from anywhere else, the project root is found next to this package.
-    """
-    try:
-        return importlib.import_module("bench.loadgen")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent
-        if not (root / "bench" / "loadgen.py").is_file():
-            raise
-        sys.path.insert(0, str(root))
-        return importlib.import_module("bench.loadgen")
 
 
 @dataclass(frozen=True)
@@ -63,7 +46,7 @@ class WindowStats:
 class LiveLoad:
     """Sends one POST per arrival time, on schedule, from a child process, and collects the records live.
 
-    The driver runs in its own process (``python -m cluster.demo_load``): the demo's process also observes
+    The driver runs in its own process (``python -m tidal.demo.live_load``): the demo's process also observes
     the cluster, and sharing one interpreter lock with that would delay requests and inflate their measured
     latency. Finished requests stream back as JSON lines on the child's stdout (every 0.1 s) and a thread
     appends them to ``records()``. Both processes time with ``time.monotonic()`` (one clock on Linux).
@@ -88,7 +71,7 @@ class LiveLoad:
         timeout_s: float = 30.0,
         max_in_flight: int = 2000,
     ) -> None:
-        lg = loadgen()
+        lg = loadgen
         lg.check_loopback(url)
         self._lg = lg
         self.url = url
@@ -104,7 +87,7 @@ class LiveLoad:
         self.body: bytes = lg.default_body(instances, 64, seed)
         self.timeout_s = timeout_s
         self.max_in_flight = max_in_flight
-        self._records: list[Any] = []  # bench.loadgen.RequestRecord, appended by the reader thread
+        self._records: list[Any] = []  # loadgen.RequestRecord, appended by the reader thread
         self._proc: Any = None
         self._conn: Any = None
         self._reader: threading.Thread | None = None
@@ -117,15 +100,14 @@ class LiveLoad:
 
     def start(self, timeout_s: float = 60.0) -> float:
         """Starts the load; returns its start on ``time.monotonic()`` (the schedule's time zero)."""
-        # A fresh interpreter (`python -m cluster.demo_load`), not multiprocessing: spawn would import the
+        # A fresh interpreter (`python -m tidal.demo.live_load`), not multiprocessing: spawn would import the
         # caller's __main__ again in the child, which re-runs any script without a main guard.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.demo_load"],
+            [sys.executable, "-m", "tidal.demo.live_load"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
-            cwd=str(Path(__file__).resolve().parent.parent),
         )
         config = {
             "url": self.url,
@@ -213,7 +195,7 @@ class LiveLoad:
     # ------------------------------------------------------------------------------------ reading
 
     def records(self) -> list[Any]:
-        """A copy of the finished requests so far (``bench.loadgen.RequestRecord``)."""
+        """A copy of the finished requests so far (``loadgen.RequestRecord``)."""
         return list(self._records)
 
     def elapsed_s(self) -> float:
@@ -236,7 +218,7 @@ class LiveLoad:
         )
 
     def summary(self) -> dict[str, Any]:
-        """``bench.loadgen.summarize`` of every finished request."""
+        """``loadgen.summarize`` of every finished request."""
         return self._lg.summarize(self.records(), self.wall_s or self.elapsed_s())
 
 
@@ -269,7 +251,7 @@ class _StdioChannel:
 
 
 def _child_main() -> None:
-    """``python -m cluster.demo_load``: the load generator's process (reads its config from stdin)."""
+    """``python -m tidal.demo.live_load``: the load generator's process (reads its config from stdin)."""
     config = json.loads(sys.stdin.readline())
     conn = _StdioChannel()
     try:
@@ -330,7 +312,7 @@ async def _drive(conn: Any, url: str, arrivals_s: list[float], body: bytes, time
             finally:
                 in_flight -= 1
             done = loop.time() - t0
-            # The fields of bench.loadgen.RequestRecord, in order.
+            # The fields of loadgen.RequestRecord, in order.
             pending.append((scheduled, sent, (done - scheduled) * 1000, status, error))
 
         tasks: set[asyncio.Task] = set()

@@ -2,18 +2,18 @@
 
 ``DemoRuntime`` owns, for one run:
 
-- a ``cluster.local.LocalCluster`` (4 H100, 2 A100, 2 RTX4090 by default) in a temp dir of its own
+- a ``tidal.cluster.local.LocalCluster`` (4 H100, 2 A100, 2 RTX4090 by default) in a temp dir of its own
   (``/tmp/tidal-e2e-*``), its ports leased by the cluster itself;
 - a Ray driver connection from this process;
-- the arbiter actor (``cluster.actor.get_or_create_arbiter``) with the demo's policy file;
-- the inference service, deployed through the serving package (``serving.rollout.deploy_config``,
+- the arbiter actor (``tidal.cluster.actor.get_or_create_arbiter``) with the demo's policy file;
+- the inference service, deployed through the serving package (``tidal.serving.rollout.deploy_config``,
   the path ``serve deploy`` takes) on the port the cluster reserved for Serve;
-- the training jobs, submitted with the real ``ray job submit`` CLI: ``python -m training.run JOB.yaml``
+- the training jobs, submitted with the real ``ray job submit`` CLI: ``python -m tidal.training.run JOB.yaml``
   (Tidal's runner) or ``python bench/spike_ray_alone_job.py JOB.yaml`` (a plain Ray Train elastic job,
   for the Ray-alone baseline).
 
 ``observe`` samples what Ray reports (the actor table, Serve's replica states, the jobs' signal actors,
-and the arbiter when there is one) into a ``cluster.demo_timeline.Sample``.
+and the arbiter when there is one) into a ``tidal.demo.timeline.Sample``.
 
 ``close`` stops everything it started, in reverse order, and is safe to call twice and after a partial
 start: the demo and the benchmark call it from ``finally`` (Ctrl-C and errors included).
@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from cluster.demo_scenario import DEFAULT_POLICY_PATH, ScenarioConfig
-from cluster.demo_timeline import Sample, classify_actors
-from cluster.model import GPU_TYPE_LABEL
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.demo.scenario import DEFAULT_POLICY_PATH, ScenarioConfig
+from tidal.demo.timeline import Sample, classify_actors
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPEC_ENV_VAR = "TIDAL_JOB_SPEC_YAML_B64"
 RAY_ALONE_JOB_SCRIPT = "bench/spike_ray_alone_job.py"
 DRIVER_NAMESPACE = "tidal-demo"
-TRAIN_NAMESPACE = "tidal"  # training.runner.NAMESPACE: where each job's signal actor lives
+TRAIN_NAMESPACE = "tidal"  # tidal.training.runner.NAMESPACE: where each job's signal actor lives
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,13 @@ class SystemConfig:
       Ray Train elastic jobs, ``ScalingConfig(num_workers=(min, max))``.
     - ``serve-only``: no training at all, Serve's default autoscaler: how fast Serve reaches capacity when
       the GPUs are already free (no reclaim needed). The arbiter runs, with nothing registered, for its warm
-      pool alone (``cluster.warm_pool``): the reference starts its replicas in the same warm processes as
+      pool alone (``tidal.cluster.warm_pool``): the reference starts its replicas in the same warm processes as
       Tidal does, so that the two differ by the reclaim only.
     """
 
     name: str
     arbiter: bool
-    autoscaling_policy: str  # serving.config.AutoscalingOptions.policy: tidal | default
+    autoscaling_policy: str  # tidal.serving.config.AutoscalingOptions.policy: tidal | default
     job_runner: str | None  # tidal | ray-train | None (no training)
 
     @staticmethod
@@ -111,7 +110,7 @@ class DemoRuntime:
 
     Args:
         scenario: the validated scenario.
-        policy_path: the arbiter's policy file (default ``cluster/configs/demo-policy.yaml``).
+        policy_path: the arbiter's policy file (default ``demo/configs/demo-policy.yaml``).
         work_dir: where the cluster, checkpoints and job storage go; a new ``/tmp/tidal-e2e-*`` by default
             (removed by ``close`` when this object created it).
         progress: called with one human-readable line per step of the set-up and tear-down.
@@ -153,13 +152,13 @@ class DemoRuntime:
     # ------------------------------------------------------------------------------- start
 
     def start_cluster(self) -> None:
-        from cluster.local import LocalCluster, load_cluster_spec
+        from tidal.cluster.local import LocalCluster, load_cluster_spec
 
         # The model to serve trains (a second of torch) while the cluster starts (mostly waiting).
         self._checkpoint_thread = threading.Thread(target=self._prepare_checkpoint_quietly, daemon=True)
         self._checkpoint_thread.start()
 
-        from cluster.local import LocalClusterError
+        from tidal.cluster.local import LocalClusterError
 
         self.progress("starting the local cluster (H100x4, A100x2, RTX4090x2: logical GPUs, one raylet per node)")
         for attempt in range(1, 3):
@@ -202,8 +201,8 @@ class DemoRuntime:
 
     def prepare_checkpoint(self) -> str:
         """The model the service serves: the digits classifier trained here for a second, written as a
-        ``cluster.demo_model.DeviceTimedMLP`` checkpoint (see ``served_model`` in the scenario)."""
-        from cluster.demo_model import train_demo_checkpoint
+        ``tidal.demo.model.DeviceTimedMLP`` checkpoint (see ``served_model`` in the scenario)."""
+        from tidal.demo.model import train_demo_checkpoint
 
         if self._checkpoint_thread is not None and threading.current_thread() is not self._checkpoint_thread:
             self._checkpoint_thread.join()
@@ -215,7 +214,7 @@ class DemoRuntime:
         return self.checkpoint
 
     def start_arbiter(self) -> None:
-        from cluster.actor import get_or_create_arbiter
+        from tidal.cluster.actor import get_or_create_arbiter
 
         self.progress(f"starting the arbiter (policy file {self._rel(self.policy_path)})")
         self.arbiter = get_or_create_arbiter(self.policy_path, metrics_port=self.cluster.metrics_port)
@@ -226,9 +225,9 @@ class DemoRuntime:
         self.wait_service_ready()
 
     def start_service(self, autoscaling_policy: str) -> None:
-        """Deploys the scenario's service (``serving.rollout.deploy_config``, the path of ``serve deploy``)
+        """Deploys the scenario's service (``tidal.serving.rollout.deploy_config``, the path of ``serve deploy``)
         without waiting for it to run."""
-        from serving.rollout import deploy_config
+        from tidal.serving.rollout import deploy_config
 
         args = self.scenario.service_args(self.prepare_checkpoint(), autoscaling_policy)
         svc = args["service"]
@@ -243,7 +242,7 @@ class DemoRuntime:
                 {
                     "name": svc["name"],
                     "route_prefix": self.route_prefix,
-                    "import_path": "serving.app:build_app",
+                    "import_path": "tidal.serving.app:build_app",
                     "args": args,
                 }
             ],
@@ -304,7 +303,7 @@ class DemoRuntime:
             logger.warning("%s; going on", e)
 
     def wait_spare_workers(self, timeout_s: float = 90.0) -> None:
-        """Waits until every Tidal job has the spare workers its spec asks for idle (``training.spares``).
+        """Waits until every Tidal job has the spare workers its spec asks for idle (``tidal.training.spares``).
 
         They start once a job trains steadily; the spike should meet them imported, not importing.
         """
@@ -356,7 +355,7 @@ class DemoRuntime:
 
     def wait_service_ready(self, timeout_s: float = 180.0) -> None:
         """Waits until the service's application runs and answers ``/v1/predict`` with 200."""
-        from serving.rollout import serve_details
+        from tidal.serving.rollout import serve_details
 
         name = self.scenario.service_name
 
@@ -408,7 +407,7 @@ class DemoRuntime:
         (self.work_dir / f"{name}.yaml").write_text(spec_yaml)
         encoded = base64.b64encode(spec_yaml.encode()).decode()
         if runner == "tidal":
-            entry = ["python", "-m", "training.run", f"{name}.yaml", "--spec-from-env", SPEC_ENV_VAR]
+            entry = ["python", "-m", "tidal.training.run", f"{name}.yaml", "--spec-from-env", SPEC_ENV_VAR]
         elif runner == "ray-train":
             entry = ["python", RAY_ALONE_JOB_SCRIPT, f"{name}.yaml", "--spec-from-env", SPEC_ENV_VAR]
         else:
@@ -500,7 +499,7 @@ class DemoRuntime:
         ]
 
     def _observe_serve(self, sample: Sample) -> None:
-        from serving.rollout import serve_details
+        from tidal.serving.rollout import serve_details
 
         app = serve_details().applications.get(self.scenario.service_name)
         if app is None:
@@ -530,8 +529,7 @@ class DemoRuntime:
     def _observe_jobs(self, sample: Sample) -> None:
         """Each job's step, size and GPU type, from its signal actor (both runners create one)."""
         import ray
-
-        from training.runner import signal_actor_name
+        from tidal.training.runner import signal_actor_name
 
         refs = {}
         for name in self.jobs:
@@ -652,8 +650,7 @@ class DemoRuntime:
         if not self.service_deployed:
             return
         from ray import serve
-
-        from serving.rollout import delete_app
+        from tidal.serving.rollout import delete_app
 
         with _logged("deleting the service"):
             delete_app(self.scenario.service_name, unregister=self.arbiter is not None)
@@ -666,7 +663,7 @@ class DemoRuntime:
     def stop_arbiter(self) -> None:
         if self.arbiter is None:
             return
-        from cluster.actor import kill_arbiter
+        from tidal.cluster.actor import kill_arbiter
 
         with _logged("stopping the arbiter"):
             kill_arbiter()

@@ -22,8 +22,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
-
-from cluster.demo_timeline import Sample
+from tidal.demo.timeline import Sample
 
 PHASE_LABELS = {
     "setup": "setting up",

@@ -1,4 +1,4 @@
-"""``make demo`` (``python -m cluster.demo``): Tidal moving GPUs between training and an inference spike, live.
+"""``make demo`` (``python -m tidal.demo``): Tidal moving GPUs between training and an inference spike, live.
 
 It starts a local heterogeneous Ray cluster (4 H100, 2 A100, 2 RTX4090: logical GPUs on this machine), the
 arbiter, an inference service (Ray Serve, min 1 replica, prefers RTX4090 > A100 > H100) and two training
@@ -16,7 +16,7 @@ Everything it started is stopped at the end, on Ctrl-C (SIGINT), on SIGTERM and 
 Usage::
 
     make demo
-    python -m cluster.demo [--plain] [--spike-s 60] [--output-dir demo-output]
+    python -m tidal.demo [--plain] [--spike-s 60] [--output-dir demo-output]
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.demo_display import make_display, render_text, summary_table
-from cluster.demo_scenario import DEFAULT_POLICY_PATH, ScenarioError, load_scenario
+from tidal.demo.display import make_display, render_text, summary_table
+from tidal.demo.scenario import DEFAULT_POLICY_PATH, ScenarioError, load_scenario
 
-logger = logging.getLogger("cluster.demo")
+logger = logging.getLogger("tidal.demo")
 
 GPU_TYPES = ["H100", "A100", "RTX4090"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", default=None, help="scenario YAML (default cluster/configs/demo-scenario.yaml)")
+    p = argparse.ArgumentParser(prog="python -m tidal.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default=None, help="scenario YAML (default demo/configs/demo-scenario.yaml)")
     p.add_argument("--policy", default=str(DEFAULT_POLICY_PATH), help="the arbiter's policy file")
     p.add_argument("--output-dir", default="demo-output", help="where timeline.png and summary.* go")
     view = p.add_mutually_exclusive_group()
@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
 
-    from cluster.demo_ray import DemoRuntime, SystemConfig
-    from cluster.demo_run import run_system
+    from tidal.demo.run import run_system
+    from tidal.demo.runtime import DemoRuntime, SystemConfig
 
     t_start = time.monotonic()
     rt = DemoRuntime(scenario, policy_path=args.policy, progress=display.line, keep_work_dir=args.keep_work_dir)
@@ -118,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_outputs(result: Any, scenario: Any, out_dir: Path, duration_s: float) -> None:
     from rich.console import Console
-
-    from cluster.demo_plot import plot_timeline
+    from tidal.demo.plot import plot_timeline
 
     f = result.figures
     phases = scenario.phases()

@@ -17,9 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-from cluster.demo_scenario import LoadPhases  # noqa: E402
-from cluster.demo_timeline import Sample, TimelineEvent  # noqa: E402
+from tidal.demo.scenario import LoadPhases  # noqa: E402
+from tidal.demo.timeline import Sample, TimelineEvent  # noqa: E402
 
 _SERVING_COLOURS = ["#c2185b", "#f06292", "#ff8a65", "#ffb74d"]
 _TRAINING_COLOURS = ["#1b5e20", "#43a047", "#81c784", "#c5e1a5"]
