@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
     from tidal.cluster.local import LocalCluster, LocalClusterError, parse_cluster_spec
-    from tidal.serving.examples import train_digits_checkpoint
+    from tidal.serving.digits_checkpoint import train_digits_checkpoint
     from tidal.serving.rollout import deploy_config, serve_details
 
     # Short: Ray's unix socket paths under the cluster's temp dirs must stay under 108 bytes.

@@ -40,8 +40,8 @@ class DeviceTimedMLP(DigitsMLP):
 
 
 def train_demo_checkpoint(path: str, *, device_ms_per_batch: float, hidden: int = 128, version: str = "digits-v1") -> str:
-    """Trains the digits classifier (``tidal.serving.examples``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
-    from tidal.serving.examples import DIGITS_LABELS, train_digits_checkpoint
+    """Trains the digits classifier (``tidal.serving.digits_checkpoint``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
+    from tidal.serving.digits_checkpoint import DIGITS_LABELS, train_digits_checkpoint
     from tidal.serving.manifest import load_model, write_model_checkpoint
 
     plain = train_digits_checkpoint(f"{path}-plain", version=version, hidden=hidden)

@@ -27,8 +27,8 @@ from tidal.cluster.arbiter import ArbiterConfig
 from tidal.cluster.specs import format_validation_error
 from tidal.policies.base import Policy, known_policies, resolve_policy
 from tidal.policies.guards import GuardConfig, GuardedPolicy
+from tidal.policies.priority import TidalPolicy, TidalPolicyConfig
 from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy
-from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
 
 DEFAULT_PRICES = {"H100": 2.49, "H200": 3.29, "A100": 1.29, "RTX4090": 0.34}
 DEFAULT_SPEEDS = {"H100": 3.0, "H200": 3.6, "A100": 2.0, "RTX4090": 1.0}

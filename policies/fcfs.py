@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tidal.cluster.model import ClusterSnapshot
 from tidal.policies.base import PolicyDecision, PolicyState, register_policy
-from tidal.policies.tidal import fill_services, fill_training, service_want, shrink_to_want
+from tidal.policies.priority import fill_services, fill_training, service_want, shrink_to_want
 from tidal.policies.workspace import Workspace
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from tidal.cluster.model import ClusterSnapshot, GpuType, NodeSnapshot, workload_index
 from tidal.policies.base import PolicyDecision, PolicyState, register_policy
-from tidal.policies.tidal import fill_services, fill_training, service_want, shrink_to_want
+from tidal.policies.priority import fill_services, fill_training, service_want, shrink_to_want
 from tidal.policies.workspace import Workspace
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tidal.serving.examples import digits_data
+from tidal.serving.digits_checkpoint import digits_data
 from tidal.serving.manifest import load_model
 from tidal.serving.rollout import replicas_by_gpu_type, serve_details
 

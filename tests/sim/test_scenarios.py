@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import tidal.cluster.arbiter
 import tidal.policies.guards
+import tidal.policies.priority
 import tidal.policies.static_split
-import tidal.policies.tidal
 from tidal.cluster.sim.scenario import check_bounds, load_scenario, run_scenario, scenario_inputs
 from tidal.cluster.sim.simulator import Simulator
 
@@ -62,7 +62,7 @@ def test_another_seed_changes_what_is_seeded() -> None:
 def test_simulator_runs_the_production_arbiter_and_policies() -> None:
     inputs = scenario_inputs(load_scenario(SCENARIOS / "burst.yaml"))
     for name, inner in (
-        ("tidal", tidal.policies.tidal.TidalPolicy),
+        ("tidal", tidal.policies.priority.TidalPolicy),
         ("static", tidal.policies.static_split.StaticSplitPolicy),
     ):
         sim = Simulator(inputs, name)
@@ -82,7 +82,7 @@ def test_simulator_package_defines_no_policy_and_no_simulate_switch() -> None:
                 offending.append(f"{path.name}: {needle}")
     # Production code never branches on being simulated.
     switch = re.compile(r"^\s*(if|elif)\b.*simulat|simulat\w*\s*[:=]", re.IGNORECASE | re.MULTILINE)
-    for path in [Path(tidal.cluster.arbiter.__file__), *Path(tidal.policies.tidal.__file__).parent.glob("*.py")]:
+    for path in [Path(tidal.cluster.arbiter.__file__), *Path(tidal.policies.priority.__file__).parent.glob("*.py")]:
         if switch.search(path.read_text()):
             offending.append(f"{path.name}: branches on simulation")
     assert offending == []

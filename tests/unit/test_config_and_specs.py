@@ -5,8 +5,8 @@ from tidal.cluster.specs import SpecError, parse_service_spec, parse_training_jo
 from tidal.policies.base import resolve_policy
 from tidal.policies.config import PolicyConfigError, build_policy, load_policy_config, parse_policy_config
 from tidal.policies.guards import GuardedPolicy
+from tidal.policies.priority import TidalPolicy
 from tidal.policies.static_split import StaticSplitPolicy
-from tidal.policies.tidal import TidalPolicy
 
 
 def test_defaults_build_the_guarded_tidal_policy():

@@ -5,7 +5,7 @@ from builders import make_job, make_nodes, make_service, make_snapshot, make_wor
 from tidal.cluster.model import Allocation
 from tidal.policies.base import PolicyDecision, PolicyState
 from tidal.policies.guards import GuardConfig, GuardedPolicy, GuardViolation
-from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
+from tidal.policies.priority import TidalPolicy, TidalPolicyConfig
 
 
 def guarded(**cfg):

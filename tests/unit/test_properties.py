@@ -15,8 +15,8 @@ from tidal.policies.base import PolicyState
 from tidal.policies.fcfs import FcfsPolicy
 from tidal.policies.guards import GuardConfig, GuardedPolicy
 from tidal.policies.packing import TypePacker
+from tidal.policies.priority import TidalPolicy, TidalPolicyConfig
 from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy
-from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig
 
 TYPES = ("H100", "A100", "RTX4090")
 # Unit sizes divide node sizes, so first-fit decreasing packs optimally and can serve as the checker.

@@ -10,7 +10,7 @@ PURE_MODULES = [
     "tidal.policies.base",
     "tidal.policies.packing",
     "tidal.policies.workspace",
-    "tidal.policies.tidal",
+    "tidal.policies.priority",
     "tidal.policies.static_split",
     "tidal.policies.fcfs",
     "tidal.policies.guards",

@@ -3,7 +3,7 @@
 from builders import gpus_by_type, make_job, make_node, make_nodes, make_service, make_snapshot, make_workload
 from tidal.cluster.model import Allocation
 from tidal.policies.base import PolicyState
-from tidal.policies.tidal import TidalPolicy, TidalPolicyConfig, service_want
+from tidal.policies.priority import TidalPolicy, TidalPolicyConfig, service_want
 
 SPEEDS = {"H100": 3.0, "A100": 2.0, "RTX4090": 1.0}
 
@@ -327,7 +327,7 @@ def test_decide_is_deterministic_and_leaves_its_input_unchanged():
 def test_the_queue_walk_keeps_one_kind_per_spec_object_and_reuses_an_unchanged_infeasible():
     from dataclasses import replace as dc_replace
 
-    from tidal.policies.tidal import _KINDS
+    from tidal.policies.priority import _KINDS
 
     spec = make_job("q", min_workers=2, max_workers=4, gpu_types=("H100",))
     k = _KINDS.of(spec)
