@@ -100,4 +100,4 @@ def resolve_policy(name: str) -> PolicyFactory:
 
 def _load_builtins() -> None:
     # Importing the modules runs their @register_policy decorators.
-    from tidal.policies import fcfs, static_split, tidal  # noqa: F401
+    from tidal.policies import fcfs, priority, static_split  # noqa: F401
