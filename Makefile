@@ -3,20 +3,22 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.tidal-installed
+STAMP := $(VENV)/.tidal-dev
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-unit test-integration demo bench bench-all bench-sim bench-spike bench-serving bench-resize bench-runtime lint clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# One virtual environment; each target installs the extras it needs (the core, then [demo], [bench] or
+# [dev]) once, and again when pyproject.toml changes.
+$(VENV)/.tidal-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch lies on this machine's disk; plain `torch` would pull several GB.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	@touch $(STAMP)
+	$(PY) -m pip install --quiet -e ".[$*]"
+	@touch $@
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -30,11 +32,11 @@ test-integration: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-demo: venv
+demo: $(VENV)/.tidal-demo
 	$(PY) -m tidal.demo
 
 # The quick benchmarks (pure: a few minutes). Each script writes bench/results/<name>.json.
-bench: venv
+bench: $(VENV)/.tidal-bench
 	@mkdir -p bench/results
 	$(PY) bench/decide_scale.py
 	$(PY) bench/simulate_decide.py
@@ -42,20 +44,20 @@ bench: venv
 # The whole set: the 8-week simulation and the benchmarks that start real local Ray clusters.
 bench-all: bench bench-sim bench-spike bench-serving bench-resize bench-runtime
 
-bench-sim: venv
+bench-sim: $(VENV)/.tidal-bench
 	$(PY) bench/simulate.py
 	$(PY) bench/simulate.py --case saturated
 
-bench-spike: venv
+bench-spike: $(VENV)/.tidal-bench
 	$(PY) bench/spike.py
 
-bench-serving: venv
+bench-serving: $(VENV)/.tidal-bench
 	$(PY) bench/serving_bench.py --out bench/results/serving.json
 
-bench-resize: venv
+bench-resize: $(VENV)/.tidal-bench
 	$(PY) bench/resize.py --cycles 5 --output bench/results/resize.json
 
-bench-runtime: venv
+bench-runtime: $(VENV)/.tidal-bench
 	$(PY) bench/runtime_latency.py
 
 clean:

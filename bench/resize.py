@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))
 
 logger = logging.getLogger("bench.resize")
 

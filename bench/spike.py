@@ -41,11 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tidal.demo.scenario import DEFAULT_POLICY_PATH, load_scenario
 
-from tidal.demo.scenario import DEFAULT_POLICY_PATH, load_scenario  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("bench.spike")
 
