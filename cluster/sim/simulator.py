@@ -227,7 +227,10 @@ class Simulator:
         self.cluster_types = sorted(capacity, key=lambda t: -inputs.policy_config.speeds.get(t, 1.0))
         pcfg = inputs.policy_config
         update: dict[str, Any] = {"policy": policy}
-        if policy == "static" and not pcfg.static.serving_share and inputs.series:
+        # An operator sizes a static split's serving share for the services' peak; where the policy file
+        # leaves it unset, the simulator sizes it from the traces, the same for every policy (only the
+        # static split reads it).
+        if not pcfg.static.serving_share and inputs.series:
             share = static_serving_share(inputs.series, self.cfg.service, capacity, pcfg.headroom_fraction)
             update["static"] = StaticModel(
                 serving_share=share, default_serving_share=pcfg.static.default_serving_share
