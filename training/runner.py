@@ -151,9 +151,9 @@ class _ReleaseHold(WorkerGroupCallback):
     """Runs inside Ray Train's controller: removes the job's GPU hold (``GpuHold``) right before the worker
     group asks for its placement group, so that the GPUs go from the hold to the workers with no gap.
 
-    Released by the runner instead, at the attempt's start, the GPUs were free in Ray for the seconds the
+    Released by the runner at the attempt's start instead, the GPUs would be free in Ray for the seconds the
     controller takes to start (10-40 s on a busy 2-core machine), and a Serve replica whose label selector
-    fell back to their type took one (seen in bench/spike.py: the job then waited for the GPU it was granted).
+    falls back to their type would take one: the job would then wait for the GPU it was granted.
     """
 
     def __init__(self, job: str, pgs: Sequence[Any] | None) -> None:
@@ -223,9 +223,9 @@ class GpuHold:
 
     After a shrink, Ray Train has shut the whole worker group down before the runner can restart on the GPUs
     it kept (after ``restart_delay_s``, and the restart itself takes seconds). Meanwhile those GPUs are free
-    in Ray, and a Serve replica whose label selector falls back to their type takes them (seen: a replica
-    granted an H100 started on the A100 that the job was about to restart on; the job then waited for the
-    whole spike). The runner therefore asks for a placement group over its grant *before* it reports the
+    in Ray, and a Serve replica whose label selector falls back to their type takes them (a replica granted
+    an H100 starts on the A100 that the job is about to restart on, and the job then waits out the whole
+    spike). The runner therefore asks for a placement group over its grant *before* it reports the
     GPUs released, so that the request is queued ahead of any replica the arbiter's next grant will start,
     and hands it to the next attempt's controller, which removes it right before its workers ask for the
     GPUs (``_ReleaseHold``).
@@ -364,9 +364,9 @@ def restore_yield_grace(state: ElasticState, attempt: _Attempt) -> ElasticState:
     """The state once a starting attempt is seen training while its shortened yield runs: the yield's own
     deadline back (and the attempt's note of it cleared); ``state`` itself otherwise.
 
-    A loop that trains checkpoints at its next step boundary. bench/spike.py run Q, 2026-11-23 11:11:19-22:
-    demo-hi, restarting on two busy cores from checkpoint 158, was asked to yield, made step 159, and was
-    stopped by force 2 s after the request, before its next step boundary: 1 step lost.
+    A loop that trains checkpoints at its next step boundary; the shortened deadline is for a loop that has
+    not stepped yet. Kept, it stops by force a loop that has just made its first step on two busy cores (2 s
+    after the request, before its next step boundary), and that step is lost.
 
     Example: YIELDING with deadline 102 (asked at 100, own deadline 120) -> YIELDING with deadline 120.
     """
@@ -389,8 +389,8 @@ def attempt_wait_s(poll_interval_s: float, yield_age_s: float | None, released: 
     (``yield_age_s``: seconds since it was asked for, None if none was), so that the arbiter hears of them
     within a twentieth of a second (a service's replicas wait for them); else the runner's
     ``poll_interval_s`` (a yield that takes longer is a slow checkpoint or a stop, not worth 20 looks a
-    second). At 0.25 s the runner noticed freed GPUs 0.25-0.5 s late, in a reclaim of ~1.3 s from decision
-    to GPUs free (bench/spike.py, 2026-11-23).
+    second). At 0.25 s the runner would notice freed GPUs 0.25-0.5 s late, in a reclaim of ~1.3 s from
+    decision to GPUs free on this machine.
 
     Example: ``attempt_wait_s(0.25, 0.4, False)`` is 0.05; ``attempt_wait_s(0.25, 0.4, True)`` is 0.25.
     """
@@ -564,8 +564,8 @@ class ElasticRunner:
                         waiting_logged = None
                         # Hold the GPUs the grant added since the shrink too, until the workers ask for them:
                         # the controller takes 10-40 s to start here, and a replica that could not have its
-                        # own GPU yet (one still draining) fell back to a granted, free H100 meanwhile, so the
-                        # job never got back to its size (bench/spike.py, 2026-11-23 00:17).
+                        # own GPU yet (one still draining) falls back to a granted, free H100 meanwhile, and
+                        # the job would never get back to its size.
                         if self.hold.grant:
                             self.hold.extend(grant)
                         self._start_attempt(target, now)
@@ -578,12 +578,11 @@ class ElasticRunner:
                     if reason.releases_gpus and not self.attempt.first_step_noted and self._not_started_training():
                         # Still starting: stop it soon rather than after the whole grace (its placement
                         # group may even wait for GPUs that are gone), but not at once: its first step may be
-                        # done already and not yet reported (a bench/spike.py run lost one step so, 23:03 on
-                        # 2026-11-22), and a loop that has stepped checkpoints at its next step boundary.
-                        # Not for a grow: stopped so, a starting controller took over 50 s to abort
-                        # (bench/spike.py, 2026-11-22 14:16; suspected: the hold asked for below, the whole
-                        # new grant, took the GPUs its worker group waited for). A grow yields at the first
-                        # step instead.
+                        # done already and not yet reported (stopped at once, that step is lost), and a loop
+                        # that has stepped checkpoints at its next step boundary. Not for a grow: a starting
+                        # controller stopped so can take over 50 s to abort (the hold asked for below, the
+                        # whole new grant, may hold the GPUs its worker group waits for). A grow yields at the
+                        # first step instead.
                         self.attempt.starting_yield = True
                         self.attempt.starting_yield_full_deadline_s = deadline
                         deadline = starting_yield_deadline(now, deadline)
@@ -845,9 +844,9 @@ class ElasticRunner:
         """Stops the attempt's trainer the way Ray Train's Ctrl-C does: ``TrainController.abort()``.
 
         The abort runs in its own thread unless ``wait``: the loop goes on heartbeating meanwhile, and the
-        attempt ends when ``fit()`` returns, as any other. A controller still starting its worker group took
-        ~20 s to abort in bench/spike.py; the loop used to block that long, its heartbeats stopped, and the
-        arbiter let the job's registration expire (``registration_ttl_s``) and dropped its grant.
+        attempt ends when ``fit()`` returns, as any other. A controller still starting its worker group takes
+        ~20 s to abort here; a loop blocked that long sends no heartbeat, and the arbiter lets the job's
+        registration expire (``registration_ttl_s``) and drops its grant.
         """
         if attempt.forced:
             return
@@ -877,7 +876,7 @@ class ElasticRunner:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             # abort() ends the controller actor, so its own call reports the actor gone: expected.
             logger.debug("controller abort returned %r", e)
-        except Exception:  # a failure in this thread must not go unseen (as before, nothing retries the abort)
+        except Exception:  # a failure in this thread must not go unseen (nothing retries the abort)
             logger.exception("job %s attempt %d: aborting the controller failed", self.spec.name, index)
 
     # ------------------------------------------------------------------------------- helpers
@@ -885,9 +884,9 @@ class ElasticRunner:
     def _watch_grant(self, watch: Callable[..., GrantView]) -> None:
         """Keeps a ``watch_grant`` call on the arbiter and wakes the loop the moment the grant changes.
 
-        The loop heartbeats every ``poll_interval_s`` and reads each reply a round later, so a shrink used to
-        reach it 0.25-0.5 s after the arbiter decided it (0.45 s in bench/spike.py, 2026-11-23): a third of
-        the reclaim. The watched view becomes the client's newest, which the loop's next heartbeat returns.
+        The loop heartbeats every ``poll_interval_s`` and reads each reply a round later, so by heartbeats
+        alone a shrink reaches it 0.25-0.5 s after the arbiter decides it: a third of the reclaim on this
+        machine. The watched view becomes the client's newest, which the loop's next heartbeat returns.
         """
         known = self.view.grant.as_dict() if self.view is not None else {}
         failures = 0

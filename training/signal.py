@@ -2,8 +2,7 @@
 
 In a module of its own that imports neither torch nor Ray Train, so that the actor's process does not
 either: defined in ``tidal.training.runner`` (which imports ``ray.train.torch``, hence torch), each job's signal
-actor was a 390 MB process that spent a few CPU-seconds importing torch while the job started
-(``ps``/``/proc/PID/maps`` during ``bench/spike.py``, 2026-11-22).
+actor would be a 390 MB process that spends a few CPU-seconds importing torch while the job starts.
 """
 
 from __future__ import annotations
@@ -72,8 +71,8 @@ class JobSignal:
     def wait_yield(self, attempt: int, timeout_s: float) -> bool:
         """Whether a yield is requested for ``attempt``, answered as soon as one is, else after ``timeout_s``.
 
-        ``poll`` answers only when it is called: once a step, so a yield requested just after a poll was
-        seen a step later (0.4-0.6 s a step in bench/spike.py's spike). Held here, the answer is waiting
+        ``poll`` answers only when it is called: once a step, so a yield requested just after a poll is
+        seen a step later (0.4-0.6 s a step in the demo's spike). Held here, the answer is waiting
         for the loop at its next step boundary.
         """
         event = self._yield_event  # (begin_attempt sets it before it puts a new one in its place)

@@ -2,8 +2,8 @@
 
 Every resize of an elastic job restarts Ray Train's worker group, and each new worker is a new Python process
 that imports Ray, the node's preloaded modules (torch) and Ray Train before its actor runs: ~7 s of CPU each
-here, and 30-40 s of wall time when four start at once on a busy 2-core host (``bench/spike.py`` logs:
-raylet start -> core worker up 11 s -> actor created 28 s later). The cluster's warm pool
+here, and 30-40 s of wall time when four start at once on a busy 2-core host (raylet start -> core worker
+up ~11 s -> actor created ~28 s later). The cluster's warm pool
 (``tidal.cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime env, while a
 Ray Train worker inherits its job's runtime env (working dir, env vars) and its controller's env vars, and
 the raylet gives an idle worker only to an actor of the same job whose runtime env hashes the same.
@@ -13,15 +13,15 @@ workers inherit unchanged: ``_RegisterController``) and asks the raylets of the 
 on to start idle workers bound to its job with that env (the raylet's ``PrestartWorkers``, as the warm pool
 does). They idle at ~0 CPU until the next attempt's workers take them; the top-up runs only while an
 attempt trains steadily, so that the imports never compete with a spike's replicas or a restart (and
-after a restart only once it has trained for the spec's ``spare_workers_delay_s``: in a demo run of 2026-11-22
-the top-up right after the post-spike restarts started eight at once, stalled the service's replicas for a
-second, and the service took the GPUs back at its base load). Ray ends them with the job.
+after a restart only once it has trained for the spec's ``spare_workers_delay_s``: a top-up right after the
+post-spike restarts starts eight at once in the demo, stalls the service's replicas for a second, and the
+service takes the GPUs back at its base load). Ray ends them with the job.
 
 Ray Train also starts, for every attempt, a new controller process on the driver's node and four helper
 actors (a placement-group cleaner on the head, a dataset manager next to the controller, a synchronization
 actor and a preemption watcher wherever the GCS puts a 0-CPU actor: the controller's node); all run in the
-runtime env the workers inherit, the controller's. In the minute after the demo's spike they took ~45 of 125
-CPU-seconds (four controllers: both jobs restarted twice), so the runner can keep spares on the driver's
+runtime env the workers inherit, the controller's. In the minute after the demo's spike they take ~45 of 125
+CPU-seconds (four controllers when both jobs restart twice), so the runner can keep spares on the driver's
 node too (``control_count``, the spec's ``spare_control_workers``; five per attempt in Ray 2.x):
 the next attempt's controller and helpers start in processes that have imported Ray already. They cost
 start-up work of their own, up front: the demo does without them (its fill phase is CPU-bound here).
