@@ -24,7 +24,7 @@ every ``heartbeat_period_s`` with the newest demand and holdings, and keeps the 
 next policy call. A changed demand goes out at once, not at the next period; and while the demand is above
 the grant (GPUs are being taken back from training for it), the thread asks every ``grant_poll_s``, for at
 most ``GRANT_POLL_WINDOW_S``, so that replicas start as soon as the arbiter grants the freed GPUs. (At a
-0.5 s period both waits cost 0.25 s on average, each spike, in a time to capacity of ~5 s: bench/spike.py.)
+0.5 s period both waits cost 0.25 s on average, each spike, in a time to capacity of ~5 s here.)
 It also covers the one case where Serve does not call the policy: at zero replicas
 with a request waiting, Serve's cold-start path starts a replica by itself; the link then reports a
 demand of 1 so that the arbiter frees a GPU for it (see ``autoscale_math.keepalive_demand``).

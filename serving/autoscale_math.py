@@ -181,32 +181,30 @@ def decide_replicas(
     Then the arbiter hears the new demand and Serve runs it (as soon as the grant allows: the deployment runs
     with Serve's own delay at 0, ``tidal.serving.config.autoscaling_config_for``, so replicas granted after a
     reclaim start at once, not ``upscale_delay_s`` after the grant). A blip of the load (one sample of
-    Serve's metrics, e.g. while a restarting trainer takes the CPU) used to reach the arbiter at once and be
-    held there for the downscale delay: it took GPUs from training at the base load after every spike, and
-    the restarts that followed made the next blip (bench/spike.py, 2026-11-23).
+    Serve's metrics, e.g. while a restarting trainer takes the CPU) must not reach the arbiter: held there for
+    the downscale delay, it takes GPUs from training at the base load after every spike, and the restarts
+    that follow make the next blip.
 
     The reserve (``surge_reserve_fraction`` > 0): a rise from ``d0`` to ``d1`` asks the arbiter for
-    ``d1 + floor((d1 - d0) * fraction)``. In the spike benchmark the traffic's step reached the hook as 1, then
-    3, then 4 replicas' worth (Serve averages over a 2 s look-back), and each step was a reclaim of its own,
-    each waiting for a training step boundary and a checkpoint (bench/spike.py, 2026-11-23: 1.2-1.5 s apart
-    in two of three runs). With fraction 0.5 the first step asks for 4: one reclaim. Rounded down, so that a
-    rise of one replica asks for nothing more: with ceil and fraction 1, the base load's rises from 1 to 2
-    replicas after the spike (the jobs' restarts slow the replicas) asked for 3 and took a GPU from training
-    for nothing (bench/spike.py run M, 07:22:17).
+    ``d1 + floor((d1 - d0) * fraction)``. In the spike benchmark the traffic's step reaches the hook as 1, then
+    3, then 4 replicas' worth (Serve averages over a 2 s look-back); without the reserve each step is a
+    reclaim of its own, each waiting for a training step boundary and a checkpoint (1.2-1.5 s apart here).
+    With fraction 0.5 the first step asks for 4: one reclaim. Rounded down, so that a rise of one replica
+    asks for nothing more: with ceil and fraction 1, the base load's rises from 1 to 2 replicas after a
+    spike (the jobs' restarts slow the replicas) would ask for 3 and take a GPU from training for nothing.
 
     The early reclaim (``early_reclaim_min_rise`` > 0): a load at least that many replicas above the demand
     in force asks the arbiter for the rise and its reserve at once, while the upscale delay still runs; Serve
     still runs them only once the delay has passed. Training's reclaim (a step boundary, a checkpoint, the
-    workers' exit: 0.3-1.2 s in bench/spike.py) then runs during the delay instead of after it. A surge that
+    workers' exit: 0.3-1.2 s here) then runs during the delay instead of after it. A surge that
     falls back within the delay drops the ask at once; its cost is the one needless yield of a training job.
     A rise of one replica (the base load's blips after a spike) never asks early: the minimum is 2 by default.
 
     The ramp (``ramp_window_s`` > 0, the deployment's look-back period): a rise within that long of the last
     one continues the same ramp, and both the reserve and the early reclaim count it from the ramp's base. A
-    step of the traffic reached the hook as 1, 2, 3, then 4 replicas' worth in some runs of bench/spike.py
-    (run R, 2026-11-23 11:20 and 11:24, as 1, 3, 4 in others): steps of one replica each, which neither asked
-    for a reserve nor early, and each became a reclaim of its own, 1.4-1.7 s apart. Counted from the base,
-    1 -> 2 -> 3 asks for 3 + 1 at once, and early.
+    step of the traffic can reach the hook as 1, 2, 3, then 4 replicas' worth (as 1, 3, 4 at other times):
+    steps of one replica each, which ask neither for a reserve nor early, and each would be a reclaim of its
+    own, 1.4-1.7 s apart here. Counted from the base, 1 -> 2 -> 3 asks for 3 + 1 at once, and early.
 
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
