@@ -365,8 +365,8 @@ class ResourceArbiter:
     def needs_early_tick(self) -> bool:
         """``needs_tick``, or a service's demand rose above its grant since the last tick.
 
-        What the arbiter actor ticks early on: a service that needs more replicas waited up to a tick
-        interval (0.5 s in the demo) for its decision, part of every time to capacity. The simulator ticks
+        What the arbiter actor ticks early on: otherwise a service that needs more replicas waits up to a
+        tick interval (0.5 s in the demo) for its decision, part of every time to capacity. The simulator ticks
         early on ``needs_tick`` only (a tick per demand rise would slow its 8-week runs), so it models
         that wait.
         """
@@ -658,7 +658,7 @@ class _SnapshotTable:
 
     A tick's snapshot needs every workload as a frozen ``WorkloadSnapshot``, and its readers need them
     by name and split into services and jobs (``tidal.cluster.model.workload_index``). Behind a long queue of
-    waiting jobs, whose snapshots stay the same tick after tick, deriving those was a pass over every
+    waiting jobs, whose snapshots stay the same tick after tick, deriving those afresh is a pass over every
     workload per reader per tick. Here a registration's snapshot is rebuilt only after one of its fields
     changed (``changed``), and the tuples and name maps are C-level copies of dicts kept in registration
     order (a new registration is added at the end of each, as ``_regs`` adds it).

@@ -253,7 +253,8 @@ class WorkloadIndex:
     """What the readers of one tick's workloads derive from them, derived once (see ``workload_index``).
 
     The guards, the policy and its workspaces each need the workloads by name and split into services
-    and jobs; behind a long queue each of those was a pass over thousands of waiting jobs, every tick.
+    and jobs; derived by each of them, behind a long queue, each is a pass over thousands of waiting jobs,
+    every tick.
     Everything it hands out is shared: read only.
     """
 

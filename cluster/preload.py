@@ -5,8 +5,8 @@ Ray's preload list is one per raylet: every new worker on the node imports all o
 workers (``tidal.cluster.warm_pool``) are what a Serve replica starts in, so they want the model server
 (``tidal.serving.app``: ``ray.serve`` and its web stack, ~1.3 CPU-seconds of imports here); but a Ray Train worker or
 a job's spare (``tidal.training.spares``) is a process the raylet starts *for its job*, and never runs the model
-server. In the demo that was 12 processes importing it for nothing while the two cores were saturated. The
-raylet tells them apart: it gives a worker started for a job that job's id in ``RAY_JOB_ID``, and an unbound
+server: in the demo that is 12 processes that would import it for nothing while the two cores are saturated.
+The raylet tells them apart: it gives a worker started for a job that job's id in ``RAY_JOB_ID``, and an unbound
 one (a pool worker, any job may take it) the nil id.
 
 ``torch`` and whatever both kinds use stay in ``RAY_preload_python_modules`` itself; this module reads the

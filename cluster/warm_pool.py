@@ -3,9 +3,9 @@
 A new inference replica on a node where no Ray worker is idle pays for a new Python process and its imports
 before its constructor runs: ~6 s of CPU for ``torch`` + ``ray.serve`` + the model server here, and Ray
 starts that process only when the replica is placed, i.e. *after* a spike has begun and *after* the arbiter
-has taken the GPU from training. Measured on the local cluster (``bench/spike.py``, Serve on free GPUs):
-time to capacity 24.9 s with cold workers, 3.0 s when idle workers with those modules already imported were
-waiting on the nodes.
+has taken the GPU from training. On the local cluster (``bench/spike.py``, Serve on free GPUs) the time to
+capacity is ~25 s with cold workers, ~3 s when idle workers with those modules already imported wait on the
+nodes.
 
 Ray has both halves of the remedy, and this module keeps them working after the first spike:
 

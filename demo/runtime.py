@@ -334,9 +334,9 @@ class DemoRuntime:
         (new workers importing, or idle ones) used less than ``max_cpu_s`` of CPU over ``window_s``.
 
         The pool's and the spares' counts say a worker is up only once it has registered; a batch asked for
-        a moment before is still importing torch. In the demo at 18:11 its last two spares were, when the
-        load began: on this machine's two cores the one replica answered in 0.6-1.1 s for ten seconds, Serve
-        asked for three replicas at 2 req/s and took an A100 from training before the spike. Reads /proc
+        a moment before is still importing torch. Two spares still importing when the load begins are
+        enough, on this machine's two cores, for the one replica to answer in 0.6-1.1 s for ten seconds:
+        Serve then asks for three replicas at 2 req/s and takes an A100 from training before the spike. Reads /proc
         (the local cluster runs on this machine); elsewhere it returns at once.
         """
         if self.cluster is None:
