@@ -1,9 +1,9 @@
 """Speed work must not change decisions: seeded multi-tick runs against digests of known decisions.
 
 The tidal digests are those of the priority rule (a service grows to its want, reclaiming lower-priority
-jobs down to zero, before lower-priority waiting jobs start; stopped jobs wait out the restart hold),
-recorded when that rule came in; the others were recorded before the decision path was optimised
-(memoised fits and hopeless types, per-type versions, reused grants, the packer's sorted capacities). A change
+jobs down to zero, before lower-priority waiting jobs start; stopped jobs wait out the restart hold); the
+others are those of the plain decision path, without its shortcuts (memoised fits and hopeless types,
+per-type versions, reused grants, the packer's sorted capacities), which must decide the same. A change
 that alters what the arbiter decides fails here; if the change of behaviour is intended, record the
 new digests (run this file with ``TIDAL_PRINT_DIGESTS=1``) and say so in the commit.
 """

@@ -223,7 +223,8 @@ RAMP = replace(EARLY, ramp_window_s=2.0)
 
 
 def test_a_ramp_of_single_steps_is_counted_from_its_base():
-    # Run R's spike: 1, 2, 3, 4 replicas' worth, 0.5-1.5 s apart. Without the window: one reclaim a step.
+    # A spike that reaches the hook as 1, 2, 3, 4 replicas' worth, 0.5-1.5 s apart. Without the window: one
+    # reclaim a step.
     steps = [(0.0, 2), (0.5, 2), (1.0, 3), (1.1, 3)]
     assert ramp(steps, EARLY).demand_units == 2  # 2 -> 3 is a rise of one: no reserve, not early
     d = ramp(steps, RAMP)

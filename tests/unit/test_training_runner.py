@@ -50,7 +50,7 @@ def test_a_failed_attempt_backs_off_per_failure_a_yielded_one_waits_its_restart_
 def test_only_a_yield_that_gave_gpus_back_waits_the_restart_delay():
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "shrink") == 120.0
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "type_change") == 120.0
-    # A grow gave nothing back: its bigger restart waits for nobody (the demo's jobs waited 60 s here).
+    # A grow gave nothing back: its bigger restart waits for nobody (the delay would idle the demo's jobs 60 s).
     assert restart_not_before("yielded", 100.0, 0, 3.0, 20.0, "grow") == float("-inf")
 
 
