@@ -67,8 +67,8 @@ class SpareWorkers:
     most its startup concurrency per request (two processes on this machine's nodes, whatever was asked),
     so four spares take two rounds. A node topped up is left alone for ``node_cooldown_s`` (its new workers
     count as idle only once up), or until its idle count has grown since the request: a batch is up, and the
-    next one can start (at the demo's first top-up the 30 s cooldown alone kept the second pair of spares
-    waiting 30 s). A batch whose processes come up at different times may then get one worker too many.
+    next one can start (with the cooldown alone, the demo's second pair of spares would wait 30 s after the
+    first is up). A batch whose processes come up at different times may then get one worker too many.
     """
 
     def __init__(
