@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from tidal.cluster.arbiter import GrantView, ResourceArbiter, TickReport
-from tidal.cluster.model import GpuType, WorkloadName, WorkloadSpec, spec_from_dict
+from tidal.cluster.arbiter import ResourceArbiter, TickReport
+from tidal.cluster.model import GpuType, GrantView, WorkloadName, WorkloadSpec, spec_from_dict
 from tidal.cluster.ray_backend import RayBackend
 from tidal.policies.config import (
     PolicyConfigModel,

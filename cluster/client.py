@@ -38,8 +38,7 @@ from typing import Any
 
 import ray
 from tidal.cluster.actor import ARBITER_NAME, ARBITER_NAMESPACE
-from tidal.cluster.arbiter import GrantView
-from tidal.cluster.model import GpuType, WorkloadName, WorkloadSpec
+from tidal.cluster.model import GpuType, GrantView, WorkloadName, WorkloadSpec
 
 logger = logging.getLogger(__name__)
 

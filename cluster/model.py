@@ -183,6 +183,23 @@ class WorkloadSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class GrantView:
+    """What a workload reads back from a heartbeat.
+
+    ``registered`` False means the arbiter does not know the workload (it expired, or was never
+    registered): the client registers again. ``release_by_s`` is set while the workload holds more than
+    its grant: it must let the excess go by then or be stopped by force.
+    """
+
+    name: WorkloadName
+    grant: Allocation
+    registered: bool = True
+    reason: str | None = None
+    release_by_s: float | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     """Everything a policy sees: inventory, workloads with demand, and the grants in force."""
 

@@ -30,7 +30,7 @@ _EXPORTS = {
     # The vocabulary: what the arbiter knows about a workload.
     "ServiceSpec": "tidal.cluster.model",
     "TrainingJobSpec": "tidal.cluster.model",
-    "GrantView": "tidal.cluster.arbiter",
+    "GrantView": "tidal.cluster.model",
     # Talking to the arbiter from any Ray driver, actor or worker.
     "ArbiterClient": "tidal.cluster.client",
     "ArbiterUnavailableError": "tidal.cluster.client",

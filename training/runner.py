@@ -41,8 +41,7 @@ from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tidal.cluster.arbiter import GrantView
-from tidal.cluster.model import GPU_TYPE_LABEL, TrainingJobSpec
+from tidal.cluster.model import GPU_TYPE_LABEL, GrantView, TrainingJobSpec
 from tidal.cluster.warm_pool import RayletRpc, nodes_from_ray
 from tidal.training.elastic import (
     AttemptRecord,

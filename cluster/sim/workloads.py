@@ -27,8 +27,7 @@ from array import array
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tidal.cluster.arbiter import GrantView
-from tidal.cluster.model import EMPTY, Allocation, ServiceSpec, TrainingJobSpec
+from tidal.cluster.model import EMPTY, Allocation, GrantView, ServiceSpec, TrainingJobSpec
 from tidal.cluster.sim.config import ServiceModelConfig, TrainingModelConfig
 from tidal.cluster.sim.engine import Event
 from tidal.cluster.sim.queueing import StableTail, integrate_segment

@@ -1,8 +1,7 @@
 """Which arbiter view the client keeps as the newest, when a held watch and heartbeats both answer."""
 
-from tidal.cluster.arbiter import GrantView
 from tidal.cluster.client import _Pending, _stale
-from tidal.cluster.model import Allocation
+from tidal.cluster.model import Allocation, GrantView
 
 
 def view(h100: int, generation: int) -> GrantView:

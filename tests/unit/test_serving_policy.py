@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidal.cluster.arbiter import GrantView, ManualClock
-from tidal.cluster.model import EMPTY, Allocation
+from tidal.cluster.arbiter import ManualClock
+from tidal.cluster.model import EMPTY, Allocation, GrantView
 from tidal.serving.autoscale import (
     GRANT_POLL_WINDOW_S,
     ArbiterLink,

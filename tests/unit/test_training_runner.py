@@ -202,7 +202,7 @@ class _WatchedGrants:
 def test_a_changed_grant_from_the_held_watch_wakes_the_loop_and_an_unchanged_one_does_not():
     import threading
 
-    from tidal.cluster.arbiter import GrantView
+    from tidal.cluster.model import GrantView
     from tidal.training.runner import ElasticRunner
     from tidal.training.spec import load_spec
 
