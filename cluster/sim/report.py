@@ -78,7 +78,7 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> Path:
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """A Markdown table of the headline metrics, one row per policy (the README's format)."""
+    """A Markdown table of the headline metrics, one row per policy (docs/benchmarks.md's format)."""
     cols = [
         ("policy", "policy", "{}"),
         ("slo_attainment", "SLO req", "{:.4f}"),

@@ -57,7 +57,7 @@ def prepare_inputs(
     sim_config: SimConfig,
     max_jobs: int | None = None,
 ) -> SimInputs:
-    """Loads and scales the traces. See ``cluster/sim/README.md`` for the formats and the scaling rules.
+    """Loads and scales the traces. See ``docs/simulator.md`` for the formats and the scaling rules.
 
     Horizon: ``sim_config.days`` if set, else whole days up to the last job submit (at least one day).
     Inference scaling: the rate is multiplied by the factor that makes the summed peak need

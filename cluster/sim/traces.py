@@ -7,7 +7,7 @@ Time: the simulator's clock starts at 0 = midnight of the first day of the train
 traces line up by time of day (their dates are offset or anonymised). A trace with wall-clock
 timestamps (ISO date-times) keeps its time of day; a trace in plain seconds starts at midnight.
 
-Formats (see ``cluster/sim/README.md``):
+Formats (see ``docs/simulator.md``):
 
 - training jobs: ``timestamp`` (ISO date-time or seconds), ``duration`` (seconds at the requested size
   on the reference GPU type), ``num_gpus``; optional ``gpu_type`` (the job needs that type) and
