@@ -49,7 +49,7 @@ COMMON = [
     "tidal,static,ray-alone",
     # One process per core (the default), not one per policy: on two cores the first two policies
     # start and the third follows the first to finish, so static (the longest, given second) keeps a
-    # core to itself; three processes on two cores made every policy finish later.
+    # core to itself; three processes on two cores make every policy finish later.
     # (Flags given twice: the last one wins, so a case's flags and the caller's override these.)
 ]
 
