@@ -20,11 +20,11 @@ import statistics
 import time
 from pathlib import Path
 
+from tidal.cluster.policy_file import load_policy_file
 from tidal.cluster.sim.config import load_sim_config
 from tidal.cluster.sim.run import cluster_nodes, prepare_inputs
 from tidal.cluster.sim.simulator import Simulator
 from tidal.policies.base import PolicyState
-from tidal.policies.config import load_policy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = ROOT.parent / "shared" / "traces"
@@ -60,7 +60,7 @@ def main() -> None:
         nodes=cluster_nodes(args.cluster),
         training_trace=args.training_trace,
         inference_traces=[args.inference_trace],
-        policy_config=load_policy_config(None),
+        policy_config=load_policy_file(None),
         sim_config=cfg,
     )
     sim = Simulator(inputs, "tidal")

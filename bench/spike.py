@@ -196,7 +196,7 @@ def build_report(
     failures: list[str],
     leftovers: set[int],
 ) -> dict[str, Any]:
-    from tidal.policies.config import load_policy_config
+    from tidal.cluster.policy_file import load_policy_file
 
     phases = scenario.phases()
     systems = {}
@@ -237,7 +237,7 @@ def build_report(
         },
         "cluster": {"H100": 4, "A100": 2, "RTX4090": 2},
         "scenario": scenario.model_dump(),
-        "policy": load_policy_config(args.policy).model_dump(),
+        "policy": load_policy_file(args.policy).model_dump(),
         "phases_s": {"spike_start": phases.spike_start_s, "spike_end": phases.spike_end_s, "end": phases.end_s},
         "slo": {
             "latency_ms": scenario.load.slo_ms,

@@ -39,14 +39,9 @@ from typing import Any
 import ray
 from tidal.cluster.arbiter import ResourceArbiter, TickReport
 from tidal.cluster.model import GpuType, GrantView, WorkloadName, WorkloadSpec, spec_from_dict
+from tidal.cluster.policy_file import PolicyFileModel, arbiter_config, load_policy_file, parse_policy_file
 from tidal.cluster.ray_backend import RayBackend
-from tidal.policies.config import (
-    PolicyConfigModel,
-    arbiter_config,
-    build_policy,
-    load_policy_config,
-    parse_policy_config,
-)
+from tidal.policies.config import PolicyConfigModel, build_policy
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +62,7 @@ class ArbiterActor:
     """The actor class (wrapped by ``ray.remote`` in ``get_or_create_arbiter``). See the module docstring.
 
     Args:
-        config: the validated policy config, as a dict (``PolicyConfigModel.model_dump()``).
+        config: the validated policy file, as a dict (``PolicyFileModel.model_dump()``).
         name: the actor's name, which also keys its persisted state.
         state_path: optional file for a copy of the state (overrides ``arbiter.state_path`` of the config).
         metrics_port: Prometheus port (overrides ``arbiter.metrics_port``; 0 or None: no exporter).
@@ -96,7 +91,7 @@ class ArbiterActor:
         # reload_config) is the one in the KV, and wins.
         persisted_cfg = self._kv_get(self._config_key)
         cfg_dict = json.loads(persisted_cfg) if persisted_cfg else dict(config or {})
-        self.cfg: PolicyConfigModel = parse_policy_config(cfg_dict, "actor config")
+        self.cfg: PolicyFileModel = parse_policy_file(cfg_dict, "actor config")
         self._state_path = state_path or self.cfg.arbiter.state_path
         self.backend = RayBackend()
         self.arbiter = ResourceArbiter(
@@ -266,7 +261,7 @@ class ArbiterActor:
         The policy state is kept when the policy stays the same, and reset when it changes (a state is
         only meaningful to the policy that wrote it).
         """
-        new_cfg = parse_policy_config(dict(config), "reload_config")
+        new_cfg = parse_policy_file(dict(config), "reload_config")
         new_policy = build_policy(new_cfg)
         with self._lock:
             old_policy_name = self.cfg.policy
@@ -432,13 +427,18 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
 # ------------------------------------------------------------------------------------------ factory
 
 
-def resolve_config(config: str | os.PathLike | PolicyConfigModel | Mapping[str, Any] | None) -> PolicyConfigModel:
-    """A validated policy config from a path, a dict, a model or None (defaults). Raises ``PolicyConfigError``."""
-    if isinstance(config, PolicyConfigModel):
+def resolve_config(config: str | os.PathLike | PolicyConfigModel | Mapping[str, Any] | None) -> PolicyFileModel:
+    """A validated policy file from a path, a dict, a model or None (defaults). Raises ``PolicyConfigError``.
+
+    A model of the policy's part alone (``PolicyConfigModel``) gets the default runtime sections.
+    """
+    if isinstance(config, PolicyFileModel):
         return config
+    if isinstance(config, PolicyConfigModel):
+        return parse_policy_file(config.model_dump(), "config")
     if config is None or isinstance(config, str | os.PathLike):
-        return load_policy_config(config)
-    return parse_policy_config(dict(config), "config")
+        return load_policy_file(config)
+    return parse_policy_file(dict(config), "config")
 
 
 def get_or_create_arbiter(

@@ -116,9 +116,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         spec = load_cluster_spec(args.config)
         policy_cfg = None
         if not args.no_arbiter:
-            from tidal.policies.config import load_policy_config
+            from tidal.cluster.policy_file import load_policy_file
 
-            policy_cfg = load_policy_config(args.policy)
+            policy_cfg = load_policy_file(args.policy)
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
@@ -324,11 +324,11 @@ def _alloc(d: dict[str, float]) -> str:
 def cmd_arbiter_start(args: argparse.Namespace) -> int:
     import ray
     from tidal.cluster.actor import get_arbiter, get_or_create_arbiter
-    from tidal.policies.config import load_policy_config
+    from tidal.cluster.policy_file import load_policy_file
 
     # Validate before touching the cluster: a bad file changes nothing, a running arbiter keeps its config.
     try:
-        cfg = load_policy_config(args.config)
+        cfg = load_policy_file(args.config)
     except ValueError as e:
         _err(f"{e}\nThe policy config was refused; nothing was changed.")
         return EXIT_USAGE

@@ -1,6 +1,7 @@
-"""The policy file (YAML), validated at the boundary with pydantic, and the policy it builds.
+"""The policy's part of the policy file (YAML), validated with pydantic, and the policy it builds.
 
-Example ``policy.yaml``::
+The policy file also holds the arbiter's and the warm pool's runtime sections (``arbiter:``, ``warm_pool:``);
+``tidal.cluster.policy_file`` reads the whole file, this part included. The policy's part (example)::
 
     policy: tidal                  # tidal | static | ray-alone | module:attr
     gpu_types: [H100, H200, A100, RTX4090]
@@ -10,7 +11,6 @@ Example ``policy.yaml``::
     restart_hold_s: 60             # a job stopped for a service waits this long after the last pressure
     static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
     guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
-    arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15}
 
 Every error names the field, the bad value and what would be valid; it is raised when the file is
 loaded (start-up), never at 3 a.m.
@@ -18,12 +18,9 @@ loaded (start-up), never at 3 a.m.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tidal.cluster.arbiter import ArbiterConfig
 from tidal.cluster.specs import format_validation_error
 from tidal.policies.base import Policy, known_policies, resolve_policy
 from tidal.policies.guards import GuardConfig, GuardedPolicy
@@ -32,6 +29,8 @@ from tidal.policies.static_split import StaticSplitConfig, StaticSplitPolicy
 
 DEFAULT_PRICES = {"H100": 2.49, "H200": 3.29, "A100": 1.29, "RTX4090": 0.34}
 DEFAULT_SPEEDS = {"H100": 3.0, "H200": 3.6, "A100": 2.0, "RTX4090": 1.0}
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class PolicyConfigError(ValueError):
@@ -48,25 +47,6 @@ class GuardsModel(_Strict):
     job_growth_min_workers: int = Field(1, ge=1)
     max_moves_per_window: int = Field(50, ge=1)
     moves_window_s: float = Field(60.0, gt=0)
-
-
-class ArbiterModel(_Strict):
-    tick_interval_s: float = Field(1.0, gt=0, le=60)
-    registration_ttl_s: float = Field(15.0, gt=0)
-    default_yield_grace_s: float = Field(30.0, ge=0)
-    metrics_port: int | None = Field(None, ge=0, le=65535)
-    state_path: str | None = None
-
-
-class WarmPoolModel(_Strict):
-    """Idle worker processes kept on every GPU node (``tidal.cluster.warm_pool``); 0 turns the pool off."""
-
-    spare_workers_per_node: int = Field(0, ge=0, le=64)
-    interval_s: float = Field(5.0, gt=0)
-    keep_alive_s: float = Field(3600.0, gt=0)
-    max_starts_per_round: int = Field(1, ge=1)
-    node_cooldown_s: float = Field(20.0, ge=0)
-    quiet_s: float = Field(15.0, ge=0)
 
 
 class StaticModel(_Strict):
@@ -98,8 +78,6 @@ class PolicyConfigModel(_Strict):
     )
     static: StaticModel = Field(default_factory=StaticModel)
     guards: GuardsModel = Field(default_factory=GuardsModel)
-    arbiter: ArbiterModel = Field(default_factory=ArbiterModel)
-    warm_pool: WarmPoolModel = Field(default_factory=WarmPoolModel)
 
     @field_validator("policy")
     @classmethod
@@ -147,31 +125,25 @@ class PolicyConfigModel(_Strict):
         return list(self.gpu_types) if self.gpu_types is not None else list(self.prices_per_gpu_hour)
 
 
-def parse_policy_config(data: Any, source: str = "<dict>") -> PolicyConfigModel:
+def validate_policy_config(model: type[_M], data: Any, source: str) -> _M:
+    """``data`` (a mapping, or None for the defaults) validated as ``model``; raises ``PolicyConfigError``.
+
+    ``model`` is ``PolicyConfigModel`` or a model that extends it with more sections of the file
+    (``tidal.cluster.policy_file.PolicyFileModel``): the errors read the same for both.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise PolicyConfigError(f"invalid policy config {source}: expected a mapping, got {type(data).__name__}")
     try:
-        return PolicyConfigModel.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise PolicyConfigError(format_validation_error(e, f"policy config {source}")) from None
 
 
-def load_policy_config(path: str | Path | None) -> PolicyConfigModel:
-    """Reads and validates a policy file; ``None`` gives the defaults."""
-    if path is None:
-        return PolicyConfigModel()
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PolicyConfigError(f"cannot read policy config {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PolicyConfigError(f"policy config {p} is not valid YAML: {e}") from None
-    return parse_policy_config(data, str(p))
+def parse_policy_config(data: Any, source: str = "<dict>") -> PolicyConfigModel:
+    """The policy's part of a policy file, from a mapping (None: the defaults); raises ``PolicyConfigError``."""
+    return validate_policy_config(PolicyConfigModel, data, source)
 
 
 def build_policy(cfg: PolicyConfigModel) -> GuardedPolicy:
@@ -208,8 +180,3 @@ def build_policy(cfg: PolicyConfigModel) -> GuardedPolicy:
             g.moves_window_s,
         ),
     )
-
-
-def arbiter_config(cfg: PolicyConfigModel) -> ArbiterConfig:
-    a = cfg.arbiter
-    return ArbiterConfig(registration_ttl_s=a.registration_ttl_s, default_yield_grace_s=a.default_yield_grace_s)

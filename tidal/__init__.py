@@ -36,8 +36,8 @@ _EXPORTS = {
     "ArbiterUnavailableError": "tidal.cluster.client",
     "get_or_create_arbiter": "tidal.cluster.actor",
     "get_arbiter": "tidal.cluster.actor",
-    # The policy file.
-    "load_policy_config": "tidal.policies.config",
+    # The policy file (the policy's part builds the policy).
+    "load_policy_file": "tidal.cluster.policy_file",
     "build_policy": "tidal.policies.config",
 }
 

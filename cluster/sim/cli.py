@@ -145,12 +145,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Runs the simulation the flags describe. Returns the process exit code."""
+    from tidal.cluster.policy_file import load_policy_file
     from tidal.cluster.sim.config import SimConfigError, load_sim_config
     from tidal.cluster.sim.report import format_table, summarize, write_plots, write_summary
     from tidal.cluster.sim.run import cluster_nodes, prepare_inputs, run_policies
     from tidal.cluster.sim.traces import TraceError
     from tidal.policies.base import known_policies
-    from tidal.policies.config import PolicyConfigError, load_policy_config
+    from tidal.policies.config import PolicyConfigError
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -170,7 +171,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         return 2
     try:
         sim_cfg = load_sim_config(args.sim_config, _overrides(args))
-        policy_cfg = load_policy_config(args.policy_config)
+        policy_cfg = load_policy_file(args.policy_config)
         inputs = prepare_inputs(
             nodes=cluster_nodes(args.cluster),
             training_trace=args.training_trace,

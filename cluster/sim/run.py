@@ -20,6 +20,7 @@ from typing import Any
 
 from tidal.cluster.local import load_cluster_spec
 from tidal.cluster.model import NodeSnapshot
+from tidal.cluster.policy_file import PolicyFileModel
 from tidal.cluster.sim.config import SimConfig
 from tidal.cluster.sim.simulator import PolicyResult, SimInputs, Simulator, peak_multiplier
 from tidal.cluster.sim.traces import (
@@ -30,7 +31,6 @@ from tidal.cluster.sim.traces import (
     load_inference_trace,
     load_training_trace,
 )
-from tidal.policies.config import PolicyConfigModel
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def prepare_inputs(
     nodes: Sequence[NodeSnapshot],
     training_trace: str | Path | None,
     inference_traces: Sequence[str | Path],
-    policy_config: PolicyConfigModel,
+    policy_config: PolicyFileModel,
     sim_config: SimConfig,
     max_jobs: int | None = None,
 ) -> SimInputs:

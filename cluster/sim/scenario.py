@@ -13,7 +13,7 @@ Format::
     policies: [tidal, static, ray-alone]
     cluster: {node_groups: [{gpu_type: H100, count: 4, num_gpus: 8}]}   # the `tidal up` format
     sim: {days: 0.25, seed: 0, service: {...}, training: {...}}          # tidal.cluster.sim.config.SimConfig
-    policy_config: {headroom_fraction: 0.1}                               # tidal.policies.config (optional)
+    policy_config: {headroom_fraction: 0.1}                               # tidal.cluster.policy_file (optional)
     inference:                                                            # one service
       window_s: 600
       rates_rps: [10, 10, 40, 10]        # or: diurnal: {min_rps: 5, max_rps: 30, peak_hour: 14}
@@ -38,12 +38,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tidal.cluster.local import parse_cluster_spec
 from tidal.cluster.model import NodeSnapshot
+from tidal.cluster.policy_file import parse_policy_file
 from tidal.cluster.sim.config import parse_sim_config
 from tidal.cluster.sim.run import prepare_inputs, run_policies
 from tidal.cluster.sim.simulator import PolicyResult, SimInputs
 from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
 from tidal.cluster.specs import format_validation_error
-from tidal.policies.config import parse_policy_config
 
 
 class ScenarioError(ValueError):
@@ -182,7 +182,7 @@ def scenario_inputs(s: ScenarioModel) -> SimInputs:
     spec = parse_cluster_spec(s.cluster, source=f"scenario {s.name}: cluster")
     nodes = tuple(NodeSnapshot(p.name, p.gpu_type, float(p.num_gpus)) for p in spec.nodes() if p.num_gpus > 0)
     sim_cfg = parse_sim_config(s.sim, f"scenario {s.name}: sim")
-    policy_cfg = parse_policy_config(s.policy_config, f"scenario {s.name}: policy_config")
+    policy_cfg = parse_policy_file(s.policy_config, f"scenario {s.name}: policy_config")
     base = prepare_inputs(
         nodes=nodes, training_trace=None, inference_traces=(), policy_config=policy_cfg, sim_config=sim_cfg
     )

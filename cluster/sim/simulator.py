@@ -24,12 +24,13 @@ from typing import Any
 
 from tidal.cluster.arbiter import ArbiterConfig, ResourceArbiter
 from tidal.cluster.model import NodeSnapshot, ServiceSpec
+from tidal.cluster.policy_file import PolicyFileModel
 from tidal.cluster.sim.backend import SimBackend
 from tidal.cluster.sim.config import ServiceModelConfig, SimConfig
 from tidal.cluster.sim.engine import Event, EventLoop, SimClock
 from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
 from tidal.cluster.sim.workloads import ORDER_STATE, JobArrival, SimService, SimTrainingJob, training_spec
-from tidal.policies.config import PolicyConfigModel, StaticModel, build_policy
+from tidal.policies.config import StaticModel, build_policy
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class SimInputs:
     nodes: tuple[NodeSnapshot, ...]
     jobs: tuple[TrainingJobRecord, ...]
     series: tuple[RateSeries, ...]
-    policy_config: PolicyConfigModel
+    policy_config: PolicyFileModel
     sim_config: SimConfig
     horizon_s: float
 

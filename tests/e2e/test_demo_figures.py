@@ -277,10 +277,11 @@ def test_scenario_service_and_jobs_validate_with_their_own_packages():
 
 
 def test_demo_policy_file_is_valid_and_shortens_the_delays():
+    from tidal.cluster.policy_file import load_policy_file
     from tidal.demo.scenario import DEFAULT_POLICY_PATH
-    from tidal.policies.config import build_policy, load_policy_config
+    from tidal.policies.config import build_policy
 
-    cfg = load_policy_config(DEFAULT_POLICY_PATH)
+    cfg = load_policy_file(DEFAULT_POLICY_PATH)
     build_policy(cfg)
     assert cfg.guards.service_downscale_delay_s < 30 and cfg.guards.job_resize_min_interval_s < 60
 

@@ -1,23 +1,25 @@
 """The policy file and workload specs at the boundary: clear errors, naming field, value and what is valid."""
 
 import pytest
+from tidal.cluster.arbiter import ArbiterConfig
+from tidal.cluster.policy_file import arbiter_config, load_policy_file, parse_policy_file
 from tidal.cluster.specs import SpecError, parse_service_spec, parse_training_job_spec
 from tidal.policies.base import resolve_policy
-from tidal.policies.config import PolicyConfigError, build_policy, load_policy_config, parse_policy_config
+from tidal.policies.config import PolicyConfigError, build_policy, parse_policy_config
 from tidal.policies.guards import GuardedPolicy
 from tidal.policies.priority import TidalPolicy
 from tidal.policies.static_split import StaticSplitPolicy
 
 
 def test_defaults_build_the_guarded_tidal_policy():
-    policy = build_policy(load_policy_config(None))
+    policy = build_policy(load_policy_file(None))
     assert isinstance(policy, GuardedPolicy) and isinstance(policy.inner, TidalPolicy)
 
 
 def test_a_policy_file_loads_from_yaml(tmp_path):
     path = tmp_path / "policy.yaml"
     path.write_text("policy: static\nstatic: {serving_share: {A100: 0.5}}\nguards: {job_resize_min_interval_s: 5}\n")
-    policy = build_policy(load_policy_config(path))
+    policy = build_policy(load_policy_file(path))
     assert isinstance(policy.inner, StaticSplitPolicy)
     assert policy.config.job_resize_min_interval_s == 5
 
@@ -50,11 +52,30 @@ def test_a_policy_given_as_module_attr_is_resolved():
 
 def test_a_missing_or_broken_file_says_what_is_wrong(tmp_path):
     with pytest.raises(PolicyConfigError, match="cannot read policy config"):
-        load_policy_config(tmp_path / "absent.yaml")
+        load_policy_file(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: [unclosed\n")
     with pytest.raises(PolicyConfigError, match="not valid YAML"):
-        load_policy_config(bad)
+        load_policy_file(bad)
+
+
+def test_the_runtime_sections_load_with_the_policy_and_set_the_arbiter_knobs(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "policy: static\narbiter: {tick_interval_s: 0.5, registration_ttl_s: 20, default_yield_grace_s: 10}\n"
+        "warm_pool: {spare_workers_per_node: 2}\n"
+    )
+    cfg = load_policy_file(path)
+    assert isinstance(build_policy(cfg).inner, StaticSplitPolicy)
+    assert cfg.arbiter.tick_interval_s == 0.5 and cfg.warm_pool.spare_workers_per_node == 2
+    assert arbiter_config(cfg) == ArbiterConfig(registration_ttl_s=20, default_yield_grace_s=10)
+
+
+def test_a_bad_runtime_setting_names_its_section_and_field():
+    with pytest.raises(PolicyConfigError, match=r"arbiter.tick_interval_s: .*greater than 0"):
+        parse_policy_file({"arbiter": {"tick_interval_s": 0}})
+    with pytest.raises(PolicyConfigError, match=r"warm_pool.spares: Extra inputs are not permitted"):
+        parse_policy_file({"warm_pool": {"spares": 2}})
 
 
 def test_a_min_above_its_max_is_refused_for_services_and_jobs():

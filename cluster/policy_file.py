@@ -1,0 +1,89 @@
+"""The policy file (YAML): the policy's part, and the arbiter's and the warm pool's runtime sections.
+
+The policy's part (``policy``, ``gpu_types``, prices, speeds, headroom, ``static``, ``guards``) is
+``tidal.policies.config``'s, which builds the policy from it; this module adds the sections that tune the
+arbiter's loop and the warm pool, which are no policy's business. Example ``policy.yaml``::
+
+    policy: tidal                  # tidal | static | ray-alone | module:attr
+    gpu_types: [H100, H200, A100, RTX4090]
+    prices_per_gpu_hour: {H100: 2.49, H200: 3.29, A100: 1.29, RTX4090: 0.34}
+    speeds: {H100: 3.0, H200: 3.6, A100: 2.0, RTX4090: 1.0}
+    headroom_fraction: 0.1
+    restart_hold_s: 60             # a job stopped for a service waits this long after the last pressure
+    static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
+    guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
+    arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15}
+    warm_pool: {spare_workers_per_node: 2}
+
+Every error names the field, the bad value and what would be valid; it is raised when the file is
+loaded (start-up), never at 3 a.m.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from tidal.cluster.arbiter import ArbiterConfig
+from tidal.policies.config import PolicyConfigError, PolicyConfigModel, validate_policy_config
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArbiterModel(_Strict):
+    """The arbiter's loop (``tidal.cluster.actor``) and its registrations (``ArbiterConfig``)."""
+
+    tick_interval_s: float = Field(1.0, gt=0, le=60)
+    registration_ttl_s: float = Field(15.0, gt=0)
+    default_yield_grace_s: float = Field(30.0, ge=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    state_path: str | None = None
+
+
+class WarmPoolModel(_Strict):
+    """Idle worker processes kept on every GPU node (``tidal.cluster.warm_pool``); 0 turns the pool off."""
+
+    spare_workers_per_node: int = Field(0, ge=0, le=64)
+    interval_s: float = Field(5.0, gt=0)
+    keep_alive_s: float = Field(3600.0, gt=0)
+    max_starts_per_round: int = Field(1, ge=1)
+    node_cooldown_s: float = Field(20.0, ge=0)
+    quiet_s: float = Field(15.0, ge=0)
+
+
+class PolicyFileModel(PolicyConfigModel):
+    """The whole policy file: the policy's part (``PolicyConfigModel``), ``arbiter`` and ``warm_pool``."""
+
+    arbiter: ArbiterModel = Field(default_factory=ArbiterModel)
+    warm_pool: WarmPoolModel = Field(default_factory=WarmPoolModel)
+
+
+def parse_policy_file(data: Any, source: str = "<dict>") -> PolicyFileModel:
+    """A policy file's content, from a mapping (None: the defaults); raises ``PolicyConfigError``."""
+    return validate_policy_config(PolicyFileModel, data, source)
+
+
+def load_policy_file(path: str | Path | None) -> PolicyFileModel:
+    """Reads and validates a policy file; ``None`` gives the defaults. Raises ``PolicyConfigError``."""
+    if path is None:
+        return PolicyFileModel()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise PolicyConfigError(f"cannot read policy config {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyConfigError(f"policy config {p} is not valid YAML: {e}") from None
+    return parse_policy_file(data, str(p))
+
+
+def arbiter_config(cfg: PolicyFileModel) -> ArbiterConfig:
+    """The ``ResourceArbiter``'s knobs from the file's ``arbiter`` section."""
+    a = cfg.arbiter
+    return ArbiterConfig(registration_ttl_s=a.registration_ttl_s, default_yield_grace_s=a.default_yield_grace_s)
