@@ -68,10 +68,10 @@ _HEAD_NOT_READY = "No node info found for head node"
 # Serve's controller runs on the head and inherits its raylet's environment. Tidal has it place replicas
 # itself ("pack" scheduling: the first node, in the deployment's label_selector-then-fallback_strategy order,
 # that its view of free resources says fits, then a soft node affinity to that node) instead of handing Ray's
-# GCS a label selector with fallbacks: when the preferred type is full, the GCS's actor scheduler kept leasing
-# on the full node (~1,100 refused leases a second, gcs_server.out) before it tried the next type, and a
-# replica on free GPUs waited 4-6 s for its place (bench/spike.py, Serve on free GPUs: time to capacity
-# 6.5-8.0 s with the GCS placing, 2.5-3.0 s with Serve placing; README, "The spike"). Serve's node compaction,
+# GCS a label selector with fallbacks: when the preferred type is full, the GCS's actor scheduler keeps leasing
+# on the full node (~1,100 refused leases a second, gcs_server.out) before it tries the next type, and a
+# replica on free GPUs waits 4-6 s for its place (bench/spike.py, Serve on free GPUs: time to capacity
+# 6.5-8.0 s with the GCS placing, 2.5-3.0 s with Serve placing). Serve's node compaction,
 # which comes with it (moving replicas off a node to free it), is turned off: where a replica runs is the
 # arbiter's grant, not a bin-packing choice.
 SERVE_CONTROLLER_ENV = {
