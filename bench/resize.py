@@ -105,7 +105,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import ray
-    from tidal.cluster.local import LocalCluster, load_cluster_spec
+    from tidal.cluster.cluster_spec import load_cluster_spec
+    from tidal.cluster.local import LocalCluster
 
     cluster = LocalCluster(load_cluster_spec())
     cluster.start()

@@ -30,7 +30,8 @@ from pathlib import Path
 import ray
 from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
 from tidal.cluster.client import ArbiterClient
-from tidal.cluster.local import LocalCluster, load_cluster_spec
+from tidal.cluster.cluster_spec import load_cluster_spec
+from tidal.cluster.local import LocalCluster
 from tidal.cluster.model import ServiceSpec, TrainingJobSpec
 
 logger = logging.getLogger("bench.runtime_latency")

@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
     from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
-    from tidal.cluster.local import LocalCluster, LocalClusterError, parse_cluster_spec
+    from tidal.cluster.cluster_spec import parse_cluster_spec
+    from tidal.cluster.local import LocalCluster, LocalClusterError
     from tidal.serving.digits_checkpoint import train_digits_checkpoint
     from tidal.serving.rollout import deploy_config, serve_details
 

@@ -99,7 +99,8 @@ def _connect(address: str | None) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from tidal.cluster.local import LocalCluster, load_cluster_spec
+    from tidal.cluster.cluster_spec import load_cluster_spec
+    from tidal.cluster.local import LocalCluster
 
     existing = _recorded_cluster()
     if existing is not None:

@@ -1,4 +1,4 @@
-"""The local heterogeneous Ray cluster: a Ray head plus one real raylet per node of a YAML spec.
+"""The local heterogeneous Ray cluster: a Ray head plus one real raylet per node of a cluster spec.
 
 Every node is a real raylet on this machine with *logical* GPUs and the node label
 ``ray.io/accelerator-type=<gpu_type>``, exactly as Ray labels real GPUs. It is how ``tidal up``, the demo and
@@ -10,58 +10,50 @@ push each other past it.
 
 Several clusters may run on one machine at once (other test sessions, other users), so a cluster:
 
-- takes every port Ray opens from a *lease* of a contiguous port range (``PortLease``), recorded under
-  ``/tmp/tidal-port-leases`` and guarded by a file lock, in 20000-32767: below the kernel's ephemeral range (so
-  outgoing connections never take them) and above Ray's default worker ports (10002-19999, used by every
-  plain ``ray.init()``);
+- takes every port Ray opens from a *lease* of a contiguous port range (``tidal.cluster.port_lease``);
 - gives each raylet its own temp dir and its own ``--min-worker-port``/``--max-worker-port`` range;
 - has its own auth token file (Ray 2.60 token auth), passed to its processes by ``RAY_AUTH_TOKEN_PATH``;
 - starts each node in a new session and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so
-  that ``stop()`` and ``kill_node()`` end exactly its own processes (``ray stop`` would end everyone's).
+  that ``stop()`` and ``kill_node()`` end exactly its own processes (``tidal.cluster.processes``; ``ray stop``
+  would end everyone's).
 
-The spec part (``LocalClusterSpec``, ``load_cluster_spec``) is pure: it imports neither ray nor torch. Ray is
-imported lazily (``activate``, ``start_worker_node``); the node table is read over the dashboard's HTTP API.
+The spec it starts is a ``LocalClusterSpec`` (``tidal.cluster.cluster_spec``). Ray is imported lazily
+(``activate``, ``start_worker_node``); the node table is read over the dashboard's HTTP API.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
-import random
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from tidal.cluster.cluster_spec import LocalClusterSpec, NodeGroupSpec, load_cluster_spec
 from tidal.cluster.model import GPU_TYPE_LABEL
-from tidal.cluster.preload import POOL_MODULES_ENV
+from tidal.cluster.port_lease import PortLease
+from tidal.cluster.processes import (
+    CLUSTER_MARKER_ENV,
+    find_cluster_processes,
+    kill_processes,
+    pid_alive,
+    process_name,
+    session_processes,
+    terminate_processes,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SPEC_PATH = Path(__file__).parent / "configs" / "local.yaml"
-CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
 STATE_FILE_NAME = "cluster.json"
 SPARE_NODES = 2  # nodes add_node() can start beyond the spec's
 _HEAD_NOT_READY = "No node info found for head node"
@@ -78,431 +70,6 @@ SERVE_CONTROLLER_ENV = {
     "RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY": "1",
     "RAY_SERVE_NODE_COMPACTION_DELAY_S": "1e12",
 }
-
-# Ray's minimum object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES is 75 MiB).
-_MIN_OBJECT_STORE_MB = 75
-
-
-# ------------------------------------------------------------------------------------------ the spec
-
-
-class _SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HeadSpec(_SpecModel):
-    """The head node: GCS, dashboard, the arbiter actor. No GPUs, so no workload lands here by accident."""
-
-    num_cpus: int = Field(1, ge=0, description="logical CPUs of the head")
-    object_store_memory_mb: int = Field(150, ge=_MIN_OBJECT_STORE_MB)
-    resources: dict[str, float] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-
-class NodeGroupSpec(_SpecModel):
-    """``count`` identical nodes with ``num_gpus`` GPUs of ``gpu_type`` each.
-
-    Example: ``{gpu_type: H100, count: 2, num_gpus: 8}`` is two nodes named ``h100-0`` and ``h100-1`` with
-    eight H100s each, 16 H100s in all.
-    """
-
-    gpu_type: str = Field(min_length=1, description="value of the ray.io/accelerator-type label")
-    num_gpus: int = Field(ge=0, description="GPUs per node (Ray's --num-gpus takes an integer)")
-    count: int = Field(1, ge=0, description="nodes in the group")
-    num_cpus: int | None = Field(None, ge=0, description="logical CPUs per node; default num_gpus + 1")
-    name: str | None = Field(None, description="node name prefix; default the GPU type in lower case")
-    object_store_memory_mb: int = Field(200, ge=_MIN_OBJECT_STORE_MB)
-    resources: dict[str, float] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("gpu_type")
-    @classmethod
-    def _gpu_type_is_a_label_value(cls, v: str) -> str:
-        # Ray label values: alphanumerics, '-', '_' and '.', at most 63 characters.
-        if len(v) > 63 or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(
-                f"gpu_type {v!r} is not a valid Ray label value (valid: up to 63 letters, digits, '-', '_', '.')"
-            )
-        return v
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_do_not_override_the_gpu_type(cls, v: dict[str, str]) -> dict[str, str]:
-        if GPU_TYPE_LABEL in v:
-            raise ValueError(f"labels must not set {GPU_TYPE_LABEL!r}: it comes from gpu_type")
-        return v
-
-    @property
-    def prefix(self) -> str:
-        return self.name or self.gpu_type.lower()
-
-    @property
-    def cpus_per_node(self) -> int:
-        return self.num_gpus + 1 if self.num_cpus is None else self.num_cpus
-
-
-class LocalClusterSpec(_SpecModel):
-    """A cluster: a head and groups of GPU nodes. The format of ``cluster/configs/local.yaml``.
-
-    ``health_check_period_ms`` and ``health_check_failure_threshold`` go to the GCS: a node that stops
-    answering is declared dead after about their product (3 s by default here, 15 s in stock Ray), so that
-    the arbiter sees a lost node quickly.
-    """
-
-    head: HeadSpec = Field(default_factory=HeadSpec)
-    node_groups: list[NodeGroupSpec] = Field(default_factory=list)
-    worker_ports_per_node: int = Field(100, ge=20, le=2000)
-    health_check_period_ms: int = Field(1000, ge=100)
-    health_check_failure_threshold: int = Field(3, ge=1)
-    # Ray nices its worker processes (tasks, actors: Serve replicas, Train workers) to 15 so that a machine's
-    # raylet stays responsive. Here every node's raylet, agents and GCS share one machine with the driver and
-    # the load generator, all at niceness 0: niced workers then lose the CPU to the other nodes' control
-    # plane (measured: 2 replicas at 24 req/s, p99 1.4 s at 15, 0.44 s at 0). RAY_worker_niceness in the
-    # environment wins over this.
-    worker_niceness: int = Field(0, ge=0, le=19)
-    # Modules every new worker process on a GPU node imports before it takes work (Ray's
-    # RAY_preload_python_modules): with the arbiter's warm pool (policy file, ``warm_pool``) a new Serve
-    # replica then starts in a process that has them already (cluster/warm_pool.py has the figures).
-    preload_python_modules: list[str] = Field(default_factory=list)
-    # Modules only the workers not bound to a job import (the warm pool's, which Serve replicas take; not
-    # Ray Train's workers or a job's spares): the node preloads tidal.cluster.preload, which reads this list
-    # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
-    pool_preload_python_modules: list[str] = Field(default_factory=list)
-
-    @field_validator("preload_python_modules", "pool_preload_python_modules")
-    @classmethod
-    def _module_names(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        for i, m in enumerate(v):
-            if not all(part.isidentifier() for part in m.split(".")):
-                raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, tidal.serving.app)")
-        return v
-
-    def raylet_preload_env(self) -> dict[str, str]:
-        """The environment variables that make a GPU node's new workers preload the modules above."""
-        modules = list(self.preload_python_modules)
-        env: dict[str, str] = {}
-        if self.pool_preload_python_modules:
-            modules.append("tidal.cluster.preload")
-            env[POOL_MODULES_ENV] = ",".join(self.pool_preload_python_modules)
-        if modules:
-            env["RAY_preload_python_modules"] = ",".join(modules)
-        return env
-
-    @model_validator(mode="after")
-    def _node_names_are_unique(self) -> LocalClusterSpec:
-        seen: dict[str, int] = {}
-        for i, g in enumerate(self.node_groups):
-            if g.prefix in seen or g.prefix == "head":
-                raise ValueError(
-                    f"node_groups.{i}.name: {g.prefix!r} is used twice (groups {seen.get(g.prefix, 'head')} and {i});"
-                    " give each group a distinct name"
-                )
-            seen[g.prefix] = i
-        return self
-
-    def nodes(self) -> list[NodePlan]:
-        """One plan per worker node, in spec order: ``h100-0``, ``a100-0``, ..."""
-        out = []
-        for g in self.node_groups:
-            for i in range(g.count):
-                out.append(
-                    NodePlan(
-                        name=f"{g.prefix}-{i}",
-                        gpu_type=g.gpu_type,
-                        num_gpus=g.num_gpus,
-                        num_cpus=g.cpus_per_node,
-                        object_store_memory_mb=g.object_store_memory_mb,
-                        resources=dict(g.resources),
-                        labels={**g.labels, GPU_TYPE_LABEL: g.gpu_type},
-                    )
-                )
-        return out
-
-    def gpus_by_type(self) -> dict[str, int]:
-        """Total GPUs per type, e.g. ``{"H100": 4, "A100": 2, "RTX4090": 2}`` for the default spec."""
-        out: dict[str, int] = {}
-        for n in self.nodes():
-            out[n.gpu_type] = out.get(n.gpu_type, 0) + n.num_gpus
-        return out
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    """One worker node to start."""
-
-    name: str
-    gpu_type: str
-    num_gpus: int
-    num_cpus: int
-    object_store_memory_mb: int
-    resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-def load_cluster_spec(path: str | os.PathLike | None = None) -> LocalClusterSpec:
-    """Reads and validates a cluster spec YAML (default: ``cluster/configs/local.yaml``).
-
-    Raises:
-        ValueError: naming the file, the field, the bad value and what is valid.
-    """
-    p = Path(path) if path is not None else DEFAULT_SPEC_PATH
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ValueError(f"cluster spec {p}: cannot read it: {e}") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"cluster spec {p}: not valid YAML: {e}") from e
-    return parse_cluster_spec(raw if raw is not None else {}, source=str(p))
-
-
-def parse_cluster_spec(raw: Any, source: str = "<dict>") -> LocalClusterSpec:
-    """Validates a spec given as a dict (see ``load_cluster_spec``)."""
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"cluster spec {source}: expected a mapping with head/node_groups, got {type(raw).__name__}")
-    try:
-        return LocalClusterSpec.model_validate(raw)
-    except ValidationError as e:
-        raise ValueError(f"cluster spec {source}: {_describe_validation_error(e)}") from e
-
-
-def _describe_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown field (got {err['input']!r})")
-        else:
-            parts.append(f"{loc}: {msg} (got {err.get('input')!r})")
-    return "; ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------ the ports
-
-PORT_POOL_START = 20000
-PORT_POOL_END = 32700  # exclusive; the kernel's ephemeral range starts at 32768 here
-LEASE_DIR = Path(os.environ.get("TIDAL_PORT_LEASE_DIR", "/tmp/tidal-port-leases"))
-_LEASE_GRACE_S = 300.0  # a lease whose owners are all gone is stale after this long (start-up time)
-
-
-class PortLease:
-    """A contiguous range of ports reserved for one cluster on this machine.
-
-    Leases are JSON files under ``LEASE_DIR`` (``<start>-<end>.json``) that name the pids which keep them
-    alive; a lease whose pids have all exited (and which is older than its start-up grace) is stale and
-    taken over. A file lock makes look-up-and-create atomic between processes.
-    """
-
-    def __init__(self, start: int, end: int, path: Path) -> None:
-        self.start = start
-        self.end = end
-        self.path = path
-        self._next = start
-
-    @classmethod
-    def acquire(cls, num_ports: int, owner: str, *, attempts: int = 50) -> PortLease:
-        if num_ports > PORT_POOL_END - PORT_POOL_START:
-            raise ValueError(f"cannot lease {num_ports} ports: the pool has {PORT_POOL_END - PORT_POOL_START}")
-        LEASE_DIR.mkdir(parents=True, exist_ok=True)
-        with _locked(LEASE_DIR / ".lock"):
-            taken = []
-            for f in LEASE_DIR.glob("*.json"):
-                info = _read_json(f)
-                if info is None or _lease_is_stale(info, f):
-                    logger.info("removing stale port lease %s", f.name)
-                    f.unlink(missing_ok=True)
-                    continue
-                taken.append((int(info["start"]), int(info["end"])))
-            rng = random.Random()
-            for _ in range(attempts):
-                start = rng.randrange(PORT_POOL_START, PORT_POOL_END - num_ports)
-                end = start + num_ports
-                if any(s < end and start < e for s, e in taken):
-                    continue
-                if not _all_ports_free(start, end):
-                    taken.append((start, end))
-                    continue
-                path = LEASE_DIR / f"{start}-{end}.json"
-                info = {"start": start, "end": end, "owner": owner, "pids": [os.getpid()], "created_s": time.time()}
-                path.write_text(json.dumps(info))
-                return cls(start, end, path)
-        raise RuntimeError(f"no free range of {num_ports} ports in {PORT_POOL_START}-{PORT_POOL_END}")
-
-    @classmethod
-    def from_range(cls, start: int, end: int, next_port: int | None = None) -> PortLease:
-        """A handle on a lease recorded elsewhere; ``next_port`` unknown: it hands out no more ports."""
-        lease = cls(start, end, LEASE_DIR / f"{start}-{end}.json")
-        lease._next = end if next_port is None else next_port
-        return lease
-
-    @property
-    def remaining(self) -> int:
-        return self.end - self._next
-
-    def take(self, n: int = 1) -> int:
-        """The next ``n`` consecutive ports of the lease; returns the first."""
-        if self._next + n > self.end:
-            raise RuntimeError(f"port lease {self.start}-{self.end} is exhausted")
-        port = self._next
-        self._next += n
-        return port
-
-    def keep_alive_with(self, pids: list[int]) -> None:
-        """Ties the lease to the cluster's processes, so that it outlives the process that started them."""
-        info = _read_json(self.path) or {"start": self.start, "end": self.end, "created_s": time.time()}
-        info["pids"] = sorted(set(pids))
-        self.path.write_text(json.dumps(info))
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _lease_is_stale(info: dict, path: Path) -> bool:
-    if any(pid_alive(p) for p in info.get("pids", [])):
-        return False
-    return time.time() - float(info.get("created_s", 0.0)) > _LEASE_GRACE_S or not info.get("pids")
-
-
-def _all_ports_free(start: int, end: int) -> bool:
-    for port in range(start, end):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                return False
-    return True
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes (its parent has not reaped it yet).
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id) for every live (non-zombie) process."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == "Z":
-            continue
-        out[int(d)] = (int(fields[1]), int(fields[3]))
-    return out
-
-
-def _has_marker(pid: int, marker: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker.encode() in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def find_cluster_processes(cluster_id: str, sids: list[int]) -> set[int]:
-    """Every live process of a cluster: its sessions, their descendants, and anything carrying its marker.
-
-    The marker catches processes that left the session and lost their parent, e.g. a job driver whose
-    supervisor died first.
-    """
-    table = _proc_table()
-    mine = {pid for pid, (_, sid) in table.items() if sid in set(sids)}
-    marker = f"{CLUSTER_MARKER_ENV}={cluster_id}"
-    me = os.getpid()
-    mine |= {pid for pid in table if pid != me and pid not in mine and _has_marker(pid, marker)}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    stack = list(mine)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in mine:
-                mine.add(c)
-                stack.append(c)
-    mine.discard(me)
-    return mine
-
-
-def _session_processes(sid: int) -> set[int]:
-    """The live processes of one node: its session, and their descendants (found by parent links)."""
-    table = _proc_table()
-    pids = {pid for pid, (_, s) in table.items() if s == sid}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    stack = list(pids)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in pids:
-                pids.add(c)
-                stack.append(c)
-    pids.discard(os.getpid())
-    return pids
-
-
-def _terminate(pids: set[int], timeout_s: float) -> set[int]:
-    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the pids that are still alive (none, normally)."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if pid_alive(p)}
-        if alive:
-            time.sleep(0.1)
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if pid_alive(p)}
-        if alive:
-            time.sleep(0.05)
-    return alive
-
-
-def _kill(pids: set[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
-# ------------------------------------------------------------------------------------------ the cluster
 
 
 @dataclass
@@ -908,7 +475,7 @@ class LocalCluster:
                 attempts[name] = attempts.get(name, 0) + 1
                 logger.info("node %s started before the head was ready; starting it again", name)
                 if name in self.nodes:
-                    _kill(_session_processes(self.nodes[name].sid))
+                    kill_processes(session_processes(self.nodes[name].sid))
                 proc = self._spawn(name)
                 if name in self.nodes:
                     self.nodes[name].sid = proc.pid
@@ -958,14 +525,7 @@ class LocalCluster:
         rec = self.head if name == "head" else self.nodes.get(name)
         if rec is None or pid_alive(rec.sid):
             return False  # its `ray start` (or launcher) still runs: not decided yet
-        for pid in _session_processes(rec.sid):
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip() == "raylet":
-                        return False
-            except OSError:
-                continue
-        return True
+        return not any(process_name(pid) == "raylet" for pid in session_processes(rec.sid))
 
     def _recover_node(self, name: str, max_relaunches: int = 2) -> None:
         """A worker node whose raylet died during start-up is started again."""
@@ -977,7 +537,7 @@ class LocalCluster:
             raise LocalClusterError(f"node {name}'s raylet died {n + 1} times during start-up:\n{log_tail}")
         self._relaunches[name] = n + 1
         logger.warning("node %s's raylet died during start-up; starting it again", name)
-        _kill(_session_processes(self.nodes[name].sid))
+        kill_processes(session_processes(self.nodes[name].sid))
         # Same command, same ports: what listened on them died with the raylet.
         proc = self._spawn(name)
         self.nodes[name].sid = proc.pid
@@ -1055,8 +615,8 @@ class LocalCluster:
         rec = self.nodes.get(name)
         if rec is None:
             raise ValueError(f"no worker node named {name!r}; valid: {', '.join(self.nodes) or '(none)'}")
-        pids = _session_processes(rec.sid)
-        _kill(pids)
+        pids = session_processes(rec.sid)
+        kill_processes(pids)
         rec.killed = True
         self.write_state()
         logger.info("killed node %s (%d processes)", name, len(pids))
@@ -1074,11 +634,11 @@ class LocalCluster:
         worker_pids = find_cluster_processes(self.cluster_id, [r.sid for r in recs]) if recs else set()
         head_sids = [self.head.sid] if self.head else []
         # Worker-node processes first, so that the raylets do not spend their grace reconnecting to a dead GCS.
-        survivors = _terminate(worker_pids, timeout_s)
+        survivors = terminate_processes(worker_pids, timeout_s)
         stopped |= worker_pids
         rest = find_cluster_processes(self.cluster_id, head_sids + [r.sid for r in recs])
         # The GCS and the autoscaler monitor may linger on SIGTERM; they hold nothing worth a longer wait.
-        survivors |= _terminate(rest, min(timeout_s, 1.5))
+        survivors |= terminate_processes(rest, min(timeout_s, 1.5))
         stopped |= rest
         for lease in self._leases():
             lease.release()
@@ -1237,6 +797,14 @@ def _ray_cli() -> str:
     """The ``ray`` script of this interpreter's environment (not whatever ``ray`` is first on PATH)."""
     candidate = Path(sys.executable).parent / "ray"
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A state file's contents, or None if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _clean_env() -> dict[str, str]:

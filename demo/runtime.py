@@ -152,7 +152,8 @@ class DemoRuntime:
     # ------------------------------------------------------------------------------- start
 
     def start_cluster(self) -> None:
-        from tidal.cluster.local import LocalCluster, load_cluster_spec
+        from tidal.cluster.cluster_spec import load_cluster_spec
+        from tidal.cluster.local import LocalCluster
 
         # The model to serve trains (a second of torch) while the cluster starts (mostly waiting).
         self._checkpoint_thread = threading.Thread(target=self._prepare_checkpoint_quietly, daemon=True)

@@ -65,7 +65,8 @@ def local_cluster() -> Iterator[Any]:
     environment for Ray's CLIs (``ray job submit``, ``serve deploy``, ``ray status``) against it, and
     ``local_cluster.serve_http_port`` the port reserved for Serve's HTTP proxy.
     """
-    from tidal.cluster.local import LocalCluster, load_cluster_spec
+    from tidal.cluster.cluster_spec import load_cluster_spec
+    from tidal.cluster.local import LocalCluster
 
     cluster = LocalCluster(load_cluster_spec())
     cluster.start()

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tidal.cluster.local import load_cluster_spec
+from tidal.cluster.cluster_spec import load_cluster_spec
 from tidal.cluster.model import NodeSnapshot
 from tidal.cluster.policy_file import PolicyFileModel
 from tidal.cluster.sim.config import SimConfig

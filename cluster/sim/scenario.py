@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tidal.cluster.local import parse_cluster_spec
+from tidal.cluster.cluster_spec import parse_cluster_spec
 from tidal.cluster.model import NodeSnapshot
 from tidal.cluster.policy_file import parse_policy_file
 from tidal.cluster.sim.config import parse_sim_config

@@ -223,7 +223,7 @@ def test_default_scenario_spikes_eight_times_and_needs_the_services_max():
 
 
 def test_saturated_scenario_fills_what_the_service_accepts_with_job_minimums_and_queues_one_more():
-    from tidal.cluster.local import load_cluster_spec
+    from tidal.cluster.cluster_spec import load_cluster_spec
 
     sc = load_scenario(Path(__file__).resolve().parents[2] / "demo" / "configs" / "saturated-scenario.yaml")
     capacity: dict[str, float] = {}

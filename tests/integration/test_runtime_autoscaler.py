@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tidal.cluster.local import HeadSpec, LocalCluster, LocalClusterSpec
+from tidal.cluster.cluster_spec import HeadSpec, LocalClusterSpec
+from tidal.cluster.local import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from tidal.cluster.local import LocalCluster, pid_alive
+from tidal.cluster.local import LocalCluster
+from tidal.cluster.processes import pid_alive
 
 pytestmark = pytest.mark.integration
 

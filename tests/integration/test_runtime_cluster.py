@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tidal.cluster.local import load_cluster_spec
+from tidal.cluster.cluster_spec import load_cluster_spec
 
 pytestmark = pytest.mark.integration
 

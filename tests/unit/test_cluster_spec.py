@@ -1,18 +1,15 @@
-"""The local cluster spec (pure): the default file, validation messages, node naming, port leases."""
+"""The cluster spec (pure): the default file, validation messages, node naming."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import tidal.cluster.local as local
-from tidal.cluster.local import (
+from tidal.cluster.cluster_spec import (
     DEFAULT_SPEC_PATH,
     LocalClusterSpec,
-    PortLease,
     load_cluster_spec,
     parse_cluster_spec,
 )
@@ -79,27 +76,16 @@ def test_spec_survives_a_round_trip_through_the_state_file_format():
     assert again == spec
 
 
-def test_port_leases_do_not_overlap_and_stale_leases_are_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setattr(local, "LEASE_DIR", tmp_path)
-    leases = [PortLease.acquire(300, owner="t") for _ in range(5)]
-    ranges = sorted((lease.start, lease.end) for lease in leases)
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:], strict=False))
-    assert all(local.PORT_POOL_START <= s and e <= local.PORT_POOL_END for s, e in ranges)
-    # A lease whose processes are gone, and past its start-up grace, no longer blocks its range.
-    info = json.loads(leases[0].path.read_text())
-    info.update(pids=[2**22 + 12345], created_s=0.0)
-    leases[0].path.write_text(json.dumps(info))
-    PortLease.acquire(10, owner="t")
-    assert not leases[0].path.exists()
-    ports = [leases[1].take() for _ in range(3)]
-    assert ports == [leases[1].start, leases[1].start + 1, leases[1].start + 2]
-
-
-def test_local_cluster_module_imports_without_ray():
-    code = "import sys, tidal.cluster.local; assert 'ray' not in sys.modules, 'ray imported'"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
-    assert r.returncode == 0, r.stderr
-
-
 def test_default_spec_path_points_at_the_shipped_file():
     assert DEFAULT_SPEC_PATH.name == "local.yaml" and DEFAULT_SPEC_PATH.exists()
+
+
+def test_the_spec_module_imports_neither_ray_nor_the_process_manager():
+    # The simulator reads cluster specs too, and must not depend on the code that starts processes.
+    code = (
+        "import sys, tidal.cluster.cluster_spec\n"
+        "bad = ('ray', 'torch', 'psutil', 'tidal.cluster.local', 'tidal.cluster.processes', 'tidal.cluster.port_lease')\n"
+        "print(','.join(sorted(m for m in bad if m in sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "", f"the spec module pulled in: {r.stdout.strip()}"

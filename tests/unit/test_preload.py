@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tidal.cluster.local import LocalClusterSpec, load_cluster_spec
+from tidal.cluster.cluster_spec import LocalClusterSpec, load_cluster_spec
 from tidal.cluster.preload import NIL_JOB_ID, POOL_MODULES_ENV, bound_to_a_job, preload
 
 

@@ -7,6 +7,7 @@ PURE_MODULES = [
     "tidal.cluster.model",
     "tidal.cluster.arbiter",
     "tidal.cluster.specs",
+    "tidal.cluster.cluster_spec",
     "tidal.policies.base",
     "tidal.policies.packing",
     "tidal.policies.workspace",
@@ -27,3 +28,9 @@ def test_policies_and_the_pure_cluster_modules_import_neither_ray_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"pure modules pulled in: {out.stdout.strip()}"
+
+
+def test_the_local_cluster_module_imports_ray_only_when_it_starts_a_node():
+    code = "import sys, tidal.cluster.local; assert 'ray' not in sys.modules, 'ray imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
