@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.cluster.actor import get_or_create_arbiter, kill_arbiter
     from tidal.cluster.cluster_spec import parse_cluster_spec
     from tidal.cluster.local import LocalCluster, LocalClusterError
-    from tidal.serving.digits_checkpoint import train_digits_checkpoint
     from tidal.serving.rollout import deploy_config, serve_details
+    from tidal.training.digits_checkpoint import train_digits_checkpoint
 
     # Short: Ray's unix socket paths under the cluster's temp dirs must stay under 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="tidal-sv-", dir="/tmp"))

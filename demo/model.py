@@ -40,9 +40,9 @@ class DeviceTimedMLP(DigitsMLP):
 
 
 def train_demo_checkpoint(path: str, *, device_ms_per_batch: float, hidden: int = 128, version: str = "digits-v1") -> str:
-    """Trains the digits classifier (``tidal.serving.digits_checkpoint``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
-    from tidal.serving.digits_checkpoint import DIGITS_LABELS, train_digits_checkpoint
+    """Trains the digits classifier (``tidal.training.digits_checkpoint``) and writes it as a ``DeviceTimedMLP`` checkpoint."""
     from tidal.serving.manifest import load_model, write_model_checkpoint
+    from tidal.training.digits_checkpoint import DIGITS_LABELS, train_digits_checkpoint
 
     plain = train_digits_checkpoint(f"{path}-plain", version=version, hidden=hidden)
     model = load_model(str(plain), "cpu")

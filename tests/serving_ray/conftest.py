@@ -1,7 +1,7 @@
 """Fixtures shared by the serving integration tests: the default model's checkpoints, trained once."""
 
 import pytest
-from tidal.serving.digits_checkpoint import train_digits_checkpoint
+from tidal.training.digits_checkpoint import train_digits_checkpoint
 
 
 @pytest.fixture(scope="session")

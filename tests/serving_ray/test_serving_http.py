@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from tidal.serving.digits_checkpoint import digits_data
 from tidal.serving.manifest import load_model
 from tidal.serving.rollout import replicas_by_gpu_type, serve_details
+from tidal.training.digits_checkpoint import digits_data
 
 pytestmark = pytest.mark.integration
 

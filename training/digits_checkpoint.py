@@ -1,8 +1,9 @@
-"""A default model checkpoint for serving tests, benchmarks and demos (torch + scikit-learn, no Ray).
+"""A default model checkpoint for serving's tests, benchmarks and the demo (torch + scikit-learn, no Ray).
 
-The real checkpoints come from the training jobs (``training/``); this trains the same ``DigitsMLP`` on
-scikit-learn's 8x8 digits for a few epochs on the CPU (about a second) and writes it with the shared
-checkpoint writer, so serving can be exercised without running a training job first.
+The real checkpoints come from the training jobs (``tidal.training.runner``); this trains the same
+``DigitsMLP`` on scikit-learn's 8x8 digits for a few epochs on the CPU (about a second) and writes it with
+the checkpoint writer serving reads (``tidal.serving.manifest``), so serving can be exercised without
+running a training job first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from tidal.serving.manifest import write_model_checkpoint
+from tidal.training.models import DigitsMLP
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -41,8 +43,6 @@ def train_digits_checkpoint(
 
     Inputs are the raw pixel values (0..16), as a client would send them; the model learns the scale.
     """
-    from tidal.training.models import DigitsMLP
-
     torch.manual_seed(seed)
     x, y = digits_data()
     model = DigitsMLP(hidden=hidden)
