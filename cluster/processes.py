@@ -3,7 +3,7 @@
 Each node of a local cluster starts in a session of its own, and every process it starts carries the
 cluster's marker, ``TIDAL_LOCAL_CLUSTER=<cluster id>``, in its environment. A cluster's processes are its
 nodes' sessions, their descendants, and whatever carries its marker: ``ray stop`` would end every cluster's
-on the machine, these end only one. Processes are read from Linux's /proc.
+on the machine, these end only one. Processes are read with psutil (Linux's /proc underneath).
 """
 
 from __future__ import annotations
@@ -13,55 +13,46 @@ import os
 import signal
 import time
 
+import psutil
+
 CLUSTER_MARKER_ENV = "TIDAL_LOCAL_CLUSTER"
 
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie is dead for our purposes (its parent has not reaped it yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def process_name(pid: int) -> str | None:
     """The name of a live process (``raylet``, ``gcs_server``, ...), or None once it is gone."""
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
+        return psutil.Process(pid).name()
+    except psutil.Error:
         return None
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, session id) for every live (non-zombie) process."""
     out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
+    for p in psutil.process_iter(["ppid", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            out[p.pid] = (p.info["ppid"], os.getsid(p.pid))
         except OSError:
             continue
-        if fields[0] == "Z":
-            continue
-        out[int(d)] = (int(fields[1]), int(fields[3]))
     return out
 
 
 def _has_marker(pid: int, cluster_id: str) -> bool:
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{CLUSTER_MARKER_ENV}={cluster_id}".encode() in f.read().split(b"\0")
-    except OSError:
+        return psutil.Process(pid).environ().get(CLUSTER_MARKER_ENV) == cluster_id
+    except psutil.Error:
         return False
 
 
