@@ -13,7 +13,8 @@ Subcommands owned by other packages are added when present: ``tidal serve ...`` 
 train ...`` (``tidal.training.cli``), ``tidal simulate ...`` (``tidal.cluster.sim.cli``).
 
 What ``tidal up`` started is recorded in ``$TIDAL_HOME/local-cluster.json`` (default ``~/.tidal``), which
-points at the cluster's own state file; ``tidal down`` stops exactly the processes recorded there.
+points at the cluster's own state file (``tidal.cluster.connect``); ``tidal down`` stops exactly the processes
+recorded there.
 """
 
 from __future__ import annotations
@@ -22,22 +23,23 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
+
+from tidal.cluster.connect import (
+    POINTER_FILE,
+    connect,
+    forget_recorded,
+    record_cluster,
+    recorded_cluster,
+    tidal_home,
+)
 
 logger = logging.getLogger("tidal")
 
-POINTER_FILE = "local-cluster.json"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-def tidal_home() -> Path:
-    """``$TIDAL_HOME``, default ``~/.tidal``."""
-    return Path(os.environ.get("TIDAL_HOME") or Path.home() / ".tidal").expanduser()
 
 
 def _out(msg: str = "") -> None:
@@ -51,50 +53,6 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
-# ------------------------------------------------------------------------------------ recorded cluster
-
-
-def _recorded_cluster() -> Any | None:
-    """The local cluster recorded in TIDAL_HOME (a ``LocalCluster`` handle), or None."""
-    from tidal.cluster.local import LocalCluster
-
-    pointer = tidal_home() / POINTER_FILE
-    if not pointer.exists():
-        return None
-    try:
-        state_path = json.loads(pointer.read_text())["state_path"]
-        return LocalCluster.attach(state_path)
-    except (OSError, ValueError, KeyError) as e:
-        _err(f"ignoring an unreadable record {pointer}: {e}")
-        return None
-
-
-def _forget_recorded() -> None:
-    (tidal_home() / POINTER_FILE).unlink(missing_ok=True)
-
-
-def _connect(address: str | None) -> str:
-    """``ray.init`` to ``address``, else the recorded local cluster, else ``$RAY_ADDRESS``; returns the address."""
-    cluster = None
-    if address is None:
-        cluster = _recorded_cluster()
-        if cluster is not None and cluster.pids():
-            address = cluster.address
-        else:
-            cluster = None
-            address = os.environ.get("RAY_ADDRESS")
-    if address is None:
-        raise RuntimeError(
-            "no cluster to talk to: run `tidal up`, or pass --address (or set RAY_ADDRESS) for a running cluster"
-        )
-    if cluster is not None:
-        cluster.activate()
-    import ray
-
-    ray.init(address=address, namespace="tidal", log_to_driver=False, logging_level=logging.WARNING)
-    return address
-
-
 # ------------------------------------------------------------------------------------ up / down / env
 
 
@@ -102,7 +60,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tidal.cluster.cluster_spec import load_cluster_spec
     from tidal.cluster.local import LocalCluster
 
-    existing = _recorded_cluster()
+    existing = recorded_cluster()
     if existing is not None:
         if existing.pids():
             _err(
@@ -112,7 +70,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return EXIT_ERROR
         _out(f"Found a record of a cluster whose processes are gone ({existing.address}); replacing it.")
         existing.stop()
-        _forget_recorded()
+        forget_recorded()
     try:
         spec = load_cluster_spec(args.config)
         policy_cfg = None
@@ -131,9 +89,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except Exception as e:
         _err(f"the local cluster did not start: {e}")
         return EXIT_ERROR
-    home = tidal_home()
-    home.mkdir(parents=True, exist_ok=True)
-    (home / POINTER_FILE).write_text(json.dumps({"state_path": str(cluster.state_path)}, indent=2))
+    record_cluster(cluster.state_path)
     arbiter_line = "Arbiter: not started (--no-arbiter); start it with `tidal arbiter start`"
     if policy_cfg is not None:
         import ray
@@ -173,7 +129,7 @@ def _export_lines(env: dict[str, str]) -> list[str]:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    cluster = _recorded_cluster()
+    cluster = recorded_cluster()
     if cluster is None or not cluster.pids():
         _err(f"nothing is up (no running local cluster recorded in {tidal_home()}); run `tidal up`")
         return EXIT_ERROR
@@ -183,7 +139,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    cluster = _recorded_cluster()
+    cluster = recorded_cluster()
     if cluster is None:
         _out(f"Nothing is up: no local cluster is recorded in {tidal_home()}. Nothing was stopped.")
         return EXIT_OK
@@ -197,7 +153,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     if left:
         _err(f"processes of the cluster still run: {sorted(left)}")
         return EXIT_ERROR
-    _forget_recorded()
+    forget_recorded()
     root = cluster.root_dir
     if not args.keep_logs and cluster._owns_root and root is not None:
         shutil.rmtree(root, ignore_errors=True)
@@ -218,7 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import ray
 
     try:
-        address = _connect(args.address)
+        address = connect(args.address)
     except Exception as e:
         _err(str(e))
         return EXIT_ERROR
@@ -334,7 +290,7 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
         _err(f"{e}\nThe policy config was refused; nothing was changed.")
         return EXIT_USAGE
     try:
-        address = _connect(args.address)
+        address = connect(args.address)
     except Exception as e:
         _err(str(e))
         return EXIT_ERROR
@@ -350,7 +306,7 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
             return EXIT_OK
         metrics_port = args.metrics_port
         if metrics_port is None and cfg.arbiter.metrics_port is None:
-            recorded = _recorded_cluster()
+            recorded = recorded_cluster()
             if recorded is not None and recorded.address == address:
                 metrics_port = recorded.metrics_port
         get_or_create_arbiter(config=cfg, metrics_port=metrics_port, tick_interval_s=args.tick_interval)
@@ -369,7 +325,7 @@ def cmd_arbiter_stop(args: argparse.Namespace) -> int:
     from tidal.cluster.actor import kill_arbiter
 
     try:
-        address = _connect(args.address)
+        address = connect(args.address)
     except Exception as e:
         _err(str(e))
         return EXIT_ERROR

@@ -80,7 +80,7 @@ def _connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     try:
-        from tidal.cluster.cli import _connect as tidal_connect
+        from tidal.cluster.connect import connect as tidal_connect
     except ImportError:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
         return
@@ -94,9 +94,9 @@ def _reserved_http_port(flag: int | None) -> int | None:
     if os.environ.get("TIDAL_SERVE_HTTP_PORT"):
         return int(os.environ["TIDAL_SERVE_HTTP_PORT"])
     try:
-        from tidal.cluster.cli import _recorded_cluster
+        from tidal.cluster.connect import recorded_cluster
 
-        cluster = _recorded_cluster()
+        cluster = recorded_cluster()
     except ImportError:
         return None
     return cluster.serve_http_port if cluster is not None and cluster.serve_http_port else None

@@ -99,10 +99,10 @@ def resolve_address(address: str | None) -> str | None:
     if address is not None:
         return address
     try:
-        from tidal.cluster.cli import _recorded_cluster
+        from tidal.cluster.connect import recorded_cluster
     except ImportError:
         return None
-    cluster = _recorded_cluster()
+    cluster = recorded_cluster()
     if cluster is None or not cluster.pids():
         return None
     cluster.activate()
