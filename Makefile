@@ -29,8 +29,10 @@ test-unit: venv
 test-integration: venv
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
+# ruff, and the import-linter contracts of pyproject.toml (the layers; what imports neither ray nor torch).
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests/unit/test_layers.py
 
 demo: $(VENV)/.tidal-demo
 	$(PY) -m tidal.demo

@@ -7,8 +7,6 @@ written (and explained) in its YAML.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -86,15 +84,6 @@ def test_simulator_package_defines_no_policy_and_no_simulate_switch() -> None:
         if switch.search(path.read_text()):
             offending.append(f"{path.name}: branches on simulation")
     assert offending == []
-
-
-def test_simulator_imports_neither_ray_nor_torch() -> None:
-    code = (
-        "import sys; import tidal.cluster.sim.cli, tidal.cluster.sim.run, tidal.cluster.sim.simulator, tidal.cluster.sim.report, "
-        "tidal.cluster.sim.scenario; bad = [m for m in ('ray', 'torch') if m in sys.modules]; "
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_arbiter_ticks_are_never_closer_than_the_min_gap_nor_further_than_the_period() -> None:
