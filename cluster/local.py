@@ -447,7 +447,13 @@ class LocalCluster:
         log = open(self.root_dir / name / "ray-start.log", "a")  # noqa: SIM115 - closed right after Popen
         # A new session per node: its processes (raylet, agents, workers) keep that session id, which is
         # how stop() and kill_node() find exactly them.
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # In the node's own folder, not the caller's: Ray puts the working directory of the driver that starts
+        # Serve's controller (the dashboard, for `serve deploy`) at the front of sys.path in every replica,
+        # ahead of the application's working_dir; a cluster started from a folder with `training/` or
+        # `serving/` packages (a Tidal checkout, a user's repository) would shadow the applications' own.
+        proc = subprocess.Popen(
+            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root_dir / name
+        )
         log.close()
         return proc
 
