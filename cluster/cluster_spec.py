@@ -33,7 +33,15 @@ _MIN_OBJECT_STORE_MB = 75
 
 
 class _SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or an infinity in any float field is refused, naming the field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _resources_non_negative(v: dict[str, float]) -> dict[str, float]:
+    for name, amount in v.items():
+        if amount < 0:
+            raise ValueError(f"resources[{name}] = {amount}: a custom resource's amount must be >= 0")
+    return v
 
 
 class HeadSpec(_SpecModel):
@@ -43,6 +51,8 @@ class HeadSpec(_SpecModel):
     object_store_memory_mb: int = Field(150, ge=_MIN_OBJECT_STORE_MB)
     resources: dict[str, float] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+
+    _resources = field_validator("resources")(_resources_non_negative)
 
 
 class NodeGroupSpec(_SpecModel):
@@ -60,6 +70,8 @@ class NodeGroupSpec(_SpecModel):
     object_store_memory_mb: int = Field(200, ge=_MIN_OBJECT_STORE_MB)
     resources: dict[str, float] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
+
+    _resources = field_validator("resources")(_resources_non_negative)
 
     @field_validator("gpu_type")
     @classmethod

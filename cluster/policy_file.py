@@ -31,7 +31,8 @@ from tidal.policies.config import PolicyConfigError, PolicyConfigModel, validate
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or an infinity in any float field is refused, naming the field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ArbiterModel(_Strict):

@@ -18,7 +18,8 @@ class SpecError(ValueError):
 
 
 class _WorkloadModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or an infinity in any float field is refused, naming the field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     gpu_types: list[str] = Field(min_length=1, description="acceptable GPU types, most preferred first")

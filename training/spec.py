@@ -133,7 +133,7 @@ class FaultInjection(BaseModel):
         step_delay_s: sleep this long in every step (makes a tiny model slow enough to observe).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ignore_yield: bool = False
     step_delay_s: float = Field(default=0.0, ge=0.0, le=60.0)
@@ -151,7 +151,8 @@ class JobSpec(BaseModel):
     to steps with the dataset size).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: a NaN or an infinity in any float field is refused, naming the field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=NAME_PATTERN, description="Job name, unique on the cluster.")
     model: ModelRef

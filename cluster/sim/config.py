@@ -20,7 +20,8 @@ class SimConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or an infinity in any float field is refused, naming the field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServiceModelConfig(_Strict):
@@ -69,6 +70,15 @@ class ServiceModelConfig(_Strict):
         for t, x in v.items():
             if x <= 0:
                 raise ValueError(f"value for GPU type {t} is {x}: must be > 0")
+        return v
+
+    @field_validator("startup_s")
+    @classmethod
+    def _startup_non_negative(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for t, x in (v.items() if isinstance(v, dict) else [("", v)]):
+            if x < 0:
+                where = f"[{t}]" if t else ""
+                raise ValueError(f"startup_s{where} = {x}: must be seconds >= 0")
         return v
 
     @model_validator(mode="after")
