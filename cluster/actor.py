@@ -114,7 +114,7 @@ class ArbiterActor:
             from tidal.cluster.metrics import ArbiterMetrics
 
             self.metrics = ArbiterMetrics()
-            self.metrics.serve(port)
+            self.metrics.serve(port, addr=self.cfg.arbiter.metrics_host)
             self.arbiter.listeners.append(self.metrics.on_tick)
         self.metrics_port = port or None
         self._persist(force=True)

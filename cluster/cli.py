@@ -6,7 +6,8 @@
     tidal down [--keep-logs]
     tidal env                          # `eval "$(tidal env)"`: Ray's CLIs then work against the cluster
     tidal status [--json] [--address ADDR]
-    tidal arbiter start [--config policy.yaml] [--address ADDR] [--metrics-port N] [--tick-interval S]
+    tidal arbiter start [--config policy.yaml] [--address ADDR] [--metrics-port N] [--metrics-host H]
+                       [--tick-interval S]
     tidal arbiter stop [--address ADDR]
 
 Subcommands owned by other packages are added when present: ``tidal serve ...`` (``tidal.serving.cli``), ``tidal
@@ -36,6 +37,7 @@ from tidal.cluster.connect import (
     recorded_cluster,
     tidal_home,
 )
+from tidal.cluster.flags import finite_float, port
 
 logger = logging.getLogger("tidal")
 
@@ -281,11 +283,15 @@ def _alloc(d: dict[str, float]) -> str:
 def cmd_arbiter_start(args: argparse.Namespace) -> int:
     import ray
     from tidal.cluster.actor import get_arbiter, get_or_create_arbiter
-    from tidal.cluster.policy_file import load_policy_file
+    from tidal.cluster.policy_file import load_policy_file, parse_policy_file
 
     # Validate before touching the cluster: a bad file changes nothing, a running arbiter keeps its config.
     try:
         cfg = load_policy_file(args.config)
+        if args.metrics_host is not None:
+            data = cfg.model_dump()
+            data["arbiter"]["metrics_host"] = args.metrics_host
+            cfg = parse_policy_file(data, f"{args.config or '(defaults)'} with --metrics-host")
     except ValueError as e:
         _err(f"{e}\nThe policy config was refused; nothing was changed.")
         return EXIT_USAGE
@@ -313,7 +319,7 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
         port = metrics_port or cfg.arbiter.metrics_port
         _out(
             f"Arbiter started at {address}: tidal-arbiter (namespace tidal), policy {cfg.policy}"
-            + (f", metrics on port {port}" if port else "")
+            + (f", metrics on {cfg.arbiter.metrics_host}:{port}" if port else "")
         )
         return EXIT_OK
     finally:
@@ -370,8 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("start", help="start the arbiter (or reload its config if it runs)")
     a.add_argument("--config", default=None, help="policy config YAML (validated first)")
     a.add_argument("--address", default=None, help="Ray address (default: the local cluster, else $RAY_ADDRESS)")
-    a.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default: config or the local cluster's)")
-    a.add_argument("--tick-interval", type=float, default=None, help="seconds between ticks (default: config)")
+    a.add_argument(
+        "--metrics-port", type=port, default=None, help="Prometheus port (default: config or the local cluster's)"
+    )
+    a.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address the metrics exporter binds (default: config, 127.0.0.1); 0.0.0.0 lets Prometheus on "
+        "another machine scrape it",
+    )
+    a.add_argument(
+        "--tick-interval",
+        type=finite_float(gt=0, le=60, unit="seconds"),
+        default=None,
+        help="seconds between ticks, > 0 and <= 60 (default: config)",
+    )
     a.set_defaults(func=cmd_arbiter_start)
     a = asub.add_parser("stop", help="stop the arbiter and delete its persisted state")
     a.add_argument("--address", default=None)

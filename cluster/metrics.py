@@ -150,8 +150,13 @@ class ArbiterMetrics:
 
     # ------------------------------------------------------------------------------------ export
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Starts the HTTP exporter (``/metrics``) in a daemon thread; returns the port."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Starts the HTTP exporter (``/metrics``) in a daemon thread; returns the port.
+
+        ``addr`` is the address it binds: this machine only by default; ``0.0.0.0`` (the policy file's
+        ``arbiter.metrics_host``) lets a Prometheus on another machine scrape it, and anyone else who can reach
+        the port read it.
+        """
         start_http_server(port, addr=addr, registry=self.registry)
         self.port = port
         logger.info("arbiter metrics on http://%s:%d/metrics", addr, port)

@@ -12,7 +12,7 @@ arbiter's loop and the warm pool, which are no policy's business. Example ``poli
     restart_hold_s: 60             # a job stopped for a service waits this long after the last pressure
     static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
     guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
-    arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15}
+    arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15, metrics_port: 9108, metrics_host: 127.0.0.1}
     warm_pool: {spare_workers_per_node: 2}
 
 Every error names the field, the bad value and what would be valid; it is raised when the file is
@@ -21,11 +21,13 @@ loaded (start-up), never at 3 a.m.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tidal.cluster.arbiter import ArbiterConfig
 from tidal.policies.config import PolicyConfigError, PolicyConfigModel, validate_policy_config
 
@@ -42,7 +44,25 @@ class ArbiterModel(_Strict):
     registration_ttl_s: float = Field(15.0, gt=0)
     default_yield_grace_s: float = Field(30.0, ge=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics exporter binds: this machine only by default; 0.0.0.0 (every "
+        "interface) for a Prometheus on another machine.",
+    )
     state_path: str | None = None
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _an_address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", v):
+                raise ValueError(
+                    f"metrics_host {v!r} is not an IP address or host name; valid: e.g. 127.0.0.1 (this machine "
+                    "only), 0.0.0.0 (every interface), or a host name"
+                ) from None
+        return v
 
 
 class WarmPoolModel(_Strict):

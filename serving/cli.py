@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tidal.cluster.flags import bounded_int, finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="override model.checkpoint of every Tidal application")
     p.add_argument(
         "--http-port",
-        type=int,
+        type=bounded_int(ge=1, le=65535, unit="a port"),
         default=None,
         help="Serve's HTTP port (default: $TIDAL_SERVE_HTTP_PORT, else the local cluster's reserved port, "
         "else the config's)",
@@ -56,7 +57,7 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (model.pt + manifest.json)")
     p.add_argument("--app", default=None, help="application name (default: the only Tidal application)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None)
-    p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--timeout-s", type=finite_float(gt=0, unit="seconds"), default=120.0)
     p.add_argument("--no-wait", action="store_true")
     common(p)
     p.set_defaults(func=cmd_promote)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tidal.cluster.flags import bounded_int, finite_float
 
 DEFAULT_CLUSTER = Path(__file__).resolve().parent.parent / "configs" / "sim-2048.yaml"
 
@@ -30,9 +33,10 @@ def _job_types(value: str) -> list[dict[str, Any]]:
             s = float(share)
         except ValueError:
             s = -1.0
-        if not sep or s <= 0 or not types:
+        if not sep or not math.isfinite(s) or s <= 0 or not types:
             raise argparse.ArgumentTypeError(
-                f"--job-types part {part!r} is not valid; expected SHARE:TYPE/TYPE/..., e.g. 0.5:H100/A100"
+                f"--job-types part {part!r} is not valid; expected SHARE:TYPE/TYPE/... with a finite SHARE > 0, "
+                "e.g. 0.5:H100/A100"
             )
         out.append({"share": s, "gpu_types": types.split("/")})
     return out
@@ -55,26 +59,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--policy-config", help="policy YAML (speeds, prices, headroom, guards); default: built-in"
     )
     p.add_argument("--sim-config", help="simulator YAML (tidal.cluster.sim.config.SimConfig); flags override it")
-    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
-    p.add_argument("--days", type=float, help="simulated days (default: the training trace's span)")
-    p.add_argument("--start-day", type=float, help="skip this many days of the training trace")
-    p.add_argument("--drain-s", type=float, help="simulate this long past the horizon, with no new jobs")
-    p.add_argument("--max-jobs", type=int, help="keep only the first N jobs of the window")
+    p.add_argument("--seed", type=bounded_int(ge=0), help="seed of every random choice (default 0)")
+    p.add_argument("--days", type=finite_float(gt=0, unit="days"), help="simulated days (default: the training trace's span)")
+    p.add_argument("--start-day", type=finite_float(ge=0, unit="days"), help="skip this many days of the training trace")
+    p.add_argument("--drain-s", type=finite_float(ge=0, unit="seconds"), help="simulate this long past the horizon, with no new jobs")
+    p.add_argument("--max-jobs", type=bounded_int(ge=1), help="keep only the first N jobs of the window")
     p.add_argument(
         "--training-load",
-        type=float,
+        type=finite_float(gt=0),
         help="replicate trace jobs to scale training load (2 = every job twice, seeded submit jitter)",
     )
     p.add_argument(
-        "--rate-multiplier", type=float, help="multiply the inference rate (after --inference-peak-share)"
+        "--rate-multiplier", type=finite_float(gt=0), help="multiply the inference rate (after --inference-peak-share)"
     )
     p.add_argument(
         "--inference-peak-share",
-        type=float,
+        type=finite_float(gt=0, le=1, unit="a share"),
         help="scale inference so that its peak needs this share of the cluster's GPUs (e.g. 0.333)",
     )
     p.add_argument(
-        "--request-window-s", type=float, help="bin request CSVs into windows of this many seconds"
+        "--request-window-s", type=finite_float(gt=0, unit="seconds"), help="bin request CSVs into windows of this many seconds"
     )
     p.add_argument(
         "--no-repeat-inference", action="store_true", help="do not wrap a short inference trace around"
@@ -82,24 +86,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rate-interpolation", choices=["linear", "step"], help="rate between windows (default linear)"
     )
-    p.add_argument("--tick-s", type=float, help="periodic arbiter tick in simulated seconds (default 60)")
+    p.add_argument("--tick-s", type=finite_float(gt=0, unit="seconds"), help="periodic arbiter tick in simulated seconds (default 60)")
     p.add_argument(
-        "--event-tick-delay-s", type=float, help="event-driven tick this soon after a registration/release"
+        "--event-tick-delay-s", type=finite_float(ge=0, unit="seconds"), help="event-driven tick this soon after a registration/release"
     )
     p.add_argument(
-        "--event-tick-min-gap-s", type=float, help="no event-driven tick sooner than this after the last tick (20)"
+        "--event-tick-min-gap-s", type=finite_float(ge=0, unit="seconds"), help="no event-driven tick sooner than this after the last tick (20)"
     )
     p.add_argument(
         "--job-types",
         type=_job_types,
         help="accepted types of jobs without gpu_type: SHARE:TYPE/TYPE,... drawn per job with the seed",
     )
-    p.add_argument("--max-scale", type=float, help="max_workers = ceil(num_gpus * max_scale) (default 2)")
+    p.add_argument("--max-scale", type=finite_float(ge=1), help="max_workers = ceil(num_gpus * max_scale) (default 2)")
     p.add_argument(
-        "--min-fraction", type=float, help="min_workers = ceil(num_gpus * min_fraction) (default 0.5)"
+        "--min-fraction", type=finite_float(gt=0, le=1, unit="a fraction"), help="min_workers = ceil(num_gpus * min_fraction) (default 0.5)"
     )
-    p.add_argument("--node-failure-rate", type=float, help="random node failures per node-day (default 0)")
-    p.add_argument("--processes", type=int, help="policies run in this many processes (default: cores)")
+    p.add_argument("--node-failure-rate", type=finite_float(ge=0, unit="failures per node-day"), help="random node failures per node-day (default 0)")
+    p.add_argument("--processes", type=bounded_int(ge=1), help="policies run in this many processes (default: cores)")
     p.add_argument("--no-plots", action="store_true", help="write summary.json only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
