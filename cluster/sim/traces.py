@@ -1,7 +1,8 @@
 """Trace loaders for the simulator: training jobs (CSV) and inference load (rate CSV or request CSV).
 
-Pure: no Ray, no torch. Every row is validated at the boundary; an error names the file, the row, the
-column, the bad value and what would be valid.
+Pure: no Ray, no torch. Every row is validated at the boundary: a malformed row (a garbled, NaN, infinite or
+negative number, a missing cell) stops the load with an error that names the file, the line, the column, the
+bad value and what would be valid. No row is skipped silently but blank ones.
 
 Time: the simulator's clock starts at 0 = midnight of the first day of the training trace, so that
 traces line up by time of day (their dates are offset or anonymised). A trace with wall-clock
@@ -35,7 +36,7 @@ REQUEST_TIME_COLUMNS = ("TIMESTAMP", "timestamp")
 
 
 class TraceError(ValueError):
-    """A trace that cannot be used; the message names the file, row, column, value and what is valid."""
+    """A trace that cannot be used; the message names the file, line, column, value and what is valid."""
 
 
 # ------------------------------------------------------------------------------------------ time parsing
@@ -49,9 +50,13 @@ def _parse_time(value: str) -> tuple[float, bool]:
     """
     v = value.strip()
     try:
-        return float(v), False
+        seconds = float(v)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"{v!r} is not a time")
+        return seconds, False
     t = dt.datetime.fromisoformat(v)  # raises ValueError on garbage
     if t.tzinfo is not None:
         t = t.replace(tzinfo=None)
@@ -63,15 +68,18 @@ def _midnight(seconds: float, wall_clock: bool) -> float:
     return math.floor(seconds / DAY_S) * DAY_S if wall_clock else 0.0
 
 
-def _open_rows(path: str | Path) -> tuple[list[str], list[list[str]]]:
+def _open_rows(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the rows, each with the line of the file where it ends (1: the header)."""
     p = Path(path)
     try:
         with p.open(newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            rows = list(reader)
+            rows = [(reader.line_num, row) for row in reader]
     except OSError as e:
         raise TraceError(f"cannot read trace {p}: {e.strerror}") from None
+    except csv.Error as e:
+        raise TraceError(f"trace {p}, line {reader.line_num}: not valid CSV: {e}") from None
     if not header:
         raise TraceError(f"trace {p} is empty: expected a CSV header row")
     return [h.strip() for h in header], rows
@@ -86,8 +94,12 @@ def _column(header: list[str], candidates: Sequence[str], path: str | Path, what
     )
 
 
-def _bad(path: str | Path, row: int, column: str, value: str, valid: str) -> TraceError:
-    return TraceError(f"trace {path}, row {row}: {column} = {value!r} is not valid; expected {valid}")
+def _bad(path: str | Path, line: int, column: str, value: str, valid: str) -> TraceError:
+    return TraceError(f"trace {path}, line {line}: {column} = {value!r} is not valid; expected {valid}")
+
+
+def _time_kind(wall: bool) -> str:
+    return "an ISO date-time, like the rows above" if wall else "seconds >= 0, like the rows above"
 
 
 # ---------------------------------------------------------------------------------------- training jobs
@@ -140,14 +152,16 @@ def load_training_trace(
     i_prio = header.index("priority") if "priority" in header else None
     parsed: list[tuple[float, float, int, str | None, int | None]] = []
     wall = None
-    for k, row in enumerate(rows, start=2):  # row 1 is the header
+    for k, row in rows:
         if not row or all(not c.strip() for c in row):
             continue
         try:
             ts, is_wall = _parse_time(row[i_ts])
         except (ValueError, IndexError):
-            raise _bad(path, k, header[i_ts], _cell(row, i_ts), "an ISO date-time or seconds") from None
-        wall = is_wall if wall is None else wall
+            raise _bad(path, k, header[i_ts], _cell(row, i_ts), "an ISO date-time or seconds >= 0") from None
+        if wall is not None and is_wall != wall:
+            raise _bad(path, k, header[i_ts], row[i_ts], _time_kind(wall))
+        wall = is_wall
         try:
             dur = float(row[i_dur])
             if not math.isfinite(dur) or dur <= 0:
@@ -156,7 +170,7 @@ def load_training_trace(
             raise _bad(path, k, "duration", _cell(row, i_dur), "seconds > 0") from None
         try:
             g = float(row[i_gpus])
-            if g < 1 or g != int(g):
+            if not math.isfinite(g) or g < 1 or g != int(g):
                 raise ValueError
         except (ValueError, IndexError):
             raise _bad(path, k, "num_gpus", _cell(row, i_gpus), "a whole number >= 1") from None
@@ -324,13 +338,15 @@ def load_rate_trace(
     starts: list[float] = []
     rates: list[float] = []
     cvs: list[float] = []
-    for k, row in enumerate(rows, start=2):
+    for k, row in rows:
         if not row or all(not c.strip() for c in row):
             continue
         try:
             s = float(row[i_start])
+            if not math.isfinite(s) or s < 0:
+                raise ValueError
         except (ValueError, IndexError):
-            raise _bad(path, k, "window_start_s", _cell(row, i_start), "seconds") from None
+            raise _bad(path, k, "window_start_s", _cell(row, i_start), "seconds >= 0") from None
         try:
             r = float(row[i_rate])
             if not math.isfinite(r) or r < 0:
@@ -344,10 +360,17 @@ def load_rate_trace(
         starts.append(s)
         rates.append(r)
         if i_cv is not None:
+            cell = _cell(row, i_cv).strip()
+            if not cell:
+                cvs.append(1.0)  # unknown for this window: Poisson
+                continue
             try:
-                cvs.append(max(0.0, float(row[i_cv])))
-            except (ValueError, IndexError):
-                cvs.append(1.0)
+                cv = float(cell)
+                if not math.isfinite(cv) or cv < 0:
+                    raise ValueError
+            except ValueError:
+                raise _bad(path, k, "rate_weighted_cv", cell, "a coefficient of variation >= 0, or empty") from None
+            cvs.append(cv)
     if not starts:
         raise TraceError(f"trace {path} has no windows")
     window = (starts[1] - starts[0]) if len(starts) > 1 else 600.0
@@ -378,19 +401,22 @@ def load_request_trace(
     header, rows = _open_rows(path)
     i_ts = _column(header, REQUEST_TIME_COLUMNS, path, "request time")
     times: list[float] = []
-    wall = False
-    for k, row in enumerate(rows, start=2):
+    wall: bool | None = None
+    for k, row in rows:
         if not row or all(not c.strip() for c in row):
             continue
         try:
-            t, wall = _parse_time(row[i_ts])
+            t, is_wall = _parse_time(row[i_ts])
         except (ValueError, IndexError):
-            raise _bad(path, k, header[i_ts], _cell(row, i_ts), "an ISO date-time or seconds") from None
+            raise _bad(path, k, header[i_ts], _cell(row, i_ts), "an ISO date-time or seconds >= 0") from None
+        if wall is not None and is_wall != wall:
+            raise _bad(path, k, header[i_ts], row[i_ts], _time_kind(wall))
+        wall = is_wall
         times.append(t)
     if not times:
         raise TraceError(f"trace {path} has no requests")
     times.sort()
-    origin = _midnight(times[0], wall)
+    origin = _midnight(times[0], bool(wall))
     first = math.floor((times[0] - origin) / window_s) * window_s
     n = int(math.floor((times[-1] - origin - first) / window_s)) + 1
     counts = [0] * n

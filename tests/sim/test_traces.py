@@ -70,12 +70,12 @@ def test_a_bad_row_names_file_row_column_and_what_is_valid(tmp_path: Path) -> No
     p = tmp_path / "jobs.csv"
     p.write_text("timestamp,duration,num_gpus\n0,60,2\n5,60,two\n")
     with pytest.raises(
-        TraceError, match=r"row 3: num_gpus = 'two' is not valid; expected a whole number >= 1"
+        TraceError, match=r"line 3: num_gpus = 'two' is not valid; expected a whole number >= 1"
     ):
         load_training_trace(p)
     q = tmp_path / "rates.csv"
     q.write_text("window_start_s,total_rate_rps\n0,5\n600,-1\n")
-    with pytest.raises(TraceError, match=r"row 3: total_rate_rps = '-1'"):
+    with pytest.raises(TraceError, match=r"line 3: total_rate_rps = '-1'"):
         load_inference_trace(q)
 
 
