@@ -3,8 +3,10 @@
 Several clusters may run on one machine at once (other test sessions, other users), and every port Ray opens
 for a cluster comes from its lease. Leases are taken in 20000-32699: below the kernel's ephemeral range (so
 outgoing connections never take them) and above Ray's default worker ports (10002-19999, used by every plain
-``ray.init()``). They are recorded under ``/tmp/tidal-port-leases`` (``TIDAL_PORT_LEASE_DIR``) and guarded by
-a file lock.
+``ray.init()``). They are recorded in a directory of the user's own, ``<tempdir>/tidal-<uid>/port-leases``
+(mode 0700; ``TIDAL_PORT_LEASE_DIR`` chooses another, which must be the user's too), and guarded by a file
+lock. Another user's clusters are seen through the ports they have bound: a range is taken only if every
+port of it is free.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tidal.cluster.processes import pid_alive
+from tidal.cluster.user_dirs import ensure_private_dir, user_temp_root
 
 logger = logging.getLogger(__name__)
 
 PORT_POOL_START = 20000
 PORT_POOL_END = 32700  # exclusive; the kernel's ephemeral range starts at 32768 here
-LEASE_DIR = Path(os.environ.get("TIDAL_PORT_LEASE_DIR", "/tmp/tidal-port-leases"))
+LEASE_DIR_ENV = "TIDAL_PORT_LEASE_DIR"
+LEASE_DIR = Path(os.environ.get(LEASE_DIR_ENV) or user_temp_root() / "port-leases")
 _LEASE_GRACE_S = 300.0  # a lease whose owners are all gone is stale after this long (start-up time)
 
 
@@ -48,7 +52,7 @@ class PortLease:
     def acquire(cls, num_ports: int, owner: str, *, attempts: int = 50) -> PortLease:
         if num_ports > PORT_POOL_END - PORT_POOL_START:
             raise ValueError(f"cannot lease {num_ports} ports: the pool has {PORT_POOL_END - PORT_POOL_START}")
-        LEASE_DIR.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(LEASE_DIR, what="port lease directory", env_var=LEASE_DIR_ENV)
         with _locked(LEASE_DIR / ".lock"):
             taken = []
             for f in LEASE_DIR.glob("*.json"):

@@ -23,7 +23,7 @@ Example YAML (see ``training/jobs/digits.yaml``)::
     max_workers: 4
     global_batch_size: 64
     steps: 300
-    storage_path: /tmp/tidal-train
+    storage_path: /mnt/shared/tidal-train   # default ~/.tidal/train
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from pydantic import (
 from tidal.cluster.model import TrainingJobSpec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DEFAULT_STORAGE_PATH = "~/.tidal/train"
 
 
 class SpecError(ValueError):
@@ -239,7 +240,13 @@ class JobSpec(BaseModel):
     warmup_steps: int = Field(default=0, ge=0)
     seed: int = 0
 
-    storage_path: str = Field(min_length=1, description="Local directory or fsspec/pyarrow URI (s3://...).")
+    storage_path: str = Field(
+        default=DEFAULT_STORAGE_PATH,
+        min_length=1,
+        validate_default=True,
+        description="Local directory or fsspec/pyarrow URI (s3://...); default ~/.tidal/train, in the home of "
+        "the user who runs the job (a fixed path under /tmp would be open to every user of the machine).",
+    )
     export_path: str | None = Field(
         default=None, description="Where the final model goes for serving; default <storage_path>/<name>/model."
     )
