@@ -15,11 +15,19 @@ HTTP API:
 - ``POST /v1/predict`` ``{"instances": [[...64 numbers...], ...]}`` ->
   ``{"model_version": "v3", "predictions": [7, ...], "outputs": [[logits...], ...]}``.
 - ``GET /v1/models``: what each replica that answers has loaded (version, class, shape, precision, device).
-- ``GET /healthz``: liveness (never needs the API key).
+- ``GET /openapi.json``, ``GET /docs``: the OpenAPI schema (the request body for the served model's input
+  shape, every error response, the API key) and its Swagger UI page.
+- ``GET /healthz``: liveness (the only route that never needs the API key).
 
 Bad input gets a 4xx naming the problem: malformed JSON 400, missing/wrong API key 401, body or instance
-count too large 413, wrong shape/type/value 422. Nothing a client sends can take a replica down: every
-handler turns unexpected errors into a 500 and the replica carries on.
+count too large 413, wrong shape/type/value 422 (and 422 when the model's outputs for an instance are not
+finite: JSON cannot carry them). Nothing a client sends can take a replica down: every handler turns
+unexpected errors into a 500 and the replica carries on.
+
+The API key is resolved once, where the application is built (``args.api_key`` or ``args.api_key_env`` in
+the application's environment, :func:`tidal.serving.config.resolve_api_key`), and every replica gets it from
+there: a replica never reads it from its node. The manifest's model class must come from a module the
+application allows (``args.allowed_model_modules``, plus Tidal's own), checked before the module is imported.
 
 Each replica runs where Ray placed it (on a granted GPU type, see ``tidal.serving.config.ray_actor_options_for``),
 loads the model on CUDA when it sees one, batches requests with ``@serve.batch``, and reports its node's GPU
@@ -33,13 +41,15 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tidal.cluster.model import GPU_TYPE_LABEL
@@ -47,22 +57,50 @@ from tidal.serving.config import (
     GPU_TYPE_METRIC_PREFIX,
     ModelOptions,
     ServeAppArgs,
+    allowed_model_modules,
     autoscaling_config_for,
     ray_actor_options_for,
+    resolve_api_key,
 )
 from tidal.serving.inference import LoadedModel, load_for_inference, pick_device, run_batch, to_response
-from tidal.serving.manifest import load_manifest
+from tidal.serving.manifest import check_model_class_allowed, load_manifest
 from tidal.serving.schemas import (
+    HealthResponse,
     InputError,
     ModelInfo,
+    ModelsResponse,
     PredictResponse,
+    document_openapi,
+    error_responses,
     flatten_instances,
     parse_predict_body,
+    parse_predict_json,
+    predict_request_model,
 )
 
 logger = logging.getLogger("ray.serve.tidal")
 
-api = FastAPI(title="Tidal model server", version="1")
+HEALTH_PATH = "/healthz"
+# The schema and the docs page are routes of the replica (below), behind the API key like every route but
+# health, and describe the model being served (its input shape, the application's limits).
+api = FastAPI(
+    title="Tidal model server",
+    version="1",
+    description="Predictions from a torch model checkpoint. Every error answers with "
+    '{"error": {"field": ..., "message": ...}}.',
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
+)
+
+_DOCS_HTML = """<!DOCTYPE html>
+<html><head><title>{title}</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({{spec: {spec}, dom_id: "#swagger-ui"}});</script>
+</body></html>
+"""
 
 
 @api.exception_handler(InputError)
@@ -110,8 +148,9 @@ class ModelServer:
         service_name: str,
         max_instances_per_request: int,
         max_body_bytes: int,
+        max_abs_input: float,
+        allowed_model_modules: Sequence[str],
         api_key: str | None = None,
-        api_key_env: str | None = None,
         num_cpus: float = 1.0,
         max_concurrent_batches: int = 1,
     ) -> None:
@@ -121,7 +160,10 @@ class ModelServer:
         self._service_name = service_name
         self._max_instances = max_instances_per_request
         self._max_body_bytes = max_body_bytes
-        self._api_key = (os.environ.get(api_key_env) if api_key_env else None) or api_key
+        self._max_abs_input = max_abs_input
+        self._allowed_model_modules = tuple(allowed_model_modules)
+        self._api_key = api_key
+        self._openapi: tuple[tuple[str, str], dict[str, Any]] | None = None
         self._device = pick_device()
         self._gpu_type = _node_gpu_type()
         self._loaded: LoadedModel | None = None
@@ -149,7 +191,9 @@ class ModelServer:
         """
         options = ModelOptions.model_validate(user_config)
         async with self._swap_lock:
-            loaded = await asyncio.to_thread(load_for_inference, options, self._device)
+            loaded = await asyncio.to_thread(
+                load_for_inference, options, self._device, allowed_modules=self._allowed_model_modules
+            )
             self._infer.set_max_batch_size(options.max_batch_size)
             self._infer.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
             previous = self._loaded
@@ -168,11 +212,23 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------- routes
 
-    @api.get("/healthz")
+    @api.get(HEALTH_PATH, response_model=HealthResponse, responses=error_responses(500))
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok" if self._loaded else "loading", "model_version": self._version()}
 
-    @api.get("/v1/models")
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(self._openapi_spec(request))
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        # The schema is inlined: a browser would fetch a URL without the key.
+        spec = json.dumps(self._openapi_spec(request)).replace("</", "<\\/")
+        return HTMLResponse(_DOCS_HTML.format(title=api.title, spec=spec))
+
+    @api.get("/v1/models", response_model=ModelsResponse, responses=error_responses(401, 500, 503))
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         loaded = self._require_model()
@@ -192,19 +248,20 @@ class ModelServer:
         )
         return {"models": [info.model_dump()]}
 
-    @api.post("/v1/predict", response_model=PredictResponse)
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses=error_responses(400, 401, 413, 422, 500, 503),
+        summary="Predict",
+        description="The body is documented per served model (its input shape) in this schema's "
+        "PredictRequest; the server reads it itself, refusing a body over the size limit before parsing it.",
+    )
     async def predict(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         body = await self._read_body(request)
-        try:
-            raw = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError("body", f"is not valid JSON: {e}", status=400) from None
-        except RecursionError:
-            raise InputError("body", "is nested too deeply to parse", status=400) from None
-        instances = parse_predict_body(raw, self._max_instances)
+        instances = parse_predict_body(parse_predict_json(body), self._max_instances)
         loaded = self._require_model()
-        flat = flatten_instances(instances, loaded.manifest.input_shape)
+        flat = flatten_instances(instances, loaded.manifest.input_shape, self._max_abs_input)
         used, outputs = await self._infer((loaded, flat))
         return to_response(used, outputs)
 
@@ -237,14 +294,43 @@ class ModelServer:
             raise StarletteHTTPException(503, "model is loading; retry shortly")
         return self._loaded
 
+    def _openapi_spec(self, request: Request) -> dict[str, Any]:
+        """The OpenAPI document for the model being served, under the route prefix the request came in on."""
+        loaded = self._require_model()
+        root_path = request.scope.get("root_path", "")
+        key = (loaded.version, root_path)
+        if self._openapi is None or self._openapi[0] != key:
+            spec = get_openapi(
+                title=api.title,
+                version=api.version,
+                description=api.description,
+                routes=request.app.routes,
+                servers=[{"url": root_path}] if root_path else None,
+            )
+            body = predict_request_model(
+                loaded.manifest.input_shape,
+                max_instances=self._max_instances,
+                max_abs_input=self._max_abs_input,
+            )
+            self._openapi = (
+                key,
+                document_openapi(
+                    spec, body, api_key_required=bool(self._api_key), public_paths=[HEALTH_PATH]
+                ),
+            )
+        return self._openapi[1]
+
     def _authorize(self, request: Request) -> None:
+        """Either form of the key will do: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
         if not self._api_key:
             return
-        given = request.headers.get("x-api-key")
+        expected = self._api_key.encode()
         auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), self._api_key.encode()):
+        given = [
+            request.headers.get("x-api-key"),
+            auth[7:].strip() if auth.lower().startswith("bearer ") else None,
+        ]
+        if not any(g is not None and hmac.compare_digest(g.encode(), expected) for g in given):
             raise StarletteHTTPException(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
@@ -270,11 +356,29 @@ class ModelServer:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application builder that Serve config files name (``import_path: tidal.serving.app:build_app``).
 
-    Validates ``args`` (:class:`tidal.serving.config.ServeAppArgs`) and the initial checkpoint's manifest, so
-    a bad config fails ``serve deploy`` with a message naming the field instead of failing replicas.
+    Validates ``args`` (:class:`tidal.serving.config.ServeAppArgs`), the initial checkpoint's manifest and
+    its model class against the allowed modules, and resolves the API key, so a bad config fails ``serve
+    deploy`` with a message naming the field instead of failing replicas.
+
+    Raises:
+        pydantic.ValidationError: a bad field of ``args``.
+        tidal.serving.manifest.CheckpointError: a missing or invalid checkpoint, or a model class from a
+            module the application does not allow.
+        ValueError: the API key found in ``api_key_env`` is too short.
     """
     parsed = ServeAppArgs.model_validate(args)
-    load_manifest(parsed.model.checkpoint)
+    manifest = load_manifest(parsed.model.checkpoint)
+    allowed = allowed_model_modules(parsed)
+    check_model_class_allowed(manifest.model_class, allowed)
+    # Once, here: every replica gets the key this build found, never its own node's environment.
+    api_key = resolve_api_key(parsed, os.environ)
+    if api_key is None:
+        logger.warning(
+            "application %r serves without an API key: set args.api_key_env's variable ($%s) in its "
+            "runtime_env env_vars, or args.api_key, to require one",
+            parsed.service.name,
+            parsed.api_key_env,
+        )
     return ModelServer.options(
         name=parsed.deployment_name,
         ray_actor_options=ray_actor_options_for(parsed),
@@ -287,8 +391,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         service_name=parsed.service.name,
         max_instances_per_request=parsed.max_instances_per_request,
         max_body_bytes=parsed.max_body_bytes,
-        api_key=parsed.api_key,
-        api_key_env=parsed.api_key_env,
+        max_abs_input=parsed.max_abs_input,
+        allowed_model_modules=list(allowed),
+        api_key=api_key,
         num_cpus=parsed.num_cpus_per_replica,
         max_concurrent_batches=parsed.max_concurrent_batches,
     )

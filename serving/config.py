@@ -12,11 +12,16 @@ starts, so a typo fails ``serve deploy`` with a message naming the field, not a 
   new checkpoint without restarting a replica or dropping a request.
 - ``autoscaling``: target load per replica, delays, and which policy drives Serve (``tidal`` or Serve's
   ``default``).
+- ``api_key``/``api_key_env``: the application's API key, resolved once where the application is built
+  (:func:`resolve_api_key`) and handed to every replica, so no replica serves without it.
+- ``allowed_model_modules``: the modules a checkpoint's manifest may name its model class from
+  (:func:`allowed_model_modules`): importing a module runs its code, so an operator chooses them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,6 +31,9 @@ from tidal.cluster.specs import ServiceSpecModel
 DEFAULT_API_KEY_ENV = "TIDAL_SERVE_API_KEY"
 TIDAL_POLICY_PATH = "tidal.serving.autoscale:TidalAutoscalingPolicy"
 GPU_TYPE_METRIC_PREFIX = "tidal_gpu_type:"
+# The model modules every application allows: Tidal's own. An application adds its own in
+# ``allowed_model_modules`` (the demo adds tidal.demo.model).
+TIDAL_MODEL_MODULES = ("tidal.training.models",)
 
 
 class _Strict(BaseModel):
@@ -159,16 +167,65 @@ class ServeAppArgs(_Strict):
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
     max_instances_per_request: int = Field(default=256, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=64)
+    max_abs_input: float = Field(
+        default=1e6,
+        gt=0,
+        le=3.4e38,
+        description="Inputs beyond this magnitude are refused with 422 naming the value (the OpenAPI schema "
+        "states the bound). Raise it for a model whose features are large; 3.4e38 is float32's limit.",
+    )
     api_key: str | None = Field(
         default=None,
         min_length=8,
         description="Require this key (Authorization: Bearer KEY or X-API-Key) on every route but "
-        "/healthz. Prefer api_key_env: a key in a config file is readable by anyone who reads the config.",
+        "/healthz, the OpenAPI schema and docs included. Prefer api_key_env: a key in a config file is "
+        "readable by anyone who reads the config.",
     )
     api_key_env: str = Field(
         default=DEFAULT_API_KEY_ENV,
-        description="Environment variable (on the replica's node) holding the API key, if set there.",
+        min_length=1,
+        description="Environment variable holding the API key, read once where the application is built: "
+        "set it in the application's runtime_env env_vars (`tidal serve deploy` copies it there from its own "
+        "environment). Replicas get the key from the build, never from their node's environment.",
     )
+    allowed_model_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules (or packages, with their sub-modules) whose classes a checkpoint's manifest may "
+        f"name as its model, besides Tidal's own {list(TIDAL_MODEL_MODULES)}. Importing a module runs its code: "
+        "list only modules you trust.",
+    )
+
+    @field_validator("allowed_model_modules")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"expected dotted module names such as 'mypkg.models', got {name!r}")
+        return v
+
+
+def allowed_model_modules(args: ServeAppArgs) -> tuple[str, ...]:
+    """Tidal's own model modules plus the application's ``allowed_model_modules``."""
+    return TIDAL_MODEL_MODULES + tuple(m for m in args.allowed_model_modules if m not in TIDAL_MODEL_MODULES)
+
+
+def resolve_api_key(args: ServeAppArgs, environ: Mapping[str, str]) -> str | None:
+    """The application's API key: ``args.api_key``, else ``environ[args.api_key_env]``, else None (no key).
+
+    ``environ`` is the environment where the application is built (its runtime_env's env_vars included);
+    the key found there goes to every replica.
+
+    Raises:
+        ValueError: the variable is set but shorter than 8 characters (the message names it).
+    """
+    if args.api_key:
+        return args.api_key
+    key = environ.get(args.api_key_env, "").strip()
+    if key and len(key) < 8:
+        raise ValueError(
+            f"api_key_env: ${args.api_key_env} holds a key of {len(key)} characters; use at least 8"
+        )
+    return key or None
 
 
 def ray_actor_options_for(args: ServeAppArgs) -> dict[str, Any]:

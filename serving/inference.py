@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tidal.serving.config import ModelOptions
+from tidal.serving.config import TIDAL_MODEL_MODULES, ModelOptions
 from tidal.serving.manifest import ModelManifest, load_manifest, load_model
+from tidal.serving.schemas import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,16 @@ class LoadedModel:
         return self.manifest.version
 
 
-def load_for_inference(options: ModelOptions, device: torch.device | None = None) -> LoadedModel:
+def load_for_inference(
+    options: ModelOptions,
+    device: torch.device | None = None,
+    *,
+    allowed_modules: Sequence[str] = TIDAL_MODEL_MODULES,
+) -> LoadedModel:
     """Load ``options.checkpoint`` on ``device`` in eval mode, at ``options.precision``.
+
+    The manifest's model class must come from ``allowed_modules``
+    (:func:`tidal.serving.manifest.check_model_class_allowed`).
 
     - ``fp32``: as trained.
     - ``bf16``: weights and inputs in bfloat16 (outputs are returned as float32).
@@ -48,7 +58,8 @@ def load_for_inference(options: ModelOptions, device: torch.device | None = None
       fly). PyTorch runs it on CPU only, so it is refused on a CUDA device rather than silently ignored.
 
     Raises:
-        tidal.serving.manifest.CheckpointError: missing or invalid checkpoint.
+        tidal.serving.manifest.CheckpointError: missing or invalid checkpoint, or a model class from a module
+            not allowed.
         ValueError: int8 asked for on CUDA.
     """
     device = device or pick_device()
@@ -58,7 +69,9 @@ def load_for_inference(options: ModelOptions, device: torch.device | None = None
             "precision 'int8' (dynamic quantization) runs on CPU only, but this replica has CUDA; "
             "use precision 'bf16' or 'fp32' for GPU replicas"
         )
-    model = load_model(options.checkpoint, "cpu" if options.precision == "int8" else device)
+    model = load_model(
+        options.checkpoint, "cpu" if options.precision == "int8" else device, allowed_modules=allowed_modules
+    )
     input_dtype = torch.float32
     if options.precision == "bf16":
         model = model.to(torch.bfloat16)
@@ -96,7 +109,20 @@ def run_batch(loaded: LoadedModel, flat_inputs: list[list[float]]) -> list[torch
 
 
 def to_response(loaded: LoadedModel, outputs: torch.Tensor) -> dict[str, Any]:
-    """One request's outputs as the JSON body of :class:`tidal.serving.schemas.PredictResponse`."""
+    """One request's outputs as the JSON body of :class:`tidal.serving.schemas.PredictResponse`.
+
+    Raises:
+        InputError: the outputs of an instance are not finite (JSON has no inf or NaN, and a null in their
+            place would pass for an answer): 422 naming the first such instance.
+    """
+    finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise InputError(
+            f"instances[{i}]",
+            "the model's outputs for this instance are not finite (inf or NaN), so there is no answer to "
+            "return; send values in the range the model was trained on",
+        )
     rows = outputs.tolist()
     if outputs.dim() == 2:
         idx = outputs.argmax(dim=1).tolist()

@@ -6,7 +6,10 @@ A model checkpoint is a directory with two files:
 - ``manifest.json``: a :class:`ModelManifest` naming the model class as ``module:attr``, its constructor
   kwargs, the version, the per-instance input shape and dtype, optional class labels and metrics.
 
-Any ``torch.nn.Module`` importable where it is loaded can be trained and served this way. The writer is
+Any ``torch.nn.Module`` importable where it is loaded can be trained and served this way, once the operator
+allows its module: importing a module runs its code, so a manifest may only name classes from the modules the
+loader is given (Tidal's own by default, :data:`tidal.serving.config.TIDAL_MODEL_MODULES`; an application adds
+its own in ``allowed_model_modules``), and the weights load with ``torch.load(weights_only=True)``. The writer is
 atomic: it writes into a temporary sibling directory and renames it into place, so a reader never sees a
 half-written checkpoint (a rollout that promotes a checkpoint while training is still writing it is safe).
 
@@ -23,10 +26,12 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tidal.serving.config import TIDAL_MODEL_MODULES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -91,8 +96,33 @@ class ModelManifest(BaseModel):
         return n
 
 
-def import_model_class(spec: str) -> type:
-    """Import ``module:attr`` and return the attribute. Raises :class:`CheckpointError` naming the spec."""
+def check_model_class_allowed(spec: str, allowed_modules: Sequence[str]) -> None:
+    """Refuse a ``module:attr`` whose module is not one of ``allowed_modules`` nor inside one of them.
+
+    Example: allowed ``["tidal.training.models", "mypkg"]`` lets ``mypkg.nets.resnet:ResNet`` through and
+    refuses ``os:system``, before anything is imported.
+
+    Raises:
+        CheckpointError: naming the class, the modules allowed and how to allow it.
+    """
+    module_name = spec.partition(":")[0]
+    if any(module_name == m or module_name.startswith(m + ".") for m in allowed_modules):
+        return
+    raise CheckpointError(
+        f"model_class {spec!r}: module {module_name!r} is not an allowed model module (allowed: "
+        f"{list(allowed_modules)}); importing a module runs its code, so an operator must allow it: add "
+        f"{module_name!r} to the application's args.allowed_model_modules if you trust it"
+    )
+
+
+def import_model_class(spec: str, allowed_modules: Sequence[str] = TIDAL_MODEL_MODULES) -> type:
+    """Import ``module:attr`` from an allowed module and return the attribute.
+
+    Raises:
+        CheckpointError: the module is not allowed (checked before importing it), does not import, or has
+            no such attribute; the message names the spec.
+    """
+    check_model_class_allowed(spec, allowed_modules)
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -200,30 +230,46 @@ def load_manifest(path: str | os.PathLike) -> ModelManifest:
         raise CheckpointError(f"{mpath} is not a valid manifest: {e}") from e
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    allowed_modules: Sequence[str] = TIDAL_MODEL_MODULES,
+) -> torch.nn.Module:
     """Build the manifest's model class, load the weights onto ``device`` and put it in eval mode.
+
+    The class must come from ``allowed_modules`` (see :func:`check_model_class_allowed`); the weights
+    load as tensors only (``weights_only=True``: a pickled object in ``model.pt`` is refused, not run).
 
     Returns:
         The model, in eval mode, on ``device`` (read the manifest with :func:`load_manifest`).
 
     Raises:
-        CheckpointError: missing/invalid manifest, missing weights, unimportable class, or weights that do
-            not fit the class built with ``model_kwargs``.
+        CheckpointError: missing/invalid manifest, missing weights, a class from a module not allowed or
+            that does not import, weights that are not plain tensors, or weights that do not fit the class
+            built with ``model_kwargs``.
     """
+    import pickle
+
     import torch
 
     manifest = load_manifest(path)
     wpath = Path(path) / WEIGHTS_FILE
     if not wpath.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {WEIGHTS_FILE}")
-    cls = import_model_class(manifest.model_class)
+    cls = import_model_class(manifest.model_class, allowed_modules)
     try:
         model = cls(**manifest.model_kwargs)
     except TypeError as e:
         raise CheckpointError(
             f"model_class {manifest.model_class!r} rejected model_kwargs {manifest.model_kwargs!r}: {e}"
         ) from e
-    state = torch.load(wpath, map_location=device, weights_only=True)
+    try:
+        state = torch.load(wpath, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{wpath} holds more than tensors, and only a state_dict of tensors is loaded: {e}"
+        ) from e
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -14,8 +14,9 @@ A training job promotes its final checkpoint by calling :func:`promote_checkpoin
 """
 
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,14 @@ import ray
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
-from tidal.serving.config import ModelOptions, ServeAppArgs
-from tidal.serving.manifest import WEIGHTS_FILE, CheckpointError, import_model_class, load_manifest
+from tidal.serving.config import TIDAL_MODEL_MODULES, ModelOptions, ServeAppArgs, allowed_model_modules
+from tidal.serving.manifest import (
+    WEIGHTS_FILE,
+    CheckpointError,
+    check_model_class_allowed,
+    import_model_class,
+    load_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +77,11 @@ def deploy_config(
 ) -> list[str]:
     """Deploy a Serve config (the format of ``serving/config.yaml``), as ``serve deploy`` does.
 
-    Tidal applications' ``args`` are validated first (:class:`ServeAppArgs` and the checkpoint's
-    manifest). Serve is started if it is not running, on ``http_port`` when given (the port the cluster
-    reserved for it) rather than the config's.
+    Tidal applications' ``args`` are validated first (:class:`ServeAppArgs`, the checkpoint's manifest and
+    its model class against the allowed modules). An application's API key variable (``api_key_env``), when
+    set in this process's environment and not in the application's ``runtime_env``, is copied there: the
+    application is built with it, and every replica gets the key from that build. Serve is started if it is
+    not running, on ``http_port`` when given (the port the cluster reserved for it) rather than the config's.
 
     Returns:
         The names of the applications deployed.
@@ -84,9 +93,16 @@ def deploy_config(
             name = app.get("name", "default")
             try:
                 args = ServeAppArgs.model_validate(app.get("args", {}))
-                load_manifest(args.model.checkpoint)
+                manifest = load_manifest(args.model.checkpoint)
+                check_model_class_allowed(manifest.model_class, allowed_model_modules(args))
             except (ValueError, CheckpointError) as e:
                 raise RolloutError(f"application {name!r}: invalid args: {e}") from e
+            key = os.environ.get(args.api_key_env)
+            env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
+            if key and args.api_key is None and args.api_key_env not in env_vars:
+                runtime_env = dict(app.get("runtime_env") or {})
+                runtime_env["env_vars"] = {**env_vars, args.api_key_env: key}
+                app["runtime_env"] = runtime_env
             # Send the path as resolved here ("~", $VARS), not as written: the cluster's env may differ.
             app["args"] = {
                 **app.get("args", {}),
@@ -124,18 +140,23 @@ def _wait_running(names: list[str], deadline: float) -> None:
         time.sleep(0.5)
 
 
-def check_promotable(checkpoint: str | Path, current: ModelOptions | None) -> str:
+def check_promotable(
+    checkpoint: str | Path,
+    current: ModelOptions | None,
+    allowed_modules: Sequence[str] = TIDAL_MODEL_MODULES,
+) -> str:
     """Check a checkpoint before it is rolled out; return its version.
 
     Raises:
-        RolloutError: the manifest is missing or invalid, the weights are missing, the model class does
-            not import, or the input shape differs from the model being served (clients would break).
+        RolloutError: the manifest is missing or invalid, the weights are missing, the model class is not
+            from ``allowed_modules`` (the application's) or does not import, or the input shape differs from
+            the model being served (clients would break).
     """
     try:
         manifest = load_manifest(checkpoint)
         if not (Path(checkpoint) / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"checkpoint {str(checkpoint)!r} has no {WEIGHTS_FILE}")
-        import_model_class(manifest.model_class)
+        import_model_class(manifest.model_class, allowed_modules)
     except CheckpointError as e:
         raise RolloutError(f"cannot promote {checkpoint}: {e}") from e
     if current is not None:
@@ -196,7 +217,7 @@ def promote_checkpoint(
         entry = {"name": args.deployment_name}
         deployments.append(entry)
     current = ModelOptions.model_validate(entry.get("user_config") or args.model.model_dump())
-    version = check_promotable(checkpoint, current)
+    version = check_promotable(checkpoint, current, allowed_model_modules(args))
     new_options = current.model_copy(update={"checkpoint": checkpoint})
     if precision is not None:
         new_options = ModelOptions.model_validate({**new_options.model_dump(), "precision": precision})

@@ -183,6 +183,8 @@ def tidal_app(name: str, checkpoint: Path, working_dir: str) -> dict[str, Any]:
             "service": {"name": name, "gpu_types": ["A100", "RTX4090"], "min_replicas": 1, "max_replicas": 1},
             "model": {"checkpoint": str(checkpoint)},
             "num_cpus_per_replica": 0.25,
+            # The user's model module (training.models:UserDigitsNet), allowed by the operator, who is the user.
+            "allowed_model_modules": ["training.models"],
             # No arbiter under this name: the policy runs in its fallback mode (Serve's behaviour).
             "autoscaling": {"arbiter_name": "tidal-pkg-no-arbiter"},
         },

@@ -9,6 +9,7 @@ from tidal.serving.manifest import (
     WEIGHTS_FILE,
     CheckpointError,
     ModelManifest,
+    check_model_class_allowed,
     load_manifest,
     load_model,
     write_model_checkpoint,
@@ -18,7 +19,10 @@ from tidal.training.models import DigitsMLP
 
 def write(model, path, **overrides):
     kw = dict(
-        model_class="tidal.training.models:DigitsMLP", model_kwargs={"hidden": 16}, version="v1", input_shape=[64]
+        model_class="tidal.training.models:DigitsMLP",
+        model_kwargs={"hidden": 16},
+        version="v1",
+        input_shape=[64],
     )
     kw.update(overrides)
     return write_model_checkpoint(model, path, **kw)
@@ -100,4 +104,42 @@ def test_missing_weights_an_unimportable_class_or_wrong_kwargs_are_clear_errors(
         load_model(path)
     path = write(DigitsMLP(hidden=16), tmp_path / "ck3", model_kwargs={"hidden": 32})
     with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(path)
+
+
+def test_a_model_class_from_a_module_the_operator_did_not_allow_is_refused_before_it_is_imported(tmp_path):
+    path = write(DigitsMLP(hidden=16), tmp_path / "ck", model_class="tidal_untrusted_module_xyz:Model")
+    with pytest.raises(CheckpointError) as e:
+        load_model(path)
+    message = str(e.value)
+    assert "'tidal_untrusted_module_xyz:Model'" in message and "not an allowed model module" in message
+    assert "args.allowed_model_modules" in message
+    # Allowed, it is imported (and fails as a missing module would), so the check came first.
+    with pytest.raises(CheckpointError, match="cannot import module"):
+        load_model(path, allowed_modules=["tidal_untrusted_module_xyz"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "allowed"),
+    [
+        ("tidal.training.models:DigitsMLP", True),
+        ("tidal.training.models_evil:X", False),  # a prefix of the name is not a package above it
+        ("tidal.training:DigitsMLP", False),
+        ("os:system", False),
+        ("mypkg.nets.resnet:ResNet", True),
+    ],
+)
+def test_a_module_is_allowed_when_listed_or_inside_a_listed_package(spec, allowed):
+    modules = ["tidal.training.models", "mypkg"]
+    if allowed:
+        check_model_class_allowed(spec, modules)
+    else:
+        with pytest.raises(CheckpointError, match="not an allowed model module"):
+            check_model_class_allowed(spec, modules)
+
+
+def test_weights_that_are_more_than_tensors_are_refused_not_run(tmp_path):
+    path = write(DigitsMLP(hidden=16), tmp_path / "ck")
+    torch.save({"fc": DigitsMLP(hidden=16)}, path / WEIGHTS_FILE)  # a pickled module, not a state_dict
+    with pytest.raises(CheckpointError, match="more than tensors"):
         load_model(path)

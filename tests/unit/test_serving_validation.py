@@ -6,11 +6,14 @@ import pytest
 from pydantic import ValidationError
 from tidal.cluster.model import GPU_TYPE_LABEL
 from tidal.serving.config import (
+    TIDAL_MODEL_MODULES,
     TIDAL_POLICY_PATH,
     ModelOptions,
     ServeAppArgs,
+    allowed_model_modules,
     autoscaling_config_for,
     ray_actor_options_for,
+    resolve_api_key,
 )
 from tidal.serving.schemas import InputError, flatten_instances, parse_predict_body
 
@@ -120,6 +123,8 @@ def test_the_default_policy_option_leaves_serve_in_charge():
         ({"service": {"name": "d", "gpu_types": ["H100"], "min_replicas": 3, "max_replicas": 2}}, "service"),
         ({"autoscaling": {"policy": "magic"}}, "autoscaling.policy"),
         ({"max_body_bytes": 1}, "max_body_bytes"),
+        ({"max_abs_input": 0}, "max_abs_input"),
+        ({"max_abs_input": 1e39}, "max_abs_input"),
         ({"api_key": "short"}, "api_key"),
         ({"typo_field": 1}, "typo_field"),
     ],
@@ -150,3 +155,47 @@ def test_the_shipped_serve_config_is_valid_for_serve_and_for_tidal():
     parsed = ServeAppArgs.model_validate(app.args)
     assert parsed.service.min_replicas == 0 and parsed.autoscaling.policy == "tidal"
     assert raw["http_options"]["port"] != 8000
+
+
+def test_the_api_key_is_resolved_once_from_args_or_the_applications_environment():
+    parsed = ServeAppArgs.model_validate(args())
+    assert resolve_api_key(parsed, {"TIDAL_SERVE_API_KEY": "key-from-runtime-env"}) == "key-from-runtime-env"
+    assert resolve_api_key(parsed, {}) is None
+    named = ServeAppArgs.model_validate(args(api_key_env="MY_KEY"))
+    assert (
+        resolve_api_key(named, {"MY_KEY": "my-key-0123", "TIDAL_SERVE_API_KEY": "other-key"}) == "my-key-0123"
+    )
+    in_args = ServeAppArgs.model_validate(args(api_key="key-in-args-01"))
+    assert resolve_api_key(in_args, {"TIDAL_SERVE_API_KEY": "key-from-env-1"}) == "key-in-args-01"
+    with pytest.raises(ValueError, match=r"api_key_env: \$TIDAL_SERVE_API_KEY holds a key of 3 characters"):
+        resolve_api_key(parsed, {"TIDAL_SERVE_API_KEY": "abc"})
+
+
+def test_model_modules_are_tidals_own_plus_what_the_application_allows():
+    assert allowed_model_modules(ServeAppArgs.model_validate(args())) == TIDAL_MODEL_MODULES
+    extra = ServeAppArgs.model_validate(args(allowed_model_modules=["tidal.demo.model", "mypkg"]))
+    assert allowed_model_modules(extra) == (*TIDAL_MODEL_MODULES, "tidal.demo.model", "mypkg")
+    with pytest.raises(ValidationError, match="allowed_model_modules"):
+        ServeAppArgs.model_validate(args(allowed_model_modules=["mypkg:Model"]))
+
+
+def test_a_deploy_naming_a_model_class_the_application_does_not_allow_fails_before_serve_starts(tmp_path):
+    from tidal.serving.manifest import write_model_checkpoint
+    from tidal.serving.rollout import RolloutError, deploy_config
+    from tidal.training.models import DigitsMLP
+
+    ckpt = write_model_checkpoint(
+        DigitsMLP(hidden=8),
+        tmp_path / "ck",
+        model_class="tidal.demo.model:DeviceTimedMLP",
+        model_kwargs={"hidden": 8},
+        version="v1",
+        input_shape=[64],
+    )
+    app = {
+        "name": "demo",
+        "import_path": "tidal.serving.app:build_app",
+        "args": args(model={"checkpoint": str(ckpt)}),
+    }
+    with pytest.raises(RolloutError, match=r"'tidal.demo.model:DeviceTimedMLP'.*allowed_model_modules"):
+        deploy_config({"applications": [app]})
