@@ -62,6 +62,8 @@ def serve_app(serve_instance, local_cluster, checkpoints):
                 api_key=API_KEY,
                 max_instances_per_request=64,
                 max_body_bytes=64 * 1024,
+                # As wide as float32: the model itself then meets inputs whose outputs overflow.
+                max_abs_input=3.4e38,
                 # No arbiter under this name: the policy runs in its fallback mode.
                 autoscaling={"arbiter_name": "tidal-sv-no-arbiter"},
             )
@@ -119,6 +121,20 @@ def test_predictions_over_http_match_the_model_run_directly(serve_app, checkpoin
         (b"[1, 2]", 422, "body", "expected a JSON object"),
         (b"[" * 50_000, 400, "body", "nested too deeply"),
         (b"\xff\xfe\x00garbage", 400, "body", "not valid JSON"),
+        # Numbers no float holds, and the literals Python's parser accepts: refused naming the value.
+        (b'{"instances": [[' + b"9" * 5000 + b", 0" * 63 + b"]]}", 422, "instances[0][0]", "finite"),
+        (b'{"instances": [[0, 1e400' + b", 0" * 62 + b"]]}", 422, "instances[0][1]", "finite"),
+        (b'{"instances": [[NaN' + b", 0" * 63 + b"]]}", 422, "instances[0][0]", "got nan"),
+        (b'{"instances": [[0, -Infinity' + b", 0" * 62 + b"]]}", 422, "instances[0][1]", "got -inf"),
+        (
+            json.dumps({"instances": [[-1e308] * 64]}).encode(),
+            422,
+            "instances[0][0]",
+            "to 3.4e+38, got -1e+308",
+        ),
+        # Within float32, but the model's outputs overflow: reported, never answered with nulls.
+        (json.dumps({"instances": [[0] * 64, [3e38] * 64]}).encode(), 422, "instances[1]", "not finite"),
+        (json.dumps({"instances": 10**30}).encode(), 422, "instances", "expected a list"),
     ],
 )
 def test_bad_input_gets_a_4xx_naming_the_problem(serve_app, body, status, field, message):
@@ -132,7 +148,9 @@ def test_every_route_but_health_needs_the_api_key(serve_app):
     base = serve_app["base"]
     one = {"instances": [[0] * 64]}
     assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
-    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    for path in ("/v1/models", "/openapi.json", "/docs"):
+        assert httpx.get(f"{base}{path}", timeout=30).status_code == 401, path
+        assert httpx.get(f"{base}{path}", headers=auth(), timeout=30).status_code == 200, path
     r = httpx.post(f"{base}/v1/predict", json=one, headers={"X-API-Key": "wrong-key-000"}, timeout=30)
     assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
     assert (
