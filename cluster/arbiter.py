@@ -18,12 +18,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tidal.cluster.arbiter_state import STATE_VERSION, parse_arbiter_state
 from tidal.cluster.model import (
     EMPTY,
     Allocation,
@@ -37,9 +39,9 @@ from tidal.cluster.model import (
     WorkloadSnapshot,
     WorkloadSpec,
     index_from_parts,
-    spec_from_dict,
     spec_to_dict,
 )
+from tidal.cluster.specs import SpecError, check_spec
 from tidal.policies.base import Infeasible, Policy, PolicyDecision, PolicyState
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ class _Registration:
     seq: int = 0
     # The last ``GrantView`` handed out, handed out again while it is the same (see ``_view``).
     last_view: GrantView | None = None
+    # False from a restore until the workload reports what it holds: its saved ``held`` may be stale.
+    heard: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +177,20 @@ class ArbiterConfig:
         registration_ttl_s: a workload silent for this long loses its registration and its grant.
         default_yield_grace_s: grace for services (jobs carry their own ``yield_grace_s``).
         max_events: events kept in memory for ``events()``.
+        restore_grace_s: after a restore, a workload not yet heard from is stopped by force only this
+            long after the restore (None: ``registration_ttl_s``), whatever its saved deadlines say: what
+            it held when the state was saved may be gone by now.
+        contain_errors: a policy (or a workload's data) that raises during a tick is logged and recorded
+            (an ``error`` event), and the last good grants stay, instead of the tick raising. The actor
+            contains them, since one bad workload must not freeze every grant; tests and the simulator
+            let them propagate.
     """
 
     registration_ttl_s: float = 15.0
     default_yield_grace_s: float = 30.0
     max_events: int = 10_000
+    restore_grace_s: float | None = None
+    contain_errors: bool = False
 
 
 # ------------------------------------------------------------------------------------------ the arbiter
@@ -220,6 +233,9 @@ class ResourceArbiter:
         self._demand_rose = False
         self.reclaim_durations_s: deque[float] = deque(maxlen=1000)
         self.last_decide_ms = 0.0
+        self._restored_s = -math.inf
+        self.tick_errors = 0
+        self.last_tick_error: str | None = None
         self.listeners: list[Callable[[TickReport], None]] = []
 
     # ---------------------------------------------------------------- the client API (cheap, no I/O)
@@ -227,9 +243,21 @@ class ResourceArbiter:
     def register(
         self, spec: WorkloadSpec, meta: Mapping[str, Any] | None = None, demand_units: int | None = None
     ) -> GrantView:
-        """Registers (or re-registers, keeping the grant) a workload. Idempotent."""
+        """Registers (or re-registers, keeping the grant) a workload. Idempotent.
+
+        Raises:
+            SpecError: a field of ``spec``, ``demand_units`` or ``meta`` is invalid (the message names it,
+                its value and what is valid); nothing is registered.
+        """
+        name = getattr(spec, "name", None)
+        reg = self._regs.get(name) if isinstance(name, str) else None
+        if reg is None or reg.spec != spec:  # (a spec already checked is not checked again)
+            check_spec(spec)
+        if demand_units is not None:
+            demand_units = _whole(spec.name, "demand_units", demand_units)
+        if meta is not None and not isinstance(meta, Mapping):
+            raise SpecError(f"registration of {spec.name!r}: meta must be a mapping, got {meta!r}")
         now = self.clock.now()
-        reg = self._regs.get(spec.name)
         if reg is not None and reg.spec.kind is not spec.kind:
             return GrantView(
                 spec.name,
@@ -269,7 +297,22 @@ class ResourceArbiter:
         progress: Mapping[str, Any] | None = None,
         seconds_since_checkpoint: float | None = None,
     ) -> GrantView:
-        """Reports liveness, demand and what the workload uses now; returns its grant."""
+        """Reports liveness, demand and what the workload uses now; returns its grant.
+
+        Raises:
+            SpecError: a value is invalid (the message names the field, the value and what is valid);
+                nothing of the heartbeat is recorded.
+        """
+        if type(name) is not str:
+            raise SpecError(f"heartbeat: the workload's name must be a string, got {name!r}")
+        if demand_units is not None:
+            demand_units = _whole(name, "demand_units", demand_units)
+        if held is not None and not isinstance(held, Allocation):
+            held = _held(name, held)
+        if progress is not None and not isinstance(progress, Mapping):
+            raise SpecError(f"heartbeat of {name!r}: progress must be a mapping, got {progress!r}")
+        if seconds_since_checkpoint is not None:
+            seconds_since_checkpoint = _seconds(name, "seconds_since_checkpoint", seconds_since_checkpoint)
         reg = self._regs.get(name)
         if reg is None:
             return GrantView(name, EMPTY, registered=False, reason="not registered (expired or unknown)")
@@ -279,7 +322,7 @@ class ResourceArbiter:
             self._oldest_heartbeat_s = now  # (a clock that went back)
         # (A field that changes drops the registration's cached snapshot: see ``snapshot``.)
         if demand_units is not None:
-            demand = max(0, int(demand_units))
+            demand = demand_units
             if demand != reg.demand_units:
                 if (
                     demand > reg.demand_units
@@ -290,7 +333,8 @@ class ResourceArbiter:
                 reg.demand_units = demand
                 self._table.changed(reg)
         if held is not None:
-            new_held = held if isinstance(held, Allocation) else Allocation.of(held) if held else EMPTY
+            new_held = held
+            reg.heard = True
             if new_held != reg.held:
                 self._dirty = True
                 reg.held = new_held
@@ -382,22 +426,31 @@ class ResourceArbiter:
                 self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
             self._oldest_heartbeat_s = min([r.last_heartbeat_s for r in self._regs.values()], default=math.inf)
         self._enforce_grace(now)
-        # 3. decide
-        snapshot = self.snapshot()
-        t0 = time.perf_counter()
-        decision, self._policy_state = self.policy.decide(snapshot, self._policy_state)
-        self.last_decide_ms = (time.perf_counter() - t0) * 1e3
-        self._infeasible = decision.infeasible
-        previous_infeasible = self._infeasible_by_name
-        self._infeasible_by_name = {i.workload: i.reason for i in decision.infeasible}
-        # 4. plan
-        new_grants = plan_grants(snapshot, decision)
-        self._commit(new_grants, decision, now, previous_infeasible)
+        # 3. decide and 4. plan (what a policy or a workload's data raises here keeps the last good grants)
+        try:
+            snapshot = self.snapshot()
+            t0 = time.perf_counter()
+            decision, policy_state = self.policy.decide(snapshot, self._policy_state)
+            self.last_decide_ms = (time.perf_counter() - t0) * 1e3
+            new_grants = plan_grants(snapshot, decision)
+        except Exception as e:
+            if not self.config.contain_errors:
+                raise
+            self.tick_errors += 1
+            self.last_tick_error = f"{type(e).__name__}: {e}"
+            logger.exception("the tick's decision failed; the last good grants stay in force")
+            self._record(ArbiterEvent(now, "error", "", {"error": self.last_tick_error}))
+        else:
+            self._policy_state = policy_state
+            self._infeasible = decision.infeasible
+            previous_infeasible = self._infeasible_by_name
+            self._infeasible_by_name = {i.workload: i.reason for i in decision.infeasible}
+            self._commit(new_grants, decision, now, previous_infeasible)
         # 5. apply and record
         self.backend.apply(dict(self._grants))
         events = tuple(self._pending_events)
         self._pending_events.clear()
-        report = TickReport(now, self.last_decide_ms, dict(self._grants), decision.infeasible, events)
+        report = TickReport(now, self.last_decide_ms, dict(self._grants), self._infeasible, events)
         for listener in self.listeners:
             listener(report)
         return report
@@ -464,9 +517,14 @@ class ResourceArbiter:
         }
 
     def dump_state(self) -> dict[str, Any]:
-        """Registrations, grants and policy state, JSON-able, for a restart of the actor."""
+        """Registrations, grants, pending releases and policy state, JSON-able, for a restart of the actor.
+
+        A pending release is saved with the seconds left of its grace (``remaining_s``), not its deadline:
+        the time the actor is down does not count against the holder.
+        """
+        now = self.clock.now()
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "registrations": [
                 {
                     "spec": spec_to_dict(r.spec),
@@ -476,6 +534,10 @@ class ResourceArbiter:
                     "progress": r.progress,
                     "meta": r.meta,
                     "shrink_issued_s": r.shrink_issued_s,
+                    "release_deadlines": [
+                        {"remaining_s": max(0.0, d - now), "grant": g.as_dict()}
+                        for d, g in r.release_deadlines
+                    ],
                 }
                 for r in self._regs.values()
             ],
@@ -485,35 +547,51 @@ class ResourceArbiter:
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
-        """Loads a ``dump_state()``. Heartbeat ages restart from now: downtime is not silence."""
-        if state.get("version") != 1:
-            raise ValueError(f"arbiter state version {state.get('version')!r} is not supported (valid: 1)")
+        """Loads a ``dump_state()``, validated first (``tidal.cluster.arbiter_state``).
+
+        Heartbeat ages restart from now: downtime is not silence. Each pending release keeps the grace it
+        had left. Until a workload reports what it holds, it is not stopped by force before
+        ``restore_grace_s`` has passed (its saved ``held`` may be stale: it may have let go meanwhile).
+
+        Raises:
+            StateError: the state does not parse (a ``ValueError`` naming the field, the value and what
+                is valid); the arbiter is left as it was.
+        """
+        parsed = parse_arbiter_state(state)
         now = self.clock.now()
-        self._regs = {}
-        self._table = _SnapshotTable()
-        for r in state["registrations"]:
-            spec = spec_from_dict(r["spec"])
-            self._regs[spec.name] = _Registration(
+        regs: dict[WorkloadName, _Registration] = {}
+        for r in parsed.registrations:
+            spec = r.spec
+            regs[spec.name] = _Registration(
                 spec=spec,
-                registered_s=r["registered_s"],
+                registered_s=r.registered_s,
                 last_heartbeat_s=now,
-                demand_units=r["demand_units"],
-                held=Allocation.of(r["held"]),
-                progress=dict(r.get("progress") or {}),
-                meta=dict(r.get("meta") or {}),
-                shrink_issued_s=r.get("shrink_issued_s"),
+                demand_units=r.demand_units,
+                held=Allocation.of(r.held),
+                progress=dict(r.progress),
+                meta=dict(r.meta),
+                shrink_issued_s=r.shrink_issued_s,
+                release_deadlines=[
+                    (now + max(0.0, d.remaining_s), Allocation.of(d.grant)) for d in r.release_deadlines
+                ],
                 seq=next(self._seq),
+                heard=False,
             )
-            self._table.add(spec.name, spec.kind)
-        self._grants = {n: Allocation.of(g) for n, g in state["grants"].items() if n in self._regs}
+        grants = {n: Allocation.of(g) for n, g in parsed.grants.items() if n in regs}
+        for name, reg in regs.items():
+            if reg.shrink_issued_s is not None and not reg.release_deadlines:
+                # (Version 1 kept no deadlines: a full grace from now, down to the grant in force.)
+                reg.release_deadlines = [(now + self._grace_s(reg.spec), grants.get(name, EMPTY))]
+        self._regs = regs
+        self._table = _SnapshotTable()
+        for name, reg in regs.items():
+            self._table.add(name, reg.spec.kind)
+        self._grants = grants
         self._oldest_heartbeat_s = now
-        self._shrinking = set()
-        for name, reg in self._regs.items():
-            if reg.shrink_issued_s is not None:
-                reg.release_deadlines = [(reg.shrink_issued_s + self._grace_s(reg.spec), self._grants.get(name, EMPTY))]
-                self._shrinking.add(name)
-        self._policy_state = PolicyState(dict(state.get("policy_state") or {}))
-        self._generation = int(state.get("generation", 0))
+        self._restored_s = now
+        self._shrinking = {n for n, r in regs.items() if r.shrink_issued_s is not None}
+        self._policy_state = PolicyState(dict(parsed.policy_state))
+        self._generation = parsed.generation
         self._dirty = True
 
     # -------------------------------------------------------------------------------------- private
@@ -611,10 +689,16 @@ class ResourceArbiter:
         shrinking = [n for n in self._shrinking if n in regs and regs[n].shrink_issued_s is not None]
         self._shrinking = set(shrinking)
         shrinking.sort(key=lambda n: regs[n].seq)  # registration order, as a walk of every one would be
+        restore_grace_s = self.config.restore_grace_s
+        patient_until = self._restored_s + (
+            self.config.registration_ttl_s if restore_grace_s is None else restore_grace_s
+        )
         for name in shrinking:
             reg = regs[name]
             if not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
                 continue
+            if not reg.heard and now < patient_until:
+                continue  # restored, and not heard from since: its saved `held` may be stale
             grant = self._grants.get(name, EMPTY)
             logger.warning(
                 "workload %s kept %s past its yield grace (grant %s): stopping it by force",
@@ -708,6 +792,36 @@ def _workload_snapshot(r: _Registration) -> WorkloadSnapshot:
 
 def _exceeds(held: Allocation, grant: Allocation) -> bool:
     return any(n > grant.get(t) for t, n in held.items)
+
+
+# ------------------------------------------------------------------------------ checks of the client calls
+# Plain checks, not pydantic: a heartbeat is the arbiter's hottest call (the simulator makes millions).
+
+
+def _whole(name: Any, field_name: str, v: Any) -> int:
+    """``v`` as an int when it is a whole number >= 0 (3 or 3.0), else ``SpecError``."""
+    if type(v) is int and v >= 0:
+        return v
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 and v == int(v):
+        return int(v)
+    raise SpecError(f"call for {name!r}: {field_name} must be a whole number >= 0, got {v!r}")
+
+
+def _seconds(name: Any, field_name: str, v: Any) -> float:
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        return v  # type: ignore[return-value]
+    raise SpecError(f"call for {name!r}: {field_name} must be a finite number of seconds >= 0, got {v!r}")
+
+
+def _held(name: Any, held: Any) -> Allocation:
+    """What a heartbeat reports it holds, as an ``Allocation``: units (whole, >= 0) per GPU type."""
+    if not isinstance(held, Mapping):
+        raise SpecError(f"call for {name!r}: held must be a mapping of GPU type to units, got {held!r}")
+    for t, n in held.items():
+        if not isinstance(t, str) or not t:
+            raise SpecError(f"call for {name!r}: held has GPU type {t!r}; a GPU type is a non-empty string")
+        _whole(name, f"held[{t!r}]", n)
+    return Allocation.of({t: int(n) for t, n in held.items()}) if held else EMPTY
 
 
 # ----------------------------------------------------------------------------------------- the planner

@@ -6,11 +6,25 @@ They validate and turn into the frozen ``ServiceSpec`` / ``TrainingJobSpec`` the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tidal.cluster.model import ServiceSpec, TrainingJobSpec
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from tidal.cluster.model import ServiceSpec, TrainingJobSpec, WorkloadKind, WorkloadSpec
+
+# A GPU type is a value of the node label ``ray.io/accelerator-type``: Ray's rule for label values (at most
+# 63 characters, alphanumeric at both ends, ``-``, ``_`` and ``.`` inside).
+GPU_TYPE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+GpuTypeName = Annotated[str, StringConstraints(pattern=GPU_TYPE_PATTERN)]
 
 
 class SpecError(ValueError):
@@ -22,7 +36,7 @@ class _WorkloadModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    gpu_types: list[str] = Field(min_length=1, description="acceptable GPU types, most preferred first")
+    gpu_types: list[GpuTypeName] = Field(min_length=1, description="acceptable GPU types, most preferred first")
     priority: int = 10
 
     @field_validator("gpu_types")
@@ -133,3 +147,65 @@ def parse_training_job_spec(data: Any, known_gpu_types: Iterable[str] | None = N
         raise SpecError(format_validation_error(e, "training job spec")) from None
     _check_types(m.gpu_types, known_gpu_types, f"training job spec {m.name!r}")
     return m.to_spec()
+
+
+class _RegisteredServiceModel(ServiceSpecModel):
+    """A service as the arbiter takes it: also parked at zero (``max_replicas`` 0), which asks for nothing."""
+
+    max_replicas: int = Field(1, ge=0)
+
+
+_MODELS: dict[WorkloadKind, type[ServiceSpecModel] | type[TrainingJobSpecModel]] = {
+    WorkloadKind.SERVICE: _RegisteredServiceModel,
+    WorkloadKind.TRAINING: TrainingJobSpecModel,
+}
+
+
+def _plain(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with numbers as Python's own (a numpy integer is an ``int``) and ``gpu_types`` as a list, for
+    strict validation: a string where a number belongs, a bool where a count belongs, or a fraction of a
+    worker is refused, not coerced."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            out[k] = list(v) if k == "gpu_types" and isinstance(v, tuple) else v
+        elif isinstance(v, numbers.Integral):
+            out[k] = int(v)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def _validate(kind: WorkloadKind, data: Mapping[str, Any]) -> WorkloadSpec:
+    model = _MODELS[kind]
+    what = "service spec" if kind is WorkloadKind.SERVICE else "training job spec"
+    try:
+        m = model.model_validate(_plain(data), strict=True)
+    except ValidationError as e:
+        name = data.get("name")
+        raise SpecError(format_validation_error(e, f"{what} {name!r}" if isinstance(name, str) else what)) from None
+    return m.to_spec()
+
+
+def parse_workload_spec(data: Any) -> WorkloadSpec:
+    """A spec from its dict with its kind (``tidal.cluster.model.spec_to_dict``), as the arbiter's actor and
+    its saved state receive it. Raises ``SpecError`` naming the field, the value and what is valid."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"invalid workload spec: expected a mapping with a kind, got {data!r}")
+    fields = dict(data)
+    kind = fields.pop("kind", None)
+    try:
+        kind = WorkloadKind(kind)
+    except ValueError:
+        valid = ", ".join(str(k) for k in WorkloadKind)
+        raise SpecError(f"invalid workload spec:\n  kind: unknown kind {kind!r}; valid: {valid}") from None
+    return _validate(kind, fields)
+
+
+def check_spec(spec: Any) -> WorkloadSpec:
+    """``spec`` itself when every field is valid, as a user's spec file would be checked; raises ``SpecError``
+    naming the field, the value and what is valid (what ``ResourceArbiter.register`` refuses)."""
+    if not isinstance(spec, ServiceSpec | TrainingJobSpec):
+        raise SpecError(f"invalid workload spec: expected a ServiceSpec or a TrainingJobSpec, got {spec!r}")
+    _validate(spec.kind, {f: getattr(spec, f) for f in spec.__dataclass_fields__})
+    return spec
