@@ -13,7 +13,13 @@ The only place where ``ResourceArbiter`` (a plain class) meets Ray. The actor:
   the GCS). That is what survives an actor restart wherever the new process lands: a file in the session dir
   lives on one node only, while the KV is cluster-wide and goes away with the cluster, so a new cluster starts
   clean. With ``state_path`` set (``arbiter.state_path`` in the policy file) it also writes the state to that
-  file, which can outlive the cluster; it is read only when the KV has nothing;
+  file, which can outlive the cluster; it is read only when the KV has nothing. A saved state or config that
+  no longer parses is set aside (``tidal.cluster.state_store``: renamed, with an error log) and the actor starts
+  clean rather than failing on every restart; ``tidal arbiter reset`` clears it with no actor
+  (``reset_arbiter_state``);
+- after a restore, waits to hear from each holder (or ``restore_grace_s``) before it stops one by force;
+- refuses a registration or heartbeat with a bad value (``SpecError``, naming the field), and keeps the last
+  good grants when a tick's decision raises (``ArbiterConfig.contain_errors``);
 - exports Prometheus metrics on ``metrics_port`` (``tidal.cluster.metrics``);
 - swaps its policy config with ``reload_config``, which validates first, so that a bad file leaves the
   running config in place;
@@ -26,6 +32,7 @@ every touch of the arbiter.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,10 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from tidal.cluster.arbiter import ResourceArbiter, TickReport
-from tidal.cluster.model import GpuType, GrantView, WorkloadName, WorkloadSpec, spec_from_dict
+from tidal.cluster.arbiter import ArbiterConfig, ResourceArbiter, TickReport
+from tidal.cluster.model import GpuType, GrantView, WorkloadName, WorkloadSpec
 from tidal.cluster.policy_file import PolicyFileModel, arbiter_config, load_policy_file, parse_policy_file
 from tidal.cluster.ray_backend import RayBackend
+from tidal.cluster.specs import parse_workload_spec
+from tidal.cluster.state_store import load_or_set_aside, reset_saved_state, state_keys
 from tidal.policies.config import PolicyConfigModel, build_policy
 
 logger = logging.getLogger(__name__)
@@ -48,14 +57,33 @@ logger = logging.getLogger(__name__)
 ARBITER_NAME = "tidal-arbiter"
 ARBITER_NAMESPACE = "tidal"
 KV_NAMESPACE = "tidal"
-_STATE_KEY = "arbiter/{name}/state"
-_CONFIG_KEY = "arbiter/{name}/config"
 
 
 def _kv():
     from ray.experimental import internal_kv
 
     return internal_kv
+
+
+class KvStore:
+    """Ray's internal KV (held by the GCS) as a ``tidal.cluster.state_store.StateStore``; needs a connected Ray."""
+
+    def get(self, key: bytes) -> bytes | None:
+        return _kv()._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        _kv()._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+    def delete(self, key: bytes) -> None:
+        _kv()._internal_kv_del(key, namespace=KV_NAMESPACE)
+
+    def keys(self, prefix: bytes) -> list[bytes]:
+        return list(_kv()._internal_kv_list(prefix, namespace=KV_NAMESPACE))
+
+
+def _actor_config(cfg: PolicyFileModel) -> ArbiterConfig:
+    # One workload's bad data or a policy bug must not freeze every grant: the actor's ticks contain errors.
+    return dataclasses.replace(arbiter_config(cfg), contain_errors=True)
 
 
 class ArbiterActor:
@@ -85,17 +113,20 @@ class ArbiterActor:
         self._ticked = threading.Condition()  # notified after every tick (``watch_grant`` waits on it)
         self._tick_seq = 0
         self._tick_interval_override = tick_interval_s
-        self._state_key = _STATE_KEY.format(name=name).encode()
-        self._config_key = _CONFIG_KEY.format(name=name).encode()
+        self._store = KvStore()
+        keys = state_keys(name)
+        self._state_key, self._config_key = keys["state"], keys["config"]
         # A restarted actor gets its constructor arguments again: the config it was last told to use (by
-        # reload_config) is the one in the KV, and wins.
-        persisted_cfg = self._kv_get(self._config_key)
-        cfg_dict = json.loads(persisted_cfg) if persisted_cfg else dict(config or {})
-        self.cfg: PolicyFileModel = parse_policy_file(cfg_dict, "actor config")
+        # reload_config) is the one in the KV, and wins, unless it no longer parses (then it is set aside).
+        saved_cfg = load_or_set_aside(
+            self._store, self._config_key, lambda raw: parse_policy_file(json.loads(raw), "saved arbiter config"),
+            "saved arbiter config", time.time(),
+        )  # fmt: skip
+        self.cfg: PolicyFileModel = saved_cfg or parse_policy_file(dict(config or {}), "actor config")
         self._state_path = state_path or self.cfg.arbiter.state_path
         self.backend = RayBackend()
         self.arbiter = ResourceArbiter(
-            build_policy(self.cfg), self.backend, config=arbiter_config(self.cfg),
+            build_policy(self.cfg), self.backend, config=_actor_config(self.cfg),
             prices_per_gpu_hour=dict(self.cfg.prices_per_gpu_hour),
         )
         self.restored = self._restore()
@@ -148,7 +179,7 @@ class ArbiterActor:
         demand_units: int | None = None,
     ) -> GrantView:
         if isinstance(spec, Mapping):
-            spec = spec_from_dict(spec)
+            spec = parse_workload_spec(spec)  # SpecError names the field, the value and what is valid
         with self._lock:
             view = self.arbiter.register(spec, meta, demand_units)
             # A new workload must survive a restart even before the next tick persists.
@@ -240,6 +271,9 @@ class ArbiterActor:
             "early_ticks": self.early_ticks,
             "tick_errors": self.tick_errors,
             "last_error": self.last_error,
+            # Decisions that raised inside a tick (the last good grants stayed): ``error`` events.
+            "decide_errors": self.arbiter.tick_errors,
+            "last_decide_error": self.arbiter.last_tick_error,
             "tick_interval_s": self.tick_interval_s,
             "last_tick_age_s": time.time() - self.last_tick_s if self.last_tick_s else None,
             "tick_p50_s": _pct(durs, 0.5),
@@ -267,7 +301,7 @@ class ArbiterActor:
             old_policy_name = self.cfg.policy
             self.arbiter.reconfigure(
                 new_policy,
-                arbiter_config(new_cfg),
+                _actor_config(new_cfg),
                 new_cfg.prices_per_gpu_hour,
                 reset_policy_state=new_cfg.policy != old_policy_name,
             )
@@ -284,8 +318,8 @@ class ArbiterActor:
 
     def forget_state(self) -> None:
         """Deletes the persisted state (``tidal down``, tests); the in-memory state stays until the actor exits."""
-        _kv()._internal_kv_del(self._state_key, namespace=KV_NAMESPACE)
-        _kv()._internal_kv_del(self._config_key, namespace=KV_NAMESPACE)
+        self._store.delete(self._state_key)
+        self._store.delete(self._config_key)
         if self._state_path:
             Path(self._state_path).unlink(missing_ok=True)
 
@@ -398,24 +432,42 @@ class ArbiterActor:
         self._last_persisted = state
 
     def _restore(self) -> int:
-        raw = self._kv_get(self._state_key)
+        """Restores the saved state: the KV's, else the ``state_path`` file's. One that does not parse is set
+        aside (the KV key or the file renamed to ``*.bad-<unix seconds>``, with an error log) and the actor
+        starts clean."""
+
+        def restore(raw: bytes) -> dict[str, Any]:
+            state = json.loads(raw)
+            self.arbiter.restore_state(state)  # validates all of it first; raises StateError
+            return state
+
+        in_kv = self._store.get(self._state_key) is not None
+        state = load_or_set_aside(self._store, self._state_key, restore, "arbiter state", time.time())
         source = "Ray's internal KV"
-        if raw is None and self._state_path and Path(self._state_path).exists():
-            raw = Path(self._state_path).read_bytes()
-            source = self._state_path
-        if raw is None:
+        if not in_kv and self._state_path:
+            p = Path(self._state_path)
+            if p.exists():
+                source = str(p)
+                try:
+                    state = restore(p.read_bytes())
+                except Exception as e:  # whatever the file holds, the actor must come up
+                    aside = p.with_name(f"{p.name}.bad-{int(time.time())}")
+                    p.replace(aside)
+                    logger.error(
+                        "the saved arbiter state %s no longer parses and is set aside as %s: %s: %s. Starting "
+                        "without it.", p, aside, type(e).__name__, e,
+                    )  # fmt: skip
+        if state is None:
             return 0
-        state = json.loads(raw)
-        self.arbiter.restore_state(state)
         n = len(state.get("registrations", []))
         logger.info("restored %d workloads and %d grants from %s", n, len(state.get("grants", {})), source)
         return n
 
     def _kv_get(self, key: bytes) -> bytes | None:
-        return _kv()._internal_kv_get(key, namespace=KV_NAMESPACE)
+        return self._store.get(key)
 
     def _kv_put(self, key: bytes, value: bytes) -> None:
-        _kv()._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+        self._store.put(key, value)
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:
@@ -502,8 +554,31 @@ def kill_arbiter(
         return False
     if forget_state:
         try:
-            ray.get(handle.forget_state.remote(), timeout=10)
+            ray.get(handle.forget_state.remote(), timeout=10)  # (it knows its state_path)
         except Exception:
-            logger.warning("could not delete the arbiter's persisted state", exc_info=True)
+            logger.warning("the arbiter did not answer; deleting its saved state in the KV directly", exc_info=True)
     ray.kill(handle, no_restart=True)
+    if forget_state:
+        reset_saved_state(KvStore(), name)  # a wedged actor cannot have done it
     return True
+
+
+def reset_arbiter_state(
+    name: str = ARBITER_NAME, namespace: str = ARBITER_NAMESPACE, *, state_path: str | None = None
+) -> list[str]:
+    """Clears the arbiter's saved state and config (and their set-aside copies) with no live actor needed.
+
+    An actor that exists (perhaps failing in its constructor, or wedged) is ended first, without a call to
+    it, so that it cannot write its state back. Needs ``ray.init`` first. Returns what was removed.
+    """
+    handle = get_arbiter(name, namespace)
+    if handle is not None:
+        ray.kill(handle, no_restart=True)
+    removed = [k.decode(errors="replace") for k in reset_saved_state(KvStore(), name)]
+    if state_path:
+        p = Path(state_path)
+        for f in [p, *p.parent.glob(f"{p.name}.bad-*")] if p.parent.exists() else []:
+            if f.exists():
+                f.unlink()
+                removed.append(str(f))
+    return removed

@@ -9,6 +9,7 @@
     tidal arbiter start [--config policy.yaml] [--address ADDR] [--metrics-port N] [--metrics-host H]
                        [--tick-interval S]
     tidal arbiter stop [--address ADDR]
+    tidal arbiter reset [--address ADDR] [--state-path FILE]   # clear a bad saved state; no live actor needed
 
 Subcommands owned by other packages are added when present: ``tidal serve ...`` (``tidal.serving.cli``), ``tidal
 train ...`` (``tidal.training.cli``), ``tidal simulate ...`` (``tidal.cluster.sim.cli``).
@@ -345,6 +346,28 @@ def cmd_arbiter_stop(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
+def cmd_arbiter_reset(args: argparse.Namespace) -> int:
+    import ray
+    from tidal.cluster.actor import reset_arbiter_state
+
+    try:
+        address = connect(args.address)
+    except Exception as e:
+        _err(str(e))
+        return EXIT_ERROR
+    try:
+        removed = reset_arbiter_state(state_path=args.state_path)
+        _out(
+            f"Arbiter reset at {address}: removed {', '.join(removed)}."
+            if removed
+            else f"Arbiter reset at {address}: no saved state was there."
+        )
+        _out("Start it again with `tidal arbiter start`; workloads register again at their next heartbeat.")
+        return EXIT_OK
+    finally:
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -395,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("stop", help="stop the arbiter and delete its persisted state")
     a.add_argument("--address", default=None)
     a.set_defaults(func=cmd_arbiter_stop)
+    a = asub.add_parser(
+        "reset",
+        help="end the arbiter if it exists (without calling it) and delete its saved state and config, "
+        "for a state that no longer parses or an actor that is wedged",
+    )
+    a.add_argument("--address", default=None)
+    a.add_argument("--state-path", default=None, help="also delete this state file (arbiter.state_path)")
+    a.set_defaults(func=cmd_arbiter_reset)
 
     for module_name in ("tidal.serving.cli", "tidal.training.cli", "tidal.cluster.sim.cli"):
         try:

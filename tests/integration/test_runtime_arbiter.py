@@ -274,3 +274,37 @@ def test_bad_config_is_refused_and_the_running_config_stays(arbiter):
     with pytest.raises(ray.exceptions.RayTaskError, match="tick_interval_s"):
         ray.get(handle.reload_config.remote({"arbiter": {"tick_interval_s": -1}}), timeout=10)
     assert ray.get(handle.config.remote(), timeout=10) == before
+
+
+def test_a_registration_with_a_bad_value_is_refused_naming_the_field(arbiter):
+    ray, handle, client = arbiter
+    bad = {"kind": "service", "name": "rt-svc-nan", "gpus_per_replica": float("nan"), "min_replicas": 1,
+           "max_replicas": 2, "gpu_types": ["H100"], "slo_p99_ms": 500.0, "priority": 100}  # fmt: skip
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"gpus_per_replica.*nan"):
+        ray.get(handle.register.remote(bad), timeout=10)
+    assert not client.heartbeat("rt-svc-nan").registered
+    assert ray.get(handle.tick_now.remote(), timeout=10)["now_s"] > 0
+
+
+def test_saved_state_that_no_longer_parses_is_set_aside_and_reset_clears_it_without_an_actor(ray_driver):
+    from tidal.cluster.actor import KvStore, get_arbiter, reset_arbiter_state
+    from tidal.cluster.state_store import state_keys
+
+    ray = ray_driver
+    name = "tidal-arbiter-rt-bad-state"
+    store, keys = KvStore(), state_keys(name)
+    prefix = keys["state"].rsplit(b"/", 1)[0] + b"/"
+    store.put(keys["state"], b'{"version": 1, "registrations": [{"spec": {"kind": "nope"}}]}')
+    store.put(keys["config"], b"{not json")
+    try:
+        handle = get_or_create_arbiter(config=_config(), name=name, namespace=NAMESPACE)
+        assert ray.get(handle.ping.remote(), timeout=10)["restored"] == 0  # up, and clean
+        aside = sorted(k for k in store.keys(prefix) if b".bad-" in k)
+        assert len(aside) == 2, aside
+        assert store.get(keys["state"]) is not None  # its own, fresh state
+        ray.kill(handle, no_restart=True)  # dead (or wedged): reset needs no actor
+        removed = reset_arbiter_state(name, NAMESPACE)
+        assert {k.encode() for k in removed} >= {keys["state"], keys["config"], *aside}
+        assert store.keys(prefix) == [] and get_arbiter(name, NAMESPACE) is None
+    finally:
+        kill_arbiter(name, NAMESPACE)
