@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tidal.cluster.model import ClusterSnapshot
 from tidal.policies.base import PolicyDecision, PolicyState, register_policy
-from tidal.policies.priority import fill_services, fill_training, service_want, shrink_to_want
+from tidal.policies.priority import arrival_order, fill_services, fill_training, service_want, shrink_to_want
 from tidal.policies.workspace import Workspace
 
 
@@ -27,5 +27,5 @@ class FcfsPolicy:
         shrink_to_want(ws, want)
         # One queue for everyone, in arrival order: a service's new replicas wait behind earlier jobs.
         fill_services(ws, want, reclaim=False)
-        fill_training(ws, lambda t: 1.0, preempt=False, greedy=True, order=lambda w: (w.registered_s, w.name))
+        fill_training(ws, lambda t: 1.0, preempt=False, greedy=True, order=arrival_order)
         return ws.decision(), state

@@ -226,10 +226,10 @@ def _by_priority(ws_list: list[WorkloadSnapshot]) -> list[WorkloadSnapshot]:
 
 def shrink_to_want(ws: Workspace, service_wants: Mapping[str, int]) -> None:
     """Gives back what services and jobs no longer want, least preferred types first."""
-    units, workloads = ws.units, ws.workloads
+    units, workloads = ws.unit_counts.get, ws.workloads
     # (Only workloads with units have an ``alloc`` entry; the list: shrinking changes it.)
     for name in list(ws.alloc):
-        have = units(name)
+        have = units(name, 0)
         if not have:
             continue  # nothing to give back (wants are never negative)
         w = workloads[name]
@@ -318,7 +318,12 @@ def _queue_order(
 ) -> list[WorkloadSnapshot]:
     """``jobs`` in the order ``start_jobs`` walks them: by priority (highest first), then arrival,
     then name; or in ``order``."""
-    if order is not None:
+    if order is arrival_order:
+        # (registered_s, name) as two stable sorts on C-level keys, last key first: the same order as
+        # ``sort(key=arrival_order)``, without a Python call per waiting job.
+        jobs.sort(key=_NAME)
+        jobs.sort(key=_REGISTERED)
+    elif order is not None:
         jobs.sort(key=order)
     else:
         # The key (-priority, registered_s, name) as three stable sorts on C-level keys, last key
@@ -333,6 +338,12 @@ def _queue_order(
 _NAME = attrgetter("spec.name")
 _REGISTERED = attrgetter("registered_s")
 _PRIORITY = attrgetter("spec.priority")
+
+
+def arrival_order(w: WorkloadSnapshot) -> tuple:
+    """First come, first served (then by name): an ``order`` for ``start_jobs`` and ``fill_training``,
+    which sort by it without calling it (``_queue_order``)."""
+    return (w.registered_s, w.spec.name)
 
 
 def start_jobs(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from typing import Any
 
 from tidal.cluster.model import (
@@ -29,6 +30,9 @@ from tidal.cluster.model import (
 )
 from tidal.policies.base import Infeasible, PolicyDecision, Reclaim
 from tidal.policies.packing import TypePacker, UniformPacker, to_centi, uniform_packer
+
+_PRIORITY = attrgetter("spec.priority")
+_GPUS_PER_WORKER = attrgetter("spec.gpus_per_worker")
 
 
 def protection_keys(w: WorkloadSnapshot) -> tuple[tuple, tuple]:
@@ -72,7 +76,7 @@ class Workspace:
         # nodes that are whole multiples of it, each type is packed as a total (``UniformPacker``): the
         # same counts.
         # (``gpus_per_unit`` by its fields, not the property: this runs over every workload, every tick.)
-        gpus = {w.spec.gpus_per_worker for w in self._jobs}  # type: ignore[union-attr]
+        gpus = set(map(_GPUS_PER_WORKER, self._jobs))  # (C-level: this pass covers a long queue)
         gpus.update([w.spec.gpus_per_replica for w in self._services])  # type: ignore[union-attr]
         unit_sizes = {to_centi(g) for g in gpus}
         unit = (unit_sizes.pop() if len(unit_sizes) == 1 else 0) if unit_sizes else -1
@@ -83,19 +87,22 @@ class Workspace:
         alloc = self.alloc
         for name, current in snapshot.grants.items():
             w = workloads.get(name)
-            if w is None or not current.items:
+            if w is None:
                 continue
+            items = current.items
             spec = w.spec
-            training = spec.kind is training_kind
             types = spec.gpu_types
-            if len(current.items) == 1:
+            if len(items) == 1:
                 # The common case, one type: what the general path below makes of it.
-                t, n = current.items[0]
+                t, n = items[0]
                 m = spec.max_units
                 if t in node_gpus and t in types and m > 0:
                     alloc[name] = {t: n if n <= m else m}
                 continue
-            cur = {t: n for t, n in current.items if t in node_gpus and t in types}
+            if not items:
+                continue
+            training = spec.kind is training_kind
+            cur = {t: n for t, n in items if t in node_gpus and t in types}
             # Never above the workload's max; a job holds one type only.
             _clip_total(cur, spec.max_units, types)
             if training and len(cur) > 1:
@@ -127,6 +134,7 @@ class Workspace:
         self._memo: dict[tuple, tuple[int, object]] = {}
         self._units: dict[WorkloadName, int] = {}
         self._built = False  # the holder indexes (``_build_index``)
+        self._lowest_priority: float | None = None  # (``_lowest_job_priority``)
         self._reindex()
         on_type: dict[GpuType, list[WorkloadName]] = {t: [] for t in node_gpus}
         for name, a in self.alloc.items():
@@ -242,9 +250,21 @@ class Workspace:
         """GPUs on ``gpu_type`` held by preemptible jobs of lower priority (above their minimum only,
         unless ``include_min``)."""
         if not self._built:
+            if self._lowest_job_priority() >= below_priority:
+                # No job of lower priority holds anything (the usual case: one training priority): the
+                # sum below is empty, and the holder indexes are not built for it.
+                return 0
             self._build_index()
         by_prio = (self._total if include_min else self._spare).get(gpu_type, {})
         return sum(v for p, v in by_prio.items() if p < below_priority)
+
+    def _lowest_job_priority(self) -> float:
+        """The lowest priority of any job in the workspace (every holder among them), found once: a
+        C-level pass over the jobs, far cheaper than the holder indexes."""
+        p = self._lowest_priority
+        if p is None:
+            p = self._lowest_priority = min(map(_PRIORITY, self._jobs), default=math.inf)
+        return p
 
     # -------------------------------------------------------------------------------- inspection
 
