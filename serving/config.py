@@ -209,6 +209,25 @@ def allowed_model_modules(args: ServeAppArgs) -> tuple[str, ...]:
     return TIDAL_MODEL_MODULES + tuple(m for m in args.allowed_model_modules if m not in TIDAL_MODEL_MODULES)
 
 
+def runtime_env_with_api_key(
+    runtime_env: Mapping[str, Any] | None, args: ServeAppArgs, environ: Mapping[str, str]
+) -> dict[str, Any] | None:
+    """The application's ``runtime_env`` with the deployer's API key variable added to its ``env_vars``.
+
+    A deploy from a shell that has ``$TIDAL_SERVE_API_KEY`` (``args.api_key_env``) builds the application with
+    that key. A key in ``args.api_key`` or already in the ``runtime_env`` wins; without a key in ``environ``
+    the ``runtime_env`` is returned as it was.
+
+    Example: ``runtime_env_with_api_key({"working_dir": "."}, args, {"TIDAL_SERVE_API_KEY": "k" * 16})`` ->
+    ``{"working_dir": ".", "env_vars": {"TIDAL_SERVE_API_KEY": "kkkkkkkkkkkkkkkk"}}``.
+    """
+    key = environ.get(args.api_key_env)
+    env_vars = dict((runtime_env or {}).get("env_vars") or {})
+    if not key or args.api_key is not None or args.api_key_env in env_vars:
+        return dict(runtime_env) if runtime_env is not None else None
+    return {**(runtime_env or {}), "env_vars": {**env_vars, args.api_key_env: key}}
+
+
 def resolve_api_key(args: ServeAppArgs, environ: Mapping[str, str]) -> str | None:
     """The application's API key: ``args.api_key``, else ``environ[args.api_key_env]``, else None (no key).
 

@@ -25,7 +25,13 @@ import ray
 from ray import serve
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
-from tidal.serving.config import TIDAL_MODEL_MODULES, ModelOptions, ServeAppArgs, allowed_model_modules
+from tidal.serving.config import (
+    TIDAL_MODEL_MODULES,
+    ModelOptions,
+    ServeAppArgs,
+    allowed_model_modules,
+    runtime_env_with_api_key,
+)
 from tidal.serving.manifest import (
     WEIGHTS_FILE,
     CheckpointError,
@@ -97,11 +103,8 @@ def deploy_config(
                 check_model_class_allowed(manifest.model_class, allowed_model_modules(args))
             except (ValueError, CheckpointError) as e:
                 raise RolloutError(f"application {name!r}: invalid args: {e}") from e
-            key = os.environ.get(args.api_key_env)
-            env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
-            if key and args.api_key is None and args.api_key_env not in env_vars:
-                runtime_env = dict(app.get("runtime_env") or {})
-                runtime_env["env_vars"] = {**env_vars, args.api_key_env: key}
+            runtime_env = runtime_env_with_api_key(app.get("runtime_env"), args, os.environ)
+            if runtime_env is not None:
                 app["runtime_env"] = runtime_env
             # Send the path as resolved here ("~", $VARS), not as written: the cluster's env may differ.
             app["args"] = {

@@ -14,6 +14,7 @@ from tidal.serving.config import (
     autoscaling_config_for,
     ray_actor_options_for,
     resolve_api_key,
+    runtime_env_with_api_key,
 )
 from tidal.serving.schemas import InputError, flatten_instances, parse_predict_body
 
@@ -169,6 +170,20 @@ def test_the_api_key_is_resolved_once_from_args_or_the_applications_environment(
     assert resolve_api_key(in_args, {"TIDAL_SERVE_API_KEY": "key-from-env-1"}) == "key-in-args-01"
     with pytest.raises(ValueError, match=r"api_key_env: \$TIDAL_SERVE_API_KEY holds a key of 3 characters"):
         resolve_api_key(parsed, {"TIDAL_SERVE_API_KEY": "abc"})
+
+
+def test_a_deploy_takes_the_key_from_the_deployers_environment_into_the_applications_runtime_env():
+    parsed = ServeAppArgs.model_validate(args())
+    env = {"TIDAL_SERVE_API_KEY": "deployer-key-01"}
+    assert runtime_env_with_api_key({"working_dir": "."}, parsed, env) == {
+        "working_dir": ".",
+        "env_vars": {"TIDAL_SERVE_API_KEY": "deployer-key-01"},
+    }
+    assert runtime_env_with_api_key(None, parsed, {}) is None
+    own = {"env_vars": {"TIDAL_SERVE_API_KEY": "app-key-0123"}}
+    assert runtime_env_with_api_key(own, parsed, env) == own  # the application's own key wins
+    in_args = ServeAppArgs.model_validate(args(api_key="key-in-args-01"))
+    assert runtime_env_with_api_key(None, in_args, env) is None
 
 
 def test_model_modules_are_tidals_own_plus_what_the_application_allows():
