@@ -18,6 +18,7 @@ Usage in a test module (``tidal_testing`` is a plain module in tests/, importabl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -86,14 +87,22 @@ def local_cluster() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def ray_driver(local_cluster: Any) -> Iterator[Any]:
-    """This test process connected to ``local_cluster`` as a Ray driver (``ray.init``), for the session."""
+def ray_driver(local_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """This test process connected to ``local_cluster`` as a Ray driver (``ray.init``), for the session.
+
+    ``ray.init`` puts the driver's working directory on the ``sys.path`` of every worker of its job (Serve's
+    controller and replicas included, when the driver starts Serve). The suite runs from a Tidal checkout,
+    whose top-level ``training/`` and ``serving/`` folders would then shadow a user application's packages
+    of the same names: the driver connects from an empty folder of its own, as a user's driver would from
+    their own repository.
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     local_cluster.activate()
-    ray.init(address=local_cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+    with contextlib.chdir(tmp_path_factory.mktemp("ray-driver-cwd")):
+        ray.init(address=local_cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield ray
     finally:
