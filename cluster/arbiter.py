@@ -8,9 +8,11 @@ Workloads talk to it through five calls: ``register``, ``heartbeat`` (report dem
 hold; read the grant), ``unregister``, and the read-only ``status`` and ``grant_of``.
 
 Release before grant: a shrink takes effect in the grant at once, but GPUs go to a new holder only
-when the donor's heartbeat shows it let them go (``held`` drops), or when its yield grace ran out and the
-backend stopped it by force. Registrations expire when heartbeats stop, so a crashed workload gives its
-GPUs back.
+when the donor's report shows it let them go (``held`` drops). A donor that keeps them past its yield grace
+is stopped by force through the backend, and its GPUs stay its own in the books until its next report
+confirms the stop; without that report by ``forced_release_confirm_s``, a harder stop follows (and again,
+each time that deadline passes). Registrations expire when heartbeats stop, so a crashed workload gives its
+GPUs back; a holder that registers again reports what it still holds, and the books take it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,25 @@ class ManualClock:
 # ------------------------------------------------------------------------------------------- backends
 
 
+@dataclass(frozen=True, slots=True)
+class ForceResult:
+    """What a backend's forced stop did.
+
+    Attributes:
+        issued: the stop was sent. False: the backend had no handle for it, or the call failed (``reason``).
+        confirmed: the stop has taken effect already, as a backend that runs the workloads itself knows (the
+            simulator's): the books free what was held beyond the grant at once. Otherwise only the holder's
+            next report confirms it.
+        how: what was done ("actor tidal-train-signal-j.force_stop()"), for the log and the event.
+        reason: why nothing was issued.
+    """
+
+    issued: bool = True
+    confirmed: bool = False
+    how: str = ""
+    reason: str = ""
+
+
 class Backend(Protocol):
     """Observes the inventory and acts on grants. The Ray backend lives in ``tidal.cluster.ray_backend``."""
 
@@ -94,16 +115,46 @@ class Backend(Protocol):
 
     def apply(self, grants: Mapping[WorkloadName, Allocation]) -> None: ...
 
-    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None: ...
+    def force_release(
+        self,
+        name: WorkloadName,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any],
+        *,
+        held: Allocation,
+        grant: Allocation,
+        attempt: int,
+    ) -> ForceResult:
+        """Stops what ``name`` holds beyond ``grant`` (``held`` is what the books say it holds). Attempt 1 is
+        the stop its registration names; a later attempt (the first one was not confirmed in time) is harder.
+        Never raises: a stop that cannot be sent comes back with ``issued=False`` and the reason."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ForceCall:
+    """One ``force_release`` call a ``FakeBackend`` received."""
+
+    name: WorkloadName
+    attempt: int
+    held: Allocation
+    grant: Allocation
 
 
 class FakeBackend:
-    """An in-memory backend: nodes are set by the test, applied grants and forced stops are recorded."""
+    """An in-memory backend: nodes are set by the test, applied grants and forced stops are recorded.
+
+    ``force_result`` is what every forced stop returns: by default a stop that has taken effect, as in memory
+    (and in the simulator) it has; ``ForceResult()`` for one that only the holder's next report confirms, as
+    on Ray.
+    """
 
     def __init__(self, nodes: tuple[NodeSnapshot, ...] | list[NodeSnapshot] = ()) -> None:
         self.nodes: tuple[NodeSnapshot, ...] = tuple(nodes)
         self.applied: list[dict[WorkloadName, Allocation]] = []
         self.forced: list[WorkloadName] = []
+        self.force_calls: list[ForceCall] = []
+        self.force_result = ForceResult(issued=True, confirmed=True, how="fake stop")
 
     def observe(self) -> tuple[NodeSnapshot, ...]:
         return self.nodes
@@ -111,8 +162,19 @@ class FakeBackend:
     def apply(self, grants: Mapping[WorkloadName, Allocation]) -> None:
         self.applied.append(dict(grants))
 
-    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
+    def force_release(
+        self,
+        name: WorkloadName,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any],
+        *,
+        held: Allocation,
+        grant: Allocation,
+        attempt: int,
+    ) -> ForceResult:
         self.forced.append(name)
+        self.force_calls.append(ForceCall(name, attempt, held, grant))
+        return self.force_result
 
     def set_healthy(self, node_id: str, healthy: bool) -> None:
         self.nodes = tuple(
@@ -129,7 +191,9 @@ class ArbiterEvent:
     """Something the arbiter did, for the timeline, the metrics and the tests."""
 
     t_s: float
-    kind: str  # registered | unregistered | expired | shrink | grow | released | forced | infeasible
+    # registered | unregistered | expired | shrink | grow | released | forced | force_escalated |
+    # force_failed | force_confirmed | reclaim | infeasible | error
+    kind: str
     workload: WorkloadName
     detail: Mapping[str, Any] = field(default_factory=dict)
 
@@ -167,6 +231,9 @@ class _Registration:
     last_view: GrantView | None = None
     # False from a restore until the workload reports what it holds: its saved ``held`` may be stale.
     heard: bool = True
+    # Forced stops sent and not yet confirmed by a report, and when the next, harder one is due.
+    force_attempts: int = 0
+    confirm_by_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +243,9 @@ class ArbiterConfig:
     Attributes:
         registration_ttl_s: a workload silent for this long loses its registration and its grant.
         default_yield_grace_s: grace for services (jobs carry their own ``yield_grace_s``).
+        forced_release_confirm_s: after a forced stop, how long the holder has to report that it let go
+            (``held`` no more than its grant); until then its GPUs stay its own in the books, and then a
+            harder stop follows.
         max_events: events kept in memory for ``events()``.
         restore_grace_s: after a restore, a workload not yet heard from is stopped by force only this
             long after the restore (None: ``registration_ttl_s``), whatever its saved deadlines say: what
@@ -188,6 +258,7 @@ class ArbiterConfig:
 
     registration_ttl_s: float = 15.0
     default_yield_grace_s: float = 30.0
+    forced_release_confirm_s: float = 10.0
     max_events: int = 10_000
     restore_grace_s: float | None = None
     contain_errors: bool = False
@@ -241,9 +312,18 @@ class ResourceArbiter:
     # ---------------------------------------------------------------- the client API (cheap, no I/O)
 
     def register(
-        self, spec: WorkloadSpec, meta: Mapping[str, Any] | None = None, demand_units: int | None = None
+        self,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any] | None = None,
+        demand_units: int | None = None,
+        held: Mapping[GpuType, int] | Allocation | None = None,
     ) -> GrantView:
         """Registers (or re-registers, keeping the grant) a workload. Idempotent.
+
+        ``held`` is what the workload holds as it registers: a holder that registers again after its
+        registration expired, or after the arbiter lost it, still holds GPUs, and the books take them as
+        its own (nothing else is granted into them). What it holds beyond its grant is due back within its
+        yield grace, as after a shrink.
 
         Raises:
             SpecError: a field of ``spec``, ``demand_units`` or ``meta`` is invalid (the message names it,
@@ -257,6 +337,8 @@ class ResourceArbiter:
             demand_units = _whole(spec.name, "demand_units", demand_units)
         if meta is not None and not isinstance(meta, Mapping):
             raise SpecError(f"registration of {spec.name!r}: meta must be a mapping, got {meta!r}")
+        if held is not None and not isinstance(held, Allocation):
+            held = _held(spec.name, held)
         now = self.clock.now()
         if reg is not None and reg.spec.kind is not spec.kind:
             return GrantView(
@@ -285,6 +367,8 @@ class ResourceArbiter:
             reg.demand_units = demand
             self._table.changed(reg)
             reg.meta.update(meta or {})
+        if held is not None:
+            self._take_held(spec.name, self._regs[spec.name], held, now)
         self._dirty = True
         return self._view(spec.name)
 
@@ -407,7 +491,8 @@ class ResourceArbiter:
 
         1. Observe the inventory.
         2. Expire workloads whose heartbeats stopped; stop by force a workload that kept GPUs past
-           its yield grace (what it held beyond its grant is free from then on).
+           its yield grace, harder if the last forced stop was not confirmed in time (what it held
+           beyond its grant stays its own until its report confirms the stop).
         3. Decide: the policy's target grants from a snapshot.
         4. Plan: shrink at once, grow only into GPUs that no holder still uses (release before grant).
         5. Apply the grants, and record what happened.
@@ -654,6 +739,7 @@ class ResourceArbiter:
             else:
                 reg.shrink_issued_s = None
                 reg.release_deadlines.clear()
+                reg.force_attempts, reg.confirm_by_s = 0, None
         for r in decision.reclaims:
             self._record(
                 ArbiterEvent(
@@ -671,6 +757,19 @@ class ResourceArbiter:
         if moved:
             self._generation += 1
 
+    def _take_held(self, name: WorkloadName, reg: _Registration, held: Allocation, now: float) -> None:
+        """A registration's ``held``: the books take it; beyond the grant, it is due back within the grace."""
+        reg.heard = True
+        if held != reg.held:
+            reg.held = held
+            self._table.changed(reg)
+        grant = self._grants.get(name, EMPTY)
+        if reg.shrink_issued_s is None and _exceeds(held, grant):
+            reg.shrink_issued_s = now
+            reg.release_deadlines.append((now + self._grace_s(reg.spec), grant))
+            self._shrinking.add(name)
+        self._note_release(name, reg, now)
+
     def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:
         if reg.shrink_issued_s is None and not reg.release_deadlines:
             return  # no shrink pending (most heartbeats)
@@ -679,7 +778,13 @@ class ResourceArbiter:
             reg.release_deadlines.clear()
             duration = now - reg.shrink_issued_s
             self.reclaim_durations_s.append(duration)
-            self._record(ArbiterEvent(now, "released", name, {"reclaim_s": duration}))
+            if reg.force_attempts:
+                # The report that confirms a forced stop: what the holder kept beyond its grant is free now.
+                detail = {"reclaim_s": duration, "attempts": reg.force_attempts}
+                self._record(ArbiterEvent(now, "force_confirmed", name, detail))
+                reg.force_attempts, reg.confirm_by_s = 0, None
+            else:
+                self._record(ArbiterEvent(now, "released", name, {"reclaim_s": duration}))
             reg.shrink_issued_s = None
 
     def _enforce_grace(self, now: float) -> None:
@@ -695,30 +800,61 @@ class ResourceArbiter:
         )
         for name in shrinking:
             reg = regs[name]
-            if not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
+            if reg.confirm_by_s is not None:
+                if now < reg.confirm_by_s:
+                    continue  # stopped by force: waiting for the report that confirms it
+            elif not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
                 continue
-            if not reg.heard and now < patient_until:
+            elif not reg.heard and now < patient_until:
                 continue  # restored, and not heard from since: its saved `held` may be stale
-            grant = self._grants.get(name, EMPTY)
+            self._force(name, reg, now)
+
+    def _force(self, name: WorkloadName, reg: _Registration, now: float) -> None:
+        """Stops ``name`` by force: the stop its registration names first, a harder one after each
+        ``forced_release_confirm_s`` without a report that confirms it. What it holds stays its own in the
+        books until then (release before grant), unless the backend says the stop has taken effect."""
+        grant = self._grants.get(name, EMPTY)
+        attempt = reg.force_attempts + 1
+        held = reg.held
+        if attempt == 1:
             logger.warning(
-                "workload %s kept %s past its yield grace (grant %s): stopping it by force",
-                name, reg.held, grant,
+                "workload %s kept %s past its yield grace (grant %s): stopping it by force", name, held, grant
             )
-            self.backend.force_release(name, reg.spec, dict(reg.meta))
-            self.reclaim_durations_s.append(now - reg.shrink_issued_s)
-            self._record(ArbiterEvent(now, "forced", name, {"held": reg.held.as_dict(), "grant": grant.as_dict()}))
-            # The backend stopped it: what it held beyond the grant is free from now on.
-            reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in reg.held.items})
+        else:
+            logger.warning(
+                "workload %s still reports %s %.1f s after forced stop %d (grant %s): stopping it harder",
+                name, held, self.config.forced_release_confirm_s, attempt - 1, grant,
+            )
+        result = self.backend.force_release(name, reg.spec, dict(reg.meta), held=held, grant=grant, attempt=attempt)
+        detail = {"held": held.as_dict(), "grant": grant.as_dict(), "attempt": attempt, "how": result.how}
+        if not result.issued:
+            logger.error("forced stop %d of %s could not be sent: %s", attempt, name, result.reason)
+            self._record(ArbiterEvent(now, "force_failed", name, {**detail, "reason": result.reason}))
+        else:
+            self._record(ArbiterEvent(now, "forced" if attempt == 1 else "force_escalated", name, detail))
+        if result.issued and result.confirmed:
+            # The backend knows the stop took effect: what it held beyond the grant is free from now on.
+            self.reclaim_durations_s.append(now - reg.shrink_issued_s)  # type: ignore[operator]
+            reg.held = Allocation.of({t: min(n, grant.get(t)) for t, n in held.items})
             self._table.changed(reg)
             reg.shrink_issued_s = None
             reg.release_deadlines.clear()
+            reg.force_attempts, reg.confirm_by_s = 0, None
             self._dirty = True
+        else:
+            reg.force_attempts = attempt
+            reg.confirm_by_s = now + self.config.forced_release_confirm_s
 
     def _record(self, event: ArbiterEvent) -> None:
         self._events.append(event)
         self._pending_events.append(event)
-        if event.kind in ("shrink", "forced", "expired", "infeasible") and logger.isEnabledFor(logging.INFO):
+        if event.kind in _LOGGED_EVENTS and logger.isEnabledFor(logging.INFO):
             logger.info("%s %s %s", event.kind, event.workload, dict(event.detail))
+
+
+_LOGGED_EVENTS = frozenset(
+    ("shrink", "forced", "force_escalated", "force_failed", "force_confirmed", "expired", "infeasible")
+)
 
 
 class _SnapshotTable:

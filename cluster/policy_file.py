@@ -43,6 +43,7 @@ class ArbiterModel(_Strict):
     tick_interval_s: float = Field(1.0, gt=0, le=60)
     registration_ttl_s: float = Field(15.0, gt=0)
     default_yield_grace_s: float = Field(30.0, ge=0)
+    forced_release_confirm_s: float = Field(10.0, gt=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = Field(
         "127.0.0.1",
@@ -107,4 +108,8 @@ def load_policy_file(path: str | Path | None) -> PolicyFileModel:
 def arbiter_config(cfg: PolicyFileModel) -> ArbiterConfig:
     """The ``ResourceArbiter``'s knobs from the file's ``arbiter`` section."""
     a = cfg.arbiter
-    return ArbiterConfig(registration_ttl_s=a.registration_ttl_s, default_yield_grace_s=a.default_yield_grace_s)
+    return ArbiterConfig(
+        registration_ttl_s=a.registration_ttl_s,
+        default_yield_grace_s=a.default_yield_grace_s,
+        forced_release_confirm_s=a.forced_release_confirm_s,
+    )

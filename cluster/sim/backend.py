@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from tidal.cluster.arbiter import ForceResult
 from tidal.cluster.model import Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
 from tidal.cluster.sim.engine import Event
 from tidal.cluster.sim.workloads import ORDER_HEARTBEAT
@@ -87,17 +88,28 @@ class SimBackend:
             if w is not None:
                 self.sim.loop.schedule(GrantNotice(now + self.heartbeat_delay_s, w))
 
-    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
+    def force_release(
+        self,
+        name: WorkloadName,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any],
+        *,
+        held: Allocation,
+        grant: Allocation,
+        attempt: int,
+    ) -> ForceResult:
         """Stops a workload that kept GPUs past its yield grace. A job loses its work since the last
-        checkpoint. A service is only counted: its draining replicas end on their own a few seconds later
-        (the arbiter already counts their GPUs as free)."""
+        checkpoint. A service is only counted: its draining replicas end on their own a few seconds later.
+        The stop takes effect at once (``confirmed``): the arbiter frees what was held beyond the grant
+        without waiting for the workload's next heartbeat."""
         w = self.sim.workloads.get(name)
         if w is None:
-            return
+            return ForceResult(issued=True, confirmed=True, how="gone")
         if w.kind == "training":
             w.stopped(self.sim.clock.now(), reason="forced")
         else:
             self.forced_services += 1
+        return ForceResult(issued=True, confirmed=True, how="simulated stop")
 
     # ----------------------------------------------------------------------------------- metrics
 
