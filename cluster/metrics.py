@@ -22,6 +22,8 @@ tidal_cluster_cost_per_hour_dollars         gauge
 tidal_workloads                             gauge      kind
 tidal_reclaims_total                        counter    donor, gpu_type
 tidal_forced_releases_total                 counter    workload
+tidal_forced_release_escalations_total      counter    workload (a harder stop: the last one unconfirmed)
+tidal_forced_release_failures_total         counter    workload (a forced stop that could not be sent)
 tidal_expirations_total                     counter    workload
 tidal_reclaim_duration_seconds              histogram  (shrink decided -> GPUs released or forced)
 tidal_decision_seconds                      histogram  (policy decide() time)
@@ -64,6 +66,12 @@ class ArbiterMetrics:
         self.workloads = Gauge("tidal_workloads", "Registered workloads", ["kind"], registry=r)
         self.reclaims = Counter("tidal_reclaims", "Units reclaimed from a donor", ["donor", "gpu_type"], registry=r)
         self.forced = Counter("tidal_forced_releases", "Workloads stopped by force", ["workload"], registry=r)
+        self.force_escalations = Counter(
+            "tidal_forced_release_escalations", "Harder stops after an unconfirmed forced stop", ["workload"], registry=r
+        )
+        self.force_failures = Counter(
+            "tidal_forced_release_failures", "Forced stops that could not be sent", ["workload"], registry=r
+        )
         self.expired = Counter("tidal_expirations", "Registrations expired (silent workloads)", ["workload"], registry=r)
         # Churn: a grant that falls to nothing stops its workload (a job then waits, checkpointed); one
         # that rises from nothing starts it, a restart if it was stopped before.
@@ -89,7 +97,7 @@ class ArbiterMetrics:
                 self.reclaims.labels(e.workload, str(e.detail.get("gpu_type", ""))).inc(
                     float(e.detail.get("units", 1))
                 )
-            elif e.kind == "released" and "reclaim_s" in e.detail:
+            elif e.kind in ("released", "force_confirmed") and "reclaim_s" in e.detail:
                 self.reclaim_duration.observe(float(e.detail["reclaim_s"]))
             elif e.kind == "shrink" and not e.detail.get("to"):
                 self.stops.labels(e.workload).inc()
@@ -97,6 +105,10 @@ class ArbiterMetrics:
                 self.starts.labels(e.workload).inc()
             elif e.kind == "forced":
                 self.forced.labels(e.workload).inc()
+            elif e.kind == "force_escalated":
+                self.force_escalations.labels(e.workload).inc()
+            elif e.kind == "force_failed":
+                self.force_failures.labels(e.workload).inc()
             elif e.kind == "expired":
                 self.expired.labels(e.workload).inc()
 

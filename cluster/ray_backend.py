@@ -9,11 +9,23 @@ capacity. A failed read is a transient error: it is logged, the last good snapsh
 ``apply()`` has nothing to push: workloads read their grants through their heartbeats (``ArbiterClient``),
 which keeps every call on the workloads' side non-blocking. It only logs grant changes.
 
-``force_release()`` stops a workload that kept GPUs past its yield grace, by what its registration ``meta``
-names, first match wins: ``stop_actor`` (with ``stop_actor_namespace`` and ``stop_method``, default
-``force_stop``: that method of that actor is called, as the training runner asks), ``submission_id`` (a
-``ray job submit`` job: stopped through the job API), or ``actor_name`` (with ``actor_namespace``: the actor
-is killed, without restart).
+``force_release()`` stops a workload that kept GPUs past its yield grace, and says what it did or why it
+could not (a ``ForceResult``: it never raises, and never claims the stop took effect: the holder's next
+report confirms it). The arbiter asks again, harder, when no confirming report came in time.
+
+- A service (a Serve deployment): the replicas beyond its grant on each GPU type it holds too many of are
+  killed (Ray's state API lists the deployment's replica actors and their nodes; a node's type is its
+  ``ray.io/accelerator-type`` label). Serve's controller replaces a killed replica only up to the target its
+  autoscaling policy returns, which Tidal's hook caps at the grant. The deployment is the one its meta names
+  (``serve_app``, ``serve_deployment``), else the only deployment of the application named as the service.
+  Every attempt does the same: it kills what is still beyond the grant.
+- A job, first attempt, by what its registration ``meta`` names, first match wins: ``stop_actor`` (with
+  ``stop_actor_namespace`` and ``stop_method``, default ``force_stop``: that method of that actor is called,
+  as the training runner asks), ``submission_id`` (a ``ray job submit`` job: stopped through the job API), or
+  ``actor_name`` (with ``actor_namespace``: the actor is killed, without restart).
+- A job, later attempts (the harder stop): its Ray job is stopped through the job API
+  (``ray_job_submission_id``, which the training runner reports, or ``submission_id``): the driver, its Train
+  controller and workers and their placement groups end; else the ``actor_name`` actor is killed.
 """
 
 from __future__ import annotations
@@ -24,7 +36,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
-from tidal.cluster.model import GPU_TYPE_LABEL, Allocation, NodeSnapshot, WorkloadName, WorkloadSpec
+from tidal.cluster.arbiter import ForceResult
+from tidal.cluster.model import (
+    GPU_TYPE_LABEL,
+    Allocation,
+    NodeSnapshot,
+    WorkloadKind,
+    WorkloadName,
+    WorkloadSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +91,10 @@ class RayBackend:
         read_nodes: returns the node table rows (default ``ray.nodes``); injected in tests.
         max_consecutive_failures: failed reads in a row tolerated before ``observe`` raises.
         dashboard_url: for the job API; default: the cluster's own dashboard.
+        force_timeout_s: how long a forced stop may wait on Ray's state API.
+        list_actors: the alive actors matching state-API filters (default: ``ray.util.state.list_actors``);
+            injected in tests.
+        kill_actor: kills the named actor in a namespace, without restart; injected in tests.
     """
 
     def __init__(
@@ -79,6 +103,8 @@ class RayBackend:
         max_consecutive_failures: int = 5,
         dashboard_url: str | None = None,
         force_timeout_s: float = 10.0,
+        list_actors: Callable[[list[tuple[str, str, str]]], list[Any]] | None = None,
+        kill_actor: Callable[[str, str], None] | None = None,
     ) -> None:
         self._read_nodes = read_nodes or ray.nodes
         self.max_consecutive_failures = max_consecutive_failures
@@ -90,6 +116,8 @@ class RayBackend:
         self.last_observed_s = 0.0
         self._last_applied: dict[WorkloadName, Allocation] = {}
         self.forced: list[tuple[WorkloadName, str]] = []
+        self._list_actors = list_actors or self._alive_actors
+        self._kill_actor = kill_actor or _kill_named_actor
 
     # ------------------------------------------------------------------------------------ observe
 
@@ -129,36 +157,122 @@ class RayBackend:
 
     # ------------------------------------------------------------------------------- force release
 
-    def force_release(self, name: WorkloadName, spec: WorkloadSpec, meta: Mapping[str, Any]) -> None:
-        """Stops ``name`` by the handle its ``meta`` gives; logs (never raises) when it cannot."""
+    def force_release(
+        self,
+        name: WorkloadName,
+        spec: WorkloadSpec,
+        meta: Mapping[str, Any],
+        *,
+        held: Allocation,
+        grant: Allocation,
+        attempt: int,
+    ) -> ForceResult:
+        """Stops what ``name`` holds beyond ``grant`` by the handle its kind and ``meta`` give. See the module
+        docstring. A stop that cannot be sent comes back with ``issued=False`` and the reason (also logged)."""
         try:
-            if meta.get("stop_actor"):
-                # The workload names a method that stops what holds its GPUs and keeps the rest (the training
-                # runner's signal actor aborts the trainer; the runner resumes from its checkpoint later).
-                # Fire and forget: the tick loop must not wait on a workload's actor.
-                handle = ray.get_actor(str(meta["stop_actor"]), namespace=meta.get("stop_actor_namespace"))
-                method = str(meta.get("stop_method") or "force_stop")
-                getattr(handle, method).remote()
-                self.forced.append((name, f"{meta['stop_actor']}.{method}()"))
-            elif meta.get("submission_id"):
-                self._stop_job(str(meta["submission_id"]))
-                self.forced.append((name, f"job {meta['submission_id']}"))
-            elif meta.get("actor_name"):
-                namespace = meta.get("actor_namespace")
-                handle = ray.get_actor(str(meta["actor_name"]), namespace=namespace)
-                ray.kill(handle, no_restart=True)
-                self.forced.append((name, f"actor {meta['actor_name']}"))
+            if spec.kind is WorkloadKind.SERVICE:
+                how = self._cap_replicas(name, meta, held, grant)
+            elif attempt == 1:
+                how = self._stop(meta)
             else:
-                logger.error(
-                    "cannot stop %s by force: its registration meta has none of stop_actor, submission_id, actor_name"
-                    " (meta keys: %s)",
-                    name, sorted(meta),
-                )
-                return
-            logger.warning("stopped %s by force (%s)", name, self.forced[-1][1])
-        except Exception:
-            # A failed forced stop must not stop the arbiter's loop; the workload may be gone already.
-            logger.exception("forced stop of %s failed (meta %s)", name, dict(meta))
+                how = self._stop_harder(meta)
+        except Exception as e:
+            # The tick loop goes on; the arbiter logs the reason, records it, and asks again later.
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning("forced stop %d of %s failed (meta %s): %s", attempt, name, dict(meta), reason)
+            return ForceResult(issued=False, reason=reason)
+        if how is None:
+            reason = _no_handle(spec, meta, attempt)
+            return ForceResult(issued=False, reason=reason)
+        self.forced.append((name, how))
+        logger.warning("stopped %s by force, attempt %d (%s)", name, attempt, how)
+        return ForceResult(issued=True, how=how)
+
+    def _stop(self, meta: Mapping[str, Any]) -> str | None:
+        if meta.get("stop_actor"):
+            # The workload names a method that stops what holds its GPUs and keeps the rest (the training
+            # runner's signal actor aborts the trainer; the runner resumes from its checkpoint later).
+            # Fire and forget: the tick loop must not wait on a workload's actor.
+            handle = ray.get_actor(str(meta["stop_actor"]), namespace=meta.get("stop_actor_namespace"))
+            method = str(meta.get("stop_method") or "force_stop")
+            getattr(handle, method).remote()
+            return f"{meta['stop_actor']}.{method}()"
+        if meta.get("submission_id"):
+            self._stop_job(str(meta["submission_id"]))
+            return f"job {meta['submission_id']} stopped"
+        if meta.get("actor_name"):
+            return self._kill(meta)
+        return None
+
+    def _stop_harder(self, meta: Mapping[str, Any]) -> str | None:
+        submission_id = meta.get("ray_job_submission_id") or meta.get("submission_id")
+        if submission_id:
+            # The driver ends, and with it its Train controller, its workers and their placement groups.
+            self._stop_job(str(submission_id))
+            return f"job {submission_id} stopped"
+        if meta.get("actor_name"):
+            return self._kill(meta)
+        return None
+
+    def _kill(self, meta: Mapping[str, Any]) -> str:
+        handle = ray.get_actor(str(meta["actor_name"]), namespace=meta.get("actor_namespace"))
+        ray.kill(handle, no_restart=True)
+        return f"actor {meta['actor_name']} killed"
+
+    # ------------------------------------------------------------------------------ services
+
+    def _cap_replicas(
+        self, name: WorkloadName, meta: Mapping[str, Any], held: Allocation, grant: Allocation
+    ) -> str | None:
+        """Kills the deployment's replicas beyond ``grant`` on each type where it holds more; returns what
+        was killed, or None when the deployment cannot be found (the reason is logged)."""
+        excess = {t: n - grant.get(t) for t, n in held.items if n > grant.get(t)}
+        app, deployment = meta.get("serve_app"), meta.get("serve_deployment")
+        replicas = self._list_actors([("state", "=", "ALIVE")])
+        replicas = [a for a in replicas if str(_field(a, "class_name") or "").startswith(_REPLICA_CLASS_PREFIX)]
+        if not (app and deployment):
+            # The application named as the service, if it has one deployment.
+            deployments = {
+                _field(a, "class_name") for a in replicas if _app_of(_field(a, "class_name")) == name
+            }
+            if len(deployments) != 1:
+                logger.warning(
+                    "service %s: its meta names no serve_app/serve_deployment, and Serve has %d deployments in an "
+                    "application named %r", name, len(deployments), name,
+                )  # fmt: skip
+                return None
+            app, deployment = name, str(next(iter(deployments))).split(":", 2)[2]
+        class_name = f"{_REPLICA_CLASS_PREFIX}{app}:{deployment}"
+        type_of = self._gpu_type_by_node()
+        # (In name order: any choice frees the same GPUs, and this one is the same on every attempt.)
+        ours = sorted(
+            (a for a in replicas if _field(a, "class_name") == class_name), key=lambda a: str(_field(a, "name") or "")
+        )
+        killed: list[str] = []
+        for gpu_type, n in sorted(excess.items()):
+            on_type = [a for a in ours if type_of.get(str(_field(a, "node_id") or "")) == gpu_type]
+            for a in on_type[:n]:
+                actor_name = str(_field(a, "name") or "")
+                self._kill_actor(actor_name, _SERVE_NAMESPACE)
+                killed.append(f"{actor_name} on {gpu_type}")
+        if not killed:
+            return f"no replica of {app}/{deployment} beyond its grant {grant} is alive"
+        return f"killed {len(killed)} replica(s) of {app}/{deployment}: " + ", ".join(killed)
+
+    def _gpu_type_by_node(self) -> dict[str, str]:
+        return {n.node_id: n.gpu_type for n in nodes_from_table(self._read_nodes())}
+
+    def _alive_actors(self, filters: list[tuple[str, str, str]]) -> list[Any]:
+        from ray.util.state import list_actors
+
+        return list(
+            list_actors(
+                filters=filters,  # type: ignore[arg-type]
+                limit=10_000,
+                timeout=max(1, int(self.force_timeout_s)),
+                raise_on_missing_output=False,
+            )
+        )
 
     def _stop_job(self, submission_id: str) -> None:
         from ray.job_submission import JobSubmissionClient
@@ -173,3 +287,32 @@ class RayBackend:
 
         url = get_dashboard_url()
         return url if url.startswith("http") else f"http://{url}"
+
+
+# Serve names its replica actors' class "ServeReplica:<app>:<deployment>" and the actors themselves
+# "SERVE_REPLICA::<app>#<deployment>#<id>", in the namespace "serve" (ray.serve._private.common, constants).
+_REPLICA_CLASS_PREFIX = "ServeReplica:"
+_SERVE_NAMESPACE = "serve"
+
+
+def _field(actor: Any, key: str) -> Any:
+    return actor.get(key) if isinstance(actor, Mapping) else getattr(actor, key, None)
+
+
+def _app_of(class_name: Any) -> str | None:
+    parts = str(class_name or "").split(":", 2)
+    return parts[1] if len(parts) == 3 else None
+
+
+def _kill_named_actor(name: str, namespace: str) -> None:
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+
+def _no_handle(spec: WorkloadSpec, meta: Mapping[str, Any], attempt: int) -> str:
+    if spec.kind is WorkloadKind.SERVICE:
+        return f"no Serve deployment found for service {spec.name!r} (meta keys: {sorted(meta)})"
+    if attempt == 1:
+        wanted = "stop_actor, submission_id, actor_name"
+    else:
+        wanted = "ray_job_submission_id, submission_id, actor_name"
+    return f"its registration meta has none of {wanted} (meta keys: {sorted(meta)})"
