@@ -176,12 +176,12 @@ class ArbiterActor:
 
     def register(
         self, spec: WorkloadSpec | Mapping[str, Any], meta: Mapping[str, Any] | None = None,
-        demand_units: int | None = None,
+        demand_units: int | None = None, held: Mapping[GpuType, int] | None = None,
     ) -> GrantView:
         if isinstance(spec, Mapping):
             spec = parse_workload_spec(spec)  # SpecError names the field, the value and what is valid
         with self._lock:
-            view = self.arbiter.register(spec, meta, demand_units)
+            view = self.arbiter.register(spec, meta, demand_units, held)
             # A new workload must survive a restart even before the next tick persists.
             self._persist()
         self._maybe_wake()

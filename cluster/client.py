@@ -16,7 +16,7 @@ its own hears of a shrink at once instead of at its next heartbeat. A heartbeat 
 arrived and older than it (a lower generation) does not replace it.
 
 If a reply says the workload is not registered (it expired, or the arbiter lost it), the client registers
-it again with the spec and meta it registered with, without blocking.
+it again with the spec and meta it registered with, and what it last reported it holds, without blocking.
 
 Example::
 
@@ -55,6 +55,7 @@ class _Pending:
     latest: GrantView | None = None
     watched_s: float = float("-inf")  # when a watch_grant view became ``latest``
     reregister: ray.ObjectRef | None = None
+    held: dict[str, int] | None = None  # the newest ``held`` reported, sent again with a re-registration
     errors: int = 0
     last_rtt_s: float | None = None
     rtts_s: list[float] = field(default_factory=list)
@@ -120,21 +121,26 @@ class ArbiterClient:
         meta: Mapping[str, Any] | None = None,
         *,
         demand_units: int | None = None,
+        held: Mapping[GpuType, int] | None = None,
         timeout_s: float = 30.0,
     ) -> GrantView:
         """Registers ``spec`` (idempotent; keeps an existing grant). Blocking: call it at start-up.
 
         ``demand_units`` is the demand to start from (default: the spec's max): a service registering at
         deploy time should pass what its load needs now, or it asks for ``max_replicas`` until its first
-        heartbeat.
+        heartbeat. ``held`` is what the workload holds as it registers (a workload registering again after
+        its registration expired still holds GPUs): the arbiter grants nobody else into them.
         """
         handle = self._require()
         meta_d = dict(meta or {})
-        view = self._get(handle.register.remote(spec, meta_d, demand_units), timeout_s, "register")
+        held_d = None if held is None else dict(held)
+        view = self._get(handle.register.remote(spec, meta_d, demand_units, held_d), timeout_s, "register")
         if view.registered:
             self._registrations[spec.name] = (spec, meta_d)
             p = self._pending.setdefault(spec.name, _Pending())
             p.latest = view
+            if held_d is not None:
+                p.held = held_d
         return view
 
     def heartbeat_nowait(
@@ -149,6 +155,8 @@ class ArbiterClient:
         """Reports and returns the newest grant that has arrived, without ever blocking."""
         p = self._pending.setdefault(name, _Pending())
         report = _report(demand_units, held, progress, seconds_since_checkpoint)
+        if held is not None:
+            p.held = report["held"]
         p.queued = _merge(p.queued, report)
         self._collect(name, p)
         if p.ref is None and p.reregister is None:
@@ -177,6 +185,8 @@ class ArbiterClient:
         handle = self._require()
         p = self._pending.setdefault(name, _Pending())
         report = _merge(p.queued, _report(demand_units, held, progress, seconds_since_checkpoint))
+        if held is not None:
+            p.held = report["held"]
         p.queued = None
         t0 = time.monotonic()
         view = self._get(handle.heartbeat.remote(name, **report), timeout_s, "heartbeat")
@@ -184,7 +194,7 @@ class ArbiterClient:
         p.latest = view
         if not view.registered and name in self._registrations:
             spec, meta = self._registrations[name]
-            view = self._get(handle.register.remote(spec, meta), timeout_s, "register")
+            view = self._get(handle.register.remote(spec, meta, None, p.held), timeout_s, "register")
             p.latest = view
         return view
 
@@ -265,7 +275,7 @@ class ArbiterClient:
             if handle is not None:
                 spec, meta = self._registrations[name]
                 logger.info("arbiter does not know %s (%s): registering it again", name, view.reason)
-                p.reregister = handle.register.remote(spec, meta)
+                p.reregister = handle.register.remote(spec, meta, None, p.held)
 
     def _get(self, ref: ray.ObjectRef, timeout_s: float, what: str) -> Any:
         try:

@@ -78,7 +78,9 @@ def signal_actor_name(job_name: str) -> str:
 class GrantSource(Protocol):
     """Where the grant comes from: ``tidal.cluster.client.ArbiterClient`` in production."""
 
-    def register(self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None) -> GrantView: ...
+    def register(
+        self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None, *, held: Mapping[str, int] | None = None
+    ) -> GrantView: ...
 
     def heartbeat_nowait(
         self,
@@ -498,7 +500,7 @@ class ElasticRunner:
             )
             self._driver_node_id = ray.get_runtime_context().get_node_id()
         try:
-            self.view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
+            self.view = self.grants.register(self.spec.to_training_job_spec(), self._meta(), held=dict(self.held))
         except Exception as e:  # e.g. ArbiterUnavailableError: no arbiter on this cluster
             raise RunnerError(f"cannot register job {self.spec.name!r} with the arbiter: {e}") from e
         if not self.view.registered:
@@ -957,7 +959,8 @@ class ElasticRunner:
             return
         if not view.registered:
             logger.warning("job %s not registered at the arbiter (%s); registering again", self.spec.name, view.reason)
-            view = self.grants.register(self.spec.to_training_job_spec(), self._meta())
+            # With what it holds: the arbiter must not grant its GPUs to another holder meanwhile.
+            view = self.grants.register(self.spec.to_training_job_spec(), self._meta(), held=dict(self.held))
         self.view = view
 
     def _progress(self, snap: Mapping[str, Any]) -> dict[str, Any]:
@@ -1206,7 +1209,9 @@ class CapacityGrantSource:
                 return GrantView(name, Allocation.of({t: n}))
         return GrantView(name, Allocation(), reason=f"no accepted GPU type has {spec.min_workers} workers' worth")
 
-    def register(self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None) -> GrantView:
+    def register(
+        self, spec: TrainingJobSpec, meta: Mapping[str, Any] | None = None, *, held: Mapping[str, int] | None = None
+    ) -> GrantView:
         self.specs[spec.name] = spec
         return self._view(spec.name)
 
