@@ -623,6 +623,8 @@ class ResourceArbiter:
                         {"remaining_s": max(0.0, d - now), "grant": g.as_dict()}
                         for d, g in r.release_deadlines
                     ],
+                    "force_attempts": r.force_attempts,
+                    "confirm_remaining_s": None if r.confirm_by_s is None else max(0.0, r.confirm_by_s - now),
                 }
                 for r in self._regs.values()
             ],
@@ -661,6 +663,8 @@ class ResourceArbiter:
                 ],
                 seq=next(self._seq),
                 heard=False,
+                force_attempts=r.force_attempts,
+                confirm_by_s=None if r.confirm_remaining_s is None else now + r.confirm_remaining_s,
             )
         grants = {n: Allocation.of(g) for n, g in parsed.grants.items() if n in regs}
         for name, reg in regs.items():
@@ -801,11 +805,12 @@ class ResourceArbiter:
         for name in shrinking:
             reg = regs[name]
             if reg.confirm_by_s is not None:
-                if now < reg.confirm_by_s:
-                    continue  # stopped by force: waiting for the report that confirms it
-            elif not any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines):
+                due = now >= reg.confirm_by_s  # (stopped by force: waiting for the report that confirms it)
+            else:
+                due = any(d <= now and _exceeds(reg.held, g) for d, g in reg.release_deadlines)
+            if not due:
                 continue
-            elif not reg.heard and now < patient_until:
+            if not reg.heard and now < patient_until:
                 continue  # restored, and not heard from since: its saved `held` may be stale
             self._force(name, reg, now)
 

@@ -6,7 +6,8 @@ every time finite, and an error names the field, the value and what is valid. No
 ``ResourceArbiter.restore_state`` parses all of it first.
 
 Versions: 1 kept one release deadline per workload (its first shrink's); 2 keeps every pending release
-with the seconds left of its grace (``remaining_s``), so that downtime does not eat a holder's grace.
+with the seconds left of its grace (``remaining_s``), so that downtime does not eat a holder's grace, and
+a forced stop not yet confirmed (``force_attempts``, ``confirm_remaining_s``; absent: none).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class RegistrationModel(_Model):
     meta: dict[str, Any] = Field(default_factory=dict)
     shrink_issued_s: float | None = None
     release_deadlines: list[ReleaseModel] = Field(default_factory=list)
+    # Forced stops sent and not yet confirmed by the holder's report, and the seconds left until a harder one.
+    force_attempts: int = Field(0, ge=0)
+    confirm_remaining_s: float | None = Field(None, ge=0)
 
     @field_validator("spec", mode="plain")
     @classmethod

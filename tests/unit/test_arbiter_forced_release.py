@@ -35,10 +35,10 @@ class ScriptedPolicy:
         return PolicyDecision({k: Allocation.of(v) for k, v in t.items()}), state
 
 
-def _arbiter(policy, nodes=None, ttl_s=120.0):
+def _arbiter(policy, nodes=None, ttl_s=120.0, clock=None):
     backend = FakeBackend(nodes or make_nodes(H100=1))
     backend.force_result = ForceResult(issued=True, how="stop sent")  # as on Ray: the holder's report confirms it
-    clock = ManualClock(1000.0)
+    clock = clock or ManualClock(1000.0)
     config = ArbiterConfig(
         registration_ttl_s=ttl_s, default_yield_grace_s=GRACE_S, forced_release_confirm_s=CONFIRM_S
     )
@@ -216,3 +216,18 @@ def test_a_registration_with_a_bad_held_is_refused_naming_the_field():
     with pytest.raises(SpecError, match=r"held\['H100'\]"):
         arb.register(make_job(), held={"H100": -1})
     assert not arb.grant_of("job").registered
+
+
+def test_a_restart_keeps_a_forced_stop_awaiting_its_confirmation_and_the_next_one_is_the_harder_one():
+    arb, _, clock = _job_forced_from_8_to_4()
+    state = arb.dump_state()
+    clock.advance(60)  # downtime
+    fresh, backend, _ = _arbiter(ScriptedPolicy({"job": {"H100": 4}, "svc": {"H100": 4}}), clock=clock)
+    fresh.restore_state(state)
+    fresh.heartbeat("job", held={"H100": 8})
+    fresh.tick()
+    assert backend.force_calls == [] and fresh.grant_of("svc").grant == Allocation()
+    clock.advance(CONFIRM_S)
+    fresh.heartbeat("job", held={"H100": 8})
+    fresh.tick()
+    assert [c.attempt for c in backend.force_calls] == [2]
