@@ -63,4 +63,4 @@ bench-runtime: $(VENV)/.tidal-bench
 	$(PY) bench/runtime_latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output bench/results
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output bench/results build dist *.egg-info
