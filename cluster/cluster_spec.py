@@ -99,6 +99,33 @@ class NodeGroupSpec(_SpecModel):
         return self.num_gpus + 1 if self.num_cpus is None else self.num_cpus
 
 
+class GcsFaultToleranceSpec(_SpecModel):
+    """GCS fault tolerance: the head's GCS keeps its tables in an external Redis and reloads them on restart.
+
+    Ray reads the Redis address from ``RAY_REDIS_ADDRESS`` and keys the cluster's tables by
+    ``RAY_external_storage_namespace``; while the GCS is down, raylets keep their workers and wait up to
+    ``reconnect_timeout_s`` (Ray's ``gcs_rpc_server_reconnect_timeout_s``) for it to come back on the same
+    address, then exit. Example: ``{redis_address: "127.0.0.1:6390"}``.
+    """
+
+    redis_address: str = Field(description="host:port of the Redis server (redis:// or rediss:// allowed)")
+    # Default: the local cluster's own id, so that two clusters on one Redis never read each other's tables.
+    external_storage_namespace: str | None = Field(None, min_length=1)
+    reconnect_timeout_s: int = Field(60, ge=1, description="how long raylets wait for a restarted GCS")
+
+    @field_validator("redis_address")
+    @classmethod
+    def _host_and_port(cls, v: str) -> str:
+        rest = v.split("://", 1)[1] if v.startswith(("redis://", "rediss://")) else v
+        host, _, port = rest.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"redis_address {v!r} is not host:port (valid: e.g. 127.0.0.1:6379, redis://10.0.0.5:6379,"
+                " rediss://host:6380)"
+            )
+        return v
+
+
 class LocalClusterSpec(_SpecModel):
     """A cluster: a head and groups of GPU nodes. The format of ``cluster/configs/local.yaml``.
 
@@ -126,6 +153,8 @@ class LocalClusterSpec(_SpecModel):
     # Ray Train's workers or a job's spares): the node preloads tidal.cluster.preload, which reads this list
     # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
     pool_preload_python_modules: list[str] = Field(default_factory=list)
+    # None: the GCS keeps its tables in memory and the cluster does not outlive it (Ray's default).
+    gcs_fault_tolerance: GcsFaultToleranceSpec | None = None
 
     @field_validator("preload_python_modules", "pool_preload_python_modules")
     @classmethod

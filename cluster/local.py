@@ -17,6 +17,9 @@ Several clusters may run on one machine at once (other test sessions, other user
   that ``stop()`` and ``kill_node()`` end exactly its own processes (``tidal.cluster.processes``; ``ray stop``
   would end everyone's).
 
+With ``gcs_fault_tolerance`` in its spec, the head's GCS keeps its tables in an external Redis, and
+``kill_gcs``/``restart_gcs`` kill it and start it again as Ray does (docs/architecture.md, "When the head fails").
+
 The spec it starts is a ``LocalClusterSpec`` (``tidal.cluster.cluster_spec``). Ray is imported lazily
 (``activate``, ``start_worker_node``); the node table is read over the dashboard's HTTP API.
 """
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from tidal.cluster.cluster_spec import LocalClusterSpec, NodeGroupSpec, load_cluster_spec
 from tidal.cluster.model import GPU_TYPE_LABEL
@@ -148,6 +152,8 @@ class LocalCluster:
         self._owns_root = False
         self._commands: dict[str, tuple[list[str], dict[str, str]]] = {}
         self._relaunches: dict[str, int] = {}
+        self._gcs_command: tuple[list[str], dict[str, str], str] | None = None  # kept by kill_gcs
+        self._gcs_procs: list[subprocess.Popen] = []  # GCSs started by restart_gcs
 
     # ------------------------------------------------------------------------------- properties
 
@@ -294,6 +300,7 @@ class LocalCluster:
                         # worker processes that are slow to start are waited for, not failed.
                         "agent_register_timeout_ms": 180_000,
                         "worker_register_timeout_seconds": 180,
+                        **self._gcs_ft_system_config(),
                     }
                 ),
             ]
@@ -302,6 +309,7 @@ class LocalCluster:
                 "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics_port),
                 "DASHBOARD_METRIC_PORT": str(dashboard_metrics_port),
                 **SERVE_CONTROLLER_ENV,
+                **self._gcs_ft_env(),
             }
             if self.autoscaling_config is not None:
                 head_args.append(f"--autoscaling-config={self._write_autoscaling_config()}")
@@ -368,6 +376,96 @@ class LocalCluster:
         path = self.root_dir / "autoscaling.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
+
+    # ------------------------------------------------------------------------------- GCS fault tolerance
+
+    def _gcs_ft_env(self) -> dict[str, str]:
+        """The head's environment for GCS fault tolerance (none without it): Ray's external Redis settings."""
+        ft = self.spec.gcs_fault_tolerance
+        if ft is None:
+            return {}
+        return {"RAY_REDIS_ADDRESS": ft.redis_address, "RAY_external_storage_namespace": self.storage_namespace}
+
+    def _gcs_ft_system_config(self) -> dict[str, Any]:
+        ft = self.spec.gcs_fault_tolerance
+        return {} if ft is None else {"gcs_rpc_server_reconnect_timeout_s": ft.reconnect_timeout_s}
+
+    @property
+    def storage_namespace(self) -> str:
+        """The key prefix of this cluster's GCS tables in Redis: the spec's, or the cluster's own id."""
+        ft = self.spec.gcs_fault_tolerance
+        return (ft.external_storage_namespace if ft else None) or self.cluster_id
+
+    def gcs_pid(self) -> int | None:
+        """The pid of the head's ``gcs_server``, or None while none runs."""
+        return next((pid for pid in sorted(self.pids()) if process_name(pid) == "gcs_server"), None)
+
+    def kill_gcs(self) -> int:
+        """Kills the head's ``gcs_server`` with SIGKILL, as a crash would, and returns its pid.
+
+        Its command line, environment and working directory are kept for ``restart_gcs``. Raylets, workers,
+        actors and the dashboard keep running; without GCS fault tolerance the raylets exit once
+        ``gcs_rpc_server_reconnect_timeout_s`` has passed.
+        """
+        pid = self.gcs_pid()
+        if pid is None:
+            raise LocalClusterError("no gcs_server runs in this cluster")
+        p = psutil.Process(pid)
+        self._gcs_command = (p.cmdline(), p.environ(), p.cwd())
+        kill_processes({pid})
+        deadline = time.monotonic() + 10.0
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise LocalClusterError(f"gcs_server {pid} survived SIGKILL")
+            time.sleep(0.05)
+        logger.info("killed the head's gcs_server (pid %d)", pid)
+        return pid
+
+    def restart_gcs(self, timeout_s: float = 60.0) -> int:
+        """Starts the GCS killed by ``kill_gcs`` again, as Ray's ``Node.start_gcs_server`` does, and waits for it.
+
+        The same command (port, session, Redis address and namespace): it reloads the cluster's tables from
+        Redis, and the raylets, which wait for it on the same address, reconnect. Returns when every node that
+        was alive reads alive again in the dashboard's node table.
+
+        Raises:
+            LocalClusterError: no GCS fault tolerance in the spec (a GCS without Redis comes back empty and the
+                nodes that knew the old one cannot rejoin), no GCS was killed, or the nodes are not back in time.
+        """
+        if self.spec.gcs_fault_tolerance is None:
+            raise LocalClusterError(
+                "restart_gcs needs gcs_fault_tolerance in the cluster spec: without Redis the GCS restarts empty"
+            )
+        if self._gcs_command is None:
+            raise LocalClusterError("restart_gcs: no GCS was killed by kill_gcs")
+        if self.gcs_pid() is not None:
+            raise LocalClusterError(f"restart_gcs: a gcs_server already runs (pid {self.gcs_pid()})")
+        args, env, cwd = self._gcs_command
+        # Its own session, like the one `ray start` gave it; the cluster marker in its environment is how
+        # stop() finds it.
+        proc = subprocess.Popen(
+            args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._gcs_command = None
+        self._gcs_procs.append(proc)  # reaped in stop(): this process is its parent
+        self._wait_registered(deadline=time.monotonic() + timeout_s)
+        logger.info("restarted the head's gcs_server (pid %d)", proc.pid)
+        return proc.pid
+
+    def _clean_redis_storage(self) -> None:
+        """Deletes this cluster's GCS tables from Redis (a stopped cluster is not restored by a later head)."""
+        ft = self.spec.gcs_fault_tolerance
+        if ft is None or not self.cluster_id:
+            return
+        try:
+            from ray._private.gcs_utils import cleanup_redis_storage
+            from ray._private.services import get_address
+
+            host, port, ssl = get_address(ft.redis_address)
+            cleanup_redis_storage(host, int(port), "", ssl, self.storage_namespace)
+        except Exception as e:  # a Redis that is gone already holds nothing of ours
+            logger.warning("could not delete namespace %s from Redis %s: %s", self.storage_namespace, ft.redis_address, e)
 
     def _leases(self) -> list[PortLease]:
         return [x for x in (self.lease, *self.extra_leases) if x is not None]
@@ -648,6 +746,9 @@ class LocalCluster:
         stopped |= rest
         for lease in self._leases():
             lease.release()
+        for proc in self._gcs_procs:
+            proc.poll()
+        self._clean_redis_storage()
         if self.root_dir is not None and self.state_path.exists():
             state = _read_json(self.state_path) or {}
             state["stopped_s"] = time.time()

@@ -89,3 +89,18 @@ def test_the_spec_module_imports_neither_ray_nor_the_process_manager():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "", f"the spec module pulled in: {r.stdout.strip()}"
+
+
+def test_gcs_fault_tolerance_takes_a_redis_host_and_port_and_refuses_anything_else():
+    spec = parse_cluster_spec({"gcs_fault_tolerance": {"redis_address": "127.0.0.1:6390"}})
+    assert spec.gcs_fault_tolerance is not None
+    assert spec.gcs_fault_tolerance.reconnect_timeout_s == 60
+    assert spec.gcs_fault_tolerance.external_storage_namespace is None
+    assert parse_cluster_spec({}).gcs_fault_tolerance is None
+    for good in ("redis://10.0.0.5:6379", "rediss://my-redis.example.com:6380"):
+        parse_cluster_spec({"gcs_fault_tolerance": {"redis_address": good}})
+    for bad in ("127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", ":6379", "host:port"):
+        with pytest.raises(ValueError, match=r"gcs_fault_tolerance\.redis_address: .*is not host:port"):
+            parse_cluster_spec({"gcs_fault_tolerance": {"redis_address": bad}})
+    with pytest.raises(ValueError, match=r"gcs_fault_tolerance\.reconnect_timeout_s"):
+        parse_cluster_spec({"gcs_fault_tolerance": {"redis_address": "h:1", "reconnect_timeout_s": 0}})
