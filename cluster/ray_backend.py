@@ -228,7 +228,10 @@ class RayBackend:
         was killed, or None when the deployment cannot be found (the reason is logged)."""
         excess = {t: n - grant.get(t) for t, n in held.items if n > grant.get(t)}
         app, deployment = meta.get("serve_app"), meta.get("serve_deployment")
-        replicas = self._list_actors([("state", "=", "ALIVE")])
+        filters = [("state", "=", "ALIVE")]
+        if app and deployment:
+            filters.append(("class_name", "=", f"{_REPLICA_CLASS_PREFIX}{app}:{deployment}"))
+        replicas = self._list_actors(filters)
         replicas = [a for a in replicas if str(_field(a, "class_name") or "").startswith(_REPLICA_CLASS_PREFIX)]
         if not (app and deployment):
             # The application named as the service, if it has one deployment.
