@@ -17,7 +17,8 @@ report confirms it). The arbiter asks again, harder, when no confirming report c
   killed (Ray's state API lists the deployment's replica actors and their nodes; a node's type is its
   ``ray.io/accelerator-type`` label). Serve's controller replaces a killed replica only up to the target its
   autoscaling policy returns, which Tidal's hook caps at the grant. The deployment is the one its meta names
-  (``serve_app``, ``serve_deployment``), else the only deployment of the application named as the service.
+  (``serve_app``, ``serve_deployment``), else the one the service's name names (``<app>.<deployment>``), else
+  the only deployment of the application named as the service.
   Every attempt does the same: it kills what is still beyond the grant.
 - A job, first attempt, by what its registration ``meta`` names, first match wins: ``stop_actor`` (with
   ``stop_actor_namespace`` and ``stop_method``, default ``force_stop``: that method of that actor is called,
@@ -234,17 +235,21 @@ class RayBackend:
         replicas = self._list_actors(filters)
         replicas = [a for a in replicas if str(_field(a, "class_name") or "").startswith(_REPLICA_CLASS_PREFIX)]
         if not (app and deployment):
-            # The application named as the service, if it has one deployment.
-            deployments = {
-                _field(a, "class_name") for a in replicas if _app_of(_field(a, "class_name")) == name
-            }
-            if len(deployments) != 1:
-                logger.warning(
-                    "service %s: its meta names no serve_app/serve_deployment, and Serve has %d deployments in an "
-                    "application named %r", name, len(deployments), name,
-                )  # fmt: skip
-                return None
-            app, deployment = name, str(next(iter(deployments))).split(":", 2)[2]
+            # A service named "<app>.<deployment>", or the application named as the service if it has one
+            # deployment.
+            classes = {str(_field(a, "class_name")) for a in replicas}
+            dotted = f"{_REPLICA_CLASS_PREFIX}{name.replace('.', ':', 1)}"
+            if "." in name and dotted in classes:
+                app, deployment = name.split(".", 1)
+            else:
+                deployments = {c for c in classes if _app_of(c) == name}
+                if len(deployments) != 1:
+                    logger.warning(
+                        "service %s: its meta names no serve_app/serve_deployment, no deployment is named %r, and "
+                        "Serve has %d deployments in an application named %r", name, name, len(deployments), name,
+                    )  # fmt: skip
+                    return None
+                app, deployment = name, next(iter(deployments)).split(":", 2)[2]
         class_name = f"{_REPLICA_CLASS_PREFIX}{app}:{deployment}"
         type_of = self._gpu_type_by_node()
         # (In name order: any choice frees the same GPUs, and this one is the same on every attempt.)

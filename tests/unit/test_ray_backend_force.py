@@ -146,3 +146,12 @@ def test_metrics_count_harder_stops_and_failed_ones_and_time_a_confirmed_forced_
     assert s[("tidal_forced_release_escalations_total", (("workload", "job"),))] == 1.0
     assert s[("tidal_forced_release_failures_total", (("workload", "svc"),))] == 1.0
     assert s[("tidal_reclaim_duration_seconds_sum", ())] == 16.0
+
+
+def test_a_service_named_app_dot_deployment_is_found_by_its_name():
+    fake = FakeRay([_replica(1, "h1", app="shop", deployment="Ranker"), _replica(2, "h1", app="shop", deployment="Other")])
+    result = _backend(fake).force_release(
+        "shop.Ranker", make_service("shop.Ranker"), {"kind": "serve-deployment"},
+        held=Allocation.of(H100=1), grant=Allocation(), attempt=1,
+    )  # fmt: skip
+    assert result.issued and fake.killed == [("SERVE_REPLICA::shop#Ranker#r1", "serve")]
