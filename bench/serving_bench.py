@@ -148,17 +148,28 @@ def policy_call_cost_us(n_calls: int = 20_000, n_replicas: int = 8) -> dict:
         unique_id: str
 
     @dataclass
+    class Cfg:  # the deployment's own autoscaling_config, as Serve's context carries it
+        min_replicas: int = 1
+        max_replicas: int = 16
+        target_ongoing_requests: float = 2.0
+        upscale_delay_s: float = 0.0
+        downscale_delay_s: float = 1.0
+
+    @dataclass
     class Ctx:
         total_num_requests: float
         current_num_replicas: int
         target_num_replicas: int
         running_replicas: list
         aggregated_metrics: dict = field(default_factory=dict)
+        app_name: str = "bench"
+        deployment_name: str = "x"
+        config: Cfg = field(default_factory=Cfg)
 
     class Policy(TidalAutoscalingPolicy):
         run_link_thread = False
 
-    p = Policy(service={"name": "x", "gpu_types": ["A100", "H100"], "min_replicas": 1, "max_replicas": 16})
+    p = Policy(gpu_types=["A100", "H100"])
     rids = [Rid(f"r{i}") for i in range(n_replicas)]
     ctx = Ctx(9.0, n_replicas, n_replicas, rids, {GPU_TYPE_METRIC_PREFIX + "A100": {r: 1.0 for r in rids}})
     t0 = time.perf_counter()

@@ -55,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tidal.cluster.model import GPU_TYPE_LABEL
 from tidal.serving.config import (
     GPU_TYPE_METRIC_PREFIX,
+    UNKNOWN_GPU_TYPE,
     ModelOptions,
     ServeAppArgs,
     allowed_model_modules,
@@ -208,7 +209,7 @@ class ModelServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric: which GPU type this replica runs on (read by the Tidal policy)."""
-        return {f"{GPU_TYPE_METRIC_PREFIX}{self._gpu_type or 'unknown'}": 1.0}
+        return {f"{GPU_TYPE_METRIC_PREFIX}{self._gpu_type or UNKNOWN_GPU_TYPE}": 1.0}
 
     # ------------------------------------------------------------------------------- routes
 

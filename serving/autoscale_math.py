@@ -32,6 +32,22 @@ from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
+class DeploymentSnapshot:
+    """What Serve's controller says of one deployment, read off the policy's control loop.
+
+    Attributes:
+        gpus_per_replica: GPUs one replica takes (``ray_actor_options.num_gpus``, or its placement group's).
+        pinned_gpu_types: the GPU types its label selector and fallbacks allow, in order (empty: any node).
+        replica_gpu_types: replica id -> the ``ray.io/accelerator-type`` of its node (None: a node without
+            the label); a replica not placed on a node yet is absent.
+    """
+
+    gpus_per_replica: float
+    pinned_gpu_types: tuple[str, ...]
+    replica_gpu_types: Mapping[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class LoadObservation:
     """What Serve reports at one control-loop tick.
 

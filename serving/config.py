@@ -21,16 +21,22 @@ starts, so a typo fails ``serve deploy`` with a message naming the field, not a 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tidal.cluster.model import GPU_TYPE_LABEL
-from tidal.cluster.specs import ServiceSpecModel
+from tidal.cluster.model import GPU_TYPE_LABEL, ServiceSpec
+from tidal.cluster.specs import GpuTypeName, ServiceSpecModel
 
 DEFAULT_API_KEY_ENV = "TIDAL_SERVE_API_KEY"
-TIDAL_POLICY_PATH = "tidal.serving.autoscale:TidalAutoscalingPolicy"
+# The public name of the policy (``tidal.serve.TidalPolicy`` is ``tidal.serving.autoscale.TidalAutoscalingPolicy``):
+# the one path every Tidal service names, Tidal's own model server included.
+TIDAL_POLICY_PATH = "tidal.serve:TidalPolicy"
 GPU_TYPE_METRIC_PREFIX = "tidal_gpu_type:"
+UNKNOWN_GPU_TYPE = "unknown"  # what the model server pushes when its node has no GPU type label
+# A replica may push its own latency p99 (ms) as this custom autoscaling metric; ``tidal status`` shows it.
+P99_METRIC = "tidal_p99_ms"
 # The model modules every application allows: Tidal's own. An application adds its own in
 # ``allowed_model_modules`` (the demo adds tidal.demo.model).
 TIDAL_MODEL_MODULES = ("tidal.training.models",)
@@ -116,7 +122,20 @@ class AutoscalingOptions(_Strict):
 class TidalPolicyOptions(_Strict):
     """What :class:`tidal.serving.autoscale.TidalAutoscalingPolicy` is built with (Serve's ``policy_kwargs``).
 
+    What the arbiter must know and the deployment does not say: the accepted GPU types, the priority, the
+    SLO, and optionally the service's name. ``min_replicas``, ``max_replicas`` and
+    ``target_ongoing_requests`` come from the deployment's own ``autoscaling_config``, and the GPUs per
+    replica from its ``ray_actor_options`` (or placement group bundles): nothing is stated twice.
+
     Attributes:
+        name: the service's name at the arbiter; by default ``<app>.<deployment>``
+            (:func:`default_service_name`).
+        gpu_types: accepted GPU types (values of the ``ray.io/accelerator-type`` label), most preferred first.
+        priority: higher wins GPUs from lower (training jobs default to 10, services to 100).
+        slo_p99_ms: the service's latency objective, for the policy and ``tidal status``.
+        downscale_delay_s, upscale_delay_s: the load hold and delay the policy applies itself, before the
+            arbiter hears the demand (Serve's own delays around the policy should be short:
+            :func:`serve_delay_warnings`).
         drain_hold_s: a replica that left the running set still counts as held this long (it drains its
             requests and exits); the arbiter must not hand its GPU to someone else before that.
         stale_after_s: no policy call for this long while the last call saw zero replicas means Serve's
@@ -128,8 +147,14 @@ class TidalPolicyOptions(_Strict):
             most ``tidal.serving.autoscale.GRANT_POLL_WINDOW_S``), not every ``heartbeat_period_s``.
     """
 
-    service: ServiceOptions
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )
+    gpu_types: list[GpuTypeName] = Field(min_length=1)
+    priority: int = Field(default=100, ge=0)
+    slo_p99_ms: float = Field(default=500.0, gt=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
     upscale_delay_s: float = Field(default=0.0, ge=0)
     surge_reserve_fraction: float = Field(default=0.0, ge=0, le=10)
@@ -143,6 +168,234 @@ class TidalPolicyOptions(_Strict):
     keepalive_s: float = Field(default=120.0, gt=0)
     grant_ttl_s: float = Field(default=5.0, gt=0)
     grant_poll_s: float = Field(default=0.1, gt=0, le=5)
+
+    @field_validator("gpu_types")
+    @classmethod
+    def _no_duplicates(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"gpu_types {v} lists a type twice")
+        return v
+
+
+def default_service_name(app_name: str | None, deployment_name: str) -> str:
+    """``<app>.<deployment>``, with any character the arbiter does not take in a name replaced by ``-``.
+
+    Example: app ``"my app"``, deployment ``"Model"`` -> ``"my-app.Model"``; no app -> ``"Model"``.
+    """
+    raw = f"{app_name}.{deployment_name}" if app_name else deployment_name
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:128]
+    return name if name[:1].isalnum() else f"s{name}"[:128]
+
+
+def service_spec_for(
+    options: TidalPolicyOptions,
+    *,
+    app_name: str | None,
+    deployment_name: str,
+    min_replicas: int,
+    max_replicas: int,
+    gpus_per_replica: float,
+) -> ServiceSpec:
+    """The :class:`ServiceSpec` of a deployment: its bounds and GPUs from Serve, the rest from ``options``.
+
+    Raises:
+        ValueError: the deployment asks for no GPU, or its bounds are invalid (the message names the field).
+    """
+    if gpus_per_replica <= 0:
+        raise ValueError(
+            f"deployment {deployment_name!r} asks for no GPU per replica (ray_actor_options.num_gpus, or GPU "
+            "in its placement_group_bundles): a Tidal service needs GPUs; set num_gpus"
+        )
+    return ServiceSpecModel(
+        name=options.name or default_service_name(app_name, deployment_name),
+        gpu_types=list(options.gpu_types),
+        priority=options.priority,
+        gpus_per_replica=gpus_per_replica,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        slo_p99_ms=options.slo_p99_ms,
+    ).to_spec()
+
+
+def gpus_per_replica_of(
+    ray_actor_options: Mapping[str, Any] | None,
+    placement_group_bundles: list[Mapping[str, Any]] | None = None,
+) -> float:
+    """GPUs one replica takes: the GPUs of its placement group bundles when it has them (an LLM replica
+    with tensor parallelism), else ``ray_actor_options.num_gpus``.
+
+    Example: ``{"num_gpus": 0}`` and bundles ``[{"CPU": 1}, {"GPU": 1}, {"GPU": 1}]`` -> 2.0.
+    """
+    if placement_group_bundles:
+        total = sum(float(b.get("GPU", 0) or 0) for b in placement_group_bundles)
+        if total > 0:
+            return total
+    return float((ray_actor_options or {}).get("num_gpus") or 0.0)
+
+
+def selector_gpu_types(ray_actor_options: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The GPU types a deployment's replicas are pinned to (label selector, then fallbacks), in order.
+
+    Example: ``{"label_selector": {"ray.io/accelerator-type": "A100"},
+    "fallback_strategy": [{"label_selector": {"ray.io/accelerator-type": "H100"}}]}`` -> ``("A100", "H100")``.
+    Empty when the replicas are not pinned to a type.
+    """
+    opts = ray_actor_options or {}
+    out: list[str] = []
+    for sel in [
+        opts.get("label_selector") or {},
+        *[(f or {}).get("label_selector") or {} for f in opts.get("fallback_strategy") or []],
+    ]:
+        t = sel.get(GPU_TYPE_LABEL)
+        if t and t not in out:
+            out.append(t)
+    return tuple(out)
+
+
+# Serve's own delays wrap every custom policy (``ray.serve.autoscaling_policy._apply_autoscaling_config``):
+# a smaller number from the policy takes effect only after ``downscale_delay_s``, a larger one after
+# ``upscale_delay_s``. Above these, the warning below is given. A grant shrink must take effect within about a
+# second: the arbiter grants the GPUs to others only once they are released (1.0 s is what Tidal's own server
+# runs with, ``AutoscalingOptions.grant_shrink_delay_s``). Replicas granted for a spike should start at once
+# (Tidal's server runs with 0; 1 s allows a user's small setting).
+MAX_SERVE_DOWNSCALE_DELAY_S = 2.0
+MAX_SERVE_UPSCALE_DELAY_S = 1.0
+# Serve's defaults, when a config leaves the delays out (ray.serve.config.AutoscalingConfig).
+SERVE_DEFAULT_UPSCALE_DELAY_S = 30.0
+SERVE_DEFAULT_DOWNSCALE_DELAY_S = 600.0
+
+
+def serve_delay_warnings(
+    service: str,
+    *,
+    upscale_delay_s: float,
+    downscale_delay_s: float,
+    downscale_to_zero_delay_s: float | None = None,
+) -> list[str]:
+    """Warnings, with the fix, for Serve delays that would keep GPUs after a grant shrinks or delay a spike.
+
+    Example: Serve's defaults (30 s up, 600 s down) -> two warnings: a smaller grant removes replicas only
+    600 s later (the arbiter waits for those GPUs meanwhile), and granted replicas start 30 s after the load
+    asked for them.
+    """
+    out = []
+    down = max(downscale_delay_s, downscale_to_zero_delay_s or 0.0)
+    if down > MAX_SERVE_DOWNSCALE_DELAY_S:
+        out.append(
+            f"service {service!r}: Serve's downscale_delay_s is {down:g} s, so after the arbiter shrinks its grant "
+            f"Serve keeps the extra replicas (and their GPUs) up to {down:g} s longer, and whoever the GPUs were "
+            f"granted to waits. Fix: set autoscaling_config.downscale_delay_s: 1 (and downscale_to_zero_delay_s, "
+            f"if set) and move the load hold to policy_kwargs.downscale_delay_s: {down:g}; "
+            "tidal.serve.autoscaling_config(...) writes both"
+        )
+    if upscale_delay_s > MAX_SERVE_UPSCALE_DELAY_S:
+        out.append(
+            f"service {service!r}: Serve's upscale_delay_s is {upscale_delay_s:g} s, so replicas the arbiter "
+            f"grants for a spike start {upscale_delay_s:g} s after the load asked for them. Fix: set "
+            f"autoscaling_config.upscale_delay_s: 0 and move the delay to policy_kwargs.upscale_delay_s: "
+            f"{upscale_delay_s:g} (applied before the arbiter hears the rise); tidal.serve.autoscaling_config(...) "
+            "writes both"
+        )
+    return out
+
+
+def placement_warnings(service: str, gpu_types: list[str], pinned_types: tuple[str, ...]) -> list[str]:
+    """A warning when replicas are not pinned to the accepted GPU types (they could land on any GPU).
+
+    Example: gpu_types [A100, H100], pinned () -> one warning naming the ``ray_actor_options`` to add.
+    """
+    if pinned_types and set(pinned_types) <= set(gpu_types):
+        return []
+    want = ray_actor_options_for_types(gpu_types, 1.0)
+    fix = {k: want[k] for k in ("label_selector", "fallback_strategy") if k in want}
+    if not pinned_types:
+        what = "are not pinned to a GPU type"
+    else:
+        what = f"are pinned to {list(pinned_types)}, not all of them accepted"
+    return [
+        f"service {service!r}: its replicas {what}, so they can start on GPUs the arbiter has not granted "
+        f"it (accepted: {gpu_types}). Fix: add to ray_actor_options {fix}; "
+        "tidal.serve.ray_actor_options(...) writes it"
+    ]
+
+
+def ray_actor_options_for_types(gpu_types: list[str], num_gpus: float, **extra: Any) -> dict[str, Any]:
+    """Replica resources and placement on the accepted types, preferred type first.
+
+    Ray tries ``label_selector`` (the most preferred type) and then each ``fallback_strategy`` entry in
+    order, so a replica lands on the first accepted type that has a free GPU. The arbiter decides which
+    types have free GPUs (it shrinks training there), so replicas follow the grant.
+
+    Example: gpu_types [A100, H100], 1 GPU ->
+    ``{"num_gpus": 1, "label_selector": {"ray.io/accelerator-type": "A100"},
+    "fallback_strategy": [{"label_selector": {"ray.io/accelerator-type": "H100"}}]}``.
+    """
+    opts: dict[str, Any] = {**extra, "num_gpus": num_gpus, "label_selector": {GPU_TYPE_LABEL: gpu_types[0]}}
+    if len(gpu_types) > 1:
+        opts["fallback_strategy"] = [{"label_selector": {GPU_TYPE_LABEL: t}} for t in gpu_types[1:]]
+    return opts
+
+
+def user_autoscaling_config(
+    *,
+    gpu_types: list[str],
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    target_ongoing_requests: float = 2.0,
+    priority: int = 100,
+    slo_p99_ms: float = 500.0,
+    name: str | None = None,
+    downscale_delay_s: float = 30.0,
+    upscale_delay_s: float = 0.0,
+    grant_shrink_delay_s: float = 1.0,
+    look_back_period_s: float | None = None,
+    **policy_kwargs: Any,
+) -> dict[str, Any]:
+    """Serve's ``autoscaling_config`` for a deployment under Tidal (``tidal.serve.autoscaling_config``).
+
+    Serve's own delays are set short (0 s up, ``grant_shrink_delay_s`` down): the policy applies the load
+    delays itself (``upscale_delay_s``, ``downscale_delay_s``), before the arbiter hears the demand, so a
+    smaller grant removes replicas at once and granted replicas start at once. ``policy_kwargs`` go to the
+    policy as they are (e.g. ``arbiter_name``, ``surge_reserve_fraction``).
+
+    Raises:
+        pydantic.ValidationError: a bad value; the message names the field.
+
+    Example: ``user_autoscaling_config(gpu_types=["A100"], max_replicas=4)`` ->
+    ``{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2.0, "upscale_delay_s": 0.0,
+    "downscale_delay_s": 1.0, "policy": {"policy_function": "tidal.serve:TidalPolicy", "policy_kwargs":
+    {"gpu_types": ["A100"], "priority": 100, ...}}}``.
+    """
+    kwargs = TidalPolicyOptions(
+        name=name,
+        gpu_types=gpu_types,
+        priority=priority,
+        slo_p99_ms=slo_p99_ms,
+        downscale_delay_s=downscale_delay_s,
+        upscale_delay_s=upscale_delay_s,
+        **policy_kwargs,
+    ).model_dump(exclude_defaults=True)
+    kwargs.update(gpu_types=list(gpu_types), priority=priority, slo_p99_ms=slo_p99_ms)
+    # Serve's own bounds, checked here rather than at the controller.
+    ServiceSpecModel(
+        name="x", gpu_types=list(gpu_types), min_replicas=min_replicas, max_replicas=max_replicas
+    )
+    if not (target_ongoing_requests > 0 and grant_shrink_delay_s >= 0):
+        raise ValueError(
+            f"target_ongoing_requests must be > 0 and grant_shrink_delay_s >= 0, got {target_ongoing_requests} "
+            f"and {grant_shrink_delay_s}"
+        )
+    cfg: dict[str, Any] = {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing_requests,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": grant_shrink_delay_s,
+        "policy": {"policy_function": TIDAL_POLICY_PATH, "policy_kwargs": kwargs},
+    }
+    if look_back_period_s is not None:
+        cfg["look_back_period_s"] = look_back_period_s
+    return cfg
 
 
 class ServeAppArgs(_Strict):
@@ -248,33 +501,25 @@ def resolve_api_key(args: ServeAppArgs, environ: Mapping[str, str]) -> str | Non
 
 
 def ray_actor_options_for(args: ServeAppArgs) -> dict[str, Any]:
-    """Replica resources and placement: GPUs per replica on the accepted types, preferred type first.
-
-    Ray tries ``label_selector`` (the most preferred type) and then each ``fallback_strategy`` entry in
-    order, so a replica lands on the first accepted type that has a free GPU. The arbiter decides which
-    types have free GPUs (it shrinks training there), so replicas follow the grant.
-
-    Example: gpu_types [A100, H100] ->
-    ``{"label_selector": {"ray.io/accelerator-type": "A100"},
-    "fallback_strategy": [{"label_selector": {"ray.io/accelerator-type": "H100"}}], ...}``.
-    """
-    types = args.service.gpu_types
-    opts: dict[str, Any] = {
-        "num_gpus": args.service.gpus_per_replica,
-        "num_cpus": args.num_cpus_per_replica,
-        "label_selector": {GPU_TYPE_LABEL: types[0]},
-    }
-    if len(types) > 1:
-        opts["fallback_strategy"] = [{"label_selector": {GPU_TYPE_LABEL: t}} for t in types[1:]]
-    return opts
+    """The model server's replica resources and placement (:func:`ray_actor_options_for_types`)."""
+    return ray_actor_options_for_types(
+        list(args.service.gpu_types), args.service.gpus_per_replica, num_cpus=args.num_cpus_per_replica
+    )
 
 
 def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
-    """The JSON-able kwargs Serve passes to :class:`tidal.serving.autoscale.TidalAutoscalingPolicy`."""
+    """The JSON-able kwargs Serve passes to the policy for Tidal's model server.
+
+    The same kwargs as any user deployment's: the service's name, types, priority and SLO, and the server's
+    tuning. Its bounds are the deployment's ``autoscaling_config`` and its GPUs its ``ray_actor_options``
+    (both written from ``args.service`` by this module), as for any deployment.
+    """
     a = args.autoscaling
     return TidalPolicyOptions(
-        service=args.service,
-        target_ongoing_requests=a.target_ongoing_requests,
+        name=args.service.name,
+        gpu_types=list(args.service.gpu_types),
+        priority=args.service.priority,
+        slo_p99_ms=args.service.slo_p99_ms,
         downscale_delay_s=a.downscale_delay_s,
         upscale_delay_s=a.upscale_delay_s,
         surge_reserve_fraction=a.surge_reserve_fraction,

@@ -94,11 +94,16 @@ def test_a_single_gpu_type_needs_no_fallback():
     assert "fallback_strategy" not in ray_actor_options_for(ServeAppArgs.model_validate(a))
 
 
-def test_serve_bounds_come_from_the_service_spec_and_the_tidal_policy_gets_the_spec():
-    cfg = autoscaling_config_for(ServeAppArgs.model_validate(args()))
+def test_serve_bounds_come_from_the_service_spec_and_the_policy_gets_only_what_serve_does_not_say():
+    parsed = ServeAppArgs.model_validate(args())
+    cfg = autoscaling_config_for(parsed)
     assert (cfg["min_replicas"], cfg["max_replicas"]) == (0, 3)
-    assert cfg["policy"]["policy_function"] == TIDAL_POLICY_PATH
-    assert cfg["policy"]["policy_kwargs"]["service"]["gpu_types"] == ["A100", "H100"]
+    # The model server names the one policy every Tidal service names, with the same kwargs as any user's.
+    assert cfg["policy"]["policy_function"] == TIDAL_POLICY_PATH == "tidal.serve:TidalPolicy"
+    kwargs = cfg["policy"]["policy_kwargs"]
+    assert kwargs["gpu_types"] == ["A100", "H100"]
+    assert kwargs["name"] == parsed.service.name
+    assert not {"min_replicas", "max_replicas", "gpus_per_replica", "service"} & set(kwargs)
     # Serve's own delay paces grant shrinks; the load hold is the policy's.
     assert cfg["downscale_delay_s"] == 1.0
     assert cfg["policy"]["policy_kwargs"]["downscale_delay_s"] == 30.0
