@@ -191,6 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             status = ray.get(handle.status.remote(), timeout=15)
         status["address"] = address
+        status["services"] = service_rows(status)
     finally:
         ray.shutdown()
     if args.json:
@@ -251,6 +252,21 @@ def render_status(status: dict[str, Any]) -> None:
     if not status.get("workloads"):
         wl.add_row("(none)", "", "", "", "", "", "", "", "")
     console.print(wl)
+    rows = service_rows(status)
+    if rows:
+        sv = Table(title="Services (Serve deployments under Tidal)")
+        cols = ("service", "Serve app/deployment", "replicas", "demand", "grant", "held", "GPU types", "p99 / SLO ms")
+        for col in cols:
+            sv.add_column(col)
+        for r in rows:
+            sv.add_row(
+                r["name"], r["serve"], str(r["replicas"]), str(r["demand"]), _alloc(r["grant"]), _alloc(r["held"]),
+                ", ".join(r["gpu_types"]), r["p99"],
+            )
+        console.print(sv)
+        for r in rows:
+            for w in r["warnings"]:
+                console.print(f"[yellow]warning[/yellow] {w}")
     console.print(
         f"Allocation ratio: [b]{status.get('allocation_ratio', 0.0):.0%}[/b]   "
         f"Cost: [b]${status.get('cost_per_hour', 0.0):.2f}/hour[/b]   "
@@ -268,6 +284,41 @@ def render_status(status: dict[str, Any]) -> None:
             + (f", tick p50 {p50 * 1e3:.1f} ms" if p50 is not None else "")
             + (f", [red]{arb['tick_errors']} failed ticks[/red] (last: {arb.get('last_error')})" if arb.get("tick_errors") else "")
         )
+
+
+def service_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every service the arbiter knows, whoever deployed it: what ``tidal status`` shows of each.
+
+    Replicas, the Serve app and deployment, p99 and warnings come from what its autoscaling hook reports
+    (``progress``); replicas fall back to what it holds, p99 to ``-`` when no replica reports one.
+
+    Example: a workload ``{"name": "shop.Digits", "kind": "service", "demand_units": 3, "grant": {"A100": 2},
+    "held": {"A100": 2}, "progress": {"replicas": 2, "p99_ms": 41.5, "slo_p99_ms": 200}}`` ->
+    ``{"name": "shop.Digits", "replicas": 2, "demand": 3, ..., "p99": "41.5 / 200"}``.
+    """
+    out = []
+    for w in status.get("workloads", []):
+        if w.get("kind") != "service":
+            continue
+        progress = w.get("progress") or {}
+        held = w.get("held") or {}
+        p99, slo = progress.get("p99_ms"), progress.get("slo_p99_ms")
+        app, dep = progress.get("serve_app"), progress.get("serve_deployment")
+        out.append(
+            {
+                "name": w["name"],
+                "serve": f"{app or '-'}/{dep}" if dep else "-",
+                "replicas": progress.get("replicas", sum(held.values())),
+                "demand": w.get("demand_units", 0),
+                "grant": w.get("grant") or {},
+                "held": held,
+                "gpu_types": progress.get("gpu_types") or sorted(set(held) | set(w.get("grant") or {})),
+                "p99_ms": p99,
+                "p99": f"{_num(p99) if p99 is not None else '-'} / {_num(slo) if slo is not None else '-'}",
+                "warnings": list(progress.get("warnings") or []),
+            }
+        )
+    return out
 
 
 def _num(x: float) -> str:
