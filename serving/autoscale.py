@@ -64,15 +64,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from tidal.cluster.model import EMPTY, GPU_TYPE_LABEL, Allocation, ServiceSpec
 from tidal.serving.autoscale_math import (
     DeploymentSnapshot,
     HoldState,
     LoadObservation,
     ScalingBounds,
+    clamp,
     decide_replicas,
     held_by_type,
     keepalive_demand,
+    replicas_for_load,
     track_departures,
 )
 from tidal.serving.config import (
@@ -498,7 +501,19 @@ class TidalAutoscalingPolicy:
     run_link_thread: bool = True
 
     def __init__(self, **policy_kwargs: Any) -> None:
-        self.options = TidalPolicyOptions.model_validate(policy_kwargs)
+        # Serve builds the policy inside its controller, where an exception would stop the reconciliation of
+        # every application at each control-loop tick: bad kwargs are logged (naming the field) instead, and
+        # the deployment scales on load alone, outside Tidal. ``tidal.serve.autoscaling_config`` raises.
+        self.config_error: str | None = None
+        try:
+            self.options = TidalPolicyOptions.model_validate(policy_kwargs)
+        except ValidationError as e:
+            self.config_error = f"invalid policy_kwargs {policy_kwargs!r}: {e}"
+            self.options = TidalPolicyOptions(gpu_types=["invalid"])  # never used to register
+            logger.error(
+                "the deployment is NOT under Tidal, and scales on load alone within its [min, max] replicas: %s",
+                self.config_error,
+            )
         self.bounds: ScalingBounds | None = None
         self.link: ArbiterLink | None = None
         self._hold = HoldState()
@@ -539,6 +554,10 @@ class TidalAutoscalingPolicy:
         return link
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        if self.config_error is not None:
+            cfg = ctx.config
+            load = replicas_for_load(float(ctx.total_num_requests or 0.0), float(cfg.target_ongoing_requests))
+            return clamp(load, int(cfg.min_replicas), int(cfg.max_replicas)), {}
         now = self.clock()
         if self.link is None:
             self.link = self._bind(ctx)

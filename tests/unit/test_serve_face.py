@@ -1,7 +1,9 @@
 """``tidal.serve``: the dicts a user puts in a Serve deployment's config, their validation, the guard on Serve's
 delays, and the policy as Serve builds and calls it (Serve's own config and context classes; no cluster)."""
 
+import logging
 import time
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -69,10 +71,23 @@ def test_the_load_delays_go_to_the_policy_and_other_kwargs_pass_through():
         ({"gpu_types": ["A100"], "gpu_type": "A100"}, "gpu_type"),  # a typo: not silently ignored
     ],
 )
-def test_bad_policy_kwargs_fail_with_a_message_naming_the_field(kwargs, field):
-    with pytest.raises(ValidationError) as e:
-        TidalPolicy(**kwargs)
+def test_bad_policy_kwargs_are_refused_naming_the_field_and_never_break_serves_controller(
+    kwargs, field, caplog
+):
+    with pytest.raises((ValidationError, TypeError)) as e:  # (TypeError: a missing keyword argument)
+        autoscaling_config(**kwargs)
     assert field in str(e.value)
+    # Serve builds the policy in its controller, where a raise would stall every application's
+    # reconciliation: the policy logs the field and scales on load alone, outside Tidal.
+    with caplog.at_level(logging.ERROR, logger="ray.serve.tidal"):
+        policy = TidalPolicy(**kwargs)
+    assert field in policy.config_error and "NOT under Tidal" in caplog.text and field in caplog.text
+    ctx = SimpleNamespace(
+        total_num_requests=7.0,
+        config=SimpleNamespace(min_replicas=1, max_replicas=3, target_ongoing_requests=2),
+    )
+    assert policy(ctx) == (3, {})
+    assert policy.link is None  # never registered
 
 
 def test_autoscaling_config_refuses_bounds_serve_would_refuse_later():
