@@ -202,16 +202,24 @@ def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
         client.register(job, meta=meta)
         wait_for(lambda: _granted_and_held(client, job.name, "H100", 4), 20, message="4 H100 granted to the job")
         client.register(svc)
-        # The job never lets go: after its grace the arbiter stops it by force and the service gets the GPUs.
-        wait_for(lambda: client.heartbeat(svc.name).grant.get("H100") == 2, 30, message="the forced release")
+        # The job never lets go: after its grace the arbiter stops it by force ...
+        wait_for(
+            lambda: any(e["kind"] == "forced" and e["workload"] == job.name for e in ray.get(handle.events.remote())),
+            30,
+            message="the forced stop",
+        )
         if tag == "kill":
             with pytest.raises(ray.exceptions.RayActorError):
                 ray.get(victim.ping.remote(), timeout=30)
         else:
             wait_for(lambda: ray.get(victim.times_stopped.remote(), timeout=10) >= 1, 20, message="force_stop called")
             assert ray.get(victim.ping.remote(), timeout=30) == "alive"  # stopped what it holds, not killed
+        # ... and its GPUs stay its own until its report confirms the stop; then the service gets them.
+        assert client.heartbeat(svc.name).grant.get("H100") == 0
+        client.heartbeat(job.name, held={"H100": 2})
+        wait_for(lambda: client.heartbeat(svc.name).grant.get("H100") == 2, 10, message="the confirmed release")
         events = ray.get(handle.events.remote(), timeout=10)
-        assert any(e["kind"] == "forced" and e["workload"] == job.name for e in events)
+        assert any(e["kind"] == "force_confirmed" and e["workload"] == job.name for e in events)
     finally:
         client.unregister(svc.name)
         client.unregister(job.name)
