@@ -60,3 +60,26 @@ def test_a_node_type_with_a_non_integer_gpu_count_is_refused_by_the_schema():
     cfg["available_node_types"]["gpu-h100"]["resources"]["GPU"] = "eight"
     with pytest.raises(jsonschema.ValidationError, match="'eight' is not of type 'integer'"):
         validate_config(prepare_config(cfg))
+
+
+def test_cluster_yaml_head_keeps_its_gcs_tables_in_the_external_redis_of_its_env_file():
+    cfg = _load(ROOT / "cluster.yaml")
+    assert cfg["file_mounts"]["~/.tidal/redis.env"] == "~/.tidal/redis.env"
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    # The env file is read before `ray start`, and a head without RAY_REDIS_ADDRESS refuses to start.
+    assert start.index(". ~/.tidal/redis.env") < start.index('test -n "$RAY_REDIS_ADDRESS"') < start.index("ray start")
+    words = start.split()
+    assert "RAY_external_storage_namespace=tidal" in words
+    assert '--redis-password="$TIDAL_REDIS_PASSWORD"' in words
+    for cmd in (start, *(c for c in cfg["worker_start_ray_commands"] if "ray start" in c)):
+        assert "RAY_gcs_rpc_server_reconnect_timeout_s=300" in cmd.split(), cmd
+
+
+def test_cluster_yaml_has_a_cpu_node_type_for_job_drivers_off_the_head():
+    cfg = _load(ROOT / "cluster.yaml")
+    types = cfg["available_node_types"]
+    with_drivers = [name for name, t in types.items() if t["resources"].get("job_driver", 0) > 0]
+    assert with_drivers == ["driver"]
+    driver = types["driver"]
+    assert driver["resources"]["GPU"] == 0 and "labels" not in driver and driver["min_workers"] >= 1
+    assert "job_driver" not in types[cfg["head_node_type"]]["resources"]
