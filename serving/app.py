@@ -41,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,8 +54,10 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.serving.autoscale_math import LatencyWindow
 from tidal.serving.config import (
     GPU_TYPE_METRIC_PREFIX,
+    P99_METRIC,
     UNKNOWN_GPU_TYPE,
     ModelOptions,
     ServeAppArgs,
@@ -168,6 +171,7 @@ class ModelServer:
         self._device = pick_device()
         self._gpu_type = _node_gpu_type()
         self._loaded: LoadedModel | None = None
+        self._latency = LatencyWindow()  # answered predictions, for the p99 it reports (tidal status)
         self._swap_lock = asyncio.Lock()
         # Built per replica: Serve's max_concurrent_batches is fixed when the batch queue is made.
         self._infer = serve.batch(
@@ -208,8 +212,14 @@ class ModelServer:
             raise RuntimeError("no model loaded")
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metric: which GPU type this replica runs on (read by the Tidal policy)."""
-        return {f"{GPU_TYPE_METRIC_PREFIX}{self._gpu_type or UNKNOWN_GPU_TYPE}": 1.0}
+        """Custom autoscaling metrics read by the Tidal policy: which GPU type this replica runs on (its fast
+        path; any other replica's type is learned from its node), and its p99 latency when it has answered
+        recently (shown by ``tidal status``)."""
+        stats = {f"{GPU_TYPE_METRIC_PREFIX}{self._gpu_type or UNKNOWN_GPU_TYPE}": 1.0}
+        p99 = self._latency.p99_ms(time.monotonic())
+        if p99 is not None:
+            stats[P99_METRIC] = p99
+        return stats
 
     # ------------------------------------------------------------------------------- routes
 
@@ -258,13 +268,17 @@ class ModelServer:
         "PredictRequest; the server reads it itself, refusing a body over the size limit before parsing it.",
     )
     async def predict(self, request: Request) -> dict[str, Any]:
+        t0 = time.monotonic()
         self._authorize(request)
         body = await self._read_body(request)
         instances = parse_predict_body(parse_predict_json(body), self._max_instances)
         loaded = self._require_model()
         flat = flatten_instances(instances, loaded.manifest.input_shape, self._max_abs_input)
         used, outputs = await self._infer((loaded, flat))
-        return to_response(used, outputs)
+        response = to_response(used, outputs)
+        now = time.monotonic()
+        self._latency.add(now, (now - t0) * 1e3)
+        return response
 
     # ----------------------------------------------------------------------------- batching
 

@@ -27,6 +27,7 @@ Four numbers matter per decision:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -361,3 +362,29 @@ def track_departures(
         if rid not in current and rid not in out and drain_hold_s > 0:
             out[rid] = (t, now_s)
     return out
+
+
+class LatencyWindow:
+    """Recent request latencies of one replica, for the p99 it reports (``tidal status``).
+
+    Keeps the last ``max_samples`` latencies younger than ``window_s``. Not thread-safe: a replica's event loop
+    owns it.
+
+    Example: latencies 1..100 ms added at t=0 -> ``p99_ms(now_s=1)`` = 99.0 (nearest rank); at t=31 with a
+    30 s window -> None (nothing recent).
+    """
+
+    def __init__(self, window_s: float = 30.0, max_samples: int = 2048) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def add(self, now_s: float, latency_ms: float) -> None:
+        self._samples.append((now_s, latency_ms))
+
+    def p99_ms(self, now_s: float) -> float | None:
+        while self._samples and now_s - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+        if not self._samples:
+            return None
+        values = sorted(v for _, v in self._samples)
+        return values[max(0, math.ceil(0.99 * len(values)) - 1)]

@@ -153,11 +153,32 @@ def test_under_load_replicas_grow_up_to_the_grant_and_no_further(
     assert ray_driver.available_resources().get("GPU", 0) >= 2  # free GPUs that the grant keeps us off
 
 
-def test_the_serve_controller_runs_with_the_clusters_placement_settings(tidal_app):
+def test_under_load_the_service_reports_its_p99_for_tidal_status(
+    ray_driver, arbiter, tidal_app, load, wait_for
+):
+    from tidal.cluster.cli import service_rows
+
+    w = wait_for(
+        lambda: (w := workload(ray_driver, arbiter)) and w["progress"].get("p99_ms") and w,
+        timeout_s=60,
+        message="a p99 pushed by the replicas and reported by the hook",
+    )
+    assert 0 < w["progress"]["p99_ms"] < 60_000
+    (row,) = [
+        r for r in service_rows(ray_driver.get(arbiter.status.remote(), timeout=10)) if r["name"] == APP
+    ]
+    assert row["p99_ms"] is not None and row["replicas"] >= 1 and row["gpu_types"] == ["A100", "H100"]
+
+
+def test_the_serve_controller_runs_with_the_clusters_placement_settings(tidal_app, local_cluster):
     """The replicas below are placed by Serve's controller (pack scheduling), not by the GCS's fallbacks."""
     from ray.util.state import list_actors
 
-    (controller,) = list_actors(filters=[("class_name", "=", "ServeController"), ("state", "=", "ALIVE")])
+    # The session cluster's address, not the one Ray would detect: other clusters may run on this machine.
+    (controller,) = list_actors(
+        address=local_cluster.address,
+        filters=[("class_name", "=", "ServeController"), ("state", "=", "ALIVE")],
+    )
     with open(f"/proc/{controller.pid}/environ", "rb") as f:
         env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
     for k, v in SERVE_CONTROLLER_ENV.items():

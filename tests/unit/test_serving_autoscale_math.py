@@ -330,3 +330,16 @@ def test_held_demand_is_never_below_the_current_load(loads, delay):
     for i, load in enumerate(loads):
         state = hold_demand(load, state, float(i), delay)
         assert state.demand >= load
+
+
+def test_a_replicas_p99_is_the_nearest_rank_of_its_recent_latencies_and_unknown_when_idle():
+    from tidal.serving.autoscale_math import LatencyWindow
+
+    window = LatencyWindow(window_s=30.0, max_samples=1000)
+    assert window.p99_ms(0.0) is None
+    for ms in range(1, 101):
+        window.add(0.0, float(ms))
+    assert window.p99_ms(1.0) == 99.0  # ceil(0.99 * 100) = the 99th of 100
+    window.add(20.0, 5.0)
+    assert window.p99_ms(31.0) == 5.0  # the first hundred are older than the window
+    assert window.p99_ms(51.0) is None
