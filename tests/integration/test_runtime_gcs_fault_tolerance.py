@@ -182,9 +182,9 @@ def ft_cluster(redis_port: int) -> Iterator[LocalCluster]:
         }
     )
     cluster = LocalCluster(spec)
-    cluster.start()
     pids: set[int] = set()
     try:
+        cluster.start()  # a failed start stops what it started; its folder goes below
         yield cluster
     finally:
         pids = cluster.pids()
