@@ -6,6 +6,7 @@ folders (pyproject.toml's package-dir): the tests lay the installed layout out a
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,4 +62,5 @@ def test_a_policy_that_imports_the_actor_breaks_the_layers_and_the_purity_of_the
     assert r.returncode != 0
     assert "tidal.policies is not allowed to import tidal.cluster.actor" in r.stdout
     assert "tidal.policies.base -> tidal.cluster.actor" in r.stdout
-    assert "Contracts: 3 kept, 2 broken." in r.stdout
+    # Two contracts break (the layers, and the purity of the policies); how many others are kept does not matter.
+    assert re.search(r"Contracts: \d+ kept, 2 broken\.", r.stdout), r.stdout
