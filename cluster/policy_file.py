@@ -2,16 +2,9 @@
 
 The policy's part (``policy``, ``gpu_types``, prices, speeds, headroom, ``static``, ``guards``) is
 ``tidal.policies.config``'s, which builds the policy from it; this module adds the sections that tune the
-arbiter's loop and the warm pool, which are no policy's business. Example ``policy.yaml``::
+arbiter's loop and the warm pool, which are no policy's business
+(every key of the file: docs/policy.md)::
 
-    policy: tidal                  # tidal | static | ray-alone | module:attr
-    gpu_types: [H100, H200, A100, RTX4090]
-    prices_per_gpu_hour: {H100: 2.49, H200: 3.29, A100: 1.29, RTX4090: 0.34}
-    speeds: {H100: 3.0, H200: 3.6, A100: 2.0, RTX4090: 1.0}
-    headroom_fraction: 0.1
-    restart_hold_s: 60             # a job stopped for a service waits this long after the last pressure
-    static: {serving_share: {RTX4090: 1.0, A100: 0.5}, default_serving_share: 0.0}
-    guards: {service_downscale_delay_s: 30, job_resize_min_interval_s: 60}
     arbiter: {tick_interval_s: 1.0, registration_ttl_s: 15, metrics_port: 9108, metrics_host: 127.0.0.1}
     warm_pool: {spare_workers_per_node: 2}
 

@@ -509,7 +509,7 @@ class TidalAutoscalingPolicy:
             self.options = TidalPolicyOptions.model_validate(policy_kwargs)
         except ValidationError as e:
             self.config_error = f"invalid policy_kwargs {policy_kwargs!r}: {e}"
-            self.options = TidalPolicyOptions(gpu_types=["invalid"])  # never used to register
+            self.options = TidalPolicyOptions(gpu_types=["invalid"])  # a placeholder: config_error keeps it from registering
             logger.error(
                 "the deployment is NOT under Tidal, and scales on load alone within its [min, max] replicas: %s",
                 self.config_error,
