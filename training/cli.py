@@ -19,8 +19,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tidal.training.run import EXIT_OK, EXIT_SPEC, EXIT_UNFINISHED, split_types
 from tidal.training.spec import SpecError, load_spec
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPEC_ENV_VAR = "TIDAL_JOB_SPEC_YAML_B64"
+DRIVER_RESOURCE = "job_driver"  # cluster.yaml's driver nodes: where `ray job submit` drivers should run
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,21 +60,40 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     return p
 
 
-def cluster_gpu_types(address: str | None) -> set[str] | None:
-    """GPU types of the cluster's nodes, read over the dashboard's HTTP state API (no Ray connection).
+def cluster_nodes(address: str | None) -> list[Any] | None:
+    """The cluster's alive nodes, read over the dashboard's HTTP state API (no Ray connection).
 
-    Returns None when the cluster cannot be asked; the runner checks again once it runs.
+    Returns None when the cluster cannot be asked; the runner checks the GPU types again once it runs.
     """
-    from tidal.cluster.model import GPU_TYPE_LABEL
-
     try:
         from ray.util.state import list_nodes
 
         nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False)
     except Exception as e:  # an unreachable dashboard: the runner refuses an unknown type instead
-        logger.warning("could not read the cluster's GPU types (%s); the job's runner will check them", e)
+        logger.warning("could not read the cluster's nodes (%s); the job's runner will check its GPU types", e)
         return None
+    return [n for n in nodes if n.state == "ALIVE"]
+
+
+def cluster_gpu_types(nodes: Sequence[Any]) -> set[str]:
+    """The GPU types of ``nodes`` (their ``ray.io/accelerator-type`` labels)."""
+    from tidal.cluster.model import GPU_TYPE_LABEL
+
     return {n.labels[GPU_TYPE_LABEL] for n in nodes if GPU_TYPE_LABEL in (n.labels or {})}
+
+
+def entrypoint_resources(resources_per_node: Iterable[Mapping[str, float]] | None) -> dict[str, float] | None:
+    """``{"job_driver": 1}`` when a node offers ``job_driver``, else None (the driver goes where Ray puts it).
+
+    ``cluster.yaml``'s ``driver`` nodes carry ``job_driver`` so that job drivers run off the head (a head
+    restart does not end them). A cluster without the resource gets no request for it: Ray would hold the
+    driver until a node offering it appears, that is, for ever. An unknown cluster (``None``: its nodes
+    could not be read) gets none either.
+    """
+    for resources in resources_per_node or ():
+        if float(resources.get(DRIVER_RESOURCE, 0.0)) >= 1.0:
+            return {DRIVER_RESOURCE: 1.0}
+    return None
 
 
 def build_entrypoint(job: Path, working_dir: Path, extra: Sequence[str]) -> tuple[str, dict[str, str]]:
@@ -118,8 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"job spec refused (nothing submitted):\n{e}", file=sys.stderr)
         return EXIT_SPEC
-    known = cluster_gpu_types(args.address)
-    if known is not None:
+    nodes = cluster_nodes(args.address)
+    if nodes is not None:
+        known = cluster_gpu_types(nodes)
         try:
             load_spec(job, known_gpu_types=known | set(extra_types))
         except SpecError as e:
@@ -137,13 +159,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     entrypoint, env_vars = build_entrypoint(job, working_dir, extra)
     client = JobSubmissionClient(args.address)
     submission_id = args.submission_id or f"tidal-train-{spec.name}-{uuid.uuid4().hex[:6]}"
+    driver_resources = entrypoint_resources(
+        None if nodes is None else [dict(n.resources_total or {}) for n in nodes]
+    )
     client.submit_job(
         entrypoint=entrypoint,
         submission_id=submission_id,
         runtime_env={"working_dir": str(working_dir), "env_vars": env_vars},
         metadata={"tidal": "train", "job": spec.name},
+        entrypoint_resources=driver_resources,
     )
-    print(f"submitted {spec.name} as Ray job {submission_id}: {entrypoint}")
+    where = f" (driver on a node with {DRIVER_RESOURCE})" if driver_resources else ""
+    print(f"submitted {spec.name} as Ray job {submission_id}{where}: {entrypoint}")
     if args.no_wait:
         return EXIT_OK
 

@@ -7,7 +7,7 @@ import base64
 from pathlib import Path
 
 import yaml
-from tidal.training.cli import SPEC_ENV_VAR, build_entrypoint, register_cli
+from tidal.training.cli import SPEC_ENV_VAR, build_entrypoint, entrypoint_resources, register_cli
 from tidal.training.run import EXIT_OK, EXIT_SPEC, main
 
 JOBS = Path(__file__).resolve().parents[2] / "training" / "jobs"
@@ -61,3 +61,20 @@ def test_an_inline_spec_is_read_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("SPEC_B64", base64.b64encode((JOBS / "digits.yaml").read_bytes()).decode())
     assert main(["digits.yaml", "--spec-from-env", "SPEC_B64", "--validate-only"]) == EXIT_OK
     assert "digits.yaml is valid: digits" in capsys.readouterr().out
+
+
+def test_a_job_driver_asks_for_job_driver_when_a_node_offers_it():
+    head = {"CPU": 1.0, "node:__internal_head__": 1.0}
+    driver_node = {"CPU": 8.0, "job_driver": 8.0}
+    assert entrypoint_resources([head, driver_node]) == {"job_driver": 1.0}
+
+
+def test_a_job_driver_asks_for_nothing_on_a_cluster_without_job_driver():
+    # Asking for a resource no node has would hold the driver (and the job) PENDING for ever.
+    gpu_node = {"CPU": 5.0, "GPU": 4.0}
+    assert entrypoint_resources([{"CPU": 1.0}, gpu_node]) is None
+    assert entrypoint_resources([{"CPU": 1.0, "job_driver": 0.5}]) is None  # no whole unit for one driver
+
+
+def test_a_job_driver_asks_for_nothing_when_the_cluster_could_not_be_read():
+    assert entrypoint_resources(None) is None
