@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from tidal.cluster.boundary import format_validation_error, read_yaml
 from tidal.cluster.model import GPU_TYPE_LABEL
 from tidal.cluster.preload import POOL_MODULES_ENV
 
@@ -233,12 +233,7 @@ def load_cluster_spec(path: str | os.PathLike | None = None) -> LocalClusterSpec
         ValueError: naming the file, the field, the bad value and what is valid.
     """
     p = Path(path) if path is not None else DEFAULT_SPEC_PATH
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ValueError(f"cluster spec {p}: cannot read it: {e}") from e
-    except yaml.YAMLError as e:
-        raise ValueError(f"cluster spec {p}: not valid YAML: {e}") from e
+    raw = read_yaml(p, "cluster spec")
     return parse_cluster_spec(raw if raw is not None else {}, source=str(p))
 
 
@@ -249,16 +244,4 @@ def parse_cluster_spec(raw: Any, source: str = "<dict>") -> LocalClusterSpec:
     try:
         return LocalClusterSpec.model_validate(raw)
     except ValidationError as e:
-        raise ValueError(f"cluster spec {source}: {_describe_validation_error(e)}") from e
-
-
-def _describe_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            parts.append(f"{loc}: unknown field (got {err['input']!r})")
-        else:
-            parts.append(f"{loc}: {msg} (got {err.get('input')!r})")
-    return "; ".join(parts)
+        raise ValueError(format_validation_error(e, f"cluster spec {source}")) from None

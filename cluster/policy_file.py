@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tidal.cluster.arbiter import ArbiterConfig
+from tidal.cluster.boundary import read_yaml
 from tidal.policies.config import PolicyConfigError, PolicyConfigModel, validate_policy_config
 
 
@@ -87,15 +87,7 @@ def load_policy_file(path: str | Path | None) -> PolicyFileModel:
     if path is None:
         return PolicyFileModel()
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PolicyConfigError(f"cannot read policy config {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PolicyConfigError(f"policy config {p} is not valid YAML: {e}") from None
-    return parse_policy_file(data, str(p))
+    return parse_policy_file(read_yaml(p, "policy config", PolicyConfigError), str(p))
 
 
 def arbiter_config(cfg: PolicyFileModel) -> ArbiterConfig:

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from tidal.cluster.boundary import format_validation_error
 from tidal.cluster.model import ServiceSpec, TrainingJobSpec, WorkloadKind, WorkloadSpec
 
 # A GPU type is a value of the node label ``ray.io/accelerator-type``: Ray's rule for label values (at most
@@ -106,18 +107,6 @@ class TrainingJobSpecModel(_WorkloadModel):
             self.checkpoint_period_s,
             self.yield_grace_s,
         )
-
-
-def format_validation_error(e: ValidationError, what: str) -> str:
-    """One line per problem: ``field: message (got value)``."""
-    lines = [f"invalid {what}:"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
 
 
 def _check_types(gpu_types: list[str], known: Iterable[str] | None, what: str) -> None:

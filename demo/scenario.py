@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tidal.cluster.specs import format_validation_error
+from tidal.cluster.boundary import format_validation_error, read_yaml
 
 DEFAULT_SCENARIO_PATH = Path(__file__).parent / "configs" / "demo-scenario.yaml"
 DEFAULT_POLICY_PATH = Path(__file__).parent / "configs" / "demo-policy.yaml"
@@ -183,10 +182,4 @@ def load_scenario(path: str | Path | None = None) -> ScenarioConfig:
         ScenarioError: naming the file, the field, the bad value and what is valid.
     """
     p = Path(path) if path is not None else DEFAULT_SCENARIO_PATH
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ScenarioError(f"cannot read scenario {p}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"scenario {p} is not valid YAML: {e}") from None
-    return parse_scenario(data, str(p))
+    return parse_scenario(read_yaml(p, "scenario", ScenarioError), str(p))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tidal.cluster.specs import format_validation_error
+from tidal.cluster.boundary import format_validation_error
 from tidal.policies.base import Policy, known_policies, resolve_policy
 from tidal.policies.guards import GuardConfig, GuardedPolicy
 from tidal.policies.priority import TidalPolicy, TidalPolicyConfig

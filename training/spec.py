@@ -45,6 +45,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from tidal.cluster.boundary import validation_problems
 from tidal.cluster.model import TrainingJobSpec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -354,30 +355,9 @@ class JobSpec(BaseModel):
         )
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def _problems(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors(include_url=False):
-        loc = _format_loc(e["loc"]).replace("model.class_path", "model.class")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling (see training/spec.py for the valid fields)"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        value = e.get("input")
-        shown = "" if e["type"] in ("missing", "value_error") or isinstance(value, dict) else f" (got {value!r})"
-        # A check across fields has no single location: its message starts with the fields it names.
-        problems.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
-    return problems
+    # A job spec names its model's class ``class`` (``class_path`` in the model, a Python keyword aside).
+    return [p.replace("model.class_path", "model.class", 1) for p in validation_problems(err)]
 
 
 def parse_spec(

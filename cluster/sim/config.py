@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tidal.cluster.specs import format_validation_error
+from tidal.cluster.boundary import format_validation_error, read_yaml
 
 
 class SimConfigError(ValueError):
@@ -239,12 +238,7 @@ def load_sim_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise SimConfigError(f"cannot read simulator config {p}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise SimConfigError(f"simulator config {p} is not valid YAML: {e}") from None
+        loaded = read_yaml(p, "simulator config", SimConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise SimConfigError(
                 f"invalid simulator config {p}: expected a mapping, got {type(loaded).__name__}"

@@ -34,8 +34,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tidal.cluster.boundary import format_validation_error, read_yaml
 from tidal.cluster.cluster_spec import parse_cluster_spec
 from tidal.cluster.model import NodeSnapshot
 from tidal.cluster.policy_file import parse_policy_file
@@ -43,7 +43,6 @@ from tidal.cluster.sim.config import parse_sim_config
 from tidal.cluster.sim.run import prepare_inputs, run_policies
 from tidal.cluster.sim.simulator import PolicyResult, SimInputs
 from tidal.cluster.sim.traces import RateSeries, TrainingJobRecord
-from tidal.cluster.specs import format_validation_error
 
 
 class ScenarioError(ValueError):
@@ -167,10 +166,7 @@ class ScenarioModel(_Strict):
 
 def load_scenario(path: str | Path) -> ScenarioModel:
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ScenarioError(f"scenario {p}: cannot read it: {e}") from None
+    raw = read_yaml(p, "scenario", ScenarioError)
     try:
         return ScenarioModel.model_validate(raw)
     except ValidationError as e:

@@ -55,7 +55,7 @@ def test_the_policy_file_from_yaml_refuses_nan_speeds(tmp_path):
     ("raw", "field"),
     [
         ({"head": {"resources": {"accel": NAN}}}, "head.resources.accel"),
-        ({"node_groups": [{"gpu_type": "A100", "num_gpus": 1, "resources": {"x": INF}}]}, "node_groups.0.resources.x"),
+        ({"node_groups": [{"gpu_type": "A100", "num_gpus": 1, "resources": {"x": INF}}]}, r"node_groups\[0\]\.resources\.x"),
     ],
 )
 def test_a_cluster_spec_with_a_nan_or_infinite_resource_is_refused(raw, field):
@@ -125,8 +125,8 @@ def test_a_training_job_spec_refuses_an_infinite_expected_metric():
         ({"service": {"service_time_s": {"H100": INF}}}, "service.service_time_s.H100"),
         ({"service": {"drain_s": INF}}, "service.drain_s"),
         ({"training": {"max_scale": INF}}, "training.max_scale"),
-        ({"training": {"step_time_s": [0.5, INF]}}, "training.step_time_s.1"),
-        ({"node_failures": [{"at_s": INF, "node": "A100"}]}, "node_failures.0.at_s"),
+        ({"training": {"step_time_s": [0.5, INF]}}, r"training\.step_time_s\[1\]"),
+        ({"node_failures": [{"at_s": INF, "node": "A100"}]}, r"node_failures\[0\]\.at_s"),
     ],
 )
 def test_a_simulator_config_with_a_nan_or_infinite_number_is_refused(data, field):

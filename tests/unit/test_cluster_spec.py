@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,11 +35,11 @@ def test_negative_gpu_count_is_refused_naming_the_field_and_value():
     with pytest.raises(ValueError) as e:
         parse_cluster_spec({"node_groups": [{"gpu_type": "A100", "num_gpus": -2}]})
     msg = str(e.value)
-    assert "node_groups.0.num_gpus" in msg and "-2" in msg and "greater than or equal to 0" in msg
+    assert "node_groups[0].num_gpus" in msg and "-2" in msg and "greater than or equal to 0" in msg
 
 
 def test_unknown_field_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"node_groups\.0\.gpus: unknown field"):
+    with pytest.raises(ValueError, match=r"node_groups\[0\]\.gpus: unknown field"):
         parse_cluster_spec({"node_groups": [{"gpu_type": "A100", "num_gpus": 2, "gpus": 2}]})
 
 
@@ -66,7 +67,7 @@ def test_unreadable_and_invalid_yaml_files_are_reported_with_their_path(tmp_path
         load_cluster_spec(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("node_groups: [\n")
-    with pytest.raises(ValueError, match=f"{bad}: not valid YAML"):
+    with pytest.raises(ValueError, match=f"{re.escape(str(bad))} is not valid YAML"):
         load_cluster_spec(bad)
 
 

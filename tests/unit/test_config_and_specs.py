@@ -40,7 +40,7 @@ def test_an_unknown_policy_name_lists_the_known_ones():
 
 
 def test_an_unknown_key_is_refused():
-    with pytest.raises(PolicyConfigError, match=r"guards.cooldown: Extra inputs are not permitted"):
+    with pytest.raises(PolicyConfigError, match=r"guards\.cooldown: unknown field"):
         parse_policy_config({"guards": {"cooldown": 3}})
 
 
@@ -74,7 +74,7 @@ def test_the_runtime_sections_load_with_the_policy_and_set_the_arbiter_knobs(tmp
 def test_a_bad_runtime_setting_names_its_section_and_field():
     with pytest.raises(PolicyConfigError, match=r"arbiter.tick_interval_s: .*greater than 0"):
         parse_policy_file({"arbiter": {"tick_interval_s": 0}})
-    with pytest.raises(PolicyConfigError, match=r"warm_pool.spares: Extra inputs are not permitted"):
+    with pytest.raises(PolicyConfigError, match=r"warm_pool\.spares: unknown field"):
         parse_policy_file({"warm_pool": {"spares": 2}})
 
 

@@ -159,7 +159,7 @@ def test_up_refuses_a_bad_cluster_spec_without_starting_anything(tmp_path, monke
     spec = tmp_path / "cluster.yaml"
     spec.write_text("node_groups:\n  - {gpu_type: A100, num_gpus: -1}\n")
     assert main(["up", "--config", str(spec)]) == 2
-    assert "node_groups.0.num_gpus" in capsys.readouterr().err
+    assert "node_groups[0].num_gpus" in capsys.readouterr().err
     assert not (tmp_path / "local-cluster.json").exists()
 
 
