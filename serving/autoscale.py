@@ -90,6 +90,7 @@ from tidal.serving.config import (
     serve_delay_warnings,
     service_spec_for,
 )
+from tidal.serving.deploy_check import install_deploy_check
 
 # A child of Serve's logger, so these lines land in the Serve controller's log next to Serve's own
 # autoscaling decisions, where an operator looks first.
@@ -503,7 +504,8 @@ class TidalAutoscalingPolicy:
     def __init__(self, **policy_kwargs: Any) -> None:
         # Serve builds the policy inside its controller, where an exception would stop the reconciliation of
         # every application at each control-loop tick: bad kwargs are logged (naming the field) instead, and
-        # the deployment scales on load alone, outside Tidal. ``tidal.serve.autoscaling_config`` raises.
+        # the deployment scales on load alone, outside Tidal. Bad kwargs normally fail the deploy before this
+        # (tidal.serving.deploy_check); this covers a deploy the check cannot see (its module docstring).
         self.config_error: str | None = None
         try:
             self.options = TidalPolicyOptions.model_validate(policy_kwargs)
@@ -656,3 +658,8 @@ def replica_gpu_types(ctx: Any) -> dict[str, str | None]:
 
 def _rid(replica_id: Any) -> str:
     return getattr(replica_id, "unique_id", None) or str(replica_id)
+
+
+# In Serve's controller, importing this module (Serve imports the policy's module to build a deployment's config)
+# puts the policy_kwargs check in place before the deploy goes on: bad kwargs fail their application's deploy.
+install_deploy_check()

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tidal.cluster.model import GPU_TYPE_LABEL, ServiceSpec
 from tidal.cluster.specs import GpuTypeName, ServiceSpecModel
 
@@ -175,6 +175,60 @@ class TidalPolicyOptions(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"gpu_types {v} lists a type twice")
         return v
+
+
+# What a message says is valid, per field of ``policy_kwargs`` whose pydantic message would not say it plainly.
+_POLICY_KWARGS_VALID = {
+    "gpu_types": "a non-empty list of GPU types (values of the ray.io/accelerator-type node label: letters, digits, "
+    "'-', '_' and '.', at most 63 characters), most preferred first, each once, e.g. [A100, H100]",
+    "priority": "an integer >= 0 (training jobs default to 10, services to 100)",
+    "name": "1-128 characters: letters, digits, '_', '.' and '-', starting with a letter or digit",
+}
+
+
+def policy_kwargs_problems(policy_kwargs: Any, known_gpu_types: Collection[str] | None = None) -> list[str]:
+    """Each problem of a deployment's ``policy_kwargs`` for Tidal's policy, one line naming the field, the bad
+    value and what is valid; empty when they are fine.
+
+    ``known_gpu_types``: the GPU types the cluster has or expects (``tidal.serving.deploy_check`` gathers them);
+    a type in ``gpu_types`` outside them is refused. None: not checked.
+
+    Example: ``{"gpu_types": ["A100", "B300"], "priority": -5}`` with known ``{"A100", "H100"}`` ->
+    ``["policy_kwargs.priority: -5 is not valid: Input should be greater than or equal to 0; valid: an integer
+    >= 0 (...)"]`` (the type is checked once the kwargs parse), and ``{"gpu_types": ["B300"]}`` ->
+    ``["policy_kwargs.gpu_types: unknown GPU type 'B300': no node of the cluster has it and the arbiter's policy
+    file does not list it; valid: A100, H100 (...)"]``.
+    """
+    if not isinstance(policy_kwargs, Mapping):
+        return [f"policy_kwargs: a mapping, not {policy_kwargs!r}; valid: e.g. {{gpu_types: [A100]}}"]
+    try:
+        options = TidalPolicyOptions.model_validate(dict(policy_kwargs))
+    except ValidationError as e:
+        return [_kwargs_error_line(err) for err in e.errors()]
+    if known_gpu_types is None:
+        return []
+    known = set(known_gpu_types)
+    return [
+        f"policy_kwargs.gpu_types: unknown GPU type {t!r}: no node of the cluster has it and the arbiter's policy "
+        f"file does not list it; valid: {', '.join(sorted(known)) or '(none known)'} (for a type whose nodes are "
+        "still to come, list it in the policy file's gpu_types)"
+        for t in options.gpu_types
+        if t not in known
+    ]
+
+
+def _kwargs_error_line(err: Mapping[str, Any]) -> str:
+    loc = [p for p in err.get("loc", ()) if p != "__root__"]
+    field = str(loc[0]) if loc else ""
+    where = "policy_kwargs" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    if err.get("type") == "missing":
+        return f"{where}: missing; valid: {_POLICY_KWARGS_VALID.get(field, 'a value')}"
+    if err.get("type") == "extra_forbidden":
+        options = ", ".join(TidalPolicyOptions.model_fields)
+        return f"{where}: unknown option (got {err.get('input')!r}); valid options: {options}"
+    valid = _POLICY_KWARGS_VALID.get(field)
+    return f"{where}: {err.get('input')!r} is not valid: {msg}" + (f"; valid: {valid}" if valid else "")
 
 
 def default_service_name(app_name: str | None, deployment_name: str) -> str:
