@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tidal-dev
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit test-integration demo bench bench-all bench-sim bench-spike bench-serving bench-resize bench-runtime lint clean
+.PHONY: venv test test-unit test-integration demo bench bench-all bench-sim bench-spike bench-serving bench-resize bench-runtime bench-chaos lint clean
 
 venv: $(STAMP)
 
@@ -44,7 +44,7 @@ bench: $(VENV)/.tidal-bench
 	$(PY) bench/simulate_decide.py
 
 # The whole set: the 8-week simulation and the benchmarks that start real local Ray clusters.
-bench-all: bench bench-sim bench-spike bench-serving bench-resize bench-runtime
+bench-all: bench bench-sim bench-spike bench-serving bench-resize bench-runtime bench-chaos
 
 bench-sim: $(VENV)/.tidal-bench
 	$(PY) bench/simulate.py
@@ -61,6 +61,10 @@ bench-resize: $(VENV)/.tidal-bench
 
 bench-runtime: $(VENV)/.tidal-bench
 	$(PY) bench/runtime_latency.py
+
+# One fault per case mid-reclaim under the spike: the arbiter killed, a replica's node lost, a job's driver killed.
+bench-chaos: $(VENV)/.tidal-bench
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output bench/results build dist *.egg-info

@@ -43,6 +43,7 @@ class RunResult:
     load_summary: dict[str, Any]
     job_summaries: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)  # the load's requests (loadgen.RequestRecord)
 
     def to_dict(self, with_samples: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -232,7 +233,7 @@ def run_system(
         job_names=list(rt.jobs),
         lost_steps_by_job=lost,
     )
-    return RunResult(system.name, figures, samples, events, load.summary(), summaries, timings)
+    return RunResult(system.name, figures, samples, events, load.summary(), summaries, timings, records)
 
 
 def _diff(prev: Sample | None, s: Sample, emit: Callable[[str], None], events: list[TimelineEvent]) -> None:
