@@ -28,6 +28,7 @@ import logging
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tidal.cluster.connect import (
@@ -54,6 +55,22 @@ def _out(msg: str = "") -> None:
 def _err(msg: str) -> None:
     sys.stderr.write(f"tidal: {msg}\n")
     sys.stderr.flush()
+
+
+def _on_cluster(address: str | None, body: Callable[[str], int]) -> int:
+    """Connects to the cluster (``tidal.cluster.connect``), runs ``body(address)`` and disconnects, whatever
+    happens; a cluster that cannot be reached is one clear line and ``EXIT_ERROR``."""
+    import ray
+
+    try:
+        connected = connect(address)
+    except Exception as e:
+        _err(str(e))
+        return EXIT_ERROR
+    try:
+        return body(connected)
+    finally:
+        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------ up / down / env
@@ -174,14 +191,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import ray
-
-    try:
-        address = connect(args.address)
-    except Exception as e:
-        _err(str(e))
-        return EXIT_ERROR
-    try:
+    def body(address: str) -> int:
+        import ray
         from tidal.cluster.actor import get_arbiter
 
         handle = get_arbiter()
@@ -192,13 +203,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = ray.get(handle.status.remote(), timeout=15)
         status["address"] = address
         status["services"] = service_rows(status)
-    finally:
-        ray.shutdown()
-    if args.json:
-        _out(json.dumps(status, indent=2, sort_keys=True, default=str))
-    else:
-        render_status(status)
-    return EXIT_OK
+        if args.json:
+            _out(json.dumps(status, indent=2, sort_keys=True, default=str))
+        else:
+            render_status(status)
+        return EXIT_OK
+
+    return _on_cluster(args.address, body)
 
 
 def _inventory_only_status() -> dict[str, Any]:
@@ -347,12 +358,8 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
     except ValueError as e:
         _err(f"{e}\nThe policy config was refused; nothing was changed.")
         return EXIT_USAGE
-    try:
-        address = connect(args.address)
-    except Exception as e:
-        _err(str(e))
-        return EXIT_ERROR
-    try:
+
+    def body(address: str) -> int:
         handle = get_arbiter()
         if handle is not None:
             try:
@@ -374,39 +381,27 @@ def cmd_arbiter_start(args: argparse.Namespace) -> int:
             + (f", metrics on {cfg.arbiter.metrics_host}:{port}" if port else "")
         )
         return EXIT_OK
-    finally:
-        ray.shutdown()
+
+    return _on_cluster(args.address, body)
 
 
 def cmd_arbiter_stop(args: argparse.Namespace) -> int:
-    import ray
     from tidal.cluster.actor import kill_arbiter
 
-    try:
-        address = connect(args.address)
-    except Exception as e:
-        _err(str(e))
-        return EXIT_ERROR
-    try:
+    def body(address: str) -> int:
         if kill_arbiter():
             _out(f"Arbiter stopped at {address} (its persisted state was deleted).")
         else:
             _out(f"No arbiter is running at {address}.")
         return EXIT_OK
-    finally:
-        ray.shutdown()
+
+    return _on_cluster(args.address, body)
 
 
 def cmd_arbiter_reset(args: argparse.Namespace) -> int:
-    import ray
     from tidal.cluster.actor import reset_arbiter_state
 
-    try:
-        address = connect(args.address)
-    except Exception as e:
-        _err(str(e))
-        return EXIT_ERROR
-    try:
+    def body(address: str) -> int:
         removed = reset_arbiter_state(state_path=args.state_path)
         _out(
             f"Arbiter reset at {address}: removed {', '.join(removed)}."
@@ -415,8 +410,8 @@ def cmd_arbiter_reset(args: argparse.Namespace) -> int:
         )
         _out("Start it again with `tidal arbiter start`; workloads register again at their next heartbeat.")
         return EXIT_OK
-    finally:
-        ray.shutdown()
+
+    return _on_cluster(args.address, body)
 
 
 # ------------------------------------------------------------------------------------ parser
