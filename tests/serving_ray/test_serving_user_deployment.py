@@ -26,7 +26,6 @@ ARBITER = "tidal-arbiter-ud"
 APP, DEPLOYMENT = "shop", "Echo"
 SERVICE = f"{APP}.{DEPLOYMENT}"  # the name a service gets by default: app and deployment
 PLAIN_APP = "plain"  # the same class, deployed with Serve's default delays
-BAD_APP = "badkwargs"  # the same class, with a negative priority in its policy_kwargs
 
 USER_MODULE = """
 import asyncio
@@ -275,30 +274,71 @@ def test_serves_default_delays_are_warned_about_in_tidal_status(
         delete_app(PLAIN_APP, unregister=False)
 
 
-def test_bad_policy_kwargs_leave_the_deployment_outside_tidal_and_serve_working(
+# Each app's policy_kwargs, and what its DEPLOY_FAILED message must say (the field, the bad value, what is valid).
+BAD_KWARGS = {
+    "bad-type": (
+        {"gpu_types": ["B300"]},
+        ["policy_kwargs.gpu_types: unknown GPU type 'B300'", "valid: A100"],
+    ),
+    "bad-priority": (
+        {"gpu_types": ["RTX4090"], "priority": -5},
+        ["policy_kwargs.priority: -5 is not valid", "valid: an integer >= 0"],
+    ),
+    "bad-missing": ({"priority": 100}, ["policy_kwargs.gpu_types: missing; valid: a non-empty list"]),
+}
+
+
+def kwargs_app(name, working_dir, kwargs):
+    deployment = user_deployment(["RTX4090"])
+    deployment["autoscaling_config"]["max_replicas"] = 1
+    deployment["autoscaling_config"]["policy"]["policy_kwargs"] = {
+        **kwargs,
+        "arbiter_name": ARBITER,
+        "name": name,
+    }
+    return app_config(name, working_dir, deployment)
+
+
+def test_bad_policy_kwargs_fail_their_applications_deploy_naming_the_field_and_a_corrected_config_deploys(
     ray_driver, arbiter, user_app, working_dir, local_cluster, wait_for
 ):
-    bad = user_deployment(["RTX4090"])
-    bad["autoscaling_config"]["max_replicas"] = 1
-    bad["autoscaling_config"]["policy"]["policy_kwargs"].update(name=BAD_APP, priority=-5)
-    cfg = dict(user_app["config"])
-    cfg["applications"] = [*cfg["applications"], app_config(BAD_APP, working_dir, bad)]
-    deploy_config(cfg, http_port=local_cluster.serve_http_port)  # waits for every application to run
+    bad = [kwargs_app(name, working_dir, kwargs) for name, (kwargs, _) in BAD_KWARGS.items()]
+    cfg = {**user_app["config"], "applications": [*user_app["config"]["applications"], *bad]}
+    deploy_config(cfg, http_port=local_cluster.serve_http_port, wait=False)
     try:
-        logs = Path(local_cluster.session_dir) / "logs" / "serve"
-        wait_for(
-            lambda: any(
-                "NOT under Tidal" in (t := p.read_text(errors="replace")) and "priority" in t
-                for p in logs.glob("controller_*.log")
+        apps = wait_for(
+            lambda: (
+                (a := serve_details().applications)
+                and all(n in a and str(a[n].status.value) == "DEPLOY_FAILED" for n in BAD_KWARGS)
+                and a
             ),
-            timeout_s=30,
-            message="the controller's log names the bad field",
+            timeout_s=120,
+            message="the three applications DEPLOY_FAILED",
         )
-        assert workload(ray_driver, arbiter, BAD_APP) is None
-        assert httpx.get(f"{user_app['url'].rsplit('/', 1)[0]}/{BAD_APP}", timeout=30).status_code == 200
-        assert workload(ray_driver, arbiter) is not None  # the other service is still heard
+        for name, (_, expected) in BAD_KWARGS.items():
+            for part in expected:
+                assert part in apps[name].message, apps[name].message
+            assert f"deployment '{DEPLOYMENT}'" in apps[name].message
+            assert workload(ray_driver, arbiter, name) is None
+        # The other application was not touched: it runs, answers, and its service is heard.
+        assert str(apps[APP].status.value) == "RUNNING"
+        assert httpx.get(user_app["url"], timeout=30).status_code == 200
+        assert workload(ray_driver, arbiter) is not None
+
+        # The priority corrected (and the other two dropped), the same application deploys and registers.
+        fixed = kwargs_app("bad-priority", working_dir, {"gpu_types": ["RTX4090"], "priority": 5})
+        cfg = {**user_app["config"], "applications": [*user_app["config"]["applications"], fixed]}
+        deploy_config(cfg, http_port=local_cluster.serve_http_port)  # raises on DEPLOY_FAILED
+        w = wait_for(
+            lambda: workload(ray_driver, arbiter, "bad-priority"),
+            timeout_s=60,
+            message="the corrected app registered",
+        )
+        assert w["priority"] == 5
     finally:
-        delete_app(BAD_APP, unregister=False)
+        for name in BAD_KWARGS:
+            if name in serve_details().applications:
+                delete_app(name, unregister=False)
 
 
 def test_deleting_the_application_unregisters_the_service(ray_driver, arbiter, user_app, load, wait_for):
