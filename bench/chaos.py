@@ -2,11 +2,12 @@
 
 Each case runs the demo's spike (``demo/configs/demo-scenario.yaml``, shortened: see ``--spike-s``) with Tidal
 (the arbiter, Tidal's Serve hook, Tidal's training runner, jobs submitted with ``ray job submit``, real HTTP
-load), and the moment the arbiter records its first reclaim for the service during the spike (a job is told to
-give GPUs back) it injects one fault:
+load), and the moment the arbiter records its first reclaim for the service under the load (at the spike, or a
+little before it when the one replica falls behind on a loaded machine: a job is told to give GPUs back) it
+injects one fault:
 
 - ``arbiter``: ``ray.kill`` of the ``tidal-arbiter`` actor (Ray restarts it; it restores its saved state).
-  Recovered when the restarted arbiter answers with the grants it had just before the kill.
+  Recovered when the restarted arbiter answers, if the grants it restored are those it had just before the kill.
 - ``node``: SIGKILL of every process of the worker node hosting the most running replicas of the service
   (``LocalCluster.kill_node``: its raylet and its workers, as a machine failure). Recovered when the service
   runs as many replicas as before the kill, none on the dead node; capacity is back when it runs the
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class FaultInjector(threading.Thread):
-    """Waits for the spike's first reclaim, injects the case's fault, and measures the recovery.
+    """Waits for the first reclaim for the service under load, injects the case's fault, measures the recovery.
 
     The load's start on this process's monotonic clock is estimated from the samples ``run_system`` hands
     to ``on_sample`` (a sample's ``t_s`` is taken before the cluster is observed, so the smallest
@@ -220,6 +221,7 @@ class FaultInjector(threading.Thread):
             inject = {"arbiter": self._arbiter, "node": self._node, "driver": self._driver}[self.case]
             inject(reclaim)
             self.books = check_books_until(self.rt, self.books_settle_s, self._cancel)
+            self.fault["arbiter_events_after"] = self._events_after(self.fault.get("wall_s", time.time()))
         except Exception as e:  # reported in the case's JSON; the run goes on to the reset
             logger.exception("the %s fault failed", self.case)
             self.error = repr(e)
@@ -230,20 +232,25 @@ class FaultInjector(threading.Thread):
         return self._cancel.is_set() or self.stop_event.is_set()
 
     def _wait_reclaim(self) -> dict[str, Any] | None:
-        """The arbiter's first reclaim for the service at or after the spike's start (t_s: wall clock)."""
+        """The arbiter's first reclaim for the service once the load runs (``t_s``: wall clock).
+
+        Usually the spike's; on a loaded machine the one replica can fall behind the base load and the
+        service reclaims a few seconds before the spike: that reclaim, under load too, is the one taken.
+        """
         import ray
 
         phases = self.rt.scenario.phases()
         service = self.rt.scenario.service_name
-        while self.load_start_mono is None or self.load_t(time.monotonic()) < phases.spike_start_s - 1.0:
+        while self.load_start_mono is None:
             if self._stopped():
                 return None
             time.sleep(0.05)
-        spike_wall = time.time() - self.load_t(time.monotonic()) + phases.spike_start_s - 1.0
-        deadline = time.monotonic() + phases.spike_end_s - phases.spike_start_s
+        self._prepare()
+        load_wall = time.time() - self.load_t(time.monotonic())
+        deadline = self.load_start_mono + phases.spike_end_s
         while time.monotonic() < deadline and not self._stopped():
             try:
-                events = ray.get(self.rt.arbiter.events.remote(spike_wall), timeout=2)
+                events = ray.get(self.rt.arbiter.events.remote(load_wall - 0.5), timeout=2)
             except Exception as e:
                 logger.debug("events not read: %r", e)
                 continue
@@ -252,25 +259,61 @@ class FaultInjector(threading.Thread):
                     logger.info("reclaim for the service: %s", e)
                     return e
             time.sleep(0.05)
-        self.error = "no reclaim for the service during the spike: no fault injected"
+        self.error = "no reclaim for the service during the load: no fault injected"
         return None
+
+    def _events_after(self, wall_s: float) -> list[dict[str, Any]]:
+        """The arbiter's events since the fault (every kind), ``t_s`` in seconds after it."""
+        import ray
+
+        try:
+            events = ray.get(self.rt.arbiter.events.remote(wall_s), timeout=5)
+        except Exception as e:
+            logger.warning("arbiter events not read: %r", e)
+            return []
+        return [{**e, "t_s": round(e["t_s"] - wall_s, 3)} for e in events]
 
     def _status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         import ray
 
         return ray.get(self.rt.arbiter.status.remote(), timeout=timeout_s)
 
-    def _released_since(self, donor: str, since_wall: float) -> bool:
+    def _prepare(self) -> None:
+        """What the fault needs and can be read before it (node names, drivers' pids): at the reclaim, every
+        call made before the fault delays it past the reclaim's ~0.5 s."""
+        self._node_names: dict[str, str] = {}
+        self._driver_pids: dict[str, int] = {}
+        if self.case == "node":
+            table = self.rt.cluster.node_table()
+            self._node_table = table
+            self._node_names = {row["node_id"]: name for name, row in table.items() if row["alive"]}
+        elif self.case == "driver":
+            from ray.job_submission import JobSubmissionClient
+
+            client = JobSubmissionClient(self.rt.cluster.dashboard_url)
+            ours = self.rt.cluster.pids()
+            for name, handle in self.rt.jobs.items():
+                info = client.get_job_info(handle.submission_id)
+                pid = int(info.driver_info.pid) if info.driver_info and info.driver_info.pid else None
+                if pid in ours:  # only a process of this cluster is ever killed
+                    self._driver_pids[name] = pid
+
+    def _released_before(self, donor: str, reclaim_wall: float, fault_wall: float) -> bool:
+        """Whether the donor had let go (a ``released`` or ``force_confirmed`` event) before the fault."""
         import ray
 
-        events = ray.get(self.rt.arbiter.events.remote(since_wall), timeout=5)
-        return any(e["workload"] == donor and e["kind"] in ("released", "force_confirmed") for e in events)
+        events = ray.get(self.rt.arbiter.events.remote(reclaim_wall - 0.001), timeout=10)
+        return any(
+            e["workload"] == donor and e["kind"] in ("released", "force_confirmed") and e["t_s"] <= fault_wall
+            for e in events
+        )
 
     def _note_fault(self, reclaim: Mapping[str, Any], t_mono: float, **detail: Any) -> None:
         self.fault = {
             "case": self.case,
             "reclaim": dict(reclaim),
             "at_load_s": self.load_t(t_mono),
+            "wall_s": time.time() - (time.monotonic() - t_mono),
             "after_reclaim_decision_s": time.time() - (time.monotonic() - t_mono) - reclaim["t_s"],
             **detail,
         }
@@ -279,40 +322,51 @@ class FaultInjector(threading.Thread):
 
     def _arbiter(self, reclaim: Mapping[str, Any]) -> None:
         import ray
-        from tidal.cluster.actor import ARBITER_NAME, ARBITER_NAMESPACE
+        from tidal.cluster.actor import ARBITER_NAME, ARBITER_NAMESPACE, KvStore
+        from tidal.cluster.state_store import state_keys
 
+        handle = ray.get_actor(ARBITER_NAME, namespace=ARBITER_NAMESPACE)
         before = self._status()
         grants_before = grants_of(before)
-        released = self._released_since(reclaim["workload"], reclaim["t_s"] - 0.001)
-        handle = ray.get_actor(ARBITER_NAME, namespace=ARBITER_NAMESPACE)
+        row = workload_row(before, reclaim["workload"]) or {}
+        released = within(row.get("held"), row.get("grant"))
         t0 = time.monotonic()
+        kill_wall = time.time()
         ray.kill(handle, no_restart=False)  # a crash: Ray restarts it (max_restarts=-1)
-        self._note_fault(reclaim, t0, grants_before=grants_before, reclaim_released_before_fault=released)
-        first_answer_s = same_grants_s = reclaim_done_s = None
-        first_grants = None
+        # What the restarted actor restores from: the dead one can no longer write it.
+        raw = KvStore().get(state_keys(ARBITER_NAME)["state"])
+        saved = json.loads(raw).get("grants") if raw else None
+        self._note_fault(
+            reclaim, t0, grants_before=grants_before, grants_saved=saved,
+            saved_grants_are_the_last_answered=saved == grants_before, reclaim_released_before_fault=released,
+        )  # fmt: skip
+        first_answer_s = reclaim_done_s = None
+        first_grants = restored = None
         donor = reclaim["workload"]
         deadline = t0 + self.recovery_timeout_s
         while time.monotonic() < deadline and not self._stopped():
             try:
                 status = self._status(timeout_s=2.0)
+                events = ray.get(self.rt.arbiter.events.remote(kill_wall), timeout=2.0) if first_grants is None else []
             except Exception:  # restarting: the call waits for the new actor, or times out
                 continue
             now = time.monotonic() - t0
-            grants = grants_of(status)
             if first_answer_s is None:
-                first_answer_s, first_grants = now, grants
-            if same_grants_s is None and grants == grants_before:
-                same_grants_s = now
+                first_answer_s, first_grants = now, grants_of(status)
+                restored = grants_before_events(first_grants, events)
             row = workload_row(status, donor)
             if reclaim_done_s is None and row is not None and within(row.get("held"), row.get("grant")):
                 reclaim_done_s = now
-            if same_grants_s is not None and reclaim_done_s is not None:
+            if reclaim_done_s is not None:
                 break
             time.sleep(0.1)
+        same = restored == grants_before if restored is not None else None
         self.recovery = {
-            "recovery_s": same_grants_s,
+            # The first answer of the restarted actor, if the grants it restored are those it had.
+            "recovery_s": first_answer_s if same else None,
             "first_answer_s": first_answer_s,
-            "same_grants_at_first_answer": first_grants == grants_before if first_grants is not None else None,
+            "restored_same_grants": same,
+            "grants_restored": restored,
             "grants_at_first_answer": first_grants,
             "donor_released_s": reclaim_done_s,
         }
@@ -329,8 +383,7 @@ class FaultInjector(threading.Thread):
         by_node: dict[str, list[dict[str, Any]]] = {}
         for r in running:
             by_node.setdefault(r["node_id"], []).append(r)
-        table = self.rt.cluster.node_table()
-        name_of = {row["node_id"]: name for name, row in table.items() if row["alive"]}
+        table, name_of = self._node_table, self._node_names
         candidates = [(len(rs), nid) for nid, rs in by_node.items() if name_of.get(nid) in self.rt.cluster.nodes]
         if not candidates:
             raise RuntimeError(f"no running replica of {service} on a worker node: {replicas}")
@@ -343,7 +396,6 @@ class FaultInjector(threading.Thread):
                 in_flight += int(ray.get(actor.get_num_ongoing_requests.remote(), timeout=2))
             except Exception as e:
                 logger.warning("in-flight requests of %s not read: %r", r["actor_name"], e)
-        released = self._released_since(reclaim["workload"], reclaim["t_s"] - 0.001)
         t0 = time.monotonic()
         self.rt.cluster.kill_node(node)
         needed = self.rt.scenario.load.replicas_needed
@@ -351,8 +403,11 @@ class FaultInjector(threading.Thread):
             reclaim, t0,
             node=node, node_gpu_type=table[node]["gpu_type"], node_gpus=table[node]["num_gpus"],
             replicas_on_node=len(by_node[node_id]), replicas_running_before=len(running),
-            in_flight_on_node_replicas=in_flight, reclaim_released_before_fault=released,
+            in_flight_on_node_replicas=in_flight,
         )  # fmt: skip
+        self.fault["reclaim_released_before_fault"] = self._released_before(
+            reclaim["workload"], reclaim["t_s"], self.fault["wall_s"]
+        )
         node_dead_s = replicas_back_s = capacity_back_s = None
         deadline = t0 + self.recovery_timeout_s
         while time.monotonic() < deadline and not self._stopped():
@@ -392,27 +447,27 @@ class FaultInjector(threading.Thread):
         handle = self.rt.jobs.get(donor)
         if handle is None:
             raise RuntimeError(f"the reclaim's donor {donor!r} is not a job of this run ({', '.join(self.rt.jobs)})")
-        client = JobSubmissionClient(self.rt.cluster.dashboard_url)
-        info = client.get_job_info(handle.submission_id)
-        pid = int(info.driver_info.pid) if info.driver_info and info.driver_info.pid else None
-        if pid is None or pid not in self.rt.cluster.pids():
+        pid = self._driver_pids.get(donor)
+        if pid is None:
             raise RuntimeError(f"the driver of {donor} ({handle.submission_id}) is not a process of this cluster: {pid}")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        # The books at the fault: the dead driver no longer changes them (a heartbeat it sent just before
+        # may still land: reclaim_released_before_fault says whether it let go first).
         before = self._status()
         row = workload_row(before, donor) or {}
         progress = row.get("progress") or {}
         held_before = dict(row.get("held") or {})
         others_before = others_grant_gpus(before, donor)
-        released = self._released_since(donor, reclaim["t_s"] - 0.001)
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
         step, ckpt = progress.get("step"), progress.get("last_checkpoint_step")
         self._note_fault(
             reclaim, t0,
-            job=donor, driver_pid=pid, held_before=held_before, grant_before=row.get("grant"),
+            job=donor, driver_pid=pid, held_at_fault=held_before, grant_at_fault=row.get("grant"),
             step_at_kill=step, last_checkpoint_step=ckpt,
             steps_since_checkpoint=(int(step) - int(ckpt)) if step is not None and ckpt is not None else None,
-            reclaim_released_before_fault=released,
         )  # fmt: skip
+        self.fault["reclaim_released_before_fault"] = self._released_before(donor, reclaim["t_s"], self.fault["wall_s"])
+        client = JobSubmissionClient(self.rt.cluster.dashboard_url)
         books_freed_s = granted_s = None
         wanted = {t for t, n in held_before.items() if n > 0}
         deadline = t0 + self.recovery_timeout_s
@@ -456,7 +511,26 @@ class FaultInjector(threading.Thread):
 
 
 def grants_of(status: Mapping[str, Any]) -> dict[str, dict[str, int]]:
-    return {w["name"]: dict(w.get("grant") or {}) for w in status.get("workloads", [])}
+    """Each workload's grant, leaving out empty ones (the saved state keeps none)."""
+    return {w["name"]: dict(w["grant"]) for w in status.get("workloads", []) if w.get("grant")}
+
+
+def grants_before_events(grants: Mapping[str, Mapping[str, int]], events: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """The grants as they were before ``events`` (the arbiter's grow/shrink events, oldest first) changed them.
+
+    Example: grants {demo: {A100: 2}}, events [grow demo {A100: 1} -> {A100: 2}] -> {demo: {A100: 1}}.
+    """
+    out = {n: dict(g) for n, g in grants.items()}
+    seen: set[str] = set()
+    for e in events:
+        if e["kind"] in ("grow", "shrink") and e["workload"] not in seen:
+            seen.add(e["workload"])
+            before = dict((e.get("detail") or {}).get("from") or {})
+            if before:
+                out[e["workload"]] = before
+            else:
+                out.pop(e["workload"], None)
+    return out
 
 
 def workload_row(status: Mapping[str, Any], name: str) -> dict[str, Any] | None:
@@ -655,6 +729,12 @@ def case_report(case: str, run: Any, injector: FaultInjector, scenario: Any, pol
         "spike": {k: fig.get(k) for k in ("time_to_capacity_s", "reclaim_s", "slo_attainment", "p99_ms", "train_steps")},
         "timings_s": run.timings,
         "targets_met": met,
+        # What the run saw change (replicas, workers) and the arbiter's moves, seconds from the load's start.
+        "timeline": [
+            {"t_s": round(e.t_s, 2), "kind": e.kind, "workload": e.workload, "detail": e.detail}
+            for e in run.events
+            if e.t_s >= 0.0
+        ],
     }
 
 
@@ -689,7 +769,9 @@ def build_report(
             "fault.at_load_s": "when the fault struck, seconds from the load's start; it is injected as soon as "
             "the arbiter's event log shows its first reclaim for the service during the spike "
             "(fault.after_reclaim_decision_s after that decision)",
-            "recovery_s": "arbiter: kill -> the restarted arbiter answers with the grants it had before the kill; "
+            "recovery_s": "arbiter: kill -> the restarted arbiter's first answer, if the grants it restored (its first "
+            "answer's, less the changes its own grow/shrink events since the restart record) are those it answered "
+            "just before the kill; "
             "node: kill -> the service runs as many replicas as before, none on the dead node (capacity_back_s: "
             "as many as the spike needs); driver: kill -> another workload is granted GPUs of the type the job "
             "held (books_freed_s: the books no longer give the dead job any GPU)",

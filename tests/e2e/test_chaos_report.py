@@ -77,3 +77,16 @@ def test_failed_requests_are_split_by_whether_they_were_sent_before_the_fault(ch
     assert split["in_flight_at_fault"] == 2
     assert split["failed_sent_before_fault"] == 1 and split["failed_sent_after_fault"] == 1
     assert split["failed_errors"] == ["0 timeout", "500"]
+
+
+def test_the_grants_a_restarted_arbiter_restored_are_its_first_answer_less_its_own_later_moves(chaos):
+    first = {"demo": {"A100": 1, "RTX4090": 2}, "demo-hi": {"H100": 3}}
+    events = [
+        {"kind": "released", "workload": "demo-lo", "detail": {}},
+        {"kind": "shrink", "workload": "demo-hi", "detail": {"from": {"H100": 4}, "to": {"H100": 3}}},
+        {"kind": "grow", "workload": "demo", "detail": {"from": {"RTX4090": 2}, "to": {"A100": 1, "RTX4090": 2}}},
+        {"kind": "grow", "workload": "demo", "detail": {"from": {"A100": 1, "RTX4090": 2}, "to": {"A100": 2}}},
+        {"kind": "grow", "workload": "new-job", "detail": {"from": {}, "to": {"A100": 1}}},
+    ]
+    assert chaos.grants_before_events(first, events) == {"demo": {"RTX4090": 2}, "demo-hi": {"H100": 4}}
+    assert chaos.grants_before_events(first, []) == first
