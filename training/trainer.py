@@ -166,35 +166,38 @@ def wrap_train_loop(train_loop_per_worker: Callable[..., Any], name: str) -> Cal
     """The user's loop, run with a link to the signal actor and parked (not returned) after a yield.
 
     The wrapper takes a config argument exactly when the user's loop does (Ray Train passes
-    ``train_loop_config`` by the loop's signature).
+    ``train_loop_config`` by the loop's signature). It is pickled by value (a closure), so it only calls
+    :func:`_run_user_loop`, which is pickled by reference: the link it sets is this module's, the one
+    ``should_yield()`` reads on the worker.
     """
     takes_config = len(inspect.signature(train_loop_per_worker).parameters) > 0
-
-    def run(*args: Any) -> Any:
-        global _link
-        _cpu_where_no_cuda()
-        _link = _WorkerLink(name)
-        result = None
-        try:
-            result = train_loop_per_worker(*args)
-        except _Stop:
-            pass
-        if _link.yielding:
-            _link.park()
-        return result
 
     if takes_config:
 
         def tidal_train_loop(config: dict[str, Any]) -> Any:
-            return run(config)
+            return _run_user_loop(train_loop_per_worker, name, (config,))
 
     else:
 
         def tidal_train_loop() -> Any:  # type: ignore[misc]
-            return run()
+            return _run_user_loop(train_loop_per_worker, name, ())
 
     tidal_train_loop.__name__ = getattr(train_loop_per_worker, "__name__", "train_loop_per_worker")
     return tidal_train_loop
+
+
+def _run_user_loop(train_loop_per_worker: Callable[..., Any], name: str, args: tuple[Any, ...]) -> Any:
+    global _link
+    _cpu_where_no_cuda()
+    link = _link = _WorkerLink(name)
+    result = None
+    try:
+        result = train_loop_per_worker(*args)
+    except _Stop:
+        pass
+    if link.yielding:
+        link.park()
+    return result
 
 
 def _cpu_where_no_cuda() -> None:

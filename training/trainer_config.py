@@ -43,6 +43,9 @@ class TidalConfig(BaseModel):
             grant change is acted on at the next poll.
         register_timeout_s: how long the controller waits for the arbiter's answer at start-up before it
             runs as plain Ray Train would.
+        spare_workers: idle worker processes kept started for the job on the nodes of the GPU type it
+            trains on (``tidal.training.spares``), so that a resize's new workers start in processes that
+            have imported Ray and torch already; each costs a process's memory while it waits. 0: off.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -57,6 +60,7 @@ class TidalConfig(BaseModel):
     arbiter_name: str = Field(default="tidal-arbiter", min_length=1)
     controller_poll_s: float = Field(default=0.5, gt=0, le=60)
     register_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    spare_workers: int = Field(default=0, ge=0, le=64)
 
     def __init__(self, **data: Any) -> None:
         try:

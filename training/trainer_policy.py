@@ -75,6 +75,7 @@ from tidal.training.elastic import (
     choose_target,
     decide,
 )
+from tidal.training.spares import SpareWorkers
 from tidal.training.trainer_config import TidalConfig
 from tidal.training.trainer_signal import NAMESPACE, TrainerSignal, signal_name
 
@@ -84,6 +85,7 @@ SUMMARY_FILE = "tidal_summary.json"
 # While no worker group runs, Ray Train's controller asks for a decision in a loop with no sleep of its own:
 # each ask waits this long for a grant change (the watch thread wakes it at once).
 IDLE_WAIT_S = 0.25
+HEARTBEAT_PERIOD_S = 1.0
 CAPACITY_CACHE_S = 1.0
 
 # The policies of the runs whose controller lives in this process, by run token: the failure policy (a
@@ -162,11 +164,19 @@ class TidalScalingPolicy(ScalingPolicy):
         self._capacity: tuple[float, dict[str, float]] | None = None
         # Made in the controller (after_controller_start): threads, actor handles and clients do not pickle.
         self._client: ArbiterClient | None = None
+        self._link_cv: threading.Condition | None = None
+        self._view: GrantView | None = None
+        self._report: dict[str, Any] | None = None
+        self._report_seq = 0
+        self._answered_seq = 0
         self._signal: Any = None
         self._wake: threading.Event | None = None
         self._stop: threading.Event | None = None
         self._controller: dict[str, Any] = {}
         self._storage: Any = None
+        self._spares: SpareWorkers | None = None
+        self._spares_due_s = 0.0
+        self._spares_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------ controller callbacks
 
@@ -201,6 +211,20 @@ class TidalScalingPolicy(ScalingPolicy):
             )  # fmt: skip
             return
         self._client = client
+        self._link_cv = threading.Condition()
+        self._view = view
+        threading.Thread(target=self._link, daemon=True, name=f"tidal-link-{self.job.name}").start()
+        if self.job.config.spare_workers:
+            from tidal.cluster.warm_pool import RayletRpc
+
+            self._spares = SpareWorkers(
+                RayletRpc(),
+                job_id=bytes.fromhex(context.get_job_id()),
+                count=min(self.job.config.spare_workers, self.job.max_workers),
+                gpus_per_worker=self.job.gpus_per_worker,
+            )
+            # Ray Train's workers inherit this actor's runtime env unchanged (tidal.training.spares).
+            self._spares.runtime_env = context.get_runtime_env_string()
         logger.info("job %s registered with the arbiter; grant %s", self.job.name, view.grant.as_dict())
         threading.Thread(target=self._watch, daemon=True, name=f"tidal-watch-{self.job.name}").start()
 
@@ -260,7 +284,7 @@ class TidalScalingPolicy(ScalingPolicy):
             self._state = self._state.ended()  # the group failed, or was released
         self._current = None
         view = self._heartbeat()
-        grant = view.grant.as_dict() if view is not None else {}
+        grant = view.grant.as_dict() if view is not None and view.registered else {}
         decision = decide(self._state, grant, time.time(), self._cfg, capacity_gpus=self._capacity_gpus())
         if isinstance(decision, Start):
             self._wait_logged = None
@@ -283,7 +307,9 @@ class TidalScalingPolicy(ScalingPolicy):
             return NoopDecision()  # (WAITING: the group was released; its workers' deaths come next)
         snap = ray.get(self._signal.snapshot.remote(), timeout=10)
         view = self._heartbeat(snap)
-        grant = view.grant.as_dict() if view is not None else {}
+        if view is None or not view.registered:
+            return NoopDecision()  # (registering again, with what it holds: no grant to act on yet)
+        grant = view.grant.as_dict()
         release_by_s = view.release_by_s if view is not None else None
         now = time.time()
         capacity = self._capacity_gpus()
@@ -292,9 +318,11 @@ class TidalScalingPolicy(ScalingPolicy):
                 self._state, grant, now, self._cfg, capacity_gpus=capacity, release_by_s=release_by_s
             )
             if isinstance(decision, Keep):
+                if snap["first_step_s"] is not None:
+                    self._top_up_spares()
                 return NoopDecision()
             if isinstance(decision, Yield):
-                return self._request_yield(decision, now)
+                return self._request_yield(decision, now, grant)
             raise ValueError(f"unexpected decision for a running worker group: {decision!r}")
         # YIELDING: resume where the newest grant says (it may have changed again meanwhile).
         target = choose_target(grant, self._cfg, capacity)
@@ -319,7 +347,7 @@ class TidalScalingPolicy(ScalingPolicy):
         self._next = target
         return ResizeDecision(num_workers=target.num_workers, resources_per_worker=dict(self._resources))
 
-    def _request_yield(self, decision: Yield, now: float) -> NoopDecision:
+    def _request_yield(self, decision: Yield, now: float, grant: dict[str, int]) -> NoopDecision:
         ray.get(self._signal.request_yield.remote(self._generation), timeout=10)
         self._state = self._state.yielding(decision.reason, now, decision.deadline_s)
         current = self._current
@@ -333,6 +361,7 @@ class TidalScalingPolicy(ScalingPolicy):
                 if decision.target
                 else None,
                 "requested_s": now,
+                "grant": dict(grant),
             }
         )
         logger.info(
@@ -410,10 +439,15 @@ class TidalScalingPolicy(ScalingPolicy):
         return all(self._reports_seen.get(int(r), 0) >= int(p["reports"]) for r, p in parks.items())
 
     def _heartbeat(self, snap: dict[str, Any] | None = None, *, blocking: bool = False) -> GrantView | None:
+        """Hands the newest report to the link thread and returns the newest grant it has heard.
+
+        The controller's own thread never calls the arbiter: it blocks for the whole start of a worker
+        group (minutes on a busy host), and a job heard from by nobody for that long expires. ``blocking``
+        waits (up to 5 s) until a beat carrying this report has been answered (a release).
+        """
         if self._client is None:
             return None
         current = self._current
-        held = {current.gpu_type: current.num_workers} if current is not None else {}
         progress: dict[str, Any] = {
             "step": self._last_step if self._last_step is not None else (snap or {}).get("steps"),
             "workers": current.num_workers if current else 0,
@@ -426,25 +460,62 @@ class TidalScalingPolicy(ScalingPolicy):
             "phase": str(self._state.phase),
         }
         since = time.time() - self._checkpoint_s if self._checkpoint_s is not None else None
-        kwargs: dict[str, Any] = dict(
-            demand_units=self.job.max_workers, held=held, progress=progress, seconds_since_checkpoint=since
+        report = dict(
+            demand_units=self.job.max_workers,
+            held={current.gpu_type: current.num_workers} if current is not None else {},
+            progress=progress,
+            seconds_since_checkpoint=since,
         )
-        try:
+        assert self._link_cv is not None
+        with self._link_cv:
+            self._report = report
+            self._report_seq += 1
+            seq = self._report_seq
             if blocking:
-                return self._client.heartbeat(self.job.name, timeout_s=5.0, **kwargs)
-            return self._client.heartbeat_nowait(self.job.name, **kwargs) or self._client.latest(
-                self.job.name
-            )
-        except Exception as e:  # the arbiter restarting: keep the last grant, the next beat tries again
-            logger.warning("job %s: heartbeat failed: %r", self.job.name, e)
-            return self._client.latest(self.job.name)
+                self._link_cv.notify_all()
+                self._link_cv.wait_for(lambda: self._answered_seq >= seq, timeout=5.0)
+            return self._view
 
-    def _watch(self) -> None:
-        """Holds a watch_grant call on the arbiter, so a grant change wakes an idle policy at once."""
-        assert self._stop is not None and self._wake is not None and self._client is not None
+    def _set_view(self, view: GrantView) -> None:
+        """Keeps the newest grant: a reply with a lower generation than the one held is older (an arbiter
+        that restarts from saved state keeps counting from there)."""
+        assert self._link_cv is not None
+        with self._link_cv:
+            old = self._view
+            if old is None or not view.registered or view.generation >= old.generation:
+                self._view = view
+            if old is None or view.grant != old.grant:
+                assert self._wake is not None
+                self._wake.set()
+
+    def _link(self) -> None:
+        """The link thread: one heartbeat at a time, every ``HEARTBEAT_PERIOD_S`` or at once when asked."""
+        assert self._stop is not None and self._client is not None and self._link_cv is not None
         failures = 0
         while not self._stop.is_set():
-            known = self._client.latest(self.job.name)
+            with self._link_cv:
+                report, seq = self._report, self._report_seq
+            try:
+                if report is not None:
+                    self._set_view(self._client.heartbeat(self.job.name, timeout_s=5.0, **report))
+                failures = 0
+            except Exception as e:  # the arbiter restarting: keep the last grant, the next beat tries again
+                failures += 1
+                if failures in (1, 10):
+                    logger.warning("job %s: heartbeat failed: %r", self.job.name, e)
+            with self._link_cv:
+                self._answered_seq = max(self._answered_seq, seq)
+                self._link_cv.notify_all()
+                if self._report_seq == seq:
+                    self._link_cv.wait(HEARTBEAT_PERIOD_S)
+
+    def _watch(self) -> None:
+        """Holds a watch_grant call on the arbiter, so a grant change is heard (and an idle policy woken) at once."""
+        assert self._stop is not None and self._client is not None and self._link_cv is not None
+        failures = 0
+        while not self._stop.is_set():
+            with self._link_cv:
+                known = self._view
             try:
                 view = self._client.watch_grant(
                     self.job.name, known.grant.as_dict() if known else None, timeout_s=10.0
@@ -456,8 +527,40 @@ class TidalScalingPolicy(ScalingPolicy):
                     logger.warning("job %s: watch_grant failed: %r", self.job.name, e)
                 self._stop.wait(1.0)
                 continue
-            if known is None or view.grant != known.grant:
-                self._wake.set()
+            self._set_view(view)
+
+    def _top_up_spares(self) -> None:
+        """Every 10 s while the group trains steadily, keeps the job's spare workers started on the nodes of
+        its GPU type, from a thread (raylet calls must not hold the controller's loop)."""
+        spares, current = self._spares, self._current
+        now = time.monotonic()
+        if spares is None or current is None or now < self._spares_due_s:
+            return
+        if self._spares_thread is not None and self._spares_thread.is_alive():
+            return
+        self._spares_due_s = now + 10.0
+
+        def top_up() -> None:
+            from tidal.cluster.warm_pool import nodes_from_ray
+
+            try:
+                started = spares.top_up(current.gpu_type, nodes_from_ray(ray.nodes()))
+            except Exception as e:  # an optimisation only: try again next time
+                logger.warning("job %s: spare workers: %r", self.job.name, e)
+                return
+            if started:
+                logger.info(
+                    "job %s: started %d spare workers on %s",
+                    self.job.name,
+                    sum(started.values()),
+                    current.gpu_type,
+                )
+                self._spares_due_s = min(self._spares_due_s, time.monotonic() + 2.0)
+
+        self._spares_thread = threading.Thread(
+            target=top_up, daemon=True, name=f"tidal-spares-{self.job.name}"
+        )
+        self._spares_thread.start()
 
     def _capacity_gpus(self) -> dict[str, float]:
         """GPUs per type on alive nodes, re-read at most once a second (a grant can outlive a node)."""
@@ -473,6 +576,9 @@ class TidalScalingPolicy(ScalingPolicy):
     def _leave(self, how: str) -> None:
         if self._stop is not None:
             self._stop.set()
+        if self._link_cv is not None:
+            with self._link_cv:
+                self._link_cv.notify_all()
         self._write_summary(ended=how)
         if self._client is not None:
             try:
