@@ -16,6 +16,7 @@ Measures, in one run on this machine:
 Usage::
 
     .venv/bin/python bench/serving_bench.py --out bench/results/serving.json [--quick]
+    .venv/bin/python bench/serving_bench.py --cold-start-only --cold-starts 5 --out bench/results/cold-start.json
 """
 
 from __future__ import annotations
@@ -205,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serving benchmarks (one replica, hook latency, cold start).")
     p.add_argument("--out", default=str(HERE / "results" / "serving.json"))
     p.add_argument("--quick", action="store_true", help="fewer, shorter steps")
+    p.add_argument("--cold-start-only", action="store_true", help="only the cold start (3.), on its own app")
+    p.add_argument(
+        "--cold-starts", type=int, default=None, help="cold starts to measure (default 3; 1 --quick)"
+    )
     args = p.parse_args(argv)
+    if args.cold_starts is not None and args.cold_starts < 1:
+        p.error(f"--cold-starts: expected a count >= 1, got {args.cold_starts}")
+    n_cold = args.cold_starts or (3 if not args.quick else 1)
     rates = [10, 25, 50, 75, 100, 150, 200, 300, 400] if not args.quick else [25, 100]
     step_s = 10.0 if not args.quick else 4.0
 
@@ -242,9 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             "proxy_location": "HeadOnly",
             "http_options": {"host": "127.0.0.1", "port": cluster.serve_http_port},
             "applications": [
-                app("digits-one", ckpt, policy="tidal", **fixed),
-                app("digits-default", ckpt, policy="default", **fixed),
-                app("digits-tidal", ckpt, policy="tidal", **fixed),
+                *(
+                    []
+                    if args.cold_start_only
+                    else [
+                        app("digits-one", ckpt, policy="tidal", **fixed),
+                        app("digits-default", ckpt, policy="default", **fixed),
+                        app("digits-tidal", ckpt, policy="tidal", **fixed),
+                    ]
+                ),
                 app(
                     "digits-cold",
                     ckpt,
@@ -261,12 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         deploy_config(cfg, http_port=cluster.serve_http_port)
         result["deploy_s"] = time.monotonic() - t0
 
-        result["one_replica"] = one_replica(base, rates, step_s)
-        cap = result["one_replica"]["capacity_rps"] or rates[0]
-        result["hook_latency"] = hook_latency(
-            base, rps=max(10.0, 0.5 * cap), duration_s=step_s, rounds=4 if not args.quick else 2
-        )
-        result["policy_call_cost"] = policy_call_cost_us()
+        if not args.cold_start_only:
+            result["one_replica"] = one_replica(base, rates, step_s)
+            cap = result["one_replica"]["capacity_rps"] or rates[0]
+            result["hook_latency"] = hook_latency(
+                base, rps=max(10.0, 0.5 * cap), duration_s=step_s, rounds=4 if not args.quick else 2
+            )
+            result["policy_call_cost"] = policy_call_cost_us()
 
         def wait_for_zero() -> None:
             deadline = time.monotonic() + 180
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
             raise TimeoutError("digits-cold did not scale to zero in 180 s")
 
-        result["cold_start"] = cold_starts(base, 3 if not args.quick else 1, wait_for_zero)
+        result["cold_start"] = cold_starts(base, n_cold, wait_for_zero)
         serve.shutdown()
         kill_arbiter(name=arbiter)
     finally:
@@ -288,14 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    summary = {
-        "one_replica_capacity_rps": result["one_replica"]["capacity_rps"],
-        "one_replica_p99_ms_at_capacity": result["one_replica"]["p99_ms_at_capacity"],
-        "hook_latency_tidal_minus_default_ms": result["hook_latency"]["tidal_minus_default_ms"],
-        "policy_us_per_call": result["policy_call_cost"]["us_per_call"],
-        "cold_start_median_s": result["cold_start"]["median_s"],
-        "out": str(out),
-    }
+    summary = {"cold_start_median_s": result["cold_start"]["median_s"], "out": str(out)}
+    if not args.cold_start_only:
+        summary |= {
+            "one_replica_capacity_rps": result["one_replica"]["capacity_rps"],
+            "one_replica_p99_ms_at_capacity": result["one_replica"]["p99_ms_at_capacity"],
+            "hook_latency_tidal_minus_default_ms": result["hook_latency"]["tidal_minus_default_ms"],
+            "policy_us_per_call": result["policy_call_cost"]["us_per_call"],
+        }
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -16,7 +16,7 @@ submitted with ``ray job submit`` from the same repository, trains on both RTX40
 3. Idle, it scales to zero, its grant goes back, and the job trains on both GPUs again from its checkpoint.
 
 The cold start (the spike's first answer, from zero replicas, a reclaim from training included) is logged;
-``bench/serving_bench.py --cold-start`` measures it on free GPUs into bench/results.
+``bench/serving_bench.py --cold-start-only`` measures it for Tidal's model server on free GPUs.
 """
 
 from __future__ import annotations
