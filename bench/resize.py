@@ -1,6 +1,9 @@
-"""Measures what a shrink costs an elastic training job, on a real local Ray cluster.
+"""Measures what a shrink costs an elastic training job, on a real local Ray cluster, on two paths side by
+side in one run: ``runner`` (``tidal.training.run``: a new Ray Train controller per attempt) and ``trainer``
+(``tidal.train.TidalTrainer`` running a user's Ray Train script, ``tests/training_ray/user_trainer_project``:
+one controller for the job's life).
 
-A digits job (``tidal.training.run``, submitted with ``ray job submit``) trains on 4 H100 workers under the real
+On the runner path, a digits job (submitted with ``ray job submit``) trains on 4 H100 workers under the real
 arbiter. Each cycle, a high-priority competitor service asks for 2 H100s; the arbiter shrinks the job, the job
 yields at a step boundary, checkpoints and restarts on 2; the competitor then *places* a placement group of
 2 H100 GPUs (the proof that the GPUs are free). The competitor leaves and the job grows back to 4.
@@ -15,11 +18,17 @@ Per shrink it records:
 - ``overhead_s``: seconds with no training: from the job's last step before the yield (its acknowledgement)
   to the first step of the restarted attempt; ``restart_s`` is the part spent starting the new attempt.
 - ``steps_lost``: steps computed and thrown away (0 for a cooperative yield).
+- ``cpu_s``: CPU-seconds of every process of the cluster (``ClusterCpu``: psutil, by an environment mark
+  they all inherit) from the shrink's start to the first step at the new size; ``steady_cpu_per_s`` is the
+  cluster's rate while the job trains steadily, measured just before.
+
+On the trainer path the same cycle runs; the steps' times come from rank 0's trace of the script.
 
 Usage::
 
     .venv/bin/python bench/resize.py                      # starts its own local cluster (about 30 s)
     .venv/bin/python bench/resize.py --cycles 5 --output bench/results/resize.json
+    .venv/bin/python bench/resize.py --paths trainer --spare-workers 4   # one path
 
 Writes JSON; asserts nothing about time (numbers depend on the machine: see ``machine`` in the output).
 """
@@ -101,6 +110,12 @@ def main() -> int:
         default=0,
         help="the job's spare_control_workers: spares on the driver's node for Ray Train's controller and helpers",
     )
+    p.add_argument(
+        "--paths",
+        default="runner,trainer",
+        help="which paths to measure, in this order, on one cluster: runner (the per-attempt runner, "
+        "tidal.training.run), trainer (tidal.train.TidalTrainer, one controller)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -108,19 +123,48 @@ def main() -> int:
     from tidal.cluster.cluster_spec import load_cluster_spec
     from tidal.cluster.local import LocalCluster
 
+    # Every process of the cluster inherits this mark: the CPU sampler finds them by it.
+    os.environ["TIDAL_BENCH_MARK"] = marker = f"resize-{os.getpid()}-{time.time_ns()}"
+    load_before = os.getloadavg()
     cluster = LocalCluster(load_cluster_spec())
     cluster.start()
     storage = tempfile.mkdtemp(prefix="tidal-tr-bench-")
-    results: dict[str, Any] = {}
+    cpu = ClusterCpu(marker)
+    paths: dict[str, Any] = {}
     try:
         cluster.activate()
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
-        results = run_cycles(cluster, storage, args)
+        for path in [x.strip() for x in args.paths.split(",") if x.strip()]:
+            run = {"runner": run_cycles, "trainer": run_trainer_cycles}[path]
+            paths[path] = run(cluster, storage, args, cpu)
     finally:
+        cpu.close()
         ray.shutdown()
         cluster.stop()
         cluster.cleanup()
         shutil.rmtree(storage, ignore_errors=True)
+    results = {
+        "benchmark": "resize",
+        "what": "a job on 4 H100 workers shrunk to 2 by a competitor service, then grown back; median over "
+        "cycles; runner: tidal.training.run (a new Ray Train controller per attempt); trainer: "
+        "tidal.train.TidalTrainer running a user's Ray Train script (one controller)",
+        "command": " ".join(["python", "bench/resize.py", *sys.argv[1:]]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+        },
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+        ).stdout.strip(),  # fmt: skip
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "spare_workers": args.spare_workers,
+        "spare_control_workers": args.spare_control_workers,
+        "summary": {k: v["summary"] for k, v in paths.items()},
+        "paths": paths,
+    }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -129,12 +173,118 @@ def main() -> int:
     return 0
 
 
-def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str, Any]:
+class ClusterCpu:
+    """CPU-seconds (user + system) of every process of the bench's cluster, sampled every ``period_s``.
+
+    A cluster process is one whose environment carries ``marker`` (set in this process before the cluster
+    starts: the GCS, raylets, Ray's agents, every worker, job drivers and Ray Train's actors inherit it).
+    A process's last sample is kept after it exits, so a worker killed by a resize still counts (all but
+    at most one period of its time).
+    """
+
+    def __init__(self, marker: str, period_s: float = 0.2) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.marker = marker
+        self.period_s = period_s
+        self._members: dict[tuple[int, float], bool] = {}
+        self._cpu: dict[tuple[int, float], float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cluster-cpu")
+        self._thread.start()
+
+    def _is_member(self, proc: Any) -> bool:
+        try:
+            return proc.environ().get("TIDAL_BENCH_MARK") == self.marker
+        except (self._psutil.Error, OSError):
+            return False
+
+    def _sample(self) -> None:
+        for proc in self._psutil.process_iter(["pid", "create_time"]):
+            key = (proc.info["pid"], proc.info["create_time"] or 0.0)
+            member = self._members.get(key)
+            if member is None:
+                member = self._members[key] = self._is_member(proc)
+            if not member:
+                continue
+            try:
+                t = proc.cpu_times()
+            except (self._psutil.Error, OSError):
+                continue
+            with self._lock:
+                self._cpu[key] = t.user + t.system
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def total_s(self) -> float:
+        self._sample()
+        with self._lock:
+            return sum(self._cpu.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Competitor:
+    """A service of priority 100 asking for 2 H100s, heartbeating; ``take()`` places their placement group."""
+
+    def __init__(self, client: Any) -> None:
+        from tidal.cluster.model import ServiceSpec
+
+        self.client = client
+        self.client.register(ServiceSpec(COMPETITOR, 1.0, 2, 2, ("H100",), priority=100))
+        self.stop = threading.Event()
+        self.views: list[Any] = []  # the newest GrantView; the client is used from the beating thread only
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+        self.pg: Any = None
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            view = self.client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
+            if view is not None:
+                self.views[:] = [view]
+            time.sleep(0.02)
+
+    def take(self, timeout_s: float) -> tuple[float, float]:
+        """Waits for the grant, then for a placement group on 2 H100s: (granted_s, usable_s)."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from tidal.cluster.model import GPU_TYPE_LABEL
+
+        wait_for(
+            lambda: self.views and self.views[0].grant.get("H100") >= 2,
+            timeout_s,
+            "the competitor's grant",
+            0.02,
+        )
+        granted_s = time.time()
+        self.pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "H100"}] * 2)
+        ray.get(self.pg.ready(), timeout=timeout_s)
+        return granted_s, time.time()
+
+    def leave(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.stop.set()
+        self.thread.join()
+        self.client.unregister(COMPETITOR)
+
+
+def run_cycles(
+    cluster: Any, storage: str, args: argparse.Namespace, cpu: ClusterCpu | None = None
+) -> dict[str, Any]:
+    """The per-attempt runner (``tidal.training.run``, the path before issue 23)."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
     from tidal.cluster.actor import get_or_create_arbiter
     from tidal.cluster.client import ArbiterClient
-    from tidal.cluster.model import GPU_TYPE_LABEL, ServiceSpec
     from tidal.training.runner import NAMESPACE, signal_actor_name
 
     arbiter = get_or_create_arbiter(config=POLICY)
@@ -178,36 +328,17 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
                 and p["spares_idle"] >= p["spares_wanted"],
                 args.timeout_s, "the job's spare workers idle",
             )  # fmt: skip
-        time.sleep(2.0)
+        base = steady_cpu_rate(cpu)
         since = time.time()
-        # 2. A competitor asks for 2 H100s.
-        client.register(ServiceSpec(COMPETITOR, 1.0, 2, 2, ("H100",), priority=100))
-        stop = threading.Event()
-        views: list[Any] = []  # the newest GrantView; the client is used from the beating thread only
-
-        def beat(stop: threading.Event = stop, views: list[Any] = views) -> None:
-            while not stop.is_set():
-                view = client.heartbeat_nowait(COMPETITOR, demand_units=2, held={})
-                if view is not None:
-                    views[:] = [view]
-                time.sleep(0.02)
-
-        beater = threading.Thread(target=beat, daemon=True)
-        beater.start()
-        wait_for(
-            lambda views=views: views and views[0].grant.get("H100") >= 2,
-            args.timeout_s, "the competitor's grant", interval_s=0.02,
-        )  # fmt: skip
-        granted_s = time.time()
-        # 3. The competitor takes the GPUs for real.
-        pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "H100"}] * 2)
-        ray.get(pg.ready(), timeout=args.timeout_s)
-        usable_s = time.time()
+        cpu0 = cpu.total_s() if cpu else None
+        # 2. A competitor asks for 2 H100s, and takes them for real once granted.
+        competitor = Competitor(client)
+        granted_s, usable_s = competitor.take(args.timeout_s)
         events = ray.get(arbiter.events.remote(since))
         shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == JOB_NAME)
         released = next((e for e in events if e["kind"] == "released" and e["workload"] == JOB_NAME), None)
         forced = any(e["kind"] == "forced" and e["workload"] == JOB_NAME for e in events)
-        # 4. The job trains at 2: its first step there ends the no-training gap.
+        # 3. The job trains at 2: its first step there ends the no-training gap.
         snap = wait_for(
             lambda: (s := signal_snapshot())["progress"].get("num_workers") == 2 and s.get("first_report_s") and s,
             args.timeout_s, "the job training on 2 workers",
@@ -225,42 +356,159 @@ def run_cycles(cluster: Any, storage: str, args: argparse.Namespace) -> dict[str
             "resumed_step": new["first_step"] - 1,
             "forced": forced,
         }
+        cycle.update(cpu_of(cpu, cpu0, since, new["first_report_s"], base))
         cycle["steps_lost"] = (
             max(0, cycle["acked_step"] - cycle["resumed_step"]) if cycle["acked_step"] is not None else None
         )
-        logger.info("cycle %d: %s", i, cycle)
+        logger.info("runner cycle %d: %s", i, cycle)
         cycles.append(cycle)
-        # 5. The competitor leaves; the job grows back.
-        remove_placement_group(pg)
-        stop.set()
-        beater.join()
-        client.unregister(COMPETITOR)
+        # 4. The competitor leaves; the job grows back.
+        competitor.leave()
 
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True
+    )
+    wait_for(lambda: job() is None, args.timeout_s, "the runner's job to end")
+    return summarize("runner", cycles, args)
 
+
+TRAINER_PROJECT = PROJECT / "tests" / "training_ray" / "user_trainer_project"
+TRAINER_JOB = "bench-resize-tt"
+
+
+def run_trainer_cycles(
+    cluster: Any, storage: str, args: argparse.Namespace, cpu: ClusterCpu | None = None
+) -> dict[str, Any]:
+    """``tidal.train.TidalTrainer`` (issue 23): a user's Ray Train script (the test's), one controller."""
+    import ray
+    from tidal.cluster.actor import get_or_create_arbiter
+    from tidal.cluster.client import ArbiterClient
+
+    arbiter = get_or_create_arbiter(config=POLICY)
+    ray.get(arbiter.reload_config.remote(POLICY))
+    client = ArbiterClient()
+    trace = Path(storage) / "trainer-trace.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(cluster.env())
+    sub_id = f"bench-resize-tt-{int(time.time())}"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sub_id,
+         "--working-dir", str(TRAINER_PROJECT), "--", "python", "my_train.py", "--name", TRAINER_JOB,
+         "--storage", storage, "--steps", "1000000", "--step-delay-s", "0.05", "--trace", str(trace),
+         "--spare-workers", str(args.spare_workers)],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+
+    def job() -> dict[str, Any] | None:
+        for w in ray.get(arbiter.status.remote())["workloads"]:
+            if w["name"] == TRAINER_JOB:
+                return w
+        return None
+
+    def rows() -> list[dict[str, Any]]:
+        try:
+            return [json.loads(line) for line in trace.read_text().splitlines() if line.endswith("}")]
+        except FileNotFoundError:
+            return []
+
+    def training_at(n: int, after_s: float = 0.0) -> dict[str, Any] | None:
+        j = job()
+        if not j or j["held"].get("H100") != n or (j["progress"] or {}).get("workers") != n:
+            return None
+        return next((r for r in rows() if r["t"] > after_s and r["world_size"] == n), None)
+
+    cycles = []
+    for i in range(args.cycles):
+        wait_for(
+            lambda: training_at(4, time.time() - 1.0),
+            args.timeout_s,
+            "the trainer's job training on 4 workers",
+        )
+        base = steady_cpu_rate(cpu)
+        since = time.time()
+        cpu0 = cpu.total_s() if cpu else None
+        competitor = Competitor(client)
+        granted_s, usable_s = competitor.take(args.timeout_s)
+        events = ray.get(arbiter.events.remote(since))
+        shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == TRAINER_JOB)
+        released = next((e for e in events if e["kind"] == "released" and e["workload"] == TRAINER_JOB), None)
+        first = wait_for(
+            lambda since=since: training_at(2, since),
+            args.timeout_s,
+            "the trainer's job training on 2 workers",
+        )
+        before = [r for r in rows() if r["t"] <= first["t"] and r["world_size"] == 4]
+        last = before[-1]
+        steps_at_2 = [r["step"] for r in rows() if r["t"] >= first["t"]]
+        cycle = {
+            "cycle": i,
+            "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
+            "decision_to_grant_s": granted_s - shrink["t_s"],
+            "decision_to_usable_s": usable_s - shrink["t_s"],
+            "overhead_s": first["t"] - last["t"],
+            "last_step": last["step"],
+            "resumed_step": first["step"] - 1,
+            "forced": False,
+        }
+        summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if summary.get("resizes"):
+            cycle["forced"] = bool(summary["resizes"][-1].get("forced"))
+            cycle["controller_actor_id"] = summary["controller"]["actor_id"]
+        cycle.update(cpu_of(cpu, cpu0, since, first["t"], base))
+        cycle["steps_lost"] = max(0, cycle["last_step"] - cycle["resumed_step"])
+        del steps_at_2
+        logger.info("trainer cycle %d: %s", i, cycle)
+        cycles.append(cycle)
+        competitor.leave()
+
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True
+    )
+    wait_for(lambda: job() is None, args.timeout_s, "the trainer's job to end")
+    out = summarize("trainer", cycles, args)
+    out["summary"]["one_controller"] = len({c.get("controller_actor_id") for c in cycles}) == 1
+    return out
+
+
+def steady_cpu_rate(cpu: ClusterCpu | None, window_s: float = 5.0) -> float | None:
+    """The cluster's CPU-seconds per second while the job trains steadily (the rate a resize adds to)."""
+    if cpu is None:
+        return None
+    c0, t0 = cpu.total_s(), time.time()
+    time.sleep(window_s)
+    return (cpu.total_s() - c0) / (time.time() - t0)
+
+
+def cpu_of(
+    cpu: ClusterCpu | None, cpu0: float | None, t0: float, t1: float, base_rate: float | None
+) -> dict[str, Any]:
+    """CPU-seconds from the shrink's start to the first step at the new size: all of it, and beyond the
+    steady training rate measured just before (what the resize itself cost)."""
+    if cpu is None or cpu0 is None:
+        return {"cpu_s": None, "cpu_s_beyond_steady": None}
+    used = cpu.total_s() - cpu0
+    beyond = used - base_rate * max(0.0, t1 - t0) if base_rate is not None else None
+    return {"cpu_s": used, "cpu_s_beyond_steady": beyond, "steady_cpu_per_s": base_rate, "window_s": t1 - t0}
+
+
+def summarize(path: str, cycles: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     def med(key: str) -> float | None:
-        vals = [c[key] for c in cycles if c[key] is not None]
+        vals = [c[key] for c in cycles if c.get(key) is not None]
         return statistics.median(vals) if vals else None
 
     return {
-        "benchmark": "resize",
-        "what": "digits job on 4 H100 workers shrunk to 2 by a competitor service, then grown back; median over cycles",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "python": platform.python_version(),
-            "ray": ray.__version__,
-        },
+        "path": path,
         "summary": {
             "cycles": len(cycles),
-            "spare_workers": args.spare_workers,
-            "spare_control_workers": args.spare_control_workers,
             "decision_to_release_s_median": med("decision_to_release_s"),
             "decision_to_grant_s_median": med("decision_to_grant_s"),
             "decision_to_usable_s_median": med("decision_to_usable_s"),
             "overhead_s_median": med("overhead_s"),
+            "cpu_s_median": med("cpu_s"),
+            "cpu_s_beyond_steady_median": med("cpu_s_beyond_steady"),
             "steps_lost_per_shrink": [c["steps_lost"] for c in cycles],
-            "forced_stops": sum(c["forced"] for c in cycles),
+            "forced_stops": sum(bool(c["forced"]) for c in cycles),
             "restart_s_median": med("restart_s"),
         },
         "cycles": cycles,
