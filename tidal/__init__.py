@@ -36,6 +36,9 @@ _EXPORTS = {
     "ArbiterUnavailableError": "tidal.cluster.client",
     "get_or_create_arbiter": "tidal.cluster.actor",
     "get_arbiter": "tidal.cluster.actor",
+    # A user's own Ray Train script, sized by the arbiter (``tidal.train`` has should_yield() and stop() too).
+    "TidalTrainer": "tidal.training.trainer",
+    "TidalConfig": "tidal.training.trainer_config",
     # The policy file (the policy's part builds the policy).
     "load_policy_file": "tidal.cluster.policy_file",
     "build_policy": "tidal.policies.config",
