@@ -27,7 +27,7 @@ which leaves the cluster a node short, comes last. Results go to ``bench/results
 
 Usage::
 
-    .venv/bin/python bench/chaos.py                        # the three cases (~8-10 minutes here)
+    .venv/bin/python bench/chaos.py                        # the three cases (13 minutes here, shared)
     .venv/bin/python bench/chaos.py --case arbiter,node    # some of them
 """
 
