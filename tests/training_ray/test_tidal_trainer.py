@@ -193,3 +193,47 @@ def test_a_users_script_shrinks_to_two_workers_and_grows_back_under_one_controll
     resized, reference = full_loss(model_module, model), reference_loss(model_module, STEPS)
     assert abs(resized - reference) <= LOSS_TOLERANCE * reference, (resized, reference)
     assert workload(arbiter, name) is None, "the job unregistered at its end"
+
+
+def test_a_loop_that_never_calls_should_yield_is_stopped_after_its_grace_and_resumes_from_its_last_checkpoint(
+    local_cluster, ray_driver, arbiter, user_dir
+):
+    name = f"user-tf-{uuid.uuid4().hex[:6]}"
+    storage, trace = user_dir.parent / "storage", user_dir.parent / "trace.jsonl"
+    sid = f"test-{name}"
+    submit(local_cluster, user_dir, sid, "--name", name, "--storage", str(storage), "--steps", "100000",
+           "--trace", str(trace), "--no-yield")  # fmt: skip
+    competitor = None
+    try:
+        wait_for(
+            lambda: (w := workload(arbiter, name)) and w["held"] == {"H100": 4} and (w["progress"].get("step") or 0) >= 60,
+            START_TIMEOUT_S, 0.5, f"{name} past its first checkpoint on 4 H100s",
+        )  # fmt: skip
+        competitor = Competitor(f"svc-{name}", "H100", 2)
+        competitor.want(2)
+        # No should_yield(): the job keeps its four workers through its grace (20 s), then loses two by force.
+        shrunk = wait_for(
+            lambda: (w := workload(arbiter, name)) and w["progress"].get("workers") == 2 and w["progress"].get("step")
+            and w,
+            RESIZE_TIMEOUT_S, 0.5, f"{name} stopped by force and running on 2 H100s",
+        )  # fmt: skip
+        first_at_2 = wait_for(
+            lambda: next((json.loads(x) for x in trace.read_text().splitlines() if '"world_size": 2' in x), None),
+            RESIZE_TIMEOUT_S, 0.5, f"{name}'s first step on 2 workers",
+        )  # fmt: skip
+    finally:
+        if competitor is not None:
+            competitor.leave()
+        subprocess.run([RAY_CLI, "job", "stop", sid], env={**os.environ, **local_cluster.env()}, timeout=60)
+    summary = json.loads((storage / name / "tidal_summary.json").read_text())
+    (resize,) = summary["resizes"]
+    assert resize["reason"] == "shrink" and resize["forced"], resize
+    # Stopped at its deadline: the grace (20 s) from the arbiter's shrink decision, which the policy hears up
+    # to a poll (0.5 s) and a heartbeat later than the arbiter made it.
+    assert resize["ended_s"] - resize["requested_s"] >= 18.0, "stopped before its grace ran out"
+    assert shrunk["progress"]["controller_actor_id"] == summary["controller"]["actor_id"]
+    # It resumed from its last reported checkpoint (one every 50 steps): the steps since it are lost, and counted.
+    rows = [json.loads(x) for x in trace.read_text().splitlines()]
+    last_at_4 = max(r["step"] for r in rows if r["world_size"] == 4)
+    assert (first_at_2["step"] - 1) % 50 == 0 and first_at_2["step"] - 1 < last_at_4, (first_at_2, last_at_4)
+    assert 0 < summary["steps_lost"] <= last_at_4 - (first_at_2["step"] - 1), summary
