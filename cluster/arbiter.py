@@ -423,6 +423,7 @@ class ResourceArbiter:
                 self._dirty = True
                 reg.held = new_held
                 self._table.changed(reg)
+                self._follow_replicas(name, reg, now)
             self._note_release(name, reg, now)
         if progress is not None:
             reg.progress.update(progress)
@@ -510,6 +511,9 @@ class ResourceArbiter:
                 self._table.remove(name)
                 self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
             self._oldest_heartbeat_s = min([r.last_heartbeat_s for r in self._regs.values()], default=math.inf)
+        # A service's replicas may run on GPUs freed since its report (an expiry just now): the grant follows.
+        for name in self._table.services:
+            self._follow_replicas(name, self._regs[name], now)
         self._enforce_grace(now)
         # 3. decide and 4. plan (what a policy or a workload's data raises here keeps the last good grants)
         try:
@@ -767,12 +771,62 @@ class ResourceArbiter:
         if held != reg.held:
             reg.held = held
             self._table.changed(reg)
+            self._follow_replicas(name, reg, now)
         grant = self._grants.get(name, EMPTY)
         if reg.shrink_issued_s is None and _exceeds(held, grant):
             reg.shrink_issued_s = now
             reg.release_deadlines.append((now + self._grace_s(reg.spec), grant))
             self._shrinking.add(name)
         self._note_release(name, reg, now)
+
+    def _follow_replicas(self, name: WorkloadName, reg: _Registration, now: float) -> None:
+        """A service's grant follows its replicas to a type it accepts, when they run on free GPUs.
+
+        Serve places a replica on any type its ``fallback_strategy`` accepts that has a free GPU, which can be
+        one the books have not granted to anyone yet (a GPU just freed by a job whose registration has not
+        expired). The service then holds beyond its grant on that type while a unit granted on another type
+        sits unused. The grant moves there, unit for unit, as long as no other workload is granted or holds
+        those GPUs: the service keeps its size, nothing is stopped, and the unit it no longer needs elsewhere
+        is free for the next decision. Otherwise the books keep the grant, and what is held beyond it is
+        due back as usual.
+        """
+        if reg.spec.kind is not WorkloadKind.SERVICE:
+            return
+        grant = self._grants.get(name)
+        held = reg.held
+        if grant is None or not _exceeds(held, grant):
+            return
+        accepted = reg.spec.gpu_types
+        spare = [t for t in accepted if grant.get(t) > held.get(t)]  # granted units it does not use
+        if not spare:
+            return
+        per_unit = reg.spec.gpus_per_unit
+        new = grant
+        for t in [t for t in accepted if held.get(t) > grant.get(t)]:
+            units = min(held.get(t) - grant.get(t), int(self._free_gpus(t, name) / per_unit + 1e-9))
+            while units > 0 and spare:
+                u = spare[0]
+                move = min(units, new.get(u) - held.get(u))
+                new = new.with_units(u, new.get(u) - move).with_units(t, new.get(t) + move)
+                units -= move
+                if new.get(u) <= held.get(u):
+                    spare.pop(0)
+        if new == grant:
+            return
+        self._grants[name] = new
+        self._generation += 1
+        self._dirty = True
+        self._record(ArbiterEvent(now, "follow", name, {"from": grant.as_dict(), "to": new.as_dict()}))
+
+    def _free_gpus(self, gpu_type: GpuType, excluding: WorkloadName) -> float:
+        """GPUs of ``gpu_type`` alive that no other workload is granted or holds."""
+        alive = sum(n.num_gpus for n in self._nodes if n.healthy and n.gpu_type == gpu_type)
+        used = 0.0
+        for other, reg in self._regs.items():
+            if other != excluding:
+                units = max(self._grants.get(other, EMPTY).get(gpu_type), reg.held.get(gpu_type))
+                used += units * reg.spec.gpus_per_unit
+        return alive - used
 
     def _note_release(self, name: WorkloadName, reg: _Registration, now: float) -> None:
         if reg.shrink_issued_s is None and not reg.release_deadlines:
@@ -858,7 +912,7 @@ class ResourceArbiter:
 
 
 _LOGGED_EVENTS = frozenset(
-    ("shrink", "forced", "force_escalated", "force_failed", "force_confirmed", "expired", "infeasible")
+    ("shrink", "forced", "force_escalated", "force_failed", "force_confirmed", "expired", "infeasible", "follow")
 )
 
 

@@ -268,3 +268,67 @@ def test_a_snapshot_follows_every_heartbeat_field_that_changed_and_reuses_the_re
     clock.advance(1.0)
     arb.tick()
     assert arb.heartbeat("waiting").generation == arb.generation
+
+
+def _service_granted_h100_and_a_job_on_one_a100():
+    """A service granted 2 H100 units (accepting A100 first), a job granted one of the two A100s; t=1000."""
+    svc = make_service(max_replicas=4, gpu_types=("A100", "H100"))
+    job = make_job(max_workers=1, gpu_types=("A100",))
+    targets = {"svc": {"H100": 2}, "job": {"A100": 1}}
+    arb, _, clock = make_arbiter(nodes=make_nodes(A100=(1, 2), H100=(1, 2)), policy=ScriptedPolicy(targets, targets))
+    arb.register(svc)
+    arb.register(job)
+    arb.tick()
+    arb.heartbeat("job", held={"A100": 1})
+    return arb, clock
+
+
+def test_a_service_grant_follows_a_replica_that_serve_placed_on_a_free_gpu_of_another_accepted_type():
+    # Serve put one of the two replicas on the free A100 (its fallbacks accept it): the books move that unit's
+    # grant there, so the H100 it does not use is free for the next decision instead of idle under its grant.
+    arb, _ = _service_granted_h100_and_a_job_on_one_a100()
+    view = arb.heartbeat("svc", held={"A100": 1, "H100": 1})
+    assert view.grant == Allocation.of({"A100": 1, "H100": 1})
+    assert [e.detail for e in arb.events() if e.kind == "follow"] == [
+        {"from": {"H100": 2}, "to": {"A100": 1, "H100": 1}}
+    ]
+    assert arb.snapshot().grants["job"] == Allocation.of({"A100": 1})  # nobody else's grant moved
+    assert not view.release_by_s  # nothing is asked back: it holds what it is granted
+
+
+def test_a_service_grant_does_not_follow_a_replica_onto_gpus_granted_to_another_workload():
+    arb, _ = _service_granted_h100_and_a_job_on_one_a100()
+    arb.heartbeat("job", held={})  # the job let go of its A100 in Ray, but it is still granted it
+    view = arb.heartbeat("svc", held={"A100": 2})  # one replica on the free A100, one on the job's
+    assert view.grant == Allocation.of({"A100": 1, "H100": 1})  # only the free one is followed
+    assert arb.snapshot().grants["job"] == Allocation.of({"A100": 1})
+
+
+def test_a_service_grant_follows_its_replica_onto_a_dead_jobs_gpu_once_the_job_expires():
+    # bench/chaos.py's driver case: the job's driver died, Ray freed its A100 at once and Serve placed a replica
+    # there, but the books still give the A100 to the job until its registration expires.
+    svc = make_service(max_replicas=2, gpu_types=("A100", "H100"))
+    job = make_job(max_workers=1, gpu_types=("A100",))
+    targets = {"svc": {"H100": 2}, "job": {"A100": 1}}
+    seen = []
+
+    class FirstTargetsThenKeep:  # what the policy is given after the first tick, it keeps
+        name = "keep"
+
+        def decide(self, snapshot, state):
+            seen.append(dict(snapshot.grants))
+            if len(seen) > 1:
+                return PolicyDecision(dict(snapshot.grants)), state
+            return PolicyDecision({k: Allocation.of(v) for k, v in targets.items()}), state
+
+    arb, _, clock = make_arbiter(nodes=make_nodes(A100=(1, 1), H100=(1, 2)), policy=FirstTargetsThenKeep())
+    arb.register(svc)
+    arb.register(job)
+    arb.tick()
+    arb.heartbeat("job", held={"A100": 1})  # then silent
+    assert arb.heartbeat("svc", held={"A100": 1, "H100": 1}).grant == Allocation.of({"H100": 2})
+    clock.advance(16.0)  # past the 15 s TTL
+    arb.heartbeat("svc", held={"A100": 1, "H100": 1})
+    arb.tick()
+    assert seen[-1] == {"svc": Allocation.of({"A100": 1, "H100": 1})}  # what the policy decided from
+    assert arb.snapshot().grants == {"svc": Allocation.of({"A100": 1, "H100": 1})}
