@@ -130,6 +130,12 @@ class Backend(Protocol):
         Never raises: a stop that cannot be sent comes back with ``issued=False`` and the reason."""
         ...
 
+    def ended(self, registrations: Mapping[WorkloadName, Any]) -> set[WorkloadName]:
+        """The registered workloads whose process is known to be gone (a Ray job that ended), read from
+        ``registrations`` (name -> registration, with its ``meta``) when the backend chooses to look; the
+        arbiter expires them without waiting out their TTL. Never raises; an empty set when it cannot tell."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ForceCall:
@@ -155,9 +161,13 @@ class FakeBackend:
         self.forced: list[WorkloadName] = []
         self.force_calls: list[ForceCall] = []
         self.force_result = ForceResult(issued=True, confirmed=True, how="fake stop")
+        self.gone: set[WorkloadName] = set()  # what ``ended`` reports, set by the test
 
     def observe(self) -> tuple[NodeSnapshot, ...]:
         return self.nodes
+
+    def ended(self, registrations: Mapping[WorkloadName, Any]) -> set[WorkloadName]:
+        return self.gone & registrations.keys()
 
     def apply(self, grants: Mapping[WorkloadName, Allocation]) -> None:
         self.applied.append(dict(grants))
@@ -511,6 +521,16 @@ class ResourceArbiter:
                 self._table.remove(name)
                 self._record(ArbiterEvent(now, "expired", name, {"silent_s": now - reg.last_heartbeat_s}))
             self._oldest_heartbeat_s = min([r.last_heartbeat_s for r in self._regs.values()], default=math.inf)
+        # A holder whose process the backend knows is gone (its Ray job ended: a driver killed) expires now,
+        # not a TTL later: its GPUs are free in Ray already.
+        for name in self.backend.ended(self._regs) if self._regs else ():
+            if name in self._regs:
+                reg = self._regs.pop(name)
+                self._grants.pop(name, None)
+                self._table.remove(name)
+                self._dirty = True
+                detail = {"silent_s": now - reg.last_heartbeat_s, "reason": "its Ray job ended"}
+                self._record(ArbiterEvent(now, "expired", name, detail))
         # A service's replicas may run on GPUs freed since its report (an expiry just now): the grant follows.
         for name in self._table.services:
             self._follow_replicas(name, self._regs[name], now)

@@ -96,6 +96,8 @@ class RayBackend:
         list_actors: the alive actors matching state-API filters (default: ``ray.util.state.list_actors``);
             injected in tests.
         kill_actor: kills the named actor in a namespace, without restart; injected in tests.
+        dead_jobs: the ids (hex) of Ray jobs that ended (default: Ray's job table); injected in tests.
+        job_check_interval_s: how often ``ended`` reads it, at most.
     """
 
     def __init__(
@@ -106,6 +108,8 @@ class RayBackend:
         force_timeout_s: float = 10.0,
         list_actors: Callable[[list[tuple[str, str, str]]], list[Any]] | None = None,
         kill_actor: Callable[[str, str], None] | None = None,
+        dead_jobs: Callable[[], set[str]] | None = None,
+        job_check_interval_s: float = 2.0,
     ) -> None:
         self._read_nodes = read_nodes or ray.nodes
         self.max_consecutive_failures = max_consecutive_failures
@@ -119,6 +123,9 @@ class RayBackend:
         self.forced: list[tuple[WorkloadName, str]] = []
         self._list_actors = list_actors or self._alive_actors
         self._kill_actor = kill_actor or _kill_named_actor
+        self._dead_jobs = dead_jobs or _dead_ray_jobs
+        self.job_check_interval_s = job_check_interval_s
+        self._next_job_check_s = 0.0
 
     # ------------------------------------------------------------------------------------ observe
 
@@ -148,6 +155,26 @@ class RayBackend:
         self._last_good = tuple(nodes)
         self.last_observed_s = time.time()
         return self._last_good
+
+    # ---------------------------------------------------------------------------------------- ended
+
+    def ended(self, registrations: Mapping[WorkloadName, Any]) -> set[WorkloadName]:
+        """Registered workloads whose Ray job ended (their ``meta``'s ``ray_job_id``, which the training runner
+        and TidalTrainer report): a killed driver takes its Train controller and workers with it, so Ray has
+        freed their GPUs already. Read every ``job_check_interval_s`` at most; empty when Ray cannot answer."""
+        now = time.monotonic()
+        if now < self._next_job_check_s:
+            return set()
+        self._next_job_check_s = now + self.job_check_interval_s
+        jobs = {name: str(r.meta["ray_job_id"]) for name, r in registrations.items() if r.meta.get("ray_job_id")}
+        if not jobs:
+            return set()
+        try:
+            dead = self._dead_jobs()
+        except Exception as e:  # never fail the tick for it: the TTL still expires a silent holder
+            logger.debug("reading Ray's job table failed: %r", e)
+            return set()
+        return {name for name, job in jobs.items() if job in dead}
 
     # -------------------------------------------------------------------------------------- apply
 
@@ -324,3 +351,18 @@ def _no_handle(spec: WorkloadSpec, meta: Mapping[str, Any], attempt: int) -> str
     else:
         wanted = "ray_job_submission_id, submission_id, actor_name"
     return f"its registration meta has none of {wanted} (meta keys: {sorted(meta)})"
+
+
+def _dead_ray_jobs() -> set[str]:
+    """The ids (hex) of the Ray jobs that ended, from the GCS's job table.
+
+    Ray internal (no public call reads the job table without the dashboard): the worker's GCS client's
+    ``get_all_job_info``, keyed by ``JobID``, each with ``is_dead``. Pinned by
+    tests/unit/test_ray_backend_ended.py::test_rays_job_table_call_is_what_the_backend_reads.
+    """
+    from ray._private.worker import global_worker
+
+    infos = global_worker.gcs_client.get_all_job_info(
+        skip_submission_job_info_field=True, skip_is_running_tasks_field=True, timeout=5
+    )
+    return {job_id.hex() for job_id, info in infos.items() if info.is_dead}

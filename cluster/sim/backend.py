@@ -49,6 +49,9 @@ class SimBackend:
 
     # ------------------------------------------------------------------------------- the protocol
 
+    def ended(self, registrations: Mapping[WorkloadName, Any]) -> set[WorkloadName]:
+        return set()  # simulated workloads end by unregistering
+
     def observe(self) -> tuple[NodeSnapshot, ...]:
         return self._nodes
 

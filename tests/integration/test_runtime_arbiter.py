@@ -316,3 +316,34 @@ def test_saved_state_that_no_longer_parses_is_set_aside_and_reset_clears_it_with
         assert store.keys(prefix) == [] and get_arbiter(name, NAMESPACE) is None
     finally:
         kill_arbiter(name, NAMESPACE)
+
+
+def test_a_job_whose_driver_ended_expires_without_waiting_for_its_ttl(arbiter, local_cluster, tmp_path):
+    # A driver that connects and exits: its Ray job is dead in the GCS's job table (what RayBackend reads
+    # through Ray's internal GcsClient.get_all_job_info; this test pins that call).
+    import subprocess
+    import sys
+
+    from tidal.cluster.ray_backend import _dead_ray_jobs
+
+    ray, handle, client = arbiter
+    code = "import ray; ray.init(); print(ray.get_runtime_context().get_job_id())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=local_cluster.env(), cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    dead_job = out.stdout.strip().splitlines()[-1]
+    assert dead_job in _dead_ray_jobs()
+    assert ray.get_runtime_context().get_job_id() not in _dead_ray_jobs()
+    spec = TrainingJobSpec("rt-dead-driver", 1.0, 1, 1, ("RTX4090",))
+    client.register(spec, meta={"ray_job_id": dead_job})
+    wait_for(
+        lambda: spec.name not in [w["name"] for w in _status(ray, handle)["workloads"]],
+        timeout_s=10,  # the TTL is 15 s, and nothing heartbeats for it
+        message="the registration of a job whose driver ended expired",
+    )
+    events = ray.get(handle.events.remote(), timeout=10)
+    assert any(
+        e["kind"] == "expired" and e["workload"] == spec.name and e["detail"].get("reason") == "its Ray job ended"
+        for e in events
+    )
