@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from tidal_testing import wait_for
+from tidal_testing import arbiter_policy, serve_apps_to_keep, wait_for
 from user_project import clean_env, write_user_project, zip_user_project
 
 pytestmark = pytest.mark.integration
@@ -175,15 +175,8 @@ def replica_gpu_types(ray: Any, local_cluster: Any) -> list[str | None]:
 @pytest.fixture(scope="module")
 def arbiter(ray_driver: Any) -> Iterator[Any]:
     """The session's arbiter (the job and the service both register with it), with this module's policy."""
-    from tidal.cluster.actor import get_or_create_arbiter
-
-    handle = get_or_create_arbiter(config=TEST_POLICY)
-    old = ray_driver.get(handle.config.remote())
-    ray_driver.get(handle.reload_config.remote(TEST_POLICY))
-    try:
+    with arbiter_policy(ray_driver, TEST_POLICY) as handle:
         yield handle
-    finally:
-        ray_driver.get(handle.reload_config.remote(old))
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +196,7 @@ def system(
     (root / "jobs" / f"{job_name}.yaml").write_text(yaml.safe_dump(job_spec(job_name, tmp / "storage")))
     working_dir = zip_user_project(root, tmp / "userproj.zip").as_uri()
 
-    before = serve_details(local_cluster)
-    serve_was_running = before.controller_info.node_id is not None or bool(before.applications)
-    others = [
-        a.deployed_app_config.model_dump(exclude_unset=True)
-        for n, a in before.applications.items()
-        if a.deployed_app_config is not None and n != APP
-    ]
+    serve_was_running, others = serve_apps_to_keep(serve_details(local_cluster), APP)
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": local_cluster.serve_http_port},

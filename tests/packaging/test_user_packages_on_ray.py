@@ -29,7 +29,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from tidal_testing import wait_for
+from tidal_testing import serve_apps_to_keep, wait_for
 from user_project import (
     USER_MODEL_CLASS,
     clean_env,
@@ -228,13 +228,9 @@ def deployed(local_cluster: Any, ray_driver: Any, user_project: dict[str, Path])
     user_outputs = write_user_checkpoint(root, user_ckpt, instances)
     working_dir = zip_user_project(root, tmp / "userproj.zip").as_uri()
 
-    before = serve_details(local_cluster)
-    serve_was_running = before.controller_info.node_id is not None or bool(before.applications)
-    others = [
-        a.deployed_app_config.model_dump(exclude_unset=True)
-        for n, a in before.applications.items()
-        if a.deployed_app_config is not None and n not in (TIDAL_APP, TIDAL_USER_MODEL_APP, USER_APP)
-    ]
+    serve_was_running, others = serve_apps_to_keep(
+        serve_details(local_cluster), TIDAL_APP, TIDAL_USER_MODEL_APP, USER_APP
+    )
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": local_cluster.serve_http_port},

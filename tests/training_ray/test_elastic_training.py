@@ -27,7 +27,7 @@ from tidal.cluster.model import GPU_TYPE_LABEL
 from tidal.serving.manifest import load_manifest, load_model
 from tidal.training.data import digits
 from tidal.training.loop import evaluate
-from tidal_testing import wait_for
+from tidal_testing import arbiter_policy, wait_for
 from training_harness import (
     TEST_POLICY,
     Competitor,
@@ -52,15 +52,8 @@ JOB_TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def arbiter(ray_driver: Any) -> Iterator[Any]:
     """The session cluster's arbiter, with the test policy for this module (its old config is put back)."""
-    from tidal.cluster.actor import get_or_create_arbiter
-
-    handle = get_or_create_arbiter(config=TEST_POLICY)
-    old = ray_driver.get(handle.config.remote())
-    ray_driver.get(handle.reload_config.remote(TEST_POLICY))
-    try:
+    with arbiter_policy(ray_driver, TEST_POLICY) as handle:
         yield handle
-    finally:
-        ray_driver.get(handle.reload_config.remote(old))
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from tidal_testing import wait_for
+from tidal_testing import arbiter_policy, wait_for
 from training_harness import TEST_POLICY, Competitor, workload
 
 pytestmark = pytest.mark.integration
@@ -41,12 +41,10 @@ LOSS_TOLERANCE = 0.35  # relative
 
 
 @pytest.fixture(scope="module")
-def arbiter(ray_driver: Any) -> Any:
-    from tidal.cluster.actor import get_or_create_arbiter
-
-    handle = get_or_create_arbiter(config=TEST_POLICY)
-    ray_driver.get(handle.reload_config.remote(TEST_POLICY))
-    return handle
+def arbiter(ray_driver: Any) -> Iterator[Any]:
+    """The session's arbiter with this module's policy (the old one put back after, for later modules)."""
+    with arbiter_policy(ray_driver, TEST_POLICY) as handle:
+        yield handle
 
 
 @pytest.fixture()
