@@ -199,7 +199,9 @@ class TidalScalingPolicy(ScalingPolicy):
         try:
             view = client.register(
                 self.job.spec(),
-                meta={"trainer": "TidalTrainer", "controller": self._controller},
+                # ray_job_id: the driver's job; the arbiter expires the registration once it ends (a killed
+                # driver takes this controller with it), without waiting out the TTL.
+                meta={"trainer": "TidalTrainer", "controller": self._controller, "ray_job_id": context.get_job_id()},
                 timeout_s=self.job.config.register_timeout_s,
             )
         except Exception as e:  # no arbiter, or none that answers: the job still runs, as Ray Train alone
