@@ -30,8 +30,10 @@ def test_a_bad_tidal_config_is_refused_naming_each_field_its_value_and_what_is_v
         tidal.train.TidalConfig(gpu_types=[])
 
 
-def test_the_trainer_refuses_what_it_cannot_size_before_ray_starts():
-    assert not ray.is_initialized()
+def test_the_trainer_refuses_what_it_cannot_size_before_ray_starts(monkeypatch):
+    # (Not ray.is_initialized(): in the whole suite the session's driver is connected before this runs.)
+    started = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append((a, k)))
     cfg = tidal.train.TidalConfig(gpu_types=["H100"])
     with pytest.raises(tidal.train.TidalConfigError, match=r"use_gpu: TidalTrainer sizes GPU workers"):
         tidal.train.TidalTrainer(loop, scaling_config=ScalingConfig(num_workers=2), tidal=cfg)
@@ -41,7 +43,7 @@ def test_the_trainer_refuses_what_it_cannot_size_before_ray_starts():
         tidal.train.TidalTrainer(
             loop, scaling_config=ScalingConfig(num_workers=2, use_gpu=True), tidal={"gpu_types": ["H100"]}
         )
-    assert not ray.is_initialized()
+    assert started == []
 
 
 def test_worker_bounds_and_job_names():
