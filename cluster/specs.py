@@ -11,12 +11,12 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
-    field_validator,
     model_validator,
 )
 from tidal.cluster.boundary import format_validation_error
@@ -28,6 +28,16 @@ GPU_TYPE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 GpuTypeName = Annotated[str, StringConstraints(pattern=GPU_TYPE_PATTERN)]
 
 
+def _each_type_once(v: list[str]) -> list[str]:
+    if len(set(v)) != len(v):
+        raise ValueError(f"gpu_types {v} lists a type twice")
+    return v
+
+
+# GPU types in order of preference, each once (a service's, a job's, a deployment's policy_kwargs).
+GpuTypeList = Annotated[list[GpuTypeName], AfterValidator(_each_type_once)]
+
+
 class SpecError(ValueError):
     """A workload spec that cannot be used; the message names the field, the value and what is valid."""
 
@@ -37,15 +47,8 @@ class _WorkloadModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    gpu_types: list[GpuTypeName] = Field(min_length=1, description="acceptable GPU types, most preferred first")
+    gpu_types: GpuTypeList = Field(min_length=1, description="acceptable GPU types, most preferred first")
     priority: int = 10
-
-    @field_validator("gpu_types")
-    @classmethod
-    def _no_duplicates(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"gpu_types {v} lists a type twice")
-        return v
 
 
 class ServiceSpecModel(_WorkloadModel):

@@ -1,16 +1,8 @@
 """Tidal's custom Serve autoscaling policy: the Ray glue around :mod:`tidal.serving.autoscale_math`.
 
-Any deployment opts in from its own config (``tidal.serve.autoscaling_config(...)`` writes it; Tidal's model
-server is one such deployment, ``tidal.serving.config.autoscaling_config_for``)::
-
-    autoscaling_config:
-      min_replicas: 1
-      max_replicas: 4
-      upscale_delay_s: 0
-      downscale_delay_s: 1
-      policy:
-        policy_function: tidal.serve:TidalPolicy
-        policy_kwargs: {gpu_types: [A100, H100], priority: 100, slo_p99_ms: 200}
+Any deployment opts in from its own config: ``policy_function: tidal.serve:TidalPolicy`` with its
+``policy_kwargs`` (the config a user writes is shown in :mod:`tidal.serve`; Tidal's model server is one such
+deployment, ``tidal.serving.config.autoscaling_config_for``).
 
 Serve (2.60) instantiates the class once per deployment version inside the Serve controller and calls it
 every control-loop tick (0.1 s) with an ``AutoscalingContext``; it wraps the result with its own

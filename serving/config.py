@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tidal.cluster.model import GPU_TYPE_LABEL, ServiceSpec
-from tidal.cluster.specs import GpuTypeName, ServiceSpecModel
+from tidal.cluster.specs import GpuTypeList, ServiceSpecModel
 
 DEFAULT_API_KEY_ENV = "TIDAL_SERVE_API_KEY"
 # The public name of the policy (``tidal.serve.TidalPolicy`` is ``tidal.serving.autoscale.TidalAutoscalingPolicy``):
@@ -152,7 +152,7 @@ class TidalPolicyOptions(_Strict):
     name: str | None = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
     )
-    gpu_types: list[GpuTypeName] = Field(min_length=1)
+    gpu_types: GpuTypeList = Field(min_length=1)
     priority: int = Field(default=100, ge=0)
     slo_p99_ms: float = Field(default=500.0, gt=0)
     downscale_delay_s: float = Field(default=30.0, ge=0)
@@ -168,13 +168,6 @@ class TidalPolicyOptions(_Strict):
     keepalive_s: float = Field(default=120.0, gt=0)
     grant_ttl_s: float = Field(default=5.0, gt=0)
     grant_poll_s: float = Field(default=0.1, gt=0, le=5)
-
-    @field_validator("gpu_types")
-    @classmethod
-    def _no_duplicates(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"gpu_types {v} lists a type twice")
-        return v
 
 
 # What a message says is valid, per field of ``policy_kwargs`` whose pydantic message would not say it plainly.

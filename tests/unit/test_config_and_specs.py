@@ -90,3 +90,12 @@ def test_a_workload_gpu_type_the_cluster_lacks_is_refused():
         parse_training_job_spec({"name": "j", "gpu_types": ["TPU"]}, known_gpu_types=["H100", "A100"])
     spec = parse_service_spec({"name": "s", "gpu_types": ["A100"], "gpus_per_replica": 0.5, "max_replicas": 4})
     assert spec.gpus_per_replica == 0.5 and spec.gpu_types == ("A100",)
+
+
+def test_a_gpu_type_listed_twice_is_refused_by_a_service_spec_and_by_policy_kwargs():
+    from tidal.serving.config import policy_kwargs_problems
+
+    twice = ["A100", "H100", "A100"]
+    with pytest.raises(SpecError, match=r"gpu_types: gpu_types \['A100', 'H100', 'A100'\] lists a type twice"):
+        parse_service_spec({"name": "svc", "gpu_types": twice, "max_replicas": 2})
+    assert any("lists a type twice" in p for p in policy_kwargs_problems({"gpu_types": twice}))
