@@ -860,6 +860,7 @@ def start_worker_node(a: Mapping[str, Any]) -> None:
     outlive it, as they outlive ``ray start``.
     """
     import ray._private.node
+    import ray._private.utils
     from ray._private import services
     from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
     from ray._private.parameter import RayParams
@@ -886,7 +887,11 @@ def start_worker_node(a: Mapping[str, Any]) -> None:
     )
     params.gcs_address = services.canonicalize_bootstrap_address(a["address"], temp_dir=a["temp_dir"])
     ensure_token_if_auth_enabled(None, create_token_if_missing=False)
-    ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False, connect_only=False)
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False, connect_only=False)
+    # As `ray start` does: the node's temp dir names its cluster. A job's supervisor on this node finds the GCS
+    # address for the driver there ("auto"); without it Ray falls back to grepping `ps` for any GCS on the
+    # machine, which finds another cluster's when two run side by side (and the driver fails on its token).
+    ray._private.utils.write_ray_address(params.gcs_address, node.get_temp_dir_path())
     logger.info("worker node %s started", a["node_name"])
 
 

@@ -47,6 +47,17 @@ def test_ray_job_submit_works_with_token_auth_from_the_printed_env(local_cluster
     assert "GPUS 8" in r.stdout
 
 
+def test_every_node_names_its_own_cluster_for_a_job_driver_started_there(local_cluster):
+    # A job's supervisor gives its driver the address it reads from its node's temp dir; without the file there
+    # Ray greps `ps` for any GCS on the machine, and finds another cluster's when two run side by side.
+    named = {
+        name: (Path(node.temp_dir) / "ray_current_cluster").read_text().strip()
+        for name, node in {"head": local_cluster.head, **local_cluster.nodes}.items()
+    }
+    assert all(address.endswith(f":{local_cluster.gcs_port}") for address in named.values()), named
+    assert len(set(named.values())) == 1, named
+
+
 def test_ray_cli_with_a_wrong_token_is_refused(local_cluster):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(RAY_ADDRESS=local_cluster.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
