@@ -5,6 +5,10 @@ that the test can act while it trains: a job must run long enough (20-30 s of st
 before the test's next move lands, however slow the machine. Grants are steered by a competing high-priority service registered
 with the arbiter (the Tidal policy reclaims GPUs from training for it).
 
+A job stopped below its minimum (it yields, holds nothing while it waits, resumes from its checkpoint) is
+shown on the same cluster by ``tests/e2e/test_saturated_spike.py``, where a spike's replicas take the GPUs the
+stopped jobs gave up.
+
 The loss-curve tolerance: a run that resizes must follow the loss curve of the same job trained on one
 worker in this process (``tidal.training.loop.reference_history``) within ``LOSS_TOLERANCE`` at every step. The
 data order, the shares and the loss scale make the optimisation identical at every size; only the
@@ -22,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import placement_group_table
 from tidal.cluster.model import GPU_TYPE_LABEL
 from tidal.serving.manifest import load_manifest, load_model
 from tidal.training.data import digits
@@ -33,7 +37,6 @@ from training_harness import (
     Competitor,
     digits_job,
     max_loss_gap,
-    progress,
     reference_losses,
     submit_job,
     wait_progress,
@@ -153,49 +156,12 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     assert scores["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-9)
 
 
-def test_a_job_below_its_minimum_waits_holding_nothing_then_resumes_from_its_checkpoint(
-    arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
-):
-    spec = digits_job("elastic-wait", storage, gpu_types=["A100"], min_workers=2, max_workers=2, steps=200)
-    job = submit_job(spec, local_cluster, tmp_path)
-    jobs.append(job)
-    wait_progress(
-        arbiter, job.name, lambda p: p.get("num_workers") == 2 and (p.get("step") or 0) >= 5, START_TIMEOUT_S,
-        "the job training on 2 A100 workers",
-    )  # fmt: skip
-
-    # A higher-priority job that needs one A100: the policy stops ours (it cannot run on 1, its minimum is 2).
-    rival = Competitor("rival-wait", "A100", max_units=1, kind="job")
-    competitors.append(rival)
-    rival.want(1)
-    waiting = wait_progress(
-        arbiter, job.name, lambda p: p.get("phase") == "waiting", START_TIMEOUT_S, "the job waiting"
-    )
-    w = workload(arbiter, job.name)
-    assert w is not None and w["held"] == {} and w["grant"].get("A100", 0) < 2, w
-    # Holding nothing for real: both A100s can be placed by someone else while the job waits.
-    pg = placement_group([{"GPU": 1.0}] * 2, bundle_label_selector=[{GPU_TYPE_LABEL: "A100"}] * 2)
-    try:
-        assert pg.wait(timeout_seconds=60), "the waiting job still holds A100s"
-    finally:
-        remove_placement_group(pg)
-    assert progress(arbiter, job.name).get("step") == waiting["step"], "a waiting job does not train"
-
-    rival.want(0)
-    assert job.wait_done(JOB_TIMEOUT_S) == "SUCCEEDED", job.logs()[-3000:]
-    summary = job.summary()
-    assert [(a["num_workers"], a["outcome"]) for a in summary["attempts"]] == [(2, "yielded"), (2, "finished")]
-    assert summary["attempts"][1]["resumed_from"] == summary["attempts"][0]["checkpoint_step"] > 0
-    assert any(e["event"] == "wait" for e in summary["resizes"])
-    assert summary["steps_lost"] == 0
-
-
 def test_a_job_that_ignores_the_yield_is_stopped_by_force_after_its_grace_and_loses_only_steps_since_its_checkpoint(
     arbiter, local_cluster, ray_driver, storage, tmp_path, competitors, jobs
 ):
     every = 10
     spec = digits_job(
-        "elastic-stubborn", storage, gpu_types=["RTX4090"], min_workers=1, max_workers=2, steps=200,
+        "elastic-stubborn", storage, gpu_types=["RTX4090"], min_workers=1, max_workers=2, steps=150,
         checkpoint_every_steps=every, yield_grace_s=5,
         fault_injection={"ignore_yield": True, "step_delay_s": 0.15},
     )  # fmt: skip
@@ -244,7 +210,7 @@ def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_l
         )  # fmt: skip
         every = 10
         spec = digits_job(
-            "elastic-nodeloss", storage, gpu_types=["L4"], min_workers=1, max_workers=2, steps=300,
+            "elastic-nodeloss", storage, gpu_types=["L4"], min_workers=1, max_workers=2, steps=150,
             checkpoint_every_steps=every,
         )  # fmt: skip
         job = submit_job(spec, local_cluster, tmp_path)
