@@ -439,7 +439,6 @@ def run_trainer_cycles(
         )
         before = [r for r in rows() if r["t"] <= first["t"] and r["world_size"] == 4]
         last = before[-1]
-        steps_at_2 = [r["step"] for r in rows() if r["t"] >= first["t"]]
         cycle = {
             "cycle": i,
             "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
@@ -457,7 +456,6 @@ def run_trainer_cycles(
             cycle["controller_actor_id"] = summary["controller"]["actor_id"]
         cycle.update(cpu_of(cpu, cpu0, since, first["t"], base))
         cycle["steps_lost"] = max(0, cycle["last_step"] - cycle["resumed_step"])
-        del steps_at_2
         logger.info("trainer cycle %d: %s", i, cycle)
         cycles.append(cycle)
         competitor.leave()
@@ -468,6 +466,14 @@ def run_trainer_cycles(
     wait_for(lambda: job() is None, args.timeout_s, "the trainer's job to end")
     out = summarize("trainer", cycles, args)
     out["summary"]["one_controller"] = len({c.get("controller_actor_id") for c in cycles}) == 1
+    # Each worker group: its size and how many of its workers ran in spare processes started ahead.
+    summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"
+    ledger = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    out["groups"] = [
+        {k: g.get(k) for k in ("generation", "num_workers", "warm_workers", "started_s")}
+        for g in ledger.get("groups", [])
+    ]
+    out["resizes"] = ledger.get("resizes", [])  # the policy's timeline of each resize (wall-clock seconds)
     return out
 
 

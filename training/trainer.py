@@ -48,6 +48,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 from ray.train.v2._internal.util import ObjectRefWrapper
 from tidal.training.runner import AutoTorchConfig
+from tidal.training.spares import process_started_s
 from tidal.training.trainer_config import TidalConfig, TidalConfigError, job_name, worker_bounds
 from tidal.training.trainer_policy import TidalFailurePolicy, TidalJob, TidalScalingPolicy
 from tidal.training.trainer_signal import NAMESPACE, signal_name
@@ -74,6 +75,7 @@ class _WorkerLink:
         self.world_size = context.get_world_size()
         self.signal = ray.get_actor(name, namespace=NAMESPACE)
         self.generation = int(ray.get(self.signal.current.remote(), timeout=60))
+        self.signal.hello.remote(self.generation, self.rank, process_started_s())
         self.steps = 0
         self.step_s: float | None = None
         self.yielding = False

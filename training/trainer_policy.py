@@ -321,6 +321,7 @@ class TidalScalingPolicy(ScalingPolicy):
             )
             if isinstance(decision, Keep):
                 if snap["first_step_s"] is not None:
+                    self._note_warm_start(snap)
                     self._top_up_spares()
                 return NoopDecision()
             if isinstance(decision, Yield):
@@ -530,6 +531,19 @@ class TidalScalingPolicy(ScalingPolicy):
                 self._stop.wait(1.0)
                 continue
             self._set_view(view)
+
+    def _note_warm_start(self, snap: dict[str, Any]) -> None:
+        """Once every rank of the group has said hello: how many ran in processes started before the group
+        (spares), in the group's ledger entry (``warm_workers``) and the log."""
+        group = self._ledger.groups[-1] if self._ledger.groups else None
+        started = snap.get("processes_started") or {}
+        if group is None or "warm_workers" in group or len(started) < group["num_workers"]:
+            return
+        group["warm_workers"] = sum(1 for s in started.values() if s is not None and s < group["started_s"])
+        logger.info(
+            "job %s: worker group %d: %d of %d workers started warm (in spare processes)",
+            self.job.name, group["generation"], group["warm_workers"], group["num_workers"],
+        )  # fmt: skip
 
     def _top_up_spares(self) -> None:
         """Every 10 s while the group trains steadily, keeps the job's spare workers started on the nodes of

@@ -9,6 +9,8 @@ worker group as a *generation*, and takes a park from every rank, not an ack fro
   reads ``snapshot`` on each of its decisions.
 - Rank 0 keeps one ``wait_yield`` in flight (answered the moment a yield is requested) and calls
   ``progress`` (rate-limited) with its step count; ``should_yield()`` turns rank 0's answer into every rank's.
+- Every rank calls ``hello`` as it joins a group, with when its process started: a process older than its
+  group was a spare, started ahead (a warm start).
 - Every rank calls ``park`` once its loop has yielded: the number of reports it made in this group tells the
   policy when the controller has collected its last checkpoint.
 """
@@ -38,6 +40,7 @@ class TrainerSignal:
         self.num_workers = 0
         self.yield_requested_s: float | None = None
         self.parks: dict[int, dict[str, Any]] = {}
+        self.processes_started: dict[int, float | None] = {}
         self.steps = 0
         self.step_s: float | None = None
         self.first_step_s: float | None = None
@@ -54,6 +57,7 @@ class TrainerSignal:
         self.generation, self.num_workers = generation, num_workers
         self.yield_requested_s = None
         self.parks = {}
+        self.processes_started = {}
         self.steps, self.step_s, self.first_step_s, self.cooperative = 0, None, None, False
 
     def request_yield(self, generation: int) -> bool:
@@ -73,6 +77,11 @@ class TrainerSignal:
 
     def current(self) -> int:
         return self.generation
+
+    def hello(self, generation: int, rank: int, process_started_s: float | None) -> None:
+        """Rank ``rank`` joined ``generation``; its process started at ``process_started_s`` (None: unknown)."""
+        if generation == self.generation:
+            self.processes_started[rank] = process_started_s
 
     def progress(self, generation: int, steps: int, step_s: float) -> None:
         if generation != self.generation:
@@ -96,6 +105,7 @@ class TrainerSignal:
             "num_workers": self.num_workers,
             "yield_requested_s": self.yield_requested_s,
             "parks": {r: dict(p) for r, p in self.parks.items()},
+            "processes_started": dict(self.processes_started),
             "steps": self.steps,
             "step_s": self.step_s,
             "first_step_s": self.first_step_s,
