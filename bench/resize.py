@@ -424,6 +424,12 @@ def run_trainer_cycles(
             args.timeout_s,
             "the trainer's job training on 4 workers",
         )
+        if args.spare_workers:  # as on the runner path: the resize should meet its spares up
+            wait_for(
+                lambda: (p := (job() or {}).get("progress") or {}).get("spares_wanted")
+                and p["spares_idle"] >= p["spares_wanted"],
+                args.timeout_s, "the trainer's spare workers idle",
+            )  # fmt: skip
         base = steady_cpu_rate(cpu)
         since = time.time()
         cpu0 = cpu.total_s() if cpu else None
@@ -470,7 +476,7 @@ def run_trainer_cycles(
     summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"
     ledger = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     out["groups"] = [
-        {k: g.get(k) for k in ("generation", "num_workers", "warm_workers", "started_s")}
+        {k: g.get(k) for k in ("generation", "num_workers", "warm_workers", "started_s", "joined_s", "first_step_s")}
         for g in ledger.get("groups", [])
     ]
     out["resizes"] = ledger.get("resizes", [])  # the policy's timeline of each resize (wall-clock seconds)

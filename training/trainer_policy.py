@@ -315,13 +315,13 @@ class TidalScalingPolicy(ScalingPolicy):
         release_by_s = view.release_by_s if view is not None else None
         now = time.time()
         capacity = self._capacity_gpus()
+        self._note_warm_start(snap)
         if self._state.phase is Phase.RUNNING:
             decision = decide(
                 self._state, grant, now, self._cfg, capacity_gpus=capacity, release_by_s=release_by_s
             )
             if isinstance(decision, Keep):
                 if snap["first_step_s"] is not None:
-                    self._note_warm_start(snap)
                     self._top_up_spares()
                 return NoopDecision()
             if isinstance(decision, Yield):
@@ -461,6 +461,9 @@ class TidalScalingPolicy(ScalingPolicy):
             "resizes": len(self._ledger.resizes),
             "steps_lost": self._ledger.steps_lost,
             "phase": str(self._state.phase),
+            # Spare worker processes for the next group (training/spares.py): idle now, out of wanted.
+            "spares_idle": self._spares.idle if self._spares is not None else 0,
+            "spares_wanted": self._spares.wanted if self._spares is not None else 0,
         }
         since = time.time() - self._checkpoint_s if self._checkpoint_s is not None else None
         report = dict(
@@ -537,9 +540,12 @@ class TidalScalingPolicy(ScalingPolicy):
         (spares), in the group's ledger entry (``warm_workers``) and the log."""
         group = self._ledger.groups[-1] if self._ledger.groups else None
         started = snap.get("processes_started") or {}
-        if group is None or "warm_workers" in group or len(started) < group["num_workers"]:
+        if group is None or "warm_workers" in group or len(started) < group["num_workers"] or not snap.get("first_step_s"):
             return
         group["warm_workers"] = sum(1 for s in started.values() if s is not None and s < group["started_s"])
+        # Where a start's time goes: Ray Train's set-up until every rank's train function runs, then the
+        # user's own (imports, model, checkpoint load) until rank 0's first step.
+        group["joined_s"], group["first_step_s"] = snap.get("joined_s"), snap.get("first_step_s")
         logger.info(
             "job %s: worker group %d: %d of %d workers started warm (in spare processes)",
             self.job.name, group["generation"], group["warm_workers"], group["num_workers"],

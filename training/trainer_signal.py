@@ -41,6 +41,7 @@ class TrainerSignal:
         self.yield_requested_s: float | None = None
         self.parks: dict[int, dict[str, Any]] = {}
         self.processes_started: dict[int, float | None] = {}
+        self.joined_s: float | None = None  # when the group's last rank said hello (its train function runs)
         self.steps = 0
         self.step_s: float | None = None
         self.first_step_s: float | None = None
@@ -58,6 +59,7 @@ class TrainerSignal:
         self.yield_requested_s = None
         self.parks = {}
         self.processes_started = {}
+        self.joined_s = None
         self.steps, self.step_s, self.first_step_s, self.cooperative = 0, None, None, False
 
     def request_yield(self, generation: int) -> bool:
@@ -82,6 +84,7 @@ class TrainerSignal:
         """Rank ``rank`` joined ``generation``; its process started at ``process_started_s`` (None: unknown)."""
         if generation == self.generation:
             self.processes_started[rank] = process_started_s
+            self.joined_s = time.time()
 
     def progress(self, generation: int, steps: int, step_s: float) -> None:
         if generation != self.generation:
@@ -106,6 +109,7 @@ class TrainerSignal:
             "yield_requested_s": self.yield_requested_s,
             "parks": {r: dict(p) for r, p in self.parks.items()},
             "processes_started": dict(self.processes_started),
+            "joined_s": self.joined_s,
             "steps": self.steps,
             "step_s": self.step_s,
             "first_step_s": self.first_step_s,

@@ -90,6 +90,7 @@ def main():
     p.add_argument("--step-delay-s", type=float, default=0.05)
     p.add_argument("--no-yield", action="store_true", help="never call should_yield() (a forced stop)")
     p.add_argument("--spare-workers", type=int, default=0)
+    p.add_argument("--yield-grace-s", type=float, default=20.0)
     p.add_argument("--trace", default=None, help="rank 0 appends one JSON line per step here")
     args = p.parse_args()
     config = {
@@ -109,7 +110,7 @@ def main():
         scaling_config=ScalingConfig(num_workers=(args.min_workers, args.max_workers), use_gpu=True),
         run_config=RunConfig(name=args.name, storage_path=args.storage),
         tidal=tidal.train.TidalConfig(  # Tidal
-            gpu_types=["H100"], yield_grace_s=20, resize_min_interval_s=0, spare_workers=args.spare_workers
+            gpu_types=["H100"], yield_grace_s=args.yield_grace_s, resize_min_interval_s=0, spare_workers=args.spare_workers
         ),
     )
     result = trainer.fit()
