@@ -89,7 +89,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     # spare_workers: it keeps 4 worker processes started for its next attempt (tidal.training.spares), and
     # spare_control_workers 5 more on the driver's node for Ray Train's controller and its helpers.
     spec = digits_job(
-        "elastic-424", storage, min_workers=2, max_workers=4, steps=600, restart_delay_s=4, spare_workers=4,
+        "elastic-424", storage, min_workers=2, max_workers=4, steps=400, restart_delay_s=4, spare_workers=4,
         spare_control_workers=5,
     )
     job = submit_job(spec, local_cluster, tmp_path)
@@ -151,7 +151,7 @@ def test_a_job_shrinks_to_two_grows_back_to_four_and_follows_the_loss_curve_of_a
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
     # The final model is a checkpoint serving loads, and it scores what the run reported.
     manifest = load_manifest(summary["export_path"])
-    assert manifest.model_class == "tidal.training.models:DigitsMLP" and manifest.version == "elastic-424-step600"
+    assert manifest.model_class == "tidal.training.models:DigitsMLP" and manifest.version == "elastic-424-step400"
     scores = evaluate(load_model(summary["export_path"]), digits(), torch.device("cpu"))
     assert scores["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-9)
 
