@@ -241,16 +241,15 @@ def test_a_bad_job_spec_is_refused_before_anything_starts_naming_field_value_and
 ):
     bad_fields = digits_job("elastic-bad", storage, min_workers=5, max_workers=4)
     bad_fields["model"] = {"class": "tidal.training.models:NoSuchNet"}
-    job = submit_job(bad_fields, local_cluster, tmp_path)
-    jobs.append(job)
+    bad_type = digits_job("elastic-bad-type", storage, gpu_types=["H100", "V100"])
+    # Both submitted at once: each driver fails on its own.
+    job, job2 = submit_job(bad_fields, local_cluster, tmp_path), submit_job(bad_type, local_cluster, tmp_path)
+    jobs.extend([job, job2])
     assert job.wait_done(120) == "FAILED"
     logs = job.logs()
     assert "max_workers: min_workers=5 is above max_workers=4" in logs
     assert "model.class: 'tidal.training.models:NoSuchNet' does not import" in logs
 
-    bad_type = digits_job("elastic-bad-type", storage, gpu_types=["H100", "V100"])
-    job2 = submit_job(bad_type, local_cluster, tmp_path)
-    jobs.append(job2)
     assert job2.wait_done(120) == "FAILED"
     logs2 = job2.logs()
     assert "gpu_types: 'V100' is not a GPU type of this cluster; valid: A100, H100" in logs2
