@@ -9,6 +9,11 @@ server: in the demo that is 12 processes that would import it for nothing while 
 The raylet tells them apart: it gives a worker started for a job that job's id in ``RAY_JOB_ID``, and an unbound
 one (a pool worker, any job may take it) the nil id.
 
+A worker started for a Ray Train run (a trainer's worker, or a job's spare waiting to become one) imports Ray
+Train's worker module instead (~1 CPU-second here), which its actor would import on creation, in the middle of
+a resize: such a process carries the variables Ray Train propagates from the driver to its controller and
+workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: ``TidalTrainer`` and Tidal's runner always set it).
+
 ``torch`` and whatever both kinds use stay in ``RAY_preload_python_modules`` itself; this module reads the
 rest from the raylet's environment (``LocalClusterSpec.pool_preload_python_modules``, or the ``ray start``
 commands of ``cluster.yaml``). A module that fails to import is logged and skipped, as Ray does for its own
@@ -27,6 +32,10 @@ logger = logging.getLogger(__name__)
 POOL_MODULES_ENV = "TIDAL_POOL_PRELOAD_MODULES"
 JOB_ID_ENV = "RAY_JOB_ID"  # set by the raylet on every worker process it starts
 NIL_JOB_ID = "ffffffff"  # ray.JobID.nil().hex()
+# Ray Train (2.60: ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE) passes this from the driver to its
+# controller and on to every worker's runtime env; the module is where its TrainWorker actor class lives.
+RAY_TRAIN_MARKER_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+RAY_TRAIN_WORKER_MODULES = ("ray.train.v2._internal.execution.worker_group.worker",)
 
 
 def bound_to_a_job(environ: Mapping[str, str]) -> bool:
@@ -35,11 +44,20 @@ def bound_to_a_job(environ: Mapping[str, str]) -> bool:
     return bool(job) and job != NIL_JOB_ID
 
 
+def ray_train_process(environ: Mapping[str, str]) -> bool:
+    """Whether this worker was started for a Ray Train run (it carries the variables Ray Train propagates)."""
+    return bound_to_a_job(environ) and RAY_TRAIN_MARKER_ENV in environ
+
+
 def preload(environ: Mapping[str, str], import_module: Callable[[str], object] = importlib.import_module) -> list[str]:
-    """Imports the pool modules if this worker is not bound to a job; returns the modules imported."""
-    names = [m.strip() for m in environ.get(POOL_MODULES_ENV, "").split(",") if m.strip()]
-    if not names or bound_to_a_job(environ):
+    """Imports the pool modules if this worker is not bound to a job, Ray Train's worker module if it was
+    started for a Ray Train run; returns the modules imported."""
+    if ray_train_process(environ):
+        names = list(RAY_TRAIN_WORKER_MODULES)
+    elif bound_to_a_job(environ):
         return []
+    else:
+        names = [m.strip() for m in environ.get(POOL_MODULES_ENV, "").split(",") if m.strip()]
     imported = []
     for name in names:
         try:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 from tidal.cluster.cluster_spec import LocalClusterSpec, load_cluster_spec
-from tidal.cluster.preload import NIL_JOB_ID, POOL_MODULES_ENV, bound_to_a_job, preload
+from tidal.cluster.preload import (
+    NIL_JOB_ID,
+    POOL_MODULES_ENV,
+    RAY_TRAIN_MARKER_ENV,
+    RAY_TRAIN_WORKER_MODULES,
+    bound_to_a_job,
+    preload,
+)
 
 
 def recording_importer(fail: frozenset[str] = frozenset()):
@@ -53,3 +60,28 @@ def test_the_local_cluster_preloads_torch_everywhere_and_the_model_server_in_poo
 def test_a_bad_pool_module_name_is_refused_with_the_field_and_value():
     with pytest.raises(ValueError, match=r"pool_preload_python_modules\.0: 'serving app'"):
         LocalClusterSpec(pool_preload_python_modules=["serving app"])
+
+
+def test_a_worker_started_for_a_ray_train_run_imports_ray_trains_worker_module_only():
+    seen, imp = recording_importer()
+    env = {"RAY_JOB_ID": "02000000", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", POOL_MODULES_ENV: "tidal.serving.app"}
+    assert preload(env, imp) == list(RAY_TRAIN_WORKER_MODULES)
+    assert seen == list(RAY_TRAIN_WORKER_MODULES)
+    # Not bound to a job: a pool worker, whatever its environment says.
+    seen, imp = recording_importer()
+    env = {"RAY_JOB_ID": NIL_JOB_ID, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", POOL_MODULES_ENV: "json"}
+    assert preload(env, imp) == ["json"]
+
+
+def test_ray_trains_worker_module_and_marker_are_what_ray_uses():
+    """Ray 2.60 contract: the marker is a variable Ray Train propagates to its workers, and the module holds the
+    actor class its worker groups create (a Ray upgrade that moves either fails here, not silently)."""
+    import importlib
+
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
+
+    assert RAY_TRAIN_MARKER_ENV in ENV_VARS_TO_PROPAGATE
+    (module,) = RAY_TRAIN_WORKER_MODULES
+    assert WorkerGroup._worker_cls.__module__ == module
+    assert importlib.import_module(module).RayTrainWorker is WorkerGroup._worker_cls
