@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -262,6 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         os.nice(spec.cpu_niceness)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    for orphan in sweep_orphaned_staging():
+        logger.info("removed %s: a checkpoint staged by a worker that was stopped before it finished", orphan)
     use_cuda = torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -378,6 +381,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
 
 
+# A checkpoint is staged in the node's temp dir before Ray Train copies it to the run's storage. A worker killed
+# while it stages one (a forced stop, a lost node) never runs TemporaryDirectory's clean-up, so the folder names
+# its writer's pid: the next worker on the node removes those whose writer is gone.
+STAGING_PREFIX = "tidal-ckpt-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-[^-]+")
+
+
+def staging_prefix(pid: int | None = None) -> str:
+    return f"{STAGING_PREFIX}{os.getpid() if pid is None else pid}-"
+
+
+def sweep_orphaned_staging(
+    tmp_dir: str | Path | None = None, alive: Callable[[int], bool] | None = None, min_age_s: float = 600.0
+) -> list[Path]:
+    """Removes the checkpoint staging folders in ``tmp_dir`` (the node's temp dir) whose writer process is gone
+    and that nothing has touched for ``min_age_s`` (a temp dir shared by processes of another pid namespace
+    shows their live writers as gone); returns them. Never raises: what it cannot remove stays."""
+    if alive is None:
+        from tidal.cluster.processes import pid_alive as alive
+    removed = []
+    try:
+        candidates = list(Path(tmp_dir or tempfile.gettempdir()).glob(STAGING_PREFIX + "*"))
+    except OSError:
+        return removed
+    now = time.time()
+    for path in candidates:
+        m = _STAGING_NAME.fullmatch(path.name)
+        try:
+            if m is None or not path.is_dir() or now - path.stat().st_mtime < min_age_s or alive(int(m.group(1))):
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
 def _save_and_report(
     metrics: dict[str, Any],
     rank: int,
@@ -393,7 +434,7 @@ def _save_and_report(
     Ray Train merges the workers' files into one checkpoint directory under the run's storage path, whose
     name (under the run's directory) this returns."""
     dir_name = checkpoint_dir_name(step, attempt)
-    with tempfile.TemporaryDirectory(prefix="tidal-ckpt-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=staging_prefix()) as tmp:
         torch.save(capture_rng(), os.path.join(tmp, rng_file(rank)))
         if rank == 0:
             torch.save(
