@@ -81,6 +81,12 @@ spare_control_workers: {spare_control_workers}
 """
 
 
+def spares_up(workload: dict[str, Any] | None) -> bool:
+    """Whether a job's spare workers are all started and idle, as its heartbeat's progress reports them."""
+    p = (workload or {}).get("progress") or {}
+    return bool(p.get("spares_wanted")) and p["spares_idle"] >= p["spares_wanted"]
+
+
 def wait_for(pred: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -323,11 +329,7 @@ def run_cycles(
         )  # fmt: skip
         if args.spare_workers:
             # The restart should meet its spare workers up, not importing (training/spares.py).
-            wait_for(
-                lambda: (p := (job() or {}).get("progress") or {}).get("spares_wanted")
-                and p["spares_idle"] >= p["spares_wanted"],
-                args.timeout_s, "the job's spare workers idle",
-            )  # fmt: skip
+            wait_for(lambda: spares_up(job()), args.timeout_s, "the job's spare workers idle")
         base = steady_cpu_rate(cpu)
         since = time.time()
         cpu0 = cpu.total_s() if cpu else None
@@ -388,6 +390,7 @@ def run_trainer_cycles(
     ray.get(arbiter.reload_config.remote(POLICY))
     client = ArbiterClient()
     trace = Path(storage) / "trainer-trace.jsonl"
+    summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"  # the policy's ledger
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(cluster.env())
     sub_id = f"bench-resize-tt-{int(time.time())}"
@@ -425,11 +428,7 @@ def run_trainer_cycles(
             "the trainer's job training on 4 workers",
         )
         if args.spare_workers:  # as on the runner path: the resize should meet its spares up
-            wait_for(
-                lambda: (p := (job() or {}).get("progress") or {}).get("spares_wanted")
-                and p["spares_idle"] >= p["spares_wanted"],
-                args.timeout_s, "the trainer's spare workers idle",
-            )  # fmt: skip
+            wait_for(lambda: spares_up(job()), args.timeout_s, "the trainer's spare workers idle")
         base = steady_cpu_rate(cpu)
         since = time.time()
         cpu0 = cpu.total_s() if cpu else None
@@ -455,7 +454,6 @@ def run_trainer_cycles(
             "resumed_step": first["step"] - 1,
             "forced": False,
         }
-        summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if summary.get("resizes"):
             cycle["forced"] = bool(summary["resizes"][-1].get("forced"))
@@ -473,7 +471,6 @@ def run_trainer_cycles(
     out = summarize("trainer", cycles, args)
     out["summary"]["one_controller"] = len({c.get("controller_actor_id") for c in cycles}) == 1
     # Each worker group: its size and how many of its workers ran in spare processes started ahead.
-    summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"
     ledger = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     out["groups"] = [
         {k: g.get(k) for k in ("generation", "num_workers", "warm_workers", "started_s", "joined_s", "first_step_s")}
