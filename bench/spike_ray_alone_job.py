@@ -1,6 +1,6 @@
 """The Ray-alone baseline of ``bench/spike.py``: a training job as a plain Ray Train elastic job, no arbiter.
 
-Submitted like Tidal's runner, with the same job spec::
+Submitted like Tidal's jobs, with the same job spec::
 
     ray job submit --working-dir . -- python bench/spike_ray_alone_job.py JOB.yaml
 
@@ -10,8 +10,9 @@ preferred GPU type (``label_selector``) and lets Ray Train size it: no arbiter, 
 anyone but Ray Train itself. ``FailureConfig(max_failures=-1)`` lets Ray Train restart the worker group
 from the latest checkpoint as elastic jobs do.
 
-The loop's rank 0 reports its progress to a ``tidal.training.signal.JobSignal`` actor named like the runner's,
-so that the benchmark reads the steps of both systems the same way; nothing ever asks this job to yield.
+The loop's rank 0 posts its progress to a ``tidal.training.signal.ProgressBoard`` actor named after the job
+(Tidal's jobs report theirs to the arbiter), so that the benchmark reads the steps of both systems; nothing
+ever asks this job to yield (``should_yield()`` is False outside a ``TidalTrainer``).
 """
 
 from __future__ import annotations
@@ -48,22 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
     from tidal.cluster.model import GPU_TYPE_LABEL
     from tidal.training.loop import train_loop_per_worker
-    from tidal.training.runner import NAMESPACE, AutoTorchConfig, signal_actor_name
-    from tidal.training.signal import JobSignal
+    from tidal.training.signal import NAMESPACE, ProgressBoard, progress_board_name
+    from tidal.training.trainer import AutoTorchConfig
 
     ray.init(namespace=NAMESPACE)
-    progress_board = JobSignal.options(name=signal_actor_name(spec.name), namespace=NAMESPACE).remote(spec.name)
-    ray.get(progress_board.begin_attempt.remote(0))
+    board = ProgressBoard.options(name=progress_board_name(spec.name), namespace=NAMESPACE).remote(spec.name)
+    ray.get(board.snapshot.remote())
     gpu_type = spec.gpu_types[0]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json", by_alias=True),
-            "attempt": 0,
-            "gpu_type": gpu_type,
-            "restarts": 0,
-            "steps_lost": 0,
-            "signal_name": signal_actor_name(spec.name),
+            "progress_board": progress_board_name(spec.name),
             "namespace": NAMESPACE,
         },
         torch_config=AutoTorchConfig(),

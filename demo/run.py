@@ -9,7 +9,7 @@ systems and repetitions, measured) call:
 3. play the load (base, spike, base) with ``LiveLoad`` and sample the cluster every ``sample_interval_s``;
    then, if the caller asks, go on sampling with no load until a condition on the samples holds (``until``,
    e.g. every job stopped for the spike trains again), at most ``until_timeout_s``;
-4. stop the jobs (their runners write their summaries: steps lost), and compute the figures
+4. stop the jobs (their controllers write their ledgers: steps lost), and compute the figures
    (``tidal.demo.timeline.spike_figures``).
 
 The caller owns the runtime and stops it (``reset`` between systems, ``close`` at the end) in a
@@ -52,7 +52,7 @@ class RunResult:
             "timings_s": self.timings,
             "load_summary": {k: v for k, v in self.load_summary.items() if k != "requests"},
             "job_summaries": {
-                k: {kk: v.get(kk) for kk in ("finished", "final_step", "restarts", "steps_lost", "attempts")}
+                k: {kk: v.get(kk) for kk in ("finished", "final_step", "steps_lost", "forced_stops", "releases", "groups", "resizes")}
                 for k, v in self.job_summaries.items()
             },
             "events": [e.__dict__ for e in self.events],
@@ -212,7 +212,7 @@ def run_system(
         if stop.is_set():
             raise KeyboardInterrupt
 
-    # 4. stop the jobs (their runners write summary.json), then the figures
+    # 4. stop the jobs (their controllers write their ledgers), then the figures
     arbiter_events = []
     if system.arbiter:
         arbiter_events = [dict(e, t_s=e["t_s"] - load_wall) for e in rt.arbiter_events()]

@@ -9,11 +9,11 @@
 - the inference service, deployed through the serving package (``tidal.serving.rollout.deploy_config``,
   the path ``serve deploy`` takes) on the port the cluster reserved for Serve;
 - the training jobs, submitted with the real ``ray job submit`` CLI: ``python -m tidal.training.run JOB.yaml``
-  (Tidal's runner) or ``python bench/spike_ray_alone_job.py JOB.yaml`` (a plain Ray Train elastic job,
+  (a ``TidalTrainer`` sized by the arbiter) or ``python bench/spike_ray_alone_job.py JOB.yaml`` (a plain Ray Train elastic job,
   for the Ray-alone baseline).
 
-``observe`` samples what Ray reports (the actor table, Serve's replica states, the jobs' signal actors,
-and the arbiter when there is one) into a ``tidal.demo.timeline.Sample``.
+``observe`` samples what Ray reports (the actor table, Serve's replica states, the jobs' progress: from the
+arbiter for Tidal's jobs, from their progress boards for the Ray-alone ones) into a ``tidal.demo.timeline.Sample``.
 
 ``close`` stops everything it started, in reverse order, and is safe to call twice and after a partial
 start: the demo and the benchmark call it from ``finally`` (Ctrl-C and errors included).
@@ -49,14 +49,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SPEC_ENV_VAR = "TIDAL_JOB_SPEC_YAML_B64"
 RAY_ALONE_JOB_SCRIPT = "bench/spike_ray_alone_job.py"
 DRIVER_NAMESPACE = "tidal-demo"
-TRAIN_NAMESPACE = "tidal"  # tidal.training.runner.NAMESPACE: where each job's signal actor lives
+TRAIN_NAMESPACE = "tidal"  # tidal.training.signal.NAMESPACE: where a Ray-alone job's progress board lives
 
 
 @dataclass(frozen=True)
 class SystemConfig:
     """Which system a run measures.
 
-    - ``tidal``: the arbiter, Tidal's Serve autoscaling hook, Tidal's training runner.
+    - ``tidal``: the arbiter, Tidal's Serve autoscaling hook, Tidal's training jobs' controllers.
     - ``ray-alone``: no arbiter; Serve's default autoscaler (same min/max and targets); the jobs as plain
       Ray Train elastic jobs, ``ScalingConfig(num_workers=(min, max))``.
     - ``serve-only``: no training at all, Serve's default autoscaler: how fast Serve reaches capacity when
@@ -103,6 +103,8 @@ class _ObserverCache:
     # Steps seen and then gone: a job that restarted from a checkpoint older than its last step.
     regressed: dict[str, int] = field(default_factory=dict)
     reported_lost: dict[str, int] = field(default_factory=dict)
+    # Each Tidal job's progress as its controller last reported it to the arbiter.
+    arbiter_progress: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class DemoRuntime:
@@ -524,43 +526,30 @@ class DemoRuntime:
                 sample.service_demand = int(w.get("demand_units") or 0)
             elif w["name"] in self.jobs:
                 p = w.get("progress") or {}
+                self._cache.arbiter_progress[w["name"]] = dict(p)
                 if p.get("steps_lost") is not None:
                     self._cache.reported_lost[w["name"]] = int(p["steps_lost"])
 
     def _observe_jobs(self, sample: Sample) -> None:
-        """Each job's step, size and GPU type, from its signal actor (both runners create one)."""
-        import ray
-        from tidal.training.runner import signal_actor_name
-
-        refs = {}
-        for name in self.jobs:
-            handle = self._cache.signals.get(name)
-            if handle is None:
-                try:
-                    handle = ray.get_actor(signal_actor_name(name), namespace=TRAIN_NAMESPACE)
-                except ValueError:
-                    continue  # the job's driver has not created it yet
-                self._cache.signals[name] = handle
-            refs[name] = handle.snapshot.remote()
-        for name, ref in refs.items():
-            try:
-                snap = ray.get(ref, timeout=3)
-            except Exception:  # the job ended (its signal actor with it): keep the last figures
-                self._cache.signals.pop(name, None)
-                continue
-            p = snap.get("progress") or {}
-            acked = snap.get("acked") or {}
-            if p.get("step") is not None or acked.get("step") is not None:
-                # A yield's own step (its checkpoint) may come after the loop's last report of progress.
-                step = max(int(p.get("step") or 0), int(acked.get("step") or 0))
-                best = self._cache.steps.get(name, 0)
-                if step < best:
-                    # Restarted from an older checkpoint: the steps in between were computed twice.
-                    self._cache.regressed[name] = self._cache.regressed.get(name, 0) + best - step
-                    logger.info("job %s went back from step %d to %d", name, best, step)
-                self._cache.steps[name] = max(best, step)
-            running = p and not snap.get("acked")
-            sample.job_workers[name] = int(p.get("num_workers") or 0) if running else 0
+        """Each job's step, size and GPU type: a Tidal job's from the arbiter (its controller's heartbeat,
+        read by ``_observe_arbiter``), a Ray-alone job's from its progress board."""
+        for name, h in self.jobs.items():
+            if h.runner == "tidal":
+                p = self._cache.arbiter_progress.get(name)
+                if p is None:
+                    continue
+                # Training: a group runs and the controller has collected a report of it (it has stepped).
+                running = bool(p.get("training")) and int(p.get("workers") or 0) > 0
+                self._note_step(name, p.get("step"))
+                workers = int(p.get("workers") or 0)
+            else:
+                p = self._board_progress(name)
+                if p is None:
+                    continue
+                running = bool(p)
+                self._note_step(name, p.get("step"))
+                workers = int(p.get("num_workers") or 0)
+            sample.job_workers[name] = workers if running else 0
             sample.job_gpu_type[name] = p.get("gpu_type") if running else None
             if running and p.get("resumed_from") is not None:
                 sample.resumed_from[name] = int(p["resumed_from"])
@@ -568,6 +557,34 @@ class DemoRuntime:
         for name in self.jobs:
             lost = max(self._cache.regressed.get(name, 0), self._cache.reported_lost.get(name, 0))
             sample.steps_lost[name] = lost
+
+    def _note_step(self, name: str, step: Any) -> None:
+        if step is None:
+            return
+        best = self._cache.steps.get(name, 0)
+        if int(step) < best:
+            # Restarted from an older checkpoint: the steps in between were computed twice.
+            self._cache.regressed[name] = self._cache.regressed.get(name, 0) + best - int(step)
+            logger.info("job %s went back from step %d to %d", name, best, step)
+        self._cache.steps[name] = max(best, int(step))
+
+    def _board_progress(self, name: str) -> dict[str, Any] | None:
+        """What a Ray-alone job's rank 0 last posted (``tidal.training.signal.ProgressBoard``), or None."""
+        import ray
+        from tidal.training.signal import progress_board_name
+
+        handle = self._cache.signals.get(name)
+        if handle is None:
+            try:
+                handle = ray.get_actor(progress_board_name(name), namespace=TRAIN_NAMESPACE)
+            except ValueError:
+                return None  # the job's driver has not created it yet
+            self._cache.signals[name] = handle
+        try:
+            return dict(ray.get(handle.snapshot.remote(), timeout=3).get("progress") or {})
+        except Exception:  # the job ended (its board with it): keep the last figures
+            self._cache.signals.pop(name, None)
+            return None
 
     def arbiter_events(self, since_wall_s: float = float("-inf")) -> list[dict[str, Any]]:
         import ray
@@ -577,13 +594,18 @@ class DemoRuntime:
         return ray.get(self.arbiter.events.remote(since_wall_s), timeout=10)
 
     def job_summaries(self) -> dict[str, dict[str, Any]]:
-        """Each Tidal job's ``summary.json`` (written by the runner when it stops), where present."""
+        """Each Tidal job's summary: ``tidal/summary.json`` (written by ``python -m tidal.training.run`` as it
+        ends), else its trainer's ledger ``tidal_summary.json`` (written by its controller at every worker
+        group's start and as it ends: a job stopped with ``ray job stop`` may be killed before the first)."""
+        from tidal.training.trainer_policy import SUMMARY_FILE as LEDGER_FILE
+
         out = {}
         for name, h in self.jobs.items():
-            p = Path(h.storage_path) / name / "tidal" / "summary.json"
-            if p.is_file():
-                with contextlib.suppress(ValueError):
-                    out[name] = json.loads(p.read_text())
+            for p in (Path(h.storage_path) / name / "tidal" / "summary.json", Path(h.storage_path) / name / LEDGER_FILE):
+                if p.is_file():
+                    with contextlib.suppress(ValueError):
+                        out[name] = json.loads(p.read_text())
+                        break
         return out
 
     def job_statuses(self) -> dict[str, str]:
@@ -609,7 +631,7 @@ class DemoRuntime:
     # ------------------------------------------------------------------------------- stop
 
     def stop_jobs(self, timeout_s: float = 60.0) -> None:
-        """``ray job stop`` for each job (SIGTERM to its driver: the runner checkpoints and unregisters)."""
+        """``ray job stop`` for each job (SIGTERM to its driver: its controller unregisters and writes its ledger)."""
         if not self.jobs or self.cluster is None:
             return
         from ray.job_submission import JobSubmissionClient
@@ -680,6 +702,7 @@ class DemoRuntime:
         self._cache.steps.clear()
         self._cache.regressed.clear()
         self._cache.reported_lost.clear()
+        self._cache.arbiter_progress.clear()
         self.wait_no_workloads()
 
     def close(self) -> None:

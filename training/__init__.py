@@ -4,7 +4,9 @@ Pure (neither ray nor torch; unit-tested): ``spec`` (the job YAML, validated), `
 batch arithmetic that keep the optimisation the same at any size), ``elastic`` (the resize decisions),
 ``data`` (datasets shipped with installed packages).
 
-Ray and torch: ``runner`` (the driver: grant, attempts, yield, forced stop; the Ray glue), ``loop`` (what every
-Ray Train worker runs), ``run`` (``python -m tidal.training.run JOB.yaml``), ``cli`` (``tidal train``), ``models``.
-Ray without torch: ``signal`` (the per-job signal actor), ``spares`` (spare worker processes).
+Ray and torch: ``trainer`` (``TidalTrainer``, ``should_yield()``: public as ``tidal.train``), ``trainer_policy``
+(Tidal's sizing inside Ray Train's controller), ``loop`` (the built-in loop every worker of a Tidal job runs),
+``job`` (a job spec as a ``TidalTrainer``), ``run`` (``python -m tidal.training.run JOB.yaml``), ``cli``
+(``tidal train``), ``models``. Ray without torch: ``trainer_signal`` (the run's signal actor), ``signal`` (a
+progress board for runs without an arbiter), ``spares`` (spare worker processes).
 """

@@ -1,4 +1,4 @@
-"""``tidal train JOB.yaml``: validate a job spec here, then submit its runner as a Ray job.
+"""``tidal train JOB.yaml``: validate a job spec here, then submit it as a Ray job.
 
 It submits exactly what ``ray job submit --working-dir . -- python -m tidal.training.run JOB.yaml`` would, through
 Ray's ``JobSubmissionClient``, with the project as working directory. A spec with a bad field, a model
@@ -63,14 +63,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 def cluster_nodes(address: str | None) -> list[Any] | None:
     """The cluster's alive nodes, read over the dashboard's HTTP state API (no Ray connection).
 
-    Returns None when the cluster cannot be asked; the runner checks the GPU types again once it runs.
+    Returns None when the cluster cannot be asked; the job's driver checks the GPU types again once it runs.
     """
     try:
         from ray.util.state import list_nodes
 
         nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False)
-    except Exception as e:  # an unreachable dashboard: the runner refuses an unknown type instead
-        logger.warning("could not read the cluster's nodes (%s); the job's runner will check its GPU types", e)
+    except Exception as e:  # an unreachable dashboard: the job's driver refuses an unknown type instead
+        logger.warning("could not read the cluster's nodes (%s); the job's driver will check its GPU types", e)
         return None
     return [n for n in nodes if n.state == "ALIVE"]
 

@@ -1,6 +1,6 @@
 """A default model checkpoint for serving's tests, benchmarks and the demo (torch + scikit-learn, no Ray).
 
-The real checkpoints come from the training jobs (``tidal.training.runner``); this trains the same
+The real checkpoints come from the training jobs (``python -m tidal.training.run``); this trains the same
 ``DigitsMLP`` on scikit-learn's 8x8 digits for a few epochs on the CPU (about a second) and writes it with
 the checkpoint writer serving reads (``tidal.serving.manifest``), so serving can be exercised without
 running a training job first.

@@ -1,9 +1,10 @@
-"""Resize decisions of the elastic runner: a pure function of the grant, the runner's state and the time.
+"""Resize decisions of an elastic job: a pure function of the grant, the job's state and the time.
 
-No Ray, no torch, no clock: the runner (``tidal.training.runner``) observes the grant and the time, calls
-:func:`decide`, and carries out the decision. The same function runs in unit tests with made-up grants.
+No Ray, no torch, no clock: ``TidalTrainer``'s scaling policy (``tidal.training.trainer_policy``, in Ray Train's
+controller) observes the grant and the time, calls :func:`decide`, and carries out the decision. The same
+function runs in unit tests with made-up grants.
 
-The runner's life, one trainer *attempt* at a time::
+A job's life, one worker group (an *attempt*) at a time::
 
     WAITING --Start(type, n)--> RUNNING --Yield(reason)--> YIELDING --(trainer ended)--> WAITING ...
                                     \\                            \\--ForceStop (grace ran out)--> WAITING
@@ -16,7 +17,7 @@ Rules:
   a yield that is not done by the deadline (the job's yield grace, or the arbiter's ``release_by_s`` when
   that comes first) is followed by a forced stop.
 - Grow (grant above the current size): yield too, but only once the attempt has run for
-  ``resize_min_interval_s`` (resizes cost a restart, so they are batched); never forced, since a job that
+  ``resize_min_interval_s`` (a resize restarts the worker group, so they are batched); never forced, since a job that
   grows holds nothing beyond its grant.
 """
 
@@ -68,13 +69,13 @@ class ElasticConfig:
 
 @dataclass(frozen=True, slots=True)
 class ElasticState:
-    """What the runner is doing now.
+    """What the job is doing now.
 
     Attributes:
         phase: see :class:`Phase`.
         current: the running attempt's type and size (RUNNING/YIELDING), else None.
         attempt_started_s: when the running attempt started (for the grow interval).
-        yield_reason: why the runner asked the loop to yield (YIELDING).
+        yield_reason: why the policy asked the loop to yield (YIELDING).
         yield_requested_s: when it asked.
         yield_deadline_s: when a releasing yield is stopped by force; None for a grow.
     """
@@ -185,10 +186,10 @@ def decide(
     capacity_gpus: Mapping[str, float] | None = None,
     release_by_s: float | None = None,
 ) -> ElasticDecision:
-    """The runner's next move. See the module docstring for the rules.
+    """The job's next move. See the module docstring for the rules.
 
     Args:
-        state: the runner's state.
+        state: the job's state.
         grant: the arbiter's grant, workers per GPU type.
         now_s: the time, on the same clock as ``release_by_s``.
         cfg: the job's knobs.

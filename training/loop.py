@@ -1,4 +1,5 @@
-"""The training loop every Ray Train worker runs (torch + ``ray.train``), one trainer attempt at a time.
+"""Tidal's built-in training loop: the ``train_loop_per_worker`` that ``python -m tidal.training.run JOB.yaml``
+hands to a ``TidalTrainer`` (torch + ``ray.train``), written as any user's loop under Tidal is.
 
 The loop is written for elasticity:
 
@@ -6,12 +7,10 @@ The loop is written for elasticity:
   ``tidal.training.batching``; the model is built from the job's seed on every worker.
 - **Exact resume.** A checkpoint holds the model, optimiser, LR schedule, step (= data position, see
   ``tidal.training.batching``), loss history, and every worker's RNG states; ``ray.train.get_checkpoint()`` gives
-  the latest one when the runner starts a new attempt under the same run name.
-- **Yield at a step boundary.** Rank 0 asks the job's signal actor (``tidal.training.signal.JobSignal``) without
-  blocking (a held call answered when a yield is requested, read at the next step boundary); one all-reduce per step
-  shares its answer, the loss and the checkpoint-now flag, so every worker yields, checkpoints and
-  reports at the same step. A yield checkpoints, then rank 0 acknowledges to the signal actor with the
-  worker group's placement group, which the signal actor removes (the GPUs are free at once).
+  the latest one when the trainer starts a worker group at a new size.
+- **Yield at a step boundary.** Every rank asks ``tidal.train.should_yield()`` after each step (the same
+  answer on every rank); on True it checkpoints, reports and returns, and the run goes on at its new size.
+  A spec with ``fault_injection.ignore_yield`` never asks: the trainer stops it by force after its grace.
 - **Mixed precision** (bf16 autocast) on CUDA only; the device comes from ``torch.cuda.is_available()``.
 """
 
@@ -32,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.training import trainer as tidal_trainer
 from tidal.training.batching import WorkerStepPlan, epoch_of_step, lr_multiplier, plan_worker_step
 from tidal.training.data import Dataset
 from tidal.training.spares import process_started_s
@@ -56,36 +56,9 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
 
 
-def checkpoint_dir_name(step: int, attempt: int) -> str:
-    return f"checkpoint-step{step:08d}-a{attempt}"
-
-
-def checkpoint_step_of(path: str) -> int | None:
-    """The step in a checkpoint directory's name (``checkpoint_dir_name``), or None for other names."""
-    m = re.fullmatch(r"checkpoint-step(\d+)-a\d+", path.rstrip("/").rsplit("/", 1)[-1])
-    return int(m.group(1)) if m else None
-
-
-def resume_checkpoint(registered: ray.train.Checkpoint | None, hint: dict[str, Any] | None, ctx: Any) -> ray.train.Checkpoint | None:
-    """The checkpoint an attempt resumes from: the newer of Ray Train's latest registered one and the
-    runner's ``hint`` (``{"step", "dir"}``: the last checkpoint the loop told the runner was whole).
-
-    They differ after a forced stop: the loop reported a checkpoint, every rank persisted it, and the stop
-    came before Ray Train's controller polled the report and registered it. Ray Train would resume from the
-    one before and lose the steps in between; the files are in the run's storage, so the attempt takes them.
-    """
-    if not hint or not hint.get("dir"):
-        return registered
-    registered_step = checkpoint_step_of(registered.path) if registered is not None else None
-    if registered is not None and (registered_step is None or registered_step >= int(hint["step"])):
-        return registered
-    storage = ctx.get_storage()
-    path = f"{storage.experiment_fs_path.rstrip('/')}/{hint['dir']}"
-    info = storage.storage_filesystem.get_file_info(f"{path}/{STATE_FILE}")
-    if info.type == pyarrow.fs.FileType.NotFound:
-        logger.warning("the runner's checkpoint %s is not in storage; resuming from %s", path, registered and registered.path)
-        return registered
-    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
+def checkpoint_dir_name(step: int, group: int) -> str:
+    """``checkpoint-step00000120-g2``: step 120, saved by the run's worker group 2 (its third)."""
+    return f"checkpoint-step{step:08d}-g{group}"
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -100,7 +73,7 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def build_model(spec: JobSpec) -> nn.Module:
-    # The same seed on every worker and every attempt: DDP broadcasts rank 0's weights anyway, but a run
+    # The same seed on every worker and every worker group: DDP broadcasts rank 0's weights anyway, but a run
     # that starts fresh at any size must start from the same weights.
     torch.manual_seed(spec.seed)
     return import_entrypoint(spec.model.class_path)(**spec.model.kwargs)
@@ -153,46 +126,6 @@ def seed_rng(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
-
-
-class _Poller:
-    """Rank 0's non-blocking view of the signal actor: never waits for it.
-
-    Two calls at most in flight: a ``poll`` (progress in, "yield?" out, sent once a step) and a
-    ``wait_yield`` the actor answers the moment a yield is requested (renewed when it times out), so that a
-    yield is seen at the first step boundary after the request, not one step later.
-    """
-
-    WAIT_S = 5.0
-
-    def __init__(self, handle: Any, attempt: int) -> None:
-        self.handle = handle
-        self.attempt = attempt
-        self.ref: Any = None
-        self.wait_ref: Any = None
-        self.yield_requested = False
-
-    def yield_flag(self) -> bool:
-        if self.wait_ref is None and not self.yield_requested:
-            self.wait_ref = self.handle.wait_yield.remote(self.attempt, self.WAIT_S)
-        refs = [r for r in (self.ref, self.wait_ref) if r is not None]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for r in ready:
-            is_poll = r is self.ref
-            try:
-                answer = ray.get(r)
-                self.yield_requested |= bool(answer["yield"] if is_poll else answer)
-            except ray.exceptions.RayError as e:  # the runner is gone; keep training
-                logger.warning("poll of the job's signal actor failed: %s", e)
-            if is_poll:
-                self.ref = None
-            else:
-                self.wait_ref = None
-        return self.yield_requested
-
-    def send(self, progress: dict[str, Any]) -> None:
-        if self.ref is None:
-            self.ref = self.handle.poll.remote(self.attempt, progress)
 
 
 def train_step(
@@ -254,15 +187,22 @@ def reference_history(spec: JobSpec, num_steps: int | None = None) -> list[list[
 # ----------------------------------------------------------------------------------------- the loop
 
 
+_niced = False
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function. ``config`` comes from ``tidal.training.runner`` (see ``_loop_config``)."""
+    """Ray Train's per-worker function. ``config``: ``{"spec": <the JobSpec as JSON>}``, and optionally
+    ``"progress_board"`` (a ``tidal.training.signal.ProgressBoard`` actor's name, namespace ``tidal``) that
+    rank 0 tells its progress about once a second (for a run without an arbiter to report to)."""
+    global _niced
     spec = JobSpec.model_validate(config["spec"])
-    attempt: int = config["attempt"]
-    if spec.cpu_niceness:
-        # Ray Train reuses no worker process across attempts, so this raises each process's niceness once.
-        os.nice(spec.cpu_niceness)
+    if spec.cpu_niceness and not _niced:
+        os.nice(spec.cpu_niceness)  # once per process (a spare worker process may serve several groups)
+        _niced = True
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    link = tidal_trainer._link
+    generation = link.generation if link is not None else 0
     for orphan in sweep_orphaned_staging():
         logger.info("removed %s: a checkpoint staged by a worker that was stopped before it finished", orphan)
     use_cuda = torch.cuda.is_available()
@@ -280,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     step = 0
     history: list[list[float]] = []
-    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), config.get("resume"), ctx)
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
@@ -294,25 +234,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 restore_rng(torch.load(rng_path, weights_only=False))
             else:
                 seed_rng(spec.seed, step, rank)
-        logger.info("attempt %d rank %d/%d resumed at step %d", attempt, rank, world, step)
+        logger.info("group %d rank %d/%d resumed at step %d", generation, rank, world, step)
     else:
         seed_rng(spec.seed, 0, rank)
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
     comm_device = device if use_cuda else torch.device("cpu")
-    poller = None
-    if rank == 0:
-        poller = _Poller(ray.get_actor(config["signal_name"], namespace=config["namespace"]), attempt)
+    board = None
+    if rank == 0 and config.get("progress_board"):
+        board = ray.get_actor(config["progress_board"], namespace=config.get("namespace", "tidal"))
     B = spec.global_batch_size
     step_times: deque[float] = deque(maxlen=20)
     last_ckpt_mono = time.monotonic()
-    last_ckpt_step = step
+    posted_mono = float("-inf")
     base_metrics = {
         "num_workers": world,
-        "gpu_type": config["gpu_type"],
-        "attempt": attempt,
-        "restarts": config["restarts"],
-        "steps_lost": config["steps_lost"],
+        "gpu_type": ray.get_runtime_context().get_node_labels().get(GPU_TYPE_LABEL),
+        "group": generation,
         "total_steps": total_steps,
         "resumed_from": step,
         "process_started_s": process_started_s(),
@@ -331,13 +269,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if spec.fault_injection.step_delay_s:
             time.sleep(spec.fault_injection.step_delay_s)
 
-        # One all-reduce per step: [sum of losses, yield?, checkpoint now?] (flags from rank 0 only).
-        flags = torch.zeros(3, dtype=torch.float64, device=comm_device)
+        # One all-reduce per step for [sum of losses, checkpoint now?] (the flag from rank 0 only).
+        flags = torch.zeros(2, dtype=torch.float64, device=comm_device)
         flags[0] = loss_sum.to(comm_device)
-        if poller is not None:
-            asked = poller.yield_flag()
-            flags[1] = float(asked and not spec.fault_injection.ignore_yield)
-            flags[2] = float(time.monotonic() - last_ckpt_mono >= spec.checkpoint_period_s)
+        if rank == 0:
+            flags[1] = float(time.monotonic() - last_ckpt_mono >= spec.checkpoint_period_s)
         dist.all_reduce(flags)
         loss = flags[0].item() / B
         step += 1
@@ -345,9 +281,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_times.append(time.monotonic() - t0)
 
         done = step >= total_steps
-        yield_now = flags[1].item() > 0 and not done
+        # A collective too: every rank asks at the same step. A loop that never asks is stopped by force.
+        yield_now = not done and not spec.fault_injection.ignore_yield and tidal_trainer.should_yield()
         every = spec.checkpoint_every_steps
-        save_now = done or yield_now or flags[2].item() > 0 or bool(every and step % every == 0)
+        save_now = done or yield_now or flags[1].item() > 0 or bool(every and step % every == 0)
         metrics = {
             **base_metrics,
             "step": step,
@@ -360,24 +297,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done and rank == 0:
             metrics.update(evaluate(model, data, device))
         if save_now:
-            ckpt_dir = _save_and_report(metrics, rank, model, optimizer, scheduler, step, history, data, attempt)
-            # Every rank has persisted its files once this returns (each uploads before its next collective):
-            # only then may rank 0 tell the runner that the checkpoint is whole.
-            dist.all_reduce(torch.zeros(1, device=comm_device))
-            last_ckpt_mono, last_ckpt_step = time.monotonic(), step
+            _save_and_report(metrics, rank, model, optimizer, scheduler, step, history, data, generation)
+            last_ckpt_mono = time.monotonic()
         elif step % spec.report_every_steps == 0:
             ray.train.report(metrics)
-        if poller is not None:
-            poller.send({**metrics, "last_checkpoint_step": last_ckpt_step, "checkpoint_age_s": time.monotonic() - last_ckpt_mono})
-            if yield_now:
-                # The checkpoint is whole on every rank: the signal actor removes this worker group's
-                # placement group at once (the GPUs are free in ~0.1 s, not after Ray Train's next health
-                # check and graceful teardown), which ends this process too.
-                ray.get(poller.handle.ack_yield.remote(attempt, step, ckpt_dir, ray.util.get_current_placement_group()))
-            elif save_now:
-                poller.handle.checkpointed.remote(attempt, step, ckpt_dir)
+        if board is not None and (time.monotonic() - posted_mono >= 1.0 or save_now):
+            board.post.remote({**metrics, "reported_s": time.time()})
+            posted_mono = time.monotonic()
         if yield_now:
-            logger.info("attempt %d rank %d yielded at step %d", attempt, rank, step)
+            logger.info("group %d rank %d yielded at step %d", generation, rank, step)
             return
 
 
@@ -428,12 +356,12 @@ def _save_and_report(
     step: int,
     history: list[list[float]],
     data: Dataset,
-    attempt: int,
+    group: int,
 ) -> str:
     """Every worker writes its RNG state; rank 0 adds model, optimiser, schedule, step and history.
     Ray Train merges the workers' files into one checkpoint directory under the run's storage path, whose
     name (under the run's directory) this returns."""
-    dir_name = checkpoint_dir_name(step, attempt)
+    dir_name = checkpoint_dir_name(step, group)
     with tempfile.TemporaryDirectory(prefix=staging_prefix()) as tmp:
         torch.save(capture_rng(), os.path.join(tmp, rng_file(rank)))
         if rank == 0:
@@ -449,7 +377,7 @@ def _save_and_report(
             )
             meta = {
                 "step": step,
-                "attempt": attempt,
+                "group": group,
                 "world_size": metrics["num_workers"],
                 "input_shape": list(data.input_shape),
                 "labels": data.labels,

@@ -2,8 +2,13 @@
 
 Started by ``ray job submit --working-dir . -- python -m tidal.training.run JOB.yaml`` (or ``tidal train``).
 It refuses a bad spec before anything starts (exit code 2, every problem on stderr, field first), then
-connects to the cluster, checks the GPU types against the cluster's inventory, and hands over to
-``tidal.training.runner.ElasticRunner``.
+connects to the cluster, checks the GPU types against the cluster's inventory, and runs the job as one
+``TidalTrainer`` around the built-in loop (``tidal.training.loop``): Tidal's own jobs are one more user of
+``tidal.train``. At the end it exports the model (a finished job), writes ``<storage>/<name>/tidal/summary.json``
+and prints the same summary as one line of JSON.
+
+``ray job stop`` (SIGTERM to this driver) aborts the run as Ctrl-C on ``fit()`` does: the controller
+unregisters the job and writes its ledger before it ends.
 
 Exit codes: 0 the job finished (model exported), 1 it stopped unfinished or failed, 2 the spec was refused.
 """
@@ -17,6 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tidal.training.spec import JobSpec, SpecError, load_spec
 
@@ -84,50 +90,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     import ray
-    from tidal.training import runner as runner_mod
+    from tidal.training.trainer_policy import known_gpu_types
+    from tidal.training.trainer_signal import NAMESPACE
 
-    ray.init(address=args.address, namespace=runner_mod.NAMESPACE, log_to_driver=True)
+    ray.init(address=args.address, namespace=NAMESPACE, log_to_driver=True)
     try:
-        if args.standalone:
-            grants = runner_mod.CapacityGrantSource()
-            arbiter_types: set[str] = set()
-        else:
+        arbiter_types: set[str] = set()
+        if not args.standalone:
             from tidal.cluster.client import ArbiterClient
 
             grants = ArbiterClient()
-            # The arbiter's inventory; an unavailable arbiter is reported by register() below.
-            arbiter_types = set(grants.status().get("capacity") or {}) if grants.available() else set()
+            if not grants.available():
+                print(
+                    f"job {spec.name} failed: no arbiter on this cluster (start one with `tidal arbiter start`, or"
+                    " run with --standalone)",
+                    file=sys.stderr,
+                )
+                return EXIT_UNFINISHED
+            arbiter_types = set(grants.status().get("capacity") or {})
         # 2. The GPU types, against the inventory (the arbiter's, every node's, and --known-gpu-types).
-        known = sorted(arbiter_types | runner_mod.known_gpu_types() | set(extra_types))
+        known = sorted(arbiter_types | known_gpu_types() | set(extra_types))
         try:
             spec = validate(args.job, known, text)
         except SpecError as e:
             print(f"job spec refused:\n{e}", file=sys.stderr)
             return EXIT_SPEC
-        runner = runner_mod.ElasticRunner(spec, grants)
-        runner_mod.install_sigterm_handler(runner)
-        try:
-            summary = runner.run()
-        except runner_mod.RunnerError as e:
-            print(f"job {spec.name} failed: {e}", file=sys.stderr)
-            return EXIT_UNFINISHED
-        print(
-            json.dumps(
-                {
-                    "job": summary.name,
-                    "finished": summary.finished,
-                    "final_step": summary.final_step,
-                    "restarts": summary.restarts,
-                    "steps_lost": summary.steps_lost,
-                    "metrics": {k: v for k, v in summary.metrics.items() if k in ("loss", "test_loss", "test_accuracy")},
-                    "reached_expected": summary.reached_expected,
-                    "export_path": summary.export_path,
-                }
-            )
-        )
-        return EXIT_OK if summary.finished else EXIT_UNFINISHED
+        from tidal.training.job import run_job
+
+        _abort_on_sigterm()
+        summary = run_job(spec, standalone=args.standalone)
+        print(json.dumps({k: summary[k] for k in SUMMARY_KEYS}))
+        return EXIT_OK if summary["finished"] else EXIT_UNFINISHED
     finally:
         ray.shutdown()
+
+
+def _abort_on_sigterm() -> None:
+    """``ray job stop`` sends SIGTERM (SIGKILL a few seconds later): abort the run as Ray Train's own Ctrl-C
+    handler does (installed by ``fit()``), so that the controller unregisters the job and writes its ledger."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        logger.warning("signal %d: aborting the run", signum)
+        sigint = signal.getsignal(signal.SIGINT)
+        if callable(sigint) and sigint is not signal.default_int_handler:
+            sigint(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+SUMMARY_KEYS = ("job", "finished", "final_step", "restarts", "steps_lost", "metrics", "reached_expected", "export_path")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,21 @@
-"""Spare worker processes for a job's next attempt: a restart starts in processes that are already up.
+"""Spare worker processes for a job's next worker group: a resize starts in processes that are already up.
 
-Every resize of an elastic job restarts Ray Train's worker group, and each new worker is a new Python process
-that imports Ray, the node's preloaded modules (torch) and Ray Train before its actor runs: ~7 s of CPU each
-here, and 30-40 s of wall time when four start at once on a busy 2-core host (raylet start -> core worker
-up ~11 s -> actor created ~28 s later). The cluster's warm pool
-(``tidal.cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime env, while a
-Ray Train worker inherits its job's runtime env (working dir, env vars) and its controller's env vars, and
-the raylet gives an idle worker only to an actor of the same job whose runtime env hashes the same.
+Every resize of an elastic job restarts Ray Train's worker group (the controller stays), and each new worker is a
+new Python process that imports Ray, the node's preloaded modules (torch) and Ray Train before its actor runs:
+~7 s of CPU each here, and 30-40 s of wall time when four start at once on a busy 2-core host. The cluster's
+warm pool (``tidal.cluster.warm_pool``) cannot help: its workers are bound to no job and have an empty runtime
+env, while a Ray Train worker inherits its job's runtime env (working dir, env vars) and its controller's env
+vars, and the raylet gives an idle worker only to an actor of the same job whose runtime env hashes the same.
 
-So the runner keeps its own: it learns the runtime env its workers get (the controller's, which Ray Train's
-workers inherit unchanged: ``_RegisterController``) and asks the raylets of the nodes of the type it trains
-on to start idle workers bound to its job with that env (the raylet's ``PrestartWorkers``, as the warm pool
-does). They idle at ~0 CPU until the next attempt's workers take them; the top-up runs only while an
-attempt trains steadily, so that the imports never compete with a spike's replicas or a restart (and
-after a restart only once it has trained for the spec's ``spare_workers_delay_s``: a top-up right after the
-post-spike restarts starts eight at once in the demo, stalls the service's replicas for a second, and the
-service takes the GPUs back at its base load). Ray ends them with the job.
+So a ``TidalTrainer`` keeps its own: its scaling policy runs in the controller, so it knows the runtime env its
+workers get (the controller's, which Ray Train's workers inherit unchanged) and asks the raylets of the nodes
+of the type it trains on to start idle workers bound to its job with that env (the raylet's
+``PrestartWorkers``, as the warm pool does). They idle at ~0 CPU until the next group's workers take them; the
+top-up runs only while a group trains steadily, so that the imports never compete with a spike's replicas or
+a resize. Ray ends them with the job.
 
-Ray Train also starts, for every attempt, a new controller process on the driver's node and four helper
-actors (a placement-group cleaner on the head, a dataset manager next to the controller, a synchronization
-actor and a preemption watcher wherever the GCS puts a 0-CPU actor: the controller's node); all run in the
-runtime env the workers inherit, the controller's. In the minute after the demo's spike they take ~45 of 125
-CPU-seconds (four controllers when both jobs restart twice), so the runner can keep spares on the driver's
-node too (``control_count``, the spec's ``spare_control_workers``; five per attempt in Ray 2.x):
-the next attempt's controller and helpers start in processes that have imported Ray already. They cost
-start-up work of their own, up front: the demo does without them (its fill phase is CPU-bound here).
-
-``SpareWorkers.top_up`` is pure bookkeeping over a ``Raylets`` (fakes in unit tests); the runner calls it
-from a thread so that a slow raylet never delays a heartbeat.
+``SpareWorkers.top_up`` is pure bookkeeping over a ``Raylets`` (fakes in unit tests); the policy calls it from
+a thread so that a slow raylet never delays a decision.
 """
 
 from __future__ import annotations
@@ -46,8 +34,8 @@ logger = logging.getLogger(__name__)
 def process_started_s() -> float | None:
     """When this process started (wall-clock seconds), from Linux's /proc; None elsewhere.
 
-    The training loop's rank 0 reports it: a process older than its attempt was started ahead (a spare
-    worker), and the runner records the attempt as a warm start.
+    Every rank of a ``TidalTrainer`` says it when it joins a group: a process older than its group was
+    started ahead (a spare worker), and the policy counts the group's warm workers.
     """
     try:
         stat = Path("/proc/self/stat").read_text()
@@ -63,7 +51,7 @@ class SpareWorkers:
     """Keeps up to ``count`` idle workers of one job on the nodes of a GPU type. See the module docstring.
 
     Per node, at most as many as the node has room for workers of the job (its GPUs over
-    ``gpus_per_worker``): the most the next attempt's placement group can put there. The raylet starts at
+    ``gpus_per_worker``): the most the next group's placement group can put there. The raylet starts at
     most its startup concurrency per request (two processes on this machine's nodes, whatever was asked),
     so four spares take two rounds. A node topped up is left alone for ``node_cooldown_s`` (its new workers
     count as idle only once up), or until its idle count has grown since the request: a batch is up, and the
@@ -78,20 +66,15 @@ class SpareWorkers:
         job_id: bytes,
         count: int,
         gpus_per_worker: float,
-        control_count: int = 0,
         keep_alive_s: float = 3600.0,
         node_cooldown_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if count < 0 or gpus_per_worker <= 0 or control_count < 0:
-            raise ValueError(
-                f"spare workers: count={count} (>= 0), gpus_per_worker={gpus_per_worker} (> 0), "
-                f"control_count={control_count} (>= 0)"
-            )
+        if count < 0 or gpus_per_worker <= 0:
+            raise ValueError(f"spare workers: count={count} (>= 0), gpus_per_worker={gpus_per_worker} (> 0)")
         self.raylets = raylets
         self.job_id = job_id
         self.count = count
-        self.control_count = control_count
         self.gpus_per_worker = gpus_per_worker
         self.keep_alive_s = keep_alive_s
         self.node_cooldown_s = node_cooldown_s
@@ -103,13 +86,12 @@ class SpareWorkers:
         self._last_start: dict[str, float] = {}
         self._idle_at_start: dict[str, int] = {}  # per node: its idle count when spares were last asked for
 
-    def top_up(self, gpu_type: str, nodes: Iterable[PoolNode], control_node_id: str | None = None) -> dict[str, int]:
-        """Starts the missing spares on the nodes of ``gpu_type``, and ``control_count`` more on
-        ``control_node_id`` (the driver's node); returns the workers asked for, per node.
+    def top_up(self, gpu_type: str, nodes: Iterable[PoolNode]) -> dict[str, int]:
+        """Starts the missing spares on the nodes of ``gpu_type``; returns the workers asked for, per node.
 
         Every call also counts the job's idle workers there (``idle``, out of ``wanted``). Nothing until the
         runtime env of the job's workers is known (``runtime_env``). Errors are logged and the node skipped:
-        spares are an optimisation, never a reason for an attempt to fail.
+        spares are an optimisation, never a reason for a worker group to fail.
         """
         started: dict[str, int] = {}
         if self.runtime_env is None:
@@ -123,9 +105,6 @@ class SpareWorkers:
             want = min(remaining, int(n.num_gpus // self.gpus_per_worker))
             remaining -= want
             wants[n.node_id] = (n, want)
-        control = next((n for n in nodes if n.node_id == control_node_id), None) if self.control_count else None
-        if control is not None:
-            wants[control.node_id] = (control, wants.get(control.node_id, (control, 0))[1] + self.control_count)
         now = self.clock()
         idle_total = wanted_total = 0
         for n, want in wants.values():

@@ -128,7 +128,7 @@ class DataRef(BaseModel):
 
 
 class FaultInjection(BaseModel):
-    """Test-only misbehaviour, to prove the runner copes with it. Off by default; never set in production.
+    """Test-only misbehaviour, to prove the trainer copes with it. Off by default; never set in production.
 
     Attributes:
         ignore_yield: the loop never yields when asked (it must then be stopped by force).
@@ -174,50 +174,30 @@ class JobSpec(BaseModel):
     num_checkpoints_to_keep: int = Field(default=2, ge=1)
     yield_grace_s: float = Field(default=30.0, gt=0)
     resize_min_interval_s: float = Field(default=60.0, ge=0)
-    restart_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        le=600,
-        description="After giving GPUs back (a shrink), wait up to this long before restarting on the GPUs left, "
-        "so that the new holder starts first on a host whose CPUs both share, and so that a short spike costs "
-        "one restart, not two: the job restarts as soon as its grant is back to the size it shrank from, at "
-        "that size (not after a yield to grow, which gave nothing back). It holds the GPUs left meanwhile. "
-        "0: restart at once.",
-    )
     spare_workers: int = Field(
         default=0,
         ge=0,
         le=64,
-        description="Idle worker processes the runner keeps started, bound to this job, on the nodes of the GPU "
-        "type it trains on, so that the next attempt (a resize) starts in processes that have already imported "
-        "Ray and torch (training/spares.py). Each costs a process's memory (~0.4 GB with torch on CPU, no GPU "
-        "memory) while it waits; they are started only while the job trains steadily. Set it to max_workers "
-        "for restarts that start no worker process; 0: off.",
+        description="Idle worker processes kept started, bound to this job, on the nodes of the GPU type it trains "
+        "on, so that a resize's new worker group starts in processes that have already imported Ray, torch and "
+        "Ray Train (training/spares.py). Each costs a process's memory (~0.4 GB with torch on CPU, no GPU memory) "
+        "while it waits; they are started only while the job trains steadily. 0: off.",
     )
-    spare_workers_delay_s: float = Field(
-        default=0.0,
-        ge=0,
-        le=3600,
-        description="After a restart (every attempt but the first), train steadily this long before starting "
-        "spare workers: a restart follows a resize, while replicas and other jobs still start, and the spares' "
-        "imports (~5-7 CPU-seconds each) then compete with them on hosts they share. 0: as soon as it trains.",
-    )
-    spare_control_workers: int = Field(
-        default=0,
-        ge=0,
-        le=16,
-        description="Idle processes kept on the driver's node for Ray Train's controller and its helper actors, "
-        "which every attempt starts anew (5 in Ray 2.x: the controller and four helpers; training/spares.py): a restart then "
-        "starts them in processes that have imported Ray already (~0.2 GB each while they wait). Needs "
-        "spare_workers > 0; 0: off.",
+    max_failures: int = Field(
+        default=3,
+        ge=-1,
+        description="Worker-group failures (a lost node, a crashed worker) Ray Train retries from the last "
+        "checkpoint before the run ends (Ray Train's FailureConfig.max_failures); -1: without end. A resize is "
+        "not a failure.",
     )
     health_check_interval_s: float = Field(
-        default=0.25,
+        default=0.5,
         gt=0,
         le=60,
-        description="How often Ray Train's controller polls the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's "
-        "default is 2 s). A yielded loop is noticed, and its GPUs freed, at the next poll; every poll costs CPU "
-        "on the controller and the workers. An environment variable of that name wins.",
+        description="How often Ray Train's controller polls the workers and Tidal's scaling policy decides "
+        "(TidalConfig.controller_poll_s; Ray's default is 2 s): a grant change is acted on, and a yielded group's "
+        "GPUs freed, at the next poll; every poll costs CPU on the controller and the workers. An environment "
+        "variable RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins.",
     )
     cpu_niceness: int = Field(
         default=0,
@@ -312,15 +292,6 @@ class JobSpec(BaseModel):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(
                 f"steps, epochs: give exactly one of them (got steps={self.steps!r}, epochs={self.epochs!r})"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _control_spares_need_spares(self) -> JobSpec:
-        if self.spare_control_workers and not self.spare_workers:
-            raise ValueError(
-                f"spare_control_workers={self.spare_control_workers} needs spare_workers > 0 (got 0): the control "
-                "spares are kept by the same top-up"
             )
         return self
 

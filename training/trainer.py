@@ -34,6 +34,7 @@ it propagates to the controller, and on the workers the train context's ``report
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -44,10 +45,10 @@ from typing import Any
 
 import ray
 from ray.train import ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 from ray.train.v2._internal.util import ObjectRefWrapper
-from tidal.training.runner import AutoTorchConfig
 from tidal.training.spares import process_started_s
 from tidal.training.trainer_config import TidalConfig, TidalConfigError, job_name, worker_bounds
 from tidal.training.trainer_policy import TidalFailurePolicy, TidalJob, TidalScalingPolicy
@@ -218,6 +219,36 @@ def _cpu_where_no_cuda() -> None:
 
     with device_manager._torch_device_manager_lock:
         device_manager._torch_device_manager = CPUTorchDeviceManager()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class _AutoTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, with the process-group backend chosen on the workers themselves:
+    NCCL where rank 0 sees CUDA, gloo where it does not (logical GPUs, as on this machine).
+
+    The driver cannot tell (it may run on a node without GPUs), and asking a separate task would start a
+    process and import torch once more per resize.
+    """
+
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        cuda = bool(worker_group.execute_single(0, _cuda_available))
+        chosen = dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo")
+        logger.info("workers %s CUDA: torch.distributed backend %s", "see" if cuda else "do not see", chosen.backend)
+        super().on_start(worker_group, chosen)
+
+
+@dataclasses.dataclass
+class AutoTorchConfig(TorchConfig):
+    """``TorchConfig`` with ``backend`` left to the workers: NCCL on CUDA, gloo on CPU."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _AutoTorchBackend
 
 
 def gpus_per_worker(scaling_config: ScalingConfig) -> float:

@@ -46,6 +46,8 @@ class TidalConfig(BaseModel):
         spare_workers: idle worker processes kept started for the job on the nodes of the GPU type it
             trains on (``tidal.training.spares``), so that a resize's new workers start in processes that
             have imported Ray and torch already; each costs a process's memory while it waits. 0: off.
+        standalone: run without the arbiter: ``max_workers`` workers on the first of ``gpu_types``, never
+            resized (for trying a job on a cluster that runs nothing else).
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
@@ -61,6 +63,7 @@ class TidalConfig(BaseModel):
     controller_poll_s: float = Field(default=0.5, gt=0, le=60)
     register_timeout_s: float = Field(default=30.0, gt=0, le=600)
     spare_workers: int = Field(default=0, ge=0, le=64)
+    standalone: bool = False
 
     def __init__(self, **data: Any) -> None:
         try:

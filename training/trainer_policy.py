@@ -1,7 +1,7 @@
 """Tidal's sizing inside Ray Train v2's own controller: ``TidalScalingPolicy`` and ``TidalFailurePolicy``.
 
 One controller runs the job for its whole life; each grant change restarts only the worker group. What to
-do is decided by the pure ``tidal.training.elastic.decide`` (the same rules as the per-attempt runner's);
+do is decided by the pure ``tidal.training.elastic.decide`` ;
 this module observes (the arbiter's grant, the workers' reports, the ranks' parks) and answers Ray Train's
 controller with its own decisions:
 
@@ -88,6 +88,28 @@ IDLE_WAIT_S = 0.25
 HEARTBEAT_PERIOD_S = 1.0
 CAPACITY_CACHE_S = 1.0
 
+
+
+def gpu_capacity() -> dict[str, float]:
+    """GPUs per GPU type on the alive nodes (``ray.io/accelerator-type`` label), from the GCS."""
+    out: dict[str, float] = {}
+    for node in ray.nodes():
+        labels = node.get("Labels") or {}
+        gpu_type = labels.get(GPU_TYPE_LABEL)
+        if node.get("Alive") and gpu_type:
+            out[gpu_type] = out.get(gpu_type, 0.0) + float((node.get("Resources") or {}).get("GPU", 0.0))
+    return out
+
+
+def known_gpu_types() -> set[str]:
+    """Every GPU type a node of this cluster has had (alive or not: a type may be between nodes)."""
+    return {
+        (node.get("Labels") or {}).get(GPU_TYPE_LABEL)
+        for node in ray.nodes()
+        if (node.get("Labels") or {}).get(GPU_TYPE_LABEL)
+    }
+
+
 # The policies of the runs whose controller lives in this process, by run token: the failure policy (a
 # separate object, serialized apart from the scaling policy) finds its run's scaling policy here.
 _POLICIES: dict[str, TidalScalingPolicy] = {}
@@ -159,6 +181,8 @@ class TidalScalingPolicy(ScalingPolicy):
         self._last_step: int | None = None
         self._checkpoint_step: int | None = None
         self._checkpoint_s: float | None = None
+        self._resumed_from: int | None = None  # the checkpoint step the running group started from
+        self._group_reported = False  # the controller has collected a report of the running group (it trains)
         self._expect_release_failure = False
         self._wait_logged: str | None = None
         self._capacity: tuple[float, dict[str, float]] | None = None
@@ -195,6 +219,13 @@ class TidalScalingPolicy(ScalingPolicy):
             name=signal_name(self.job.token), namespace=NAMESPACE, get_if_exists=True
         ).remote(self.job.name)
         self._signal.set_controller.remote(self._controller)
+        if self.job.config.standalone:
+            self._standalone = True
+            logger.info(
+                "job %s: standalone: %d workers on %s, never resized",
+                self.job.name, self.job.max_workers, self.job.config.gpu_types[0],
+            )  # fmt: skip
+            return
         client = ArbiterClient(name=self.job.config.arbiter_name)
         try:
             view = client.register(
@@ -236,7 +267,8 @@ class TidalScalingPolicy(ScalingPolicy):
         """The old worker group is gone and a new one of ``num_workers`` is about to ask for its placement
         group: report the GPUs it gave back, start a new generation, and name the granted GPU type."""
         if self._standalone:
-            return None
+            # Without an arbiter: the user's own label selector, or the first GPU type when asked to be standalone.
+            return {GPU_TYPE_LABEL: self._cfg.gpu_types[0]} if self.job.config.standalone else None
         target = self._next if self._next is not None and self._next.num_workers == num_workers else None
         if target is None:  # (a start the policy did not choose, e.g. a retry Ray Train made itself)
             target = Target(self._current.gpu_type if self._current else self._cfg.gpu_types[0], num_workers)
@@ -246,6 +278,8 @@ class TidalScalingPolicy(ScalingPolicy):
         self._current, self._next = target, None
         self._state = ElasticState().started(target, now)
         self._reports_seen = {}
+        self._resumed_from = self._checkpoint_step
+        self._group_reported = False
         self._heartbeat(blocking=True)
         self._ledger.groups.append(
             {
@@ -425,6 +459,7 @@ class TidalScalingPolicy(ScalingPolicy):
             if report is None:
                 continue
             self._reports_seen[rank] = self._reports_seen.get(rank, 0) + 1
+            self._group_reported = True
             if rank != 0:
                 continue
             step = _step_of(report.metrics)
@@ -461,6 +496,10 @@ class TidalScalingPolicy(ScalingPolicy):
             "resizes": len(self._ledger.resizes),
             "steps_lost": self._ledger.steps_lost,
             "phase": str(self._state.phase),
+            "resumed_from": self._resumed_from,
+            "checkpoint_step": self._checkpoint_step,
+            "training": current is not None and self._group_reported,
+            "forced_stops": self._ledger.forced_stops,
             # Spare worker processes for the next group (training/spares.py): idle now, out of wanted.
             "spares_idle": self._spares.idle if self._spares is not None else 0,
             "spares_wanted": self._spares.wanted if self._spares is not None else 0,
@@ -588,8 +627,6 @@ class TidalScalingPolicy(ScalingPolicy):
         """GPUs per type on alive nodes, re-read at most once a second (a grant can outlive a node)."""
         now = time.monotonic()
         if self._capacity is None or now - self._capacity[0] > CAPACITY_CACHE_S:
-            from tidal.training.runner import gpu_capacity
-
             self._capacity = (now, gpu_capacity())
         return self._capacity[1]
 

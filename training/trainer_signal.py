@@ -1,9 +1,8 @@
 """The rendezvous between a ``TidalTrainer``'s scaling policy (in Ray Train's controller) and its workers.
 
-One small actor per run (``TrainerSignal``), owned by the controller, so it ends with it. Like
-``tidal.training.signal.JobSignal`` (the per-attempt runner's) it imports neither torch nor Ray Train, so its
-process stays small; unlike it, it outlives worker groups (one controller for the job's life), counts each
-worker group as a *generation*, and takes a park from every rank, not an ack from rank 0.
+One small actor per run (``TrainerSignal``), owned by the controller, so it ends with it. It imports neither
+torch nor Ray Train, so its process stays small; it outlives worker groups (one controller for the job's
+life), counts each worker group as a *generation*, and takes a park from every rank.
 
 - The policy calls ``begin_group`` as it starts a worker group, ``request_yield`` on a grant change, and
   reads ``snapshot`` on each of its decisions.

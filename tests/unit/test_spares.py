@@ -157,26 +157,3 @@ def test_process_started_s_is_when_the_process_started():
     after = time.time()
     started = float(out.stdout)
     assert before - 1.0 <= started <= after - 1.5 + 1.0
-
-
-def test_the_drivers_node_keeps_spares_for_ray_trains_controller_and_helpers():
-    head = PoolNode("head", "10.0.0.9:1", 0, None)
-    raylets = FakeRaylets({"10.0.0.9:1": 1})
-    s = SpareWorkers(raylets, job_id=JOB, count=2, gpus_per_worker=1, control_count=5)
-    s.runtime_env = ENV
-    assert s.top_up("A100", [*NODES, head], control_node_id="head") == {"a100": 2, "head": 4}
-    assert (s.idle, s.wanted) == (1, 7)
-    assert ("10.0.0.9:1", 4, JOB, ENV) in raylets.prestarts
-    # No driver's node known, or none asked for: the GPU nodes only.
-    raylets = FakeRaylets({})
-    s = SpareWorkers(raylets, job_id=JOB, count=2, gpus_per_worker=1, control_count=5)
-    s.runtime_env = ENV
-    assert s.top_up("A100", [*NODES, head]) == {"a100": 2}
-
-
-def test_a_driver_on_a_gpu_node_adds_the_control_spares_to_that_nodes_own():
-    raylets = FakeRaylets({})
-    s = SpareWorkers(raylets, job_id=JOB, count=2, gpus_per_worker=1, control_count=5)
-    s.runtime_env = ENV
-    assert s.top_up("A100", NODES, control_node_id="a100") == {"a100": 7}
-    assert s.wanted == 7

@@ -155,9 +155,3 @@ def test_epochs_become_steps_rounded_up():
 def test_the_spec_round_trips_through_the_json_the_workers_get():
     spec = parse_spec(make_spec())
     assert JobSpec.model_validate(spec.model_dump(mode="json", by_alias=True)) == spec
-
-
-def test_control_spares_without_spare_workers_are_refused_naming_both():
-    with pytest.raises(SpecError, match=r"spare_control_workers=5 needs spare_workers > 0"):
-        parse_spec(make_spec(spare_control_workers=5))
-    assert parse_spec(make_spec(spare_workers=2, spare_control_workers=5)).spare_control_workers == 5
