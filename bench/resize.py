@@ -1,28 +1,34 @@
-"""Measures what a shrink costs an elastic training job, on a real local Ray cluster, on two paths side by
-side in one run: ``runner`` (``tidal.training.run``: a new Ray Train controller per attempt) and ``trainer``
-(``tidal.train.TidalTrainer`` running a user's Ray Train script, ``tests/training_ray/user_trainer_project``:
-one controller for the job's life).
+"""Measures what a shrink costs an elastic training job under the arbiter, on a real local Ray cluster.
 
-On the runner path, a digits job (submitted with ``ray job submit``) trains on 4 H100 workers under the real
-arbiter. Each cycle, a high-priority competitor service asks for 2 H100s; the arbiter shrinks the job, the job
-yields at a step boundary, checkpoints and restarts on 2; the competitor then *places* a placement group of
-2 H100 GPUs (the proof that the GPUs are free). The competitor leaves and the job grows back to 4.
+Two paths run side by side on one cluster, both one ``tidal.training.trainer.TidalTrainer`` (one Ray Train
+controller for the job's life):
 
-Per shrink it records:
+- ``job``: Tidal's built-in digits job, ``ray job submit ... -- python -m tidal.training.run JOB.yaml`` (the
+  built-in loop ``tidal.training.loop``);
+- ``trainer``: a user's Ray Train script under ``TidalTrainer`` (``tests/training_ray/user_trainer_project``).
+
+On each path the job trains on 4 H100 workers under the real arbiter. Each cycle, a high-priority competitor
+service asks for 2 H100s; the arbiter shrinks the job, the job yields at a step boundary, checkpoints, and the
+trainer starts a new worker group of 2; the competitor then *places* a placement group of 2 H100 GPUs (the
+proof that the GPUs are free). The competitor leaves and the job grows back to 4. With ``--spare-workers``,
+each cycle first waits for the job's spare workers to be up (``spares_up``: its heartbeat's progress).
+
+Both paths are measured the same way (``measure_shrinks``): the arbiter's events and the job's heartbeat
+progress while the cycle runs, and the trainer's ledger (``tidal_summary.json``, its scaling policy's groups
+and resizes, in ``<storage>/<run name>/``) for the steps' times. Per shrink it records:
 
 - ``decision_to_release_s``: from the arbiter's shrink decision (its ``shrink`` event) to the job's
   heartbeat saying it let the GPUs go (the arbiter's ``released`` event, its reclaim time).
 - ``decision_to_grant_s``: from the shrink decision to the competitor's grant (release before grant).
 - ``decision_to_usable_s``: from the shrink decision to the competitor's placement group being ready on
   the freed GPUs (what a service waiting for them sees): "the GPUs are free".
-- ``overhead_s``: seconds with no training: from the job's last step before the yield (its acknowledgement)
-  to the first step of the restarted attempt; ``restart_s`` is the part spent starting the new attempt.
-- ``steps_lost``: steps computed and thrown away (0 for a cooperative yield).
+- ``overhead_s``: seconds with no training: from rank 0's last step before the yield to its first step in
+  the new worker group (the ledger); ``restart_s`` is the part from the new group's start to that step.
+- ``last_step``, ``resumed_step``, ``steps_lost``: the last step before the yield, the checkpoint step the new
+  group resumed from, and the steps computed and thrown away (0 for a cooperative yield).
 - ``cpu_s``: CPU-seconds of every process of the cluster (``ClusterCpu``: psutil, by an environment mark
-  they all inherit) from the shrink's start to the first step at the new size; ``steady_cpu_per_s`` is the
-  cluster's rate while the job trains steadily, measured just before.
-
-On the trainer path the same cycle runs; the steps' times come from rank 0's trace of the script.
+  they all inherit) from the shrink's start until the job's progress says it trains at the new size;
+  ``steady_cpu_per_s`` is the cluster's rate while the job trains steadily, measured just before.
 
 Usage::
 
@@ -59,7 +65,9 @@ COMPETITOR = "bench-resize-competitor"
 POLICY = {"policy": "tidal", "guards": {"service_downscale_delay_s": 0, "job_resize_min_interval_s": 0}}
 
 
-def job_yaml(storage: str, grace_s: float, spare_workers: int = 0, spare_control_workers: int = 0) -> str:
+def job_yaml(storage: str, grace_s: float, spare_workers: int = 0) -> str:
+    # report_every_steps: 5, as the user's script reports: the job's progress says it trains a few steps
+    # after its first one, on both paths alike.
     return f"""
 name: {JOB_NAME}
 model: {{class: "tidal.training.models:DigitsMLP", kwargs: {{hidden: 64}}}}
@@ -73,11 +81,10 @@ lr: 0.003
 checkpoint_every_steps: 200
 yield_grace_s: {grace_s}
 resize_min_interval_s: 5
-report_every_steps: 50
+report_every_steps: 5
 storage_path: {storage}
 fault_injection: {{step_delay_s: 0.05}}
 spare_workers: {spare_workers}
-spare_control_workers: {spare_control_workers}
 """
 
 
@@ -101,7 +108,7 @@ def wait_for(pred: Any, timeout_s: float, what: str, interval_s: float = 0.1) ->
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=5)
-    p.add_argument("--grace-s", type=float, default=60.0)
+    p.add_argument("--grace-s", type=float, default=60.0, help="the job path's yield_grace_s")
     p.add_argument("--output", default=str(PROJECT / "bench" / "results" / "resize.json"))
     p.add_argument("--timeout-s", type=float, default=600.0, help="per wait")
     p.add_argument(
@@ -111,16 +118,10 @@ def main() -> int:
         help="the job's spare_workers (training/spares.py): restarts start in processes already up",
     )
     p.add_argument(
-        "--spare-control-workers",
-        type=int,
-        default=0,
-        help="the job's spare_control_workers: spares on the driver's node for Ray Train's controller and helpers",
-    )
-    p.add_argument(
         "--paths",
-        default="runner,trainer",
-        help="which paths to measure, in this order, on one cluster: runner (the per-attempt runner, "
-        "tidal.training.run), trainer (tidal.train.TidalTrainer, one controller)",
+        default="job,trainer",
+        help="which paths to measure, in this order, on one cluster: job (Tidal's built-in digits job, "
+        "python -m tidal.training.run), trainer (a user's Ray Train script under tidal.train.TidalTrainer)",
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -141,7 +142,7 @@ def main() -> int:
         cluster.activate()
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
         for path in [x.strip() for x in args.paths.split(",") if x.strip()]:
-            run = {"runner": run_cycles, "trainer": run_trainer_cycles}[path]
+            run = {"job": run_job_cycles, "trainer": run_trainer_cycles}[path]
             paths[path] = run(cluster, storage, args, cpu)
     finally:
         cpu.close()
@@ -152,8 +153,8 @@ def main() -> int:
     results = {
         "benchmark": "resize",
         "what": "a job on 4 H100 workers shrunk to 2 by a competitor service, then grown back; median over "
-        "cycles; runner: tidal.training.run (a new Ray Train controller per attempt); trainer: "
-        "tidal.train.TidalTrainer running a user's Ray Train script (one controller)",
+        "cycles; both paths one TidalTrainer (one Ray Train controller); job: Tidal's built-in digits job "
+        "(python -m tidal.training.run); trainer: a user's Ray Train script",
         "command": " ".join(["python", "bench/resize.py", *sys.argv[1:]]),
         "machine": {
             "cpus": os.cpu_count(),
@@ -167,7 +168,6 @@ def main() -> int:
         ).stdout.strip(),  # fmt: skip
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "spare_workers": args.spare_workers,
-        "spare_control_workers": args.spare_control_workers,
         "summary": {k: v["summary"] for k, v in paths.items()},
         "paths": paths,
     }
@@ -284,94 +284,16 @@ class Competitor:
         self.client.unregister(COMPETITOR)
 
 
-def run_cycles(
+def run_job_cycles(
     cluster: Any, storage: str, args: argparse.Namespace, cpu: ClusterCpu | None = None
 ) -> dict[str, Any]:
-    """The per-attempt runner (``tidal.training.run``, the path before issue 23)."""
-    import ray
-    from tidal.cluster.actor import get_or_create_arbiter
-    from tidal.cluster.client import ArbiterClient
-    from tidal.training.runner import NAMESPACE, signal_actor_name
-
-    arbiter = get_or_create_arbiter(config=POLICY)
-    ray.get(arbiter.reload_config.remote(POLICY))
-    client = ArbiterClient()
+    """Tidal's built-in digits job (``python -m tidal.training.run JOB.yaml``: a ``TidalTrainer`` around the
+    built-in loop), submitted with ``ray job submit`` from the project's folder."""
     spec_path = Path(storage) / "job.yaml"
-    spec_path.write_text(job_yaml(storage, args.grace_s, args.spare_workers, args.spare_control_workers))
+    spec_path.write_text(job_yaml(storage, args.grace_s, args.spare_workers))
     env = {**os.environ, **cluster.env()}
-    sub_id = f"bench-resize-{int(time.time())}"
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sub_id,
-         "--working-dir", str(PROJECT), "--", "python", "-m", "tidal.training.run", str(spec_path)],
-        env=env, check=True, capture_output=True,
-    )  # fmt: skip
-
-    def job() -> dict[str, Any] | None:
-        for w in ray.get(arbiter.status.remote())["workloads"]:
-            if w["name"] == JOB_NAME:
-                return w
-        return None
-
-    def signal_snapshot() -> dict[str, Any]:
-        try:
-            handle = ray.get_actor(signal_actor_name(JOB_NAME), namespace=NAMESPACE)
-        except ValueError:  # the job's runner has not started yet
-            return {"progress": {}, "history": []}
-        return ray.get(handle.snapshot.remote())
-
-    cycles = []
-    for i in range(args.cycles):
-        # 1. The job trains at 4 for a while.
-        wait_for(
-            lambda: (s := signal_snapshot())["progress"].get("num_workers") == 4 and s.get("first_report_s")
-            and (j := job()) and j["held"].get("H100") == 4,
-            args.timeout_s, "the job training on 4 workers",
-        )  # fmt: skip
-        if args.spare_workers:
-            # The restart should meet its spare workers up, not importing (training/spares.py).
-            wait_for(lambda: spares_up(job()), args.timeout_s, "the job's spare workers idle")
-        base = steady_cpu_rate(cpu)
-        since = time.time()
-        cpu0 = cpu.total_s() if cpu else None
-        # 2. A competitor asks for 2 H100s, and takes them for real once granted.
-        competitor = Competitor(client)
-        granted_s, usable_s = competitor.take(args.timeout_s)
-        events = ray.get(arbiter.events.remote(since))
-        shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == JOB_NAME)
-        released = next((e for e in events if e["kind"] == "released" and e["workload"] == JOB_NAME), None)
-        forced = any(e["kind"] == "forced" and e["workload"] == JOB_NAME for e in events)
-        # 3. The job trains at 2: its first step there ends the no-training gap.
-        snap = wait_for(
-            lambda: (s := signal_snapshot())["progress"].get("num_workers") == 2 and s.get("first_report_s") and s,
-            args.timeout_s, "the job training on 2 workers",
-        )  # fmt: skip
-        hist = {h["attempt"]: h for h in snap["history"]}
-        new, old = hist[snap["attempt"]], hist.get(snap["attempt"] - 1, {})
-        cycle = {
-            "cycle": i,
-            "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
-            "decision_to_grant_s": granted_s - shrink["t_s"],
-            "decision_to_usable_s": usable_s - shrink["t_s"],
-            "overhead_s": new["first_report_s"] - old["acked_s"] if "acked_s" in old else None,
-            "restart_s": new["first_report_s"] - new["begun_s"],
-            "acked_step": old.get("acked_step"),
-            "resumed_step": new["first_step"] - 1,
-            "forced": forced,
-        }
-        cycle.update(cpu_of(cpu, cpu0, since, new["first_report_s"], base))
-        cycle["steps_lost"] = (
-            max(0, cycle["acked_step"] - cycle["resumed_step"]) if cycle["acked_step"] is not None else None
-        )
-        logger.info("runner cycle %d: %s", i, cycle)
-        cycles.append(cycle)
-        # 4. The competitor leaves; the job grows back.
-        competitor.leave()
-
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True
-    )
-    wait_for(lambda: job() is None, args.timeout_s, "the runner's job to end")
-    return summarize("runner", cycles, args)
+    entrypoint = ["python", "-m", "tidal.training.run", str(spec_path)]
+    return measure_shrinks("job", JOB_NAME, PROJECT, entrypoint, env, storage, args, cpu)
 
 
 TRAINER_PROJECT = PROJECT / "tests" / "training_ray" / "user_trainer_project"
@@ -381,103 +303,142 @@ TRAINER_JOB = "bench-resize-tt"
 def run_trainer_cycles(
     cluster: Any, storage: str, args: argparse.Namespace, cpu: ClusterCpu | None = None
 ) -> dict[str, Any]:
-    """``tidal.train.TidalTrainer`` (issue 23): a user's Ray Train script (the test's), one controller."""
+    """A user's Ray Train script (the test's) under ``tidal.train.TidalTrainer``, submitted from its folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(cluster.env())
+    entrypoint = [
+        "python", "my_train.py", "--name", TRAINER_JOB, "--storage", storage, "--steps", "1000000",
+        "--step-delay-s", "0.05", "--spare-workers", str(args.spare_workers),
+    ]  # fmt: skip
+    return measure_shrinks("trainer", TRAINER_JOB, TRAINER_PROJECT, entrypoint, env, storage, args, cpu)
+
+
+def measure_shrinks(
+    path: str,
+    name: str,
+    working_dir: Path,
+    entrypoint: list[str],
+    env: dict[str, str],
+    storage: str,
+    args: argparse.Namespace,
+    cpu: ClusterCpu | None,
+) -> dict[str, Any]:
+    """Submits a ``TidalTrainer`` job registering as ``name`` (``ray job submit``), shrinks it ``args.cycles``
+    times with a ``Competitor``, stops it; returns ``path``'s figures (``summarize``), its ledger's groups and
+    resizes, and whether one controller ran every cycle.
+
+    While a cycle runs it reads the arbiter (the shrink, the release, the job's held GPUs and heartbeat
+    progress); the steps' times come from the trainer's ledger (``tidal_summary.json``) once the job has
+    ended: the policy writes it as each worker group starts, and it notes a group's first step after that.
+    """
     import ray
     from tidal.cluster.actor import get_or_create_arbiter
     from tidal.cluster.client import ArbiterClient
+    from tidal.training.trainer_policy import SUMMARY_FILE
 
     arbiter = get_or_create_arbiter(config=POLICY)
     ray.get(arbiter.reload_config.remote(POLICY))
     client = ArbiterClient()
-    trace = Path(storage) / "trainer-trace.jsonl"
-    summary_path = Path(storage) / TRAINER_JOB / "tidal_summary.json"  # the policy's ledger
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(cluster.env())
-    sub_id = f"bench-resize-tt-{int(time.time())}"
+    ledger_path = Path(storage) / name / SUMMARY_FILE  # the policy's ledger (RunConfig(name, storage_path))
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    sub_id = f"{name}-{int(time.time())}"
     subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--no-wait", "--submission-id", sub_id,
-         "--working-dir", str(TRAINER_PROJECT), "--", "python", "my_train.py", "--name", TRAINER_JOB,
-         "--storage", storage, "--steps", "1000000", "--step-delay-s", "0.05", "--trace", str(trace),
-         "--spare-workers", str(args.spare_workers)],
+        [ray_cli, "job", "submit", "--no-wait", "--submission-id", sub_id, "--working-dir", str(working_dir),
+         "--", *entrypoint],
         env=env, check=True, capture_output=True,
     )  # fmt: skip
 
     def job() -> dict[str, Any] | None:
         for w in ray.get(arbiter.status.remote())["workloads"]:
-            if w["name"] == TRAINER_JOB:
+            if w["name"] == name:
                 return w
         return None
 
-    def rows() -> list[dict[str, Any]]:
-        try:
-            return [json.loads(line) for line in trace.read_text().splitlines() if line.endswith("}")]
-        except FileNotFoundError:
-            return []
-
-    def training_at(n: int, after_s: float = 0.0) -> dict[str, Any] | None:
-        j = job()
-        if not j or j["held"].get("H100") != n or (j["progress"] or {}).get("workers") != n:
-            return None
-        return next((r for r in rows() if r["t"] > after_s and r["world_size"] == n), None)
+    def training_at(n: int) -> dict[str, Any] | None:
+        """The job's heartbeat progress once it holds ``n`` H100s and a worker group of ``n`` has reported."""
+        j = job() or {"held": {}}
+        progress = j.get("progress") or {}
+        training = j["held"].get("H100") == n and progress.get("workers") == n and progress.get("training")
+        return progress if training else None
 
     cycles = []
     for i in range(args.cycles):
-        wait_for(
-            lambda: training_at(4, time.time() - 1.0),
-            args.timeout_s,
-            "the trainer's job training on 4 workers",
-        )
-        if args.spare_workers:  # as on the runner path: the resize should meet its spares up
-            wait_for(lambda: spares_up(job()), args.timeout_s, "the trainer's spare workers idle")
+        # 1. The job trains at 4 (cycle 0: its first group; then: grown back after the last cycle's shrink).
+        before = wait_for(lambda: training_at(4), args.timeout_s, f"the {path} job training on 4 workers")
+        if args.spare_workers:  # the resize should meet its spare workers up (training/spares.py)
+            wait_for(lambda: spares_up(job()), args.timeout_s, f"the {path} job's spare workers idle")
         base = steady_cpu_rate(cpu)
         since = time.time()
         cpu0 = cpu.total_s() if cpu else None
+        # 2. A competitor asks for 2 H100s, and takes them for real once granted.
         competitor = Competitor(client)
         granted_s, usable_s = competitor.take(args.timeout_s)
         events = ray.get(arbiter.events.remote(since))
-        shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == TRAINER_JOB)
-        released = next((e for e in events if e["kind"] == "released" and e["workload"] == TRAINER_JOB), None)
-        first = wait_for(
-            lambda since=since: training_at(2, since),
-            args.timeout_s,
-            "the trainer's job training on 2 workers",
-        )
-        before = [r for r in rows() if r["t"] <= first["t"] and r["world_size"] == 4]
-        last = before[-1]
+        shrink = next(e for e in events if e["kind"] == "shrink" and e["workload"] == name)
+        released = next((e for e in events if e["kind"] == "released" and e["workload"] == name), None)
+        # 3. The job trains at 2.
+        after = wait_for(lambda: training_at(2), args.timeout_s, f"the {path} job training on 2 workers")
         cycle = {
             "cycle": i,
+            "since_s": since,
             "decision_to_release_s": released["detail"]["reclaim_s"] if released else None,
             "decision_to_grant_s": granted_s - shrink["t_s"],
             "decision_to_usable_s": usable_s - shrink["t_s"],
-            "overhead_s": first["t"] - last["t"],
-            "last_step": last["step"],
-            "resumed_step": first["step"] - 1,
-            "forced": False,
+            "resumed_from_before": before.get("resumed_from"),
+            "resumed_step": after.get("resumed_from"),
+            "controller_actor_id": after.get("controller_actor_id"),
         }
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if summary.get("resizes"):
-            cycle["forced"] = bool(summary["resizes"][-1].get("forced"))
-            cycle["controller_actor_id"] = summary["controller"]["actor_id"]
-        cycle.update(cpu_of(cpu, cpu0, since, first["t"], base))
-        cycle["steps_lost"] = max(0, cycle["last_step"] - cycle["resumed_step"])
-        logger.info("trainer cycle %d: %s", i, cycle)
+        cycle.update(cpu_of(cpu, cpu0, since, time.time(), base))
+        logger.info("%s cycle %d: %s", path, i, cycle)
         cycles.append(cycle)
+        # 4. The competitor leaves; the job grows back.
         competitor.leave()
 
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "stop", sub_id], env=env, capture_output=True
-    )
-    wait_for(lambda: job() is None, args.timeout_s, "the trainer's job to end")
-    out = summarize("trainer", cycles, args)
+    # The last grow's worker group starting writes the ledger with the last shrink's group noted in full.
+    wait_for(lambda: training_at(4), args.timeout_s, f"the {path} job grown back to 4 workers")
+    subprocess.run([ray_cli, "job", "stop", sub_id], env=env, capture_output=True)
+    wait_for(lambda: job() is None, args.timeout_s, f"the {path} job to end")
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    for cycle in cycles:
+        cycle.update(ledger_figures(ledger, cycle.pop("since_s"), cycle.pop("resumed_from_before")))
+        cycle["steps_lost"] = (
+            max(0, cycle["last_step"] - cycle["resumed_step"])
+            if cycle["last_step"] is not None and cycle["resumed_step"] is not None
+            else None
+        )
+    out = summarize(path, cycles, args)
     out["summary"]["one_controller"] = len({c.get("controller_actor_id") for c in cycles}) == 1
     # Each worker group: its size and how many of its workers ran in spare processes started ahead.
-    ledger = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     out["groups"] = [
-        {k: g.get(k) for k in ("generation", "num_workers", "warm_workers", "started_s", "joined_s", "first_step_s")}
+        {
+            k: g.get(k)
+            for k in ("generation", "num_workers", "warm_workers", "started_s", "joined_s", "first_step_s")
+        }
         for g in ledger.get("groups", [])
     ]
     out["resizes"] = ledger.get("resizes", [])  # the policy's timeline of each resize (wall-clock seconds)
     return out
+
+
+def ledger_figures(ledger: dict[str, Any], since_s: float, resumed_from: int | None) -> dict[str, Any]:
+    """A shrink's figures from the trainer's ledger: its first resize requested after ``since_s`` and the
+    first worker group of 2 started after it. ``resumed_from``: the checkpoint step the shrunk group had
+    started from (its progress), to which the ledger's count of that group's steps adds up."""
+    resize = next((r for r in ledger.get("resizes", []) if r.get("requested_s", 0) >= since_s), None)
+    if resize is None:
+        return {"overhead_s": None, "restart_s": None, "last_step": None, "forced": False}
+    ended_s = resize.get("ended_s") or since_s
+    group = next(
+        (g for g in ledger.get("groups", []) if g["started_s"] >= ended_s and g["num_workers"] == 2), {}
+    )
+    first_s, last_s = group.get("first_step_s"), resize.get("last_step_s")
+    steps = resize.get("last_step")  # the steps rank 0 made in the shrunk group (last told, if forced)
+    return {
+        "overhead_s": first_s - last_s if first_s is not None and last_s is not None else None,
+        "restart_s": first_s - group["started_s"] if first_s is not None else None,
+        "last_step": (resumed_from or 0) + steps if steps is not None else None,
+        "forced": bool(resize.get("forced")),
+    }
 
 
 def steady_cpu_rate(cpu: ClusterCpu | None, window_s: float = 5.0) -> float | None:
