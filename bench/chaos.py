@@ -1,7 +1,7 @@
 """The chaos benchmark: the spike scenario on the local cluster, with one fault injected mid-reclaim per case.
 
 Each case runs the demo's spike (``demo/configs/demo-scenario.yaml``, shortened: see ``--spike-s``) with Tidal
-(the arbiter, Tidal's Serve hook, Tidal's training runner, jobs submitted with ``ray job submit``, real HTTP
+(the arbiter, Tidal's Serve hook, Tidal's training jobs (``TidalTrainer``), jobs submitted with ``ray job submit``, real HTTP
 load), and the moment the arbiter records its first reclaim for the service under the load (at the spike, or a
 little before it when the one replica falls behind on a loaded machine: a job is told to give GPUs back) it
 injects one fault:
@@ -779,7 +779,7 @@ def build_report(
             "split them by send time; in_flight_at_fault: requests sent and not answered when the fault struck "
             "(all replicas); fault.in_flight_on_node_replicas: the killed node's replicas' own count of ongoing "
             "requests just before the kill (Serve's get_num_ongoing_requests)",
-            "lost_steps": "steps computed and thrown away by restarts (runners' summaries, steps seen going "
+            "lost_steps": "steps computed and thrown away by restarts (the trainers' ledgers, steps seen going "
             "back), plus for the driver case the killed job's steps since its last checkpoint",
             "grants_add_up": "after recovery, within books.checked_for_s: per GPU type granted <= alive GPUs, the "
             "arbiter's capacity is Ray's, no holder holds beyond its grant, the service's held GPUs are its "

@@ -6,7 +6,7 @@ priority 5 on A100s) on 4 H100 + 2 A100 + 2 RTX4090 (logical GPUs), a base load 
 and the base load again. Measured, for each system:
 
 1. **tidal**: the arbiter (``demo/configs/demo-policy.yaml``), Tidal's Serve autoscaling hook and Tidal's
-   training runner (``python -m tidal.training.run``), ``--runs`` times (time to capacity: median of the runs);
+   training jobs (``python -m tidal.training.run``: one ``TidalTrainer`` each), ``--runs`` times (time to capacity: median of the runs);
 2. **ray-alone**: the same Serve deployment with Serve's default autoscaler (same min/max and targets) and
    the same training as plain Ray Train elastic jobs, ``ScalingConfig(num_workers=(min, max))``
    (``bench/spike_ray_alone_job.py``), no arbiter;
@@ -253,7 +253,7 @@ def build_report(
             "over GPU-seconds that exist, during the load",
             "gpus_back_to_training_s": "spike end -> first sample where training holds as many GPUs as just "
             "before the spike (max over runs)",
-            "lost_steps": "steps computed and thrown away by restarts from a checkpoint (runner's ledger, and "
+            "lost_steps": "steps computed and thrown away by restarts from a checkpoint (the trainers' ledgers, and "
             "steps seen to go backwards), summed over runs",
             "train_steps": "steps made by both jobs during the load (median over runs)",
         },

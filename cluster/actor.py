@@ -223,7 +223,7 @@ class ArbiterActor:
         not registered, or after ``timeout_s`` (at most 60) with the grant unchanged.
 
         A held call, in its own concurrency group (``watch``) so that waiting watchers never take the
-        threads heartbeats are served on: a job's runner keeps one in flight and hears of a shrink the
+        threads heartbeats are served on: a job's controller keeps one in flight and hears of a shrink the
         moment the tick decides it, not at its next heartbeat (0.25-0.5 s later, a third of a ~1.3 s
         reclaim on this machine).
         """

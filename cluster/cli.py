@@ -278,6 +278,17 @@ def render_status(status: dict[str, Any]) -> None:
         for r in rows:
             for w in r["warnings"]:
                 console.print(f"[yellow]warning[/yellow] {w}")
+    jobs = job_rows(status)
+    if jobs:
+        tj = Table(title="Training jobs (TidalTrainer)")
+        for col in ("job", "workers (min-max)", "GPU type", "phase", "step", "resizes", "steps lost", "goodput"):
+            tj.add_column(col)
+        for r in jobs:
+            tj.add_row(
+                r["name"], f"{r['size']} ({r['bounds']})", r["gpu_type"], r["phase"],
+                "-" if r["step"] is None else str(r["step"]), str(r["resizes"]), str(r["steps_lost"]), r["goodput"],
+            )  # fmt: skip
+        console.print(tj)
     console.print(
         f"Allocation ratio: [b]{status.get('allocation_ratio', 0.0):.0%}[/b]   "
         f"Cost: [b]${status.get('cost_per_hour', 0.0):.2f}/hour[/b]   "
@@ -327,6 +338,39 @@ def service_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
                 "p99_ms": p99,
                 "p99": f"{_num(p99) if p99 is not None else '-'} / {_num(slo) if slo is not None else '-'}",
                 "warnings": list(progress.get("warnings") or []),
+            }
+        )
+    return out
+
+
+def job_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every training job the arbiter knows that reports a ``TidalTrainer``'s progress (Tidal's own jobs and
+    users' scripts alike): what ``tidal status`` shows of each.
+
+    ``goodput``: the share of the worker-seconds the job held GPUs for that it spent training (not starting a
+    worker group, yielding or waiting for one), as its controller counts them; ``-`` before it has held any.
+
+    Example: a workload ``{"name": "digits", "kind": "training", "progress": {"workers": 2, "gpu_type": "H100",
+    "step": 120, "phase": "running", "resizes": 1, "steps_lost": 0, "goodput": 0.91}}`` ->
+    ``{"name": "digits", "size": 2, "gpu_type": "H100", "step": 120, "phase": "running", ..., "goodput": "91%"}``.
+    """
+    out = []
+    for w in status.get("workloads", []):
+        progress = w.get("progress") or {}
+        if w.get("kind") == "service" or "workers" not in progress:
+            continue
+        goodput = progress.get("goodput")
+        out.append(
+            {
+                "name": w["name"],
+                "size": int(progress.get("workers") or 0),
+                "bounds": f"{w.get('min_units', '?')}-{w.get('max_units', '?')}",
+                "gpu_type": progress.get("gpu_type") or "-",
+                "phase": progress.get("phase") or "-",
+                "step": progress.get("step"),
+                "resizes": int(progress.get("resizes") or 0),
+                "steps_lost": int(progress.get("steps_lost") or 0),
+                "goodput": f"{goodput:.0%}" if isinstance(goodput, int | float) else "-",
             }
         )
     return out

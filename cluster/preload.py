@@ -12,7 +12,7 @@ one (a pool worker, any job may take it) the nil id.
 A worker started for a Ray Train run (a trainer's worker, or a job's spare waiting to become one) imports Ray
 Train's worker module instead (~1 CPU-second here), which its actor would import on creation, in the middle of
 a resize: such a process carries the variables Ray Train propagates from the driver to its controller and
-workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: ``TidalTrainer`` and Tidal's runner always set it).
+workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: ``TidalTrainer`` always sets it, for Tidal's own jobs too).
 
 ``torch`` and whatever both kinds use stay in ``RAY_preload_python_modules`` itself; this module reads the
 rest from the raylet's environment (``LocalClusterSpec.pool_preload_python_modules``, or the ``ray start``

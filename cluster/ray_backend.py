@@ -22,10 +22,10 @@ report confirms it). The arbiter asks again, harder, when no confirming report c
   Every attempt does the same: it kills what is still beyond the grant.
 - A job, first attempt, by what its registration ``meta`` names, first match wins: ``stop_actor`` (with
   ``stop_actor_namespace`` and ``stop_method``, default ``force_stop``: that method of that actor is called,
-  as the training runner asks), ``submission_id`` (a ``ray job submit`` job: stopped through the job API), or
+  as ``TidalTrainer`` asks: its run's signal actor), ``submission_id`` (a ``ray job submit`` job: stopped through the job API), or
   ``actor_name`` (with ``actor_namespace``: the actor is killed, without restart).
 - A job, later attempts (the harder stop): its Ray job is stopped through the job API
-  (``ray_job_submission_id``, which the training runner reports, or ``submission_id``): the driver, its Train
+  (``ray_job_submission_id``, which ``TidalTrainer`` reports, or ``submission_id``): the driver, its Train
   controller and workers and their placement groups end; else the ``actor_name`` actor is killed.
 """
 
@@ -159,8 +159,8 @@ class RayBackend:
     # ---------------------------------------------------------------------------------------- ended
 
     def ended(self, registrations: Mapping[WorkloadName, Any]) -> set[WorkloadName]:
-        """Registered workloads whose Ray job ended (their ``meta``'s ``ray_job_id``, which the training runner
-        and TidalTrainer report): a killed driver takes its Train controller and workers with it, so Ray has
+        """Registered workloads whose Ray job ended (their ``meta``'s ``ray_job_id``, which ``TidalTrainer``
+        reports): a killed driver takes its Train controller and workers with it, so Ray has
         freed their GPUs already. Read every ``job_check_interval_s`` at most; empty when Ray cannot answer."""
         now = time.monotonic()
         if now < self._next_job_check_s:
@@ -219,7 +219,7 @@ class RayBackend:
     def _stop(self, meta: Mapping[str, Any]) -> str | None:
         if meta.get("stop_actor"):
             # The workload names a method that stops what holds its GPUs and keeps the rest (the training
-            # runner's signal actor aborts the trainer; the runner resumes from its checkpoint later).
+            # run's signal actor has its scaling policy stop the worker group; the job resumes from its checkpoint).
             # Fire and forget: the tick loop must not wait on a workload's actor.
             handle = ray.get_actor(str(meta["stop_actor"]), namespace=meta.get("stop_actor_namespace"))
             method = str(meta.get("stop_method") or "force_stop")

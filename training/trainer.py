@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import os
 import time
@@ -264,6 +265,16 @@ def gpus_per_worker(scaling_config: ScalingConfig) -> float:
     return gpus
 
 
+def _submission_id() -> str | None:
+    """The submission id of the Ray job this driver runs in (``ray job submit``), from the job config Ray's job
+    supervisor hands the driver; None for a driver started otherwise."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
+
+
 class TidalTrainer(TorchTrainer):
     """``ray.train.torch.TorchTrainer`` whose size and GPU type the arbiter decides.
 
@@ -310,8 +321,9 @@ class TidalTrainer(TorchTrainer):
 
     def _job(self) -> TidalJob:
         return TidalJob(
-            self.job_name, self.token, self.min_workers, self.max_workers, self.gpus_per_worker, self.tidal
-        )
+            self.job_name, self.token, self.min_workers, self.max_workers, self.gpus_per_worker, self.tidal,
+            submission_id=_submission_id(),
+        )  # fmt: skip
 
     def fit(self) -> Any:
         """Ray Train's ``fit()``, with Tidal's scaling and failure policies in its one controller."""

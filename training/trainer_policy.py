@@ -86,6 +86,7 @@ SUMMARY_FILE = "tidal_summary.json"
 # each ask waits this long for a grant change (the watch thread wakes it at once).
 IDLE_WAIT_S = 0.25
 HEARTBEAT_PERIOD_S = 1.0
+FAILURE_BACKOFF_S = 3.0  # before a worker group starts again after a failure, per failure in a row (up to 5)
 CAPACITY_CACHE_S = 1.0
 
 
@@ -125,6 +126,7 @@ class TidalJob:
     max_workers: int
     gpus_per_worker: float
     config: TidalConfig
+    submission_id: str | None = None  # the Ray job's submission id, when `ray job submit` started the driver
 
     def spec(self) -> TrainingJobSpec:
         c = self.config
@@ -183,6 +185,12 @@ class TidalScalingPolicy(ScalingPolicy):
         self._checkpoint_s: float | None = None
         self._resumed_from: int | None = None  # the checkpoint step the running group started from
         self._group_reported = False  # the controller has collected a report of the running group (it trains)
+        # Worker-seconds held (a group exists) and spent training (it reports and is not yielding): goodput.
+        self._failures = 0  # worker groups failed in a row (none has reported since)
+        self._not_before_s = float("-inf")
+        self._held_ws = 0.0
+        self._train_ws = 0.0
+        self._counted_s: float | None = None
         self._expect_release_failure = False
         self._wait_logged: str | None = None
         self._capacity: tuple[float, dict[str, float]] | None = None
@@ -232,7 +240,17 @@ class TidalScalingPolicy(ScalingPolicy):
                 self.job.spec(),
                 # ray_job_id: the driver's job; the arbiter expires the registration once it ends (a killed
                 # driver takes this controller with it), without waiting out the TTL.
-                meta={"trainer": "TidalTrainer", "controller": self._controller, "ray_job_id": context.get_job_id()},
+                meta={
+                    "trainer": "TidalTrainer",
+                    "controller": self._controller,
+                    "ray_job_id": context.get_job_id(),
+                    # The arbiter's forced stop: this run's signal actor first (the policy stops the group and
+                    # the job resumes from its checkpoint), the whole Ray job if that is not confirmed in time.
+                    "stop_actor": signal_name(self.job.token),
+                    "stop_actor_namespace": NAMESPACE,
+                    "stop_method": "force_stop",
+                    "ray_job_submission_id": self.job.submission_id,
+                },
                 timeout_s=self.job.config.register_timeout_s,
             )
         except Exception as e:  # no arbiter, or none that answers: the job still runs, as Ray Train alone
@@ -317,14 +335,24 @@ class TidalScalingPolicy(ScalingPolicy):
         if self._standalone:
             return self._resize(Target(self._cfg.gpu_types[0], self.job.max_workers))
         if self._state.phase is not Phase.WAITING:
-            self._state = self._state.ended()  # the group failed, or was released
+            # The group failed (a release leaves the state WAITING): a lost node takes the GCS a moment to
+            # declare dead, and a start before that asks for its GPUs again and waits out Ray Train's start
+            # timeout. Back off a little, more for failures in a row.
+            self._state = self._state.ended()
+            self._failures += 1
+            self._not_before_s = time.monotonic() + FAILURE_BACKOFF_S * min(self._failures, 5)
+            self._capacity = None
         self._current = None
         view = self._heartbeat()
         grant = view.grant.as_dict() if view is not None and view.registered else {}
         decision = decide(self._state, grant, time.time(), self._cfg, capacity_gpus=self._capacity_gpus())
-        if isinstance(decision, Start):
+        if isinstance(decision, Start) and time.monotonic() >= self._not_before_s:
             self._wait_logged = None
             return self._resize(decision.target)
+        if isinstance(decision, Start):
+            assert self._wake is not None
+            self._wake.wait(IDLE_WAIT_S)
+            return NoopDecision()
         if isinstance(decision, Wait):
             if decision.reason != self._wait_logged:
                 logger.info("job %s: waiting for GPUs: %s", self.job.name, decision.reason)
@@ -370,6 +398,9 @@ class TidalScalingPolicy(ScalingPolicy):
         )
         if isinstance(decision, ForceStop):
             logger.warning("job %s: %s: stopping the worker group by force", self.job.name, decision.reason)
+            return self._finish_yield(target, worker_group_state, snap, forced=True)
+        if snap.get("force_requested_s") is not None:
+            logger.warning("job %s: the arbiter stops the worker group by force", self.job.name)
             return self._finish_yield(target, worker_group_state, snap, forced=True)
         requested = self._state.yield_requested_s or now
         if self._state.yield_reason is YieldReason.GROW and not snap["cooperative"]:
@@ -460,6 +491,7 @@ class TidalScalingPolicy(ScalingPolicy):
                 continue
             self._reports_seen[rank] = self._reports_seen.get(rank, 0) + 1
             self._group_reported = True
+            self._failures = 0
             if rank != 0:
                 continue
             step = _step_of(report.metrics)
@@ -486,6 +518,7 @@ class TidalScalingPolicy(ScalingPolicy):
         if self._client is None:
             return None
         current = self._current
+        self._count_worker_seconds(current)
         progress: dict[str, Any] = {
             "step": self._last_step if self._last_step is not None else (snap or {}).get("steps"),
             "workers": current.num_workers if current else 0,
@@ -500,6 +533,7 @@ class TidalScalingPolicy(ScalingPolicy):
             "checkpoint_step": self._checkpoint_step,
             "training": current is not None and self._group_reported,
             "forced_stops": self._ledger.forced_stops,
+            "goodput": round(self._train_ws / self._held_ws, 4) if self._held_ws > 0 else None,
             # Spare worker processes for the next group (training/spares.py): idle now, out of wanted.
             "spares_idle": self._spares.idle if self._spares is not None else 0,
             "spares_wanted": self._spares.wanted if self._spares is not None else 0,
@@ -520,6 +554,17 @@ class TidalScalingPolicy(ScalingPolicy):
                 self._link_cv.notify_all()
                 self._link_cv.wait_for(lambda: self._answered_seq >= seq, timeout=5.0)
             return self._view
+
+    def _count_worker_seconds(self, current: Target | None) -> None:
+        """Adds the time since the last count to the worker-seconds held, and to those spent training when the
+        group trains (a report of it collected, no yield under way)."""
+        now = time.monotonic()
+        if self._counted_s is not None and current is not None:
+            dt = now - self._counted_s
+            self._held_ws += dt * current.num_workers
+            if self._group_reported and self._state.phase is Phase.RUNNING:
+                self._train_ws += dt * current.num_workers
+        self._counted_s = now
 
     def _set_view(self, view: GrantView) -> None:
         """Keeps the newest grant: a reply with a lower generation than the one held is older (an arbiter
@@ -657,6 +702,7 @@ class TidalScalingPolicy(ScalingPolicy):
             "steps_lost": self._ledger.steps_lost,
             "forced_stops": self._ledger.forced_stops,
             "releases": self._ledger.releases,
+            "goodput": round(self._train_ws / self._held_ws, 4) if self._held_ws > 0 else None,
             "last_step": self._last_step,
             "checkpoint_step": self._checkpoint_step,
             "ended": ended,

@@ -45,6 +45,7 @@ class TrainerSignal:
         self.step_s: float | None = None
         self.first_step_s: float | None = None
         self.cooperative = False  # a rank called should_yield() in this generation
+        self.force_requested_s: float | None = None  # the arbiter asked for a forced stop (force_stop)
         self.controller: dict[str, Any] = {}
         self._event = threading.Event()
 
@@ -60,6 +61,7 @@ class TrainerSignal:
         self.processes_started = {}
         self.joined_s = None
         self.steps, self.step_s, self.first_step_s, self.cooperative = 0, None, None, False
+        self.force_requested_s = None
 
     def request_yield(self, generation: int) -> bool:
         if generation != self.generation:
@@ -101,6 +103,14 @@ class TrainerSignal:
         if rank == 0 and step_s is not None:
             self.steps, self.step_s = steps, step_s
 
+    def force_stop(self) -> bool:
+        """The arbiter's forced stop (its ``stop_actor`` meta names this actor): the policy ends the running
+        group by force at its next decision, as when the job's own grace runs out. True if a group runs."""
+        if self.generation < 0:
+            return False
+        self.force_requested_s = time.time()
+        return True
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
@@ -113,5 +123,6 @@ class TrainerSignal:
             "step_s": self.step_s,
             "first_step_s": self.first_step_s,
             "cooperative": self.cooperative,
+            "force_requested_s": self.force_requested_s,
             "controller": dict(self.controller),
         }

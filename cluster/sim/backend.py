@@ -1,7 +1,7 @@
 """The simulated backend: the arbiter's ``Backend`` protocol over simulated nodes and workloads.
 
 - ``observe()`` returns the simulated nodes (a failed node is unhealthy until repaired).
-- ``apply(grants)`` is where a real backend would push limits to Serve and notify job runners; here it
+- ``apply(grants)`` is where a real backend would push limits to Serve and notify job controllers; here it
   tells each workload whose grant changed to heartbeat ``heartbeat_delay_s`` later (the heartbeat
   period of a real client), and keeps the running totals of granted GPUs that the metrics integrate.
 - ``force_release(name, ...)`` stops a workload that kept GPUs past its yield grace: a simulated job

@@ -1,7 +1,7 @@
 """Simulated workloads: training jobs and inference services that talk to the arbiter like real ones.
 
 A workload only ever calls ``register``, ``heartbeat`` and ``unregister`` on the production
-``ResourceArbiter`` and reacts to the ``GrantView`` it gets back, as the training runner and the
+``ResourceArbiter`` and reacts to the ``GrantView`` it gets back, as ``TidalTrainer``'s scaling policy and the
 Serve autoscaling hook do on Ray:
 
 - **Training job** (``SimTrainingJob``): waits for a grant of at least its minimum, starts (restart
@@ -177,7 +177,7 @@ class SimTrainingJob:
         )
         self.last_heartbeat_s = now
         if not view.registered:
-            # Expired (a long silence): register again, as the runner does.
+            # Expired (a long silence): register again, as a trainer does.
             view = self.sim.arbiter.register(
                 self.spec, {"submit_s": self.record.submit_s}, self.spec.max_workers
             )
@@ -214,7 +214,7 @@ class SimTrainingJob:
         return self.speeds.get(gpu_type, 1.0) / self.ref_speed * scaling
 
     def react(self, view: GrantView) -> None:
-        """Acts on a grant: start, shrink (yield) or grow (resize), as the training runner does."""
+        """Acts on a grant: start, shrink (yield) or grow (resize), as ``TidalTrainer``'s scaling policy does."""
         self.grant = view.grant
         now = self.sim.clock.now()
         if self.state == WAITING:

@@ -132,7 +132,7 @@ def test_classify_actors_splits_gpus_by_type_and_workload_and_ignores_dead_and_c
         {"class_name": "RayTrainWorker", "state": "DEAD", "node_id": "n-h100", "required_resources": {"GPU": 1}},
         {"class_name": "ServeReplica:demo:TidalModel", "state": "PENDING_CREATION", "node_id": None, "required_resources": {"GPU": 1}},
         {"class_name": "ProxyActor", "state": "ALIVE", "node_id": "n-head", "required_resources": {}},
-        {"class_name": "JobSignal", "state": "ALIVE", "node_id": "n-h100", "required_resources": {"CPU": 0}},
+        {"class_name": "TrainerSignal", "state": "ALIVE", "node_id": "n-h100", "required_resources": {"CPU": 0}},
     ]
     serving, training = classify_actors(actors, nodes, service_app="demo")
     assert serving == {"RTX4090": 1.0}

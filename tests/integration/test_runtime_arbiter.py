@@ -179,7 +179,7 @@ def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
         def ping(self) -> str:
             return "alive"
 
-        def force_stop(self) -> bool:  # the training runner's signal actor has this method
+        def force_stop(self) -> bool:  # a TidalTrainer run's signal actor has this method
             self.stopped += 1
             return True
 
@@ -191,7 +191,7 @@ def test_job_that_keeps_gpus_past_its_grace_is_stopped_by_force(arbiter, how):
     assert ray.get(victim.ping.remote(), timeout=30) == "alive"
     if tag == "kill":
         meta = {"actor_name": f"rt-victim-{tag}", "actor_namespace": NAMESPACE}
-    else:  # what tidal.training.runner registers; a submission_id next to it must not be used
+    else:  # what TidalTrainer registers; a submission_id next to it must not be used
         meta = {
             "stop_actor": f"rt-victim-{tag}", "stop_actor_namespace": NAMESPACE, "stop_method": "force_stop",
             "submission_id": "not-a-ray-job",

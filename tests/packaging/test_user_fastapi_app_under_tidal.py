@@ -4,7 +4,7 @@ training job, on the session's local cluster (issue 24's check).
 The user's repository (``user_project``: its own ``training/``, ``serving/``, ... packages) gains
 ``serving/model_app.py``: a ``@serve.deployment @serve.ingress(FastAPI)`` class with its own small torch model,
 no Tidal code. Its Serve config names ``tidal.serve:TidalPolicy`` with ``min_replicas: 0`` and pins replicas to
-RTX4090 (the cluster has 2); Ray's own ``serve deploy CONFIG`` deploys it. A training job of Tidal's runner,
+RTX4090 (the cluster has 2); Ray's own ``serve deploy CONFIG`` deploys it. A Tidal training job (``python -m tidal.training.run``),
 submitted with ``ray job submit`` from the same repository, trains on both RTX4090s (``min_workers`` =
 ``max_workers`` = 2) under the default ``tidal`` policy.
 

@@ -81,7 +81,7 @@ def arbiter(ray_driver: Any) -> Any:
 
 
 def user_job_spec(name: str, storage: Path) -> dict[str, Any]:
-    """A tiny job of Tidal's runner on the user's model: 20 steps on one H100 worker, a checkpoint every 10."""
+    """A tiny Tidal job (``python -m tidal.training.run``) on the user's model: 20 steps on one H100 worker, a checkpoint every 10."""
     return {
         "name": name,
         "model": {"class": USER_MODEL_CLASS, "kwargs": {"hidden": 32}},
@@ -117,7 +117,7 @@ def submitted(local_cluster: Any) -> Iterator[list[str]]:
             )  # fmt: skip
 
 
-def test_a_job_submitted_from_a_user_repo_trains_the_users_model_with_tidals_runner(
+def test_a_job_submitted_from_a_user_repo_trains_the_users_model_as_a_tidal_job(
     local_cluster, ray_driver, arbiter, user_project, submitted
 ):
     from ray.job_submission import JobSubmissionClient
@@ -142,7 +142,7 @@ def test_a_job_submitted_from_a_user_repo_trains_the_users_model_with_tidals_run
     logs = client.get_job_logs(sid)
     assert status == "SUCCEEDED", logs[-4000:]
 
-    # Tidal's runner ran the job to its last step, checkpointed and exported the user's model.
+    # The job ran to its last step, checkpointed and exported the user's model.
     summary = json.loads((storage / name / "tidal" / "summary.json").read_text())
     assert summary["finished"] and summary["final_step"] == 20, summary
     assert summary["checkpoint_path"] and Path(summary["checkpoint_path"]).exists(), summary
@@ -151,7 +151,8 @@ def test_a_job_submitted_from_a_user_repo_trains_the_users_model_with_tidals_run
     assert manifest["model_class"] == USER_MODEL_CLASS and manifest["model_kwargs"] == {"hidden": 32}
     state = torch.load(export / "model.pt", map_location="cpu", weights_only=True)
     assert sorted(state) == ["user_body.0.bias", "user_body.0.weight", "user_head.bias", "user_head.weight"]
-    assert f"job {name} registered; grant" in logs and f"job {name}: exported the final model" in logs
+    assert f"job {name}: exported the final model" in logs
+    assert [(g["num_workers"], g["gpu_type"]) for g in summary["groups"]] == [(1, "H100")], summary["groups"]
 
     # The user's model was built by Tidal's code in the driver (export) and in a Ray Train worker (training),
     # each time with the user's `training` package and Tidal's `tidal.training` loaded side by side.

@@ -145,8 +145,11 @@ def test_killing_a_node_under_a_job_resumes_it_from_its_checkpoint_on_the_gpus_l
 
     summary = job.summary()
     assert summary["finished"]
-    # The same controller started a group of 1 on the L4 left, from the last checkpoint.
-    assert [(g["num_workers"], g["gpu_type"]) for g in summary["groups"]] == [(2, "L4"), (1, "L4")], summary["groups"]
+    # The same controller started a group of 1 on the L4 left, from the last checkpoint (a start on both L4s in
+    # between is possible when the GCS declares the node dead after the policy's back-off: it fails again).
+    sizes = [(g["num_workers"], g["gpu_type"]) for g in summary["groups"]]
+    assert sizes[0] == (2, "L4") and sizes[-1] == (1, "L4"), summary["groups"]
+    assert summary["steps_lost"] == 0 and summary["forced_stops"] == 0
     gap, at_step = max_loss_gap(summary["history"], reference_losses(spec))
     assert gap <= LOSS_TOLERANCE, f"loss differs from the never-resized run by {gap:.2e} at step {at_step}"
 

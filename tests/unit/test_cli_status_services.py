@@ -47,3 +47,29 @@ def test_tidal_status_lists_every_service_whoever_wrote_it_with_replicas_demand_
     )
     # A service whose hook reports nothing more: replicas from what it holds, p99 unknown.
     assert (legacy["replicas"], legacy["p99"], legacy["gpu_types"]) == (1, "- / -", ["H100"])
+
+
+def test_tidal_status_lists_every_trainer_job_with_its_size_gpu_type_step_and_goodput():
+    from tidal.cluster.cli import job_rows
+
+    status = {
+        "workloads": [
+            {"name": "shop.Digits", "kind": "service", "progress": {"replicas": 2}},
+            {
+                "name": "digits",
+                "kind": "training",
+                "min_units": 1,
+                "max_units": 4,
+                "progress": {"workers": 2, "gpu_type": "H100", "step": 120, "phase": "running", "resizes": 1,
+                             "steps_lost": 0, "goodput": 0.914},
+            },  # fmt: skip
+            {"name": "waiting", "kind": "training", "min_units": 2, "max_units": 2, "progress": {"workers": 0}},
+            {"name": "not-a-trainer", "kind": "training", "progress": {"step": 3}},
+        ]
+    }
+    digits, waiting = job_rows(status)
+    assert digits == {
+        "name": "digits", "size": 2, "bounds": "1-4", "gpu_type": "H100", "phase": "running", "step": 120,
+        "resizes": 1, "steps_lost": 0, "goodput": "91%",
+    }  # fmt: skip
+    assert (waiting["size"], waiting["gpu_type"], waiting["step"], waiting["goodput"]) == (0, "-", None, "-")

@@ -1,4 +1,4 @@
-"""The runner's resize decisions, as a pure function of grant, state and time (no Ray, a made-up clock)."""
+"""An elastic job's resize decisions, as a pure function of grant, state and time (no Ray, a made-up clock)."""
 
 from __future__ import annotations
 
