@@ -339,6 +339,9 @@ class TidalScalingPolicy(ScalingPolicy):
             # declare dead, and a start before that asks for its GPUs again and waits out Ray Train's start
             # timeout. Back off a little, more for failures in a row.
             self._state = self._state.ended()
+            # Lost with the group: its steps after the last checkpoint, as far as its collected reports show.
+            self._ledger.steps_lost += max(0, (self._last_step or 0) - (self._checkpoint_step or 0))
+            self._last_step = self._checkpoint_step
             self._failures += 1
             self._not_before_s = time.monotonic() + FAILURE_BACKOFF_S * min(self._failures, 5)
             self._capacity = None
