@@ -86,6 +86,8 @@ SUMMARY_FILE = "tidal_summary.json"
 # each ask waits this long for a grant change (the watch thread wakes it at once).
 IDLE_WAIT_S = 0.25
 HEARTBEAT_PERIOD_S = 1.0
+SIGNAL_START_TIMEOUT_S = 300.0
+SIGNAL_TIMEOUT_S = 10.0
 FAILURE_BACKOFF_S = 3.0  # before a worker group starts again after a failure, per failure in a row (up to 5)
 CAPACITY_CACHE_S = 1.0
 
@@ -292,7 +294,9 @@ class TidalScalingPolicy(ScalingPolicy):
             target = Target(self._current.gpu_type if self._current else self._cfg.gpu_types[0], num_workers)
         now = time.time()
         self._generation += 1
-        ray.get(self._signal.begin_group.remote(self._generation, num_workers), timeout=30)
+        # The first call may wait for the signal actor's process to start: on a host busy starting several jobs
+        # that takes a while, and the group cannot run without it (its ranks ask it for the generation).
+        ray.get(self._signal.begin_group.remote(self._generation, num_workers), timeout=SIGNAL_START_TIMEOUT_S)
         self._current, self._next = target, None
         self._state = ElasticState().started(target, now)
         self._reports_seen = {}
@@ -372,7 +376,11 @@ class TidalScalingPolicy(ScalingPolicy):
         self._note_reports(worker_group_status)
         if self._standalone or self._state.phase is Phase.WAITING:
             return NoopDecision()  # (WAITING: the group was released; its workers' deaths come next)
-        snap = ray.get(self._signal.snapshot.remote(), timeout=10)
+        try:
+            snap = ray.get(self._signal.snapshot.remote(), timeout=SIGNAL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:  # a busy host: decide at the next poll, never fail the run over it
+            logger.warning("job %s: the signal actor did not answer in %.0f s", self.job.name, SIGNAL_TIMEOUT_S)
+            return NoopDecision()
         view = self._heartbeat(snap)
         if view is None or not view.registered:
             return NoopDecision()  # (registering again, with what it holds: no grant to act on yet)
@@ -419,7 +427,11 @@ class TidalScalingPolicy(ScalingPolicy):
         return ResizeDecision(num_workers=target.num_workers, resources_per_worker=dict(self._resources))
 
     def _request_yield(self, decision: Yield, now: float, grant: dict[str, int]) -> NoopDecision:
-        ray.get(self._signal.request_yield.remote(self._generation), timeout=10)
+        try:
+            ray.get(self._signal.request_yield.remote(self._generation), timeout=SIGNAL_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:  # ask again at the next poll (the grant still says so)
+            logger.warning("job %s: the signal actor did not take the yield in %.0f s", self.job.name, SIGNAL_TIMEOUT_S)
+            return NoopDecision()
         self._state = self._state.yielding(decision.reason, now, decision.deadline_s)
         current = self._current
         self._ledger.resizes.append(
