@@ -249,7 +249,9 @@ def _diff(prev: Sample | None, s: Sample, emit: Callable[[str], None], events: l
         a, b = prev.job_workers.get(job, 0), s.job_workers.get(job, 0)
         if a != b:
             where = s.job_gpu_type.get(job) or prev.job_gpu_type.get(job) or "-"
-            line = f"{job}: {a} -> {b} workers" + (f" on {where}" if b else " (waiting for GPUs)")
+            granted = sum((s.grants.get(job) or {}).values())
+            idle = " (restarting its worker group at its new size)" if granted else " (waiting for GPUs)"
+            line = f"{job}: {a} -> {b} workers" + (f" on {where}" if b else idle)
             emit(line)
             events.append(TimelineEvent(s.t_s, "workers", job, line))
 
