@@ -55,6 +55,8 @@ TARGETS = {
     "lost_steps_max": 0,
     "slo_attainment_min": 0.99,
     "gpus_back_to_training_s_max": 60.0,
+    "training_goodput_min": 0.8,
+    "post_spike_reclaims_max": 0,
     "time_to_capacity_vs_free_gpus_max_ratio": 1.5,
 }
 
@@ -181,6 +183,10 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "train_steps": med("train_steps"),
         "lost_steps": sum(r["lost_steps"] for r in runs),
         "gpu_allocation_ratio": med("gpu_allocation_ratio"),
+        # Per run: the target holds in every run, so the worst one is the figure.
+        "training_goodput": min((r["training_goodput"] for r in runs if r.get("training_goodput") is not None), default=None),
+        "training_goodput_runs": [r.get("training_goodput") for r in runs],
+        "post_spike_reclaims": max((r.get("post_spike_reclaims") or 0 for r in runs), default=0),
         "gpus_back_to_training_s": None if any(v is None for v in back) else max(back),
         "gpus_back_to_training_s_runs": back,
         "runs": len(runs),
@@ -220,6 +226,9 @@ def build_report(
             "slo_attainment >= 0.99": (tidal["slo_attainment"] or 0) >= TARGETS["slo_attainment_min"],
             "gpus_back_to_training_s <= 60": tidal["gpus_back_to_training_s"] is not None
             and tidal["gpus_back_to_training_s"] <= TARGETS["gpus_back_to_training_s_max"],
+            "training_goodput >= 0.8 in every run": tidal["training_goodput"] is not None
+            and tidal["training_goodput"] >= TARGETS["training_goodput_min"],
+            "post_spike_reclaims == 0": tidal["post_spike_reclaims"] <= TARGETS["post_spike_reclaims_max"],
             "time_to_capacity within 1.5x of Serve on free GPUs": ratio is not None
             and ratio <= TARGETS["time_to_capacity_vs_free_gpus_max_ratio"],
         }

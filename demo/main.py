@@ -160,6 +160,11 @@ def summary_rows(f: dict[str, Any], scenario: Any) -> list[tuple[str, str]]:
         ("training steps lost", str(f["lost_steps"])),
         ("GPU allocation ratio (GPU-seconds held / existing)", s(f["gpu_allocation_ratio"], "", "{:.3f}")),
         (
+            "training goodput (GPU-s trained / GPU-s the service left, spike + 70 s)",
+            s(f.get("training_goodput"), "", "{:.3f}", missing="-"),
+        ),
+        ("reclaims after the spike (at the base load)", str(f.get("post_spike_reclaims", "-"))),
+        (
             "GPUs back to training after the spike",
             s(f["gpus_back_to_training_s"], " s", missing=f"not within the {scenario.load.post_spike_s:g} s after it"),
         ),

@@ -231,6 +231,11 @@ def run_system(
         replicas_needed=sc.load.replicas_needed,
         slo_ms=sc.load.slo_ms,
         job_names=list(rt.jobs),
+        job_gpus={
+            n: (spec["gpu_types"], float(spec.get("gpus_per_worker", 1.0)), float(spec.get("max_workers", 1)))
+            for n in rt.jobs
+            for spec in [sc.job_spec(n, "")]
+        },
         lost_steps_by_job=lost,
     )
     return RunResult(system.name, figures, samples, events, load.summary(), summaries, timings, records)

@@ -12,6 +12,9 @@ from those records, the same way for every system (Tidal, Ray alone, Serve on fr
   as just before the spike (None if never).
 - **Allocation ratio**: GPU-seconds held by serving and training over GPU-seconds that exist, over the
   load's duration (time-weighted between samples).
+- **Training goodput**: GPU-seconds the jobs spent training over the GPU-seconds the policy could have given
+  them (the jobs' GPU types not held by the service, up to the jobs' maxima), from the spike's start to 70 s
+  after its end; **post-spike reclaims**: reclaims for the service once the load is back at its base rate.
 - **SLO attainment**: share of requests that succeeded within the SLO (a failed request misses it).
 - **Job stops**: each time the arbiter took a job down to no GPU at all (``job_stops``), the step it
   stopped at, and when and from which checkpointed step it trained again.
@@ -221,6 +224,45 @@ def allocation_ratio(samples: Sequence[Sample], start_s: float, end_s: float) ->
     return held / exist if exist > 0 else None
 
 
+GOODPUT_AFTER_SPIKE_S = 70.0
+
+
+def training_goodput(
+    samples: Sequence[Sample], jobs: Mapping[str, tuple[Sequence[str], float, float]], start_s: float, end_s: float
+) -> float | None:
+    """GPU-seconds the jobs spent training over the GPU-seconds the policy could have given them, in
+    ``[start_s, end_s]``.
+
+    ``jobs``: per job, its accepted GPU types, its GPUs per worker and its most workers. Training: a job's
+    workers seen stepping (``job_workers``) times its GPUs per worker. Could have: on each type some job
+    accepts, the GPUs the service does not hold, at most what the jobs accepting it can take, and in all at
+    most the jobs' maxima together. Each sample's value holds until the next.
+
+    Example: 6 GPUs of the jobs' types, the service on 2 of them for 10 s, the jobs training on 3 for those
+    10 s (a worker group starting again) and on 4 for the next 10 -> (30 + 40) / (40 + 40) = 0.875.
+    """
+    cap_all = sum(max_workers * gpus for _, gpus, max_workers in jobs.values())
+    cap_by_type: dict[str, float] = {}
+    for types, gpus, max_workers in jobs.values():
+        for t in types:
+            cap_by_type[t] = cap_by_type.get(t, 0.0) + gpus * max_workers
+    trained = could = 0.0
+    window = [s for s in samples if start_s <= s.t_s <= end_s]
+    for a, b in zip(window, window[1:], strict=False):
+        dt = b.t_s - a.t_s
+        free = sum(
+            min(max(0.0, a.capacity.get(t, 0.0) - a.serving_gpus.get(t, 0.0)), cap) for t, cap in cap_by_type.items()
+        )
+        could += dt * min(free, cap_all)
+        trained += dt * sum(a.job_workers.get(j, 0) * gpus for j, (_, gpus, _) in jobs.items())
+    return min(1.0, trained / could) if could > 0 else None
+
+
+def reclaims_between(events: Iterable[Mapping[str, Any]], start_s: float, end_s: float) -> int:
+    """The arbiter's reclaims (GPUs taken from training for a service) in ``(start_s, end_s]``."""
+    return sum(1 for e in events if e["kind"] == "reclaim" and start_s < e["t_s"] <= end_s)
+
+
 def train_steps_between(samples: Sequence[Sample], start_s: float, end_s: float) -> dict[str, int]:
     """Steps each job made between two times (the highest step seen by each time)."""
 
@@ -364,8 +406,12 @@ def spike_figures(
     slo_ms: float,
     job_names: Sequence[str],
     lost_steps_by_job: Mapping[str, int] | None = None,
+    job_gpus: Mapping[str, tuple[Sequence[str], float, float]] | None = None,
 ) -> dict[str, Any]:
     """Every figure of one run, as the benchmark's JSON holds them (see the module docstring).
+
+    ``job_gpus``: per job, its accepted GPU types, GPUs per worker and most workers (for ``training_goodput``,
+    from the spike's start to ``GOODPUT_AFTER_SPIKE_S`` after its end).
 
     ``records`` are the load generator's (``status``, ``latency_ms``, ``scheduled_s``); ``events`` the
     arbiter's with ``t_s`` relative to the load (empty without an arbiter).
@@ -400,6 +446,11 @@ def spike_figures(
         "lost_steps": sum(lost.values()),
         "lost_steps_by_job": lost,
         "gpu_allocation_ratio": allocation_ratio(samples, 0.0, end_s),
+        "training_goodput": training_goodput(
+            samples, job_gpus or {}, spike_start_s, spike_end_s + GOODPUT_AFTER_SPIKE_S
+        ) if job_gpus else None,
+        # Reclaims once the load is back at its base rate: a job that grew back taken again.
+        "post_spike_reclaims": reclaims_between(events, spike_end_s, end_s),
         "gpus_back_to_training_s": gpus_back_to_training_s(samples, spike_start_s, spike_end_s),
         "training_gpus_before_spike": training_gpus_before(samples, spike_start_s),
         "replicas_needed": replicas_needed,

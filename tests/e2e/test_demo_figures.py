@@ -16,12 +16,14 @@ from tidal.demo.timeline import (
     gpus_back_to_training_s,
     job_stops,
     reclaim_durations_s,
+    reclaims_between,
     slo_attainment,
     spike_figures,
     steady_since,
     time_to_capacity_s,
     train_steps_between,
     trained_since,
+    training_goodput,
     waits_ungranted,
 )
 
@@ -344,3 +346,35 @@ def test_summary_table_names_the_window_a_missing_figure_was_looked_for_in():
     assert rows["time to capacity (spike start -> all needed replicas running)"] == "never (within the spike)"
     post = scenario.load.post_spike_s
     assert rows["GPUs back to training after the spike"] == f"not within the {post:g} s after it"
+
+
+def test_training_goodput_is_the_gpu_seconds_trained_over_those_the_service_left_the_jobs():
+    jobs = {"hi": (["H100"], 1.0, 4.0), "lo": (["A100"], 1.0, 2.0)}  # the RTX4090s are no job's
+    cap = {"H100": 4.0, "A100": 2.0, "RTX4090": 2.0}
+
+    def at(t: float, hi: int, lo: int, serving: dict[str, float]) -> Sample:
+        return Sample(t_s=t, phase="spike", capacity=cap, serving_gpus=serving, job_workers={"hi": hi, "lo": lo})
+
+    # The service on both RTX4090s and 2 of the jobs' GPUs: 4 left to the jobs; they train on 3 for 10 s (a
+    # worker group starting again), then on all 4; the RTX4090s the service holds are never the jobs'.
+    samples = [
+        at(0.0, 2, 1, {"RTX4090": 2.0, "H100": 1.0, "A100": 1.0}),
+        at(10.0, 3, 1, {"RTX4090": 2.0, "H100": 1.0, "A100": 1.0}),
+        at(20.0, 3, 1, {"RTX4090": 2.0, "H100": 1.0, "A100": 1.0}),
+    ]
+    assert training_goodput(samples, jobs, 0.0, 20.0) == pytest.approx((30 + 40) / (40 + 40))
+    # A job's maximum caps what it could have had: lo (max 2) on 2 free A100s, hi idle on 4 free H100s.
+    idle = [at(0.0, 0, 2, {}), at(10.0, 0, 2, {})]
+    assert training_goodput(idle, jobs, 0.0, 10.0) == pytest.approx(2 / 6)
+    assert training_goodput(idle, {}, 0.0, 10.0) is None
+
+
+def test_post_spike_reclaims_count_only_the_reclaims_after_the_spike():
+    events = [
+        {"kind": "reclaim", "t_s": 21.0, "workload": "demo"},
+        {"kind": "shrink", "t_s": 21.0, "workload": "hi"},
+        {"kind": "reclaim", "t_s": 80.0, "workload": "demo"},
+        {"kind": "reclaim", "t_s": 95.0, "workload": "demo"},
+    ]
+    assert reclaims_between(events, 80.0, 150.0) == 1
+    assert reclaims_between(events, 0.0, 150.0) == 3

@@ -19,11 +19,12 @@ def spike():
     return module
 
 
-def run(ttc, *, failed=0, lost=0, slo=1.0, back=20.0, requests=100):
+def run(ttc, *, failed=0, lost=0, slo=1.0, back=20.0, requests=100, goodput=0.9, reclaims_after=0):
     return {
         "time_to_capacity_s": ttc, "reclaim_s": 1.5, "p50_ms": 90.0, "p99_ms": 300.0, "spike_p99_ms": 400.0,
         "requests": requests, "failed_requests": failed, "slo_attainment": slo, "train_steps": 1000,
         "lost_steps": lost, "gpu_allocation_ratio": 0.9, "gpus_back_to_training_s": back,
+        "training_goodput": goodput, "post_spike_reclaims": reclaims_after,
     }  # fmt: skip
 
 
@@ -42,6 +43,12 @@ def test_counts_add_up_and_slo_attainment_is_pooled_over_requests(spike):
     agg = spike.aggregate([run(5.0, failed=1, lost=2, slo=0.9, requests=100), run(5.0, slo=1.0, requests=300)])
     assert agg["failed_requests"] == 1 and agg["lost_steps"] == 2 and agg["requests"] == 400
     assert agg["slo_attainment"] == pytest.approx((90 + 300) / 400)
+
+
+def test_training_goodput_and_post_spike_reclaims_are_the_worst_run(spike):
+    agg = spike.aggregate([run(5.0, goodput=0.92), run(5.0, goodput=0.78, reclaims_after=1), run(5.0)])
+    assert agg["training_goodput"] == 0.78 and agg["training_goodput_runs"] == [0.92, 0.78, 0.9]
+    assert agg["post_spike_reclaims"] == 1
 
 
 def test_gpus_back_to_training_is_the_worst_run_and_null_if_any_run_never_got_them_back(spike):
