@@ -459,7 +459,7 @@ class FaultInjector(threading.Thread):
         progress = row.get("progress") or {}
         held_before = dict(row.get("held") or {})
         others_before = others_grant_gpus(before, donor)
-        step, ckpt = progress.get("step"), progress.get("last_checkpoint_step")
+        step, ckpt = progress.get("step"), progress.get("checkpoint_step")
         self._note_fault(
             reclaim, t0,
             job=donor, driver_pid=pid, held_at_fault=held_before, grant_at_fault=row.get("grant"),

@@ -22,6 +22,10 @@ The lines a ``TorchTrainer`` script adds::
 One Ray Train controller runs the job for its whole life; a grant change restarts only its worker group. A
 loop that never calls ``should_yield()`` is stopped by force ``yield_grace_s`` after a shrink and resumes from
 its last reported checkpoint. With no arbiter, the trainer runs as ``TorchTrainer`` would at ``max`` workers.
+
+A Hugging Face Transformers ``Trainer`` in the train function: add ``tidal.train.TransformersCallback()`` to its
+callbacks next to Ray's ``RayTrainReportCallback`` (``tidal.training.transformers_callback``; imported only when
+asked for, so that Transformers stays optional).
 """
 
 from __future__ import annotations
@@ -29,4 +33,12 @@ from __future__ import annotations
 from tidal.training.trainer import TidalTrainer, should_yield, stop
 from tidal.training.trainer_config import TidalConfig, TidalConfigError
 
-__all__ = ["TidalConfig", "TidalConfigError", "TidalTrainer", "should_yield", "stop"]
+__all__ = ["TidalConfig", "TidalConfigError", "TidalTrainer", "TransformersCallback", "should_yield", "stop"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "TransformersCallback":
+        from tidal.training.transformers_callback import TransformersCallback
+
+        return TransformersCallback
+    raise AttributeError(f"module 'tidal.train' has no attribute {name!r}")
