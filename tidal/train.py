@@ -33,7 +33,8 @@ from __future__ import annotations
 from tidal.training.trainer import TidalTrainer, should_yield, stop
 from tidal.training.trainer_config import TidalConfig, TidalConfigError
 
-__all__ = ["TidalConfig", "TidalConfigError", "TidalTrainer", "TransformersCallback", "should_yield", "stop"]
+# TransformersCallback is provided by __getattr__ below (imported on first use: Transformers is optional).
+__all__ = ["TidalConfig", "TidalConfigError", "TidalTrainer", "TransformersCallback", "should_yield", "stop"]  # noqa: F822
 
 
 def __getattr__(name: str) -> object:
