@@ -250,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     base_metrics = {
         "num_workers": world,
         "gpu_type": ray.get_runtime_context().get_node_labels().get(GPU_TYPE_LABEL),
+        "device": str(device),
         "group": generation,
         "total_steps": total_steps,
         "resumed_from": step,
