@@ -59,6 +59,7 @@ from ray.train.v2._internal.execution.scaling_policy import (
     ScalingPolicy,
 )
 from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tidal.cluster.client import ArbiterClient
 from tidal.cluster.model import GPU_TYPE_LABEL, GrantView, TrainingJobSpec
 from tidal.training.elastic import (
@@ -226,7 +227,12 @@ class TidalScalingPolicy(ScalingPolicy):
             "node_id": context.get_node_id(),
         }
         self._signal = TrainerSignal.options(  # type: ignore[attr-defined]
-            name=signal_name(self.job.token), namespace=NAMESPACE, get_if_exists=True
+            name=signal_name(self.job.token),
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            # On the controller's node (the driver's), so that it lives as long as the controller: placed on a
+            # GPU node, it would die with that node and take the run with it.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False),
         ).remote(self.job.name)
         self._signal.set_controller.remote(self._controller)
         if self.job.config.standalone:
