@@ -210,6 +210,9 @@ def _cpu_where_no_cuda() -> None:
 
     Ray picks its torch device manager from the worker's accelerator ids (GPU ids here, so CUDA) and caches
     it in a module global; this sets the CPU one first (pinned in tests/unit/test_train_v2_contract.py).
+    Hugging Face Accelerate (under Transformers' ``Trainer``) reads its device from ``ACCELERATE_TORCH_DEVICE``,
+    which Ray Train's backend set from that CUDA device manager, and runs multi-process on CPU only when told
+    to (``ACCELERATE_USE_CPU``): both are set here too, so its DDP runs on gloo over the job's process group.
     """
     import torch
 
@@ -220,6 +223,8 @@ def _cpu_where_no_cuda() -> None:
 
     with device_manager._torch_device_manager_lock:
         device_manager._torch_device_manager = CPUTorchDeviceManager()
+    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def _cuda_available() -> bool:
