@@ -8,8 +8,9 @@ transformers = pytest.importorskip("transformers", reason="Transformers is in th
 
 
 def test_a_yield_asks_the_trainer_to_save_and_stop_at_this_step_and_nothing_else_does(monkeypatch):
-    import tidal.train
     import tidal.training.transformers_callback as cb
+
+    import tidal.train
 
     answers = iter([False, True])
     monkeypatch.setattr(cb, "should_yield", lambda: next(answers))
