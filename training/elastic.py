@@ -24,8 +24,8 @@ Rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 
 class Phase(enum.StrEnum):
@@ -233,69 +233,3 @@ def decide(
         if release_by_s is not None:
             deadline = min(deadline, release_by_s)
     return Yield(reason, target, deadline)
-
-
-# ------------------------------------------------------------------------------------ the ledger
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One trainer attempt, for the run summary.
-
-    ``steps_lost`` counts steps computed and thrown away: those after the checkpoint the next attempt
-    resumes from (0 for a cooperative yield, whose checkpoint is at its last step).
-    """
-
-    index: int
-    gpu_type: str
-    num_workers: int
-    started_s: float
-    ended_s: float
-    start_step: int
-    last_step: int
-    checkpoint_step: int
-    outcome: str  # finished | yielded | forced | failed
-    reason: str | None = None
-    yield_requested_s: float | None = None
-    resumed_from: int | None = None  # the step the loop loaded from its checkpoint (None: it never trained)
-    warm_start: bool | None = None  # rank 0 ran in a process started before the attempt (tidal.training.spares)
-
-    @property
-    def steps_lost(self) -> int:
-        return max(0, self.last_step - self.checkpoint_step)
-
-
-@dataclass(frozen=True, slots=True)
-class RunLedger:
-    """The run's history: attempts, restarts and steps lost."""
-
-    attempts: tuple[AttemptRecord, ...] = ()
-    events: tuple[Mapping, ...] = field(default_factory=tuple)
-
-    def add(self, record: AttemptRecord) -> RunLedger:
-        return replace(self, attempts=self.attempts + (record,))
-
-    def note(self, event: Mapping) -> RunLedger:
-        return replace(self, events=self.events + (dict(event),))
-
-    def resumed(self, step: int) -> RunLedger:
-        """The next attempt loaded the checkpoint at ``step``: that, not what the last attempt reported,
-        is the checkpoint it ended with (they differ when a stop comes between a checkpoint's upload and
-        the loop's word that every rank has it; the loop then resumes from Ray Train's own record)."""
-        if not self.attempts or self.attempts[-1].checkpoint_step == step:
-            return self
-        last = self.attempts[-1]
-        fixed = replace(last, checkpoint_step=step, last_step=max(last.last_step, step))
-        return replace(self, attempts=self.attempts[:-1] + (fixed,))
-
-    @property
-    def restarts(self) -> int:
-        """Attempts after the first that did not start from nothing."""
-        return max(0, len(self.attempts) - 1)
-
-    @property
-    def steps_lost(self) -> int:
-        return sum(a.steps_lost for a in self.attempts)
-
-    def sizes(self) -> Sequence[tuple[str, int]]:
-        return [(a.gpu_type, a.num_workers) for a in self.attempts]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from tidal.training.elastic import (
-    AttemptRecord,
     ElasticConfig,
     ElasticState,
     ForceStop,
     Keep,
     Phase,
-    RunLedger,
     Start,
     Target,
     Wait,
@@ -101,24 +99,3 @@ def test_after_an_attempt_ends_the_job_restarts_at_the_new_size():
 
 def test_a_done_job_does_nothing():
     assert decide(running().done(), {"H100": 4}, 0.0, CFG) == Keep()
-
-
-def test_the_ledger_counts_restarts_and_only_the_steps_after_the_last_checkpoint_as_lost():
-    def rec(i, outcome, last, ckpt):
-        return AttemptRecord(i, "H100", 4, 0.0, 1.0, start_step=0, last_step=last, checkpoint_step=ckpt, outcome=outcome)
-
-    ledger = RunLedger().add(rec(0, "yielded", 40, 40)).add(rec(1, "forced", 57, 50)).add(rec(2, "finished", 100, 100))
-    assert ledger.restarts == 2
-    assert ledger.steps_lost == 7
-    assert ledger.sizes() == [("H100", 4)] * 3
-
-
-def test_the_ledger_takes_the_step_the_next_attempt_resumed_from_as_the_last_attempts_checkpoint():
-    forced = AttemptRecord(0, "H100", 2, 0.0, 1.0, start_step=0, last_step=47, checkpoint_step=30, outcome="forced")
-    ledger = RunLedger().add(forced)
-    # The stop came after the step-40 checkpoint was persisted but before the loop said so: it resumed from 40.
-    fixed = ledger.resumed(40)
-    assert (fixed.attempts[0].checkpoint_step, fixed.steps_lost) == (40, 7)
-    assert ledger.steps_lost == 17, "the ledger is a value: the old one is unchanged"
-    assert ledger.resumed(30) is ledger
-    assert RunLedger().resumed(10) == RunLedger()
