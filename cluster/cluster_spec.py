@@ -24,7 +24,7 @@ from pydantic import (
 )
 from tidal.cluster.boundary import format_validation_error, read_yaml
 from tidal.cluster.model import GPU_TYPE_LABEL
-from tidal.cluster.preload import POOL_MODULES_ENV
+from tidal.cluster.preload import POOL_MODULES_ENV, TRAIN_NICENESS_ENV
 
 DEFAULT_SPEC_PATH = Path(__file__).parent / "configs" / "local.yaml"
 
@@ -153,6 +153,10 @@ class LocalClusterSpec(_SpecModel):
     # Ray Train's workers or a job's spares): the node preloads tidal.cluster.preload, which reads this list
     # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
     pool_preload_python_modules: list[str] = Field(default_factory=list)
+    # The niceness a Ray Train process (a trainer's worker, a job's spare) on a GPU node takes as it starts
+    # (tidal.cluster.preload): its set-up then yields the CPU to the service's replicas on a machine they share.
+    # 0: unchanged.
+    train_worker_niceness: int = Field(0, ge=0, le=19)
     # None: the GCS keeps its tables in memory and the cluster does not outlive it (Ray's default).
     gcs_fault_tolerance: GcsFaultToleranceSpec | None = None
 
@@ -168,9 +172,12 @@ class LocalClusterSpec(_SpecModel):
         """The environment variables that make a GPU node's new workers preload the modules above."""
         modules = list(self.preload_python_modules)
         env: dict[str, str] = {}
-        if self.pool_preload_python_modules:
+        if self.pool_preload_python_modules or self.train_worker_niceness:
             modules.append("tidal.cluster.preload")
+        if self.pool_preload_python_modules:
             env[POOL_MODULES_ENV] = ",".join(self.pool_preload_python_modules)
+        if self.train_worker_niceness:
+            env[TRAIN_NICENESS_ENV] = str(self.train_worker_niceness)
         if modules:
             env["RAY_preload_python_modules"] = ",".join(modules)
         return env

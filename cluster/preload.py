@@ -14,6 +14,11 @@ Train's worker module instead (~1 CPU-second here), which its actor would import
 a resize: such a process carries the variables Ray Train propagates from the driver to its controller and
 workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: ``TidalTrainer`` always sets it, for Tidal's own jobs too).
 
+A Ray Train process also lowers its own CPU priority to ``TIDAL_TRAIN_WORKER_NICENESS`` (the local cluster's
+``train_worker_niceness``) as it starts: a resize's worker group sets itself up (Ray Train's context, the process
+group, the user's model) on the cores that the service's replicas share on one machine, and the training loop's
+own ``cpu_niceness`` comes only once that is done.
+
 ``torch`` and whatever both kinds use stay in ``RAY_preload_python_modules`` itself; this module reads the
 rest from the raylet's environment (``LocalClusterSpec.pool_preload_python_modules``, or the ``ray start``
 commands of ``cluster.yaml``). A module that fails to import is logged and skipped, as Ray does for its own
@@ -36,6 +41,18 @@ NIL_JOB_ID = "ffffffff"  # ray.JobID.nil().hex()
 # controller and on to every worker's runtime env; the module is where its TrainWorker actor class lives.
 RAY_TRAIN_MARKER_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 RAY_TRAIN_WORKER_MODULES = ("ray.train.v2._internal.execution.worker_group.worker",)
+TRAIN_NICENESS_ENV = "TIDAL_TRAIN_WORKER_NICENESS"
+
+
+def lower_priority_to(niceness: int) -> bool:
+    """Raises this process's niceness to ``niceness`` if it is lower (never lowers it); True if it changed."""
+    if niceness <= 0 or not hasattr(os, "getpriority"):
+        return False
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current >= niceness:
+        return False
+    os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness))
+    return True
 
 
 def bound_to_a_job(environ: Mapping[str, str]) -> bool:
@@ -49,10 +66,18 @@ def ray_train_process(environ: Mapping[str, str]) -> bool:
     return bound_to_a_job(environ) and RAY_TRAIN_MARKER_ENV in environ
 
 
-def preload(environ: Mapping[str, str], import_module: Callable[[str], object] = importlib.import_module) -> list[str]:
+def preload(
+    environ: Mapping[str, str],
+    import_module: Callable[[str], object] = importlib.import_module,
+    renice: Callable[[int], bool] = lower_priority_to,
+) -> list[str]:
     """Imports the pool modules if this worker is not bound to a job, Ray Train's worker module if it was
-    started for a Ray Train run; returns the modules imported."""
+    started for a Ray Train run (niced first to ``TIDAL_TRAIN_WORKER_NICENESS``); returns the modules imported."""
     if ray_train_process(environ):
+        try:
+            renice(int(environ.get(TRAIN_NICENESS_ENV) or 0))
+        except (ValueError, OSError):  # a bad value or a refused change: the worker starts as it is
+            logger.exception("%s=%r not applied", TRAIN_NICENESS_ENV, environ.get(TRAIN_NICENESS_ENV))
         names = list(RAY_TRAIN_WORKER_MODULES)
     elif bound_to_a_job(environ):
         return []

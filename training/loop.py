@@ -37,6 +37,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from tidal.cluster.model import GPU_TYPE_LABEL
+from tidal.cluster.preload import lower_priority_to
 from tidal.training import trainer as tidal_trainer
 from tidal.training.batching import WorkerStepPlan, epoch_of_step, lr_multiplier, plan_worker_step
 from tidal.training.data import Dataset
@@ -187,18 +188,12 @@ def reference_history(spec: JobSpec, num_steps: int | None = None) -> list[list[
 # ----------------------------------------------------------------------------------------- the loop
 
 
-_niced = False
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. ``config``: ``{"spec": <the JobSpec as JSON>}``, and optionally
     ``"progress_board"`` (a ``tidal.training.signal.ProgressBoard`` actor's name, namespace ``tidal``) that
     rank 0 tells its progress about once a second (for a run without an arbiter to report to)."""
-    global _niced
     spec = JobSpec.model_validate(config["spec"])
-    if spec.cpu_niceness and not _niced:
-        os.nice(spec.cpu_niceness)  # once per process (a spare worker process may serve several groups)
-        _niced = True
+    lower_priority_to(spec.cpu_niceness)  # (raised to it, never past it: a process may serve several groups)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     link = tidal_trainer._link

@@ -9,7 +9,9 @@ from tidal.cluster.preload import (
     POOL_MODULES_ENV,
     RAY_TRAIN_MARKER_ENV,
     RAY_TRAIN_WORKER_MODULES,
+    TRAIN_NICENESS_ENV,
     bound_to_a_job,
+    lower_priority_to,
     preload,
 )
 
@@ -50,7 +52,11 @@ def test_no_list_imports_nothing_and_a_failing_module_is_skipped():
 
 def test_the_local_cluster_preloads_torch_everywhere_and_the_model_server_in_pool_workers_only():
     env = load_cluster_spec().raylet_preload_env()
-    assert env == {"RAY_preload_python_modules": "torch,tidal.cluster.preload", POOL_MODULES_ENV: "tidal.serving.app"}
+    assert env == {
+        "RAY_preload_python_modules": "torch,tidal.cluster.preload",
+        POOL_MODULES_ENV: "tidal.serving.app",
+        TRAIN_NICENESS_ENV: "10",
+    }
     assert LocalClusterSpec(preload_python_modules=["torch"]).raylet_preload_env() == {
         "RAY_preload_python_modules": "torch"
     }
@@ -85,3 +91,42 @@ def test_ray_trains_worker_module_and_marker_are_what_ray_uses():
     (module,) = RAY_TRAIN_WORKER_MODULES
     assert WorkerGroup._worker_cls.__module__ == module
     assert importlib.import_module(module).RayTrainWorker is WorkerGroup._worker_cls
+
+
+def test_a_ray_train_process_lowers_its_priority_to_the_nodes_train_niceness_before_it_imports():
+    order: list[str] = []
+    seen, imp = recording_importer()
+    env = {"RAY_JOB_ID": "02000000", RAY_TRAIN_MARKER_ENV: "0.5", TRAIN_NICENESS_ENV: "10"}
+    preload(
+        env, import_module=lambda n: order.append(f"import {n}") or imp(n), renice=lambda n: order.append(f"nice {n}") or True
+    )
+    assert order == ["nice 10", *(f"import {m}" for m in RAY_TRAIN_WORKER_MODULES)]
+    # A pool worker, or a job's other workers (a Serve replica of the job's own app), keep their priority.
+    niced: list[int] = []
+    for other in ({"RAY_JOB_ID": NIL_JOB_ID, TRAIN_NICENESS_ENV: "10"}, {"RAY_JOB_ID": "02000000", TRAIN_NICENESS_ENV: "10"}):
+        preload(other, import_module=imp, renice=lambda n: niced.append(n) or True)
+    assert niced == []
+    # A bad value is logged, and the worker starts anyway.
+    seen.clear()
+    preload({**env, TRAIN_NICENESS_ENV: "high"}, import_module=imp)
+    assert seen == list(RAY_TRAIN_WORKER_MODULES)
+
+
+def test_lowering_priority_raises_niceness_to_the_value_and_never_lowers_it():
+    import os
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    pid = os.fork()
+    if pid == 0:  # a child, so that this process keeps its priority
+        ok = lower_priority_to(before + 3) and os.getpriority(os.PRIO_PROCESS, 0) == before + 3
+        ok = ok and not lower_priority_to(before + 1) and os.getpriority(os.PRIO_PROCESS, 0) == before + 3
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_local_cluster_sets_the_train_niceness_on_its_gpu_nodes_and_preloads_for_it():
+    env = LocalClusterSpec.model_validate({"node_groups": [], "train_worker_niceness": 7}).raylet_preload_env()
+    assert env[TRAIN_NICENESS_ENV] == "7" and "tidal.cluster.preload" in env["RAY_preload_python_modules"]
+    assert TRAIN_NICENESS_ENV not in LocalClusterSpec.model_validate({"node_groups": []}).raylet_preload_env()
+    assert load_cluster_spec().train_worker_niceness == 10
