@@ -8,7 +8,6 @@ the actor's process stays small.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray
@@ -27,12 +26,9 @@ class ProgressBoard:
     def __init__(self, job_name: str) -> None:
         self.job_name = job_name
         self.progress: dict[str, Any] = {}
-        self.first_post_s: float | None = None
 
     def post(self, progress: dict[str, Any]) -> None:
         self.progress = dict(progress)
-        if self.first_post_s is None:
-            self.first_post_s = time.time()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"job": self.job_name, "progress": dict(self.progress), "first_post_s": self.first_post_s}
+        return {"job": self.job_name, "progress": dict(self.progress)}
