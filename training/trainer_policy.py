@@ -1,8 +1,7 @@
 """Tidal's sizing inside Ray Train v2's own controller: ``TidalScalingPolicy`` and ``TidalFailurePolicy``.
 
 One controller runs the job for its whole life; each grant change restarts only the worker group. What to
-do is decided by the pure ``tidal.training.elastic.decide`` ;
-this module observes (the arbiter's grant, the workers' reports, the ranks' parks) and answers Ray Train's
+do is decided by the pure ``tidal.training.elastic.decide``; this module observes (the arbiter's grant, the workers' reports, the ranks' parks) and answers Ray Train's
 controller with its own decisions:
 
 - **start** (no worker group: at start-up, after a release, after a failure): ``ResizeDecision(n)`` once
@@ -554,7 +553,7 @@ class TidalScalingPolicy(ScalingPolicy):
             "checkpoint_step": self._checkpoint_step,
             "training": current is not None and self._group_reported,
             "forced_stops": self._ledger.forced_stops,
-            "goodput": round(self._train_ws / self._held_ws, 4) if self._held_ws > 0 else None,
+            "goodput": self._goodput(),
             # Spare worker processes for the next group (training/spares.py): idle now, out of wanted.
             "spares_idle": self._spares.idle if self._spares is not None else 0,
             "spares_wanted": self._spares.wanted if self._spares is not None else 0,
@@ -575,6 +574,10 @@ class TidalScalingPolicy(ScalingPolicy):
                 self._link_cv.notify_all()
                 self._link_cv.wait_for(lambda: self._answered_seq >= seq, timeout=5.0)
             return self._view
+
+    def _goodput(self) -> float | None:
+        """Worker-seconds spent training over worker-seconds held (None before the job held any)."""
+        return round(self._train_ws / self._held_ws, 4) if self._held_ws > 0 else None
 
     def _count_worker_seconds(self, current: Target | None) -> None:
         """Adds the time since the last count to the worker-seconds held, and to those spent training when the
@@ -723,7 +726,7 @@ class TidalScalingPolicy(ScalingPolicy):
             "steps_lost": self._ledger.steps_lost,
             "forced_stops": self._ledger.forced_stops,
             "releases": self._ledger.releases,
-            "goodput": round(self._train_ws / self._held_ws, 4) if self._held_ws > 0 else None,
+            "goodput": self._goodput(),
             "last_step": self._last_step,
             "checkpoint_step": self._checkpoint_step,
             "ended": ended,
