@@ -1,8 +1,8 @@
 """Tidal's sizing inside Ray Train v2's own controller: ``TidalScalingPolicy`` and ``TidalFailurePolicy``.
 
 One controller runs the job for its whole life; each grant change restarts only the worker group. What to
-do is decided by the pure ``tidal.training.elastic.decide``; this module observes (the arbiter's grant, the workers' reports, the ranks' parks) and answers Ray Train's
-controller with its own decisions:
+do is decided by the pure ``tidal.training.elastic.decide``; this module observes (the arbiter's grant, the
+workers' reports, the ranks' parks) and answers Ray Train's controller with its own decisions:
 
 - **start** (no worker group: at start-up, after a release, after a failure): ``ResizeDecision(n)`` once
   the grant allows ``min_workers`` on an accepted type, ``NoopDecision`` until then (the controller stays
