@@ -13,9 +13,9 @@ Several clusters may run on one machine at once (other test sessions, other user
 - takes every port Ray opens from a *lease* of a contiguous port range (``tidal.cluster.port_lease``);
 - gives each raylet its own temp dir and its own ``--min-worker-port``/``--max-worker-port`` range;
 - has its own auth token file (Ray 2.60 token auth), passed to its processes by ``RAY_AUTH_TOKEN_PATH``;
-- starts each node in a new session and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so
-  that ``stop()`` and ``kill_node()`` end exactly its own processes (``tidal.cluster.processes``; ``ray stop``
-  would end everyone's).
+- starts each node in a process group of its own (in the caller's session, so that niceness counts across
+  nodes: ``tidal.cluster.processes`` says why) and marks its processes with ``TIDAL_LOCAL_CLUSTER``, so that
+  ``stop()`` and ``kill_node()`` end exactly its own processes (``ray stop`` would end everyone's).
 
 With ``gcs_fault_tolerance`` in its spec, the head's GCS keeps its tables in an external Redis, and
 ``kill_gcs``/``restart_gcs`` kill it and start it again as Ray does (docs/architecture.md, "When the head fails").
@@ -49,10 +49,10 @@ from tidal.cluster.port_lease import PortLease
 from tidal.cluster.processes import (
     CLUSTER_MARKER_ENV,
     find_cluster_processes,
+    group_processes,
     kill_processes,
     pid_alive,
     process_name,
-    session_processes,
     terminate_processes,
 )
 
@@ -84,7 +84,7 @@ class NodeRecord:
     gpu_type: str | None
     num_gpus: int
     temp_dir: str
-    sid: int
+    pgid: int  # the process group of its `ray start` (or launcher): its raylet, agents and their children
     node_manager_port: int
     min_worker_port: int
     max_worker_port: int
@@ -441,11 +441,10 @@ class LocalCluster:
         if self.gcs_pid() is not None:
             raise LocalClusterError(f"restart_gcs: a gcs_server already runs (pid {self.gcs_pid()})")
         args, env, cwd = self._gcs_command
-        # Its own session, like the one `ray start` gave it; the cluster marker in its environment is how
-        # stop() finds it.
+        # Its own process group, like the head's; the cluster marker in its environment is how stop() finds it.
         proc = subprocess.Popen(
             args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            process_group=0,
         )
         self._gcs_command = None
         self._gcs_procs.append(proc)  # reaped in stop(): this process is its parent
@@ -530,11 +529,13 @@ class LocalCluster:
         env.setdefault("RAY_worker_niceness", str(self.spec.worker_niceness))
         if gpu_type is not None:
             env.update(self.spec.raylet_preload_env())
+        elif name == "head":
+            env.update(self.spec.head_preload_env())
         env.update(extra_env)
         self._commands[name] = (args, env)
         proc = self._spawn(name)
         rec = NodeRecord(
-            name=name, gpu_type=gpu_type, num_gpus=num_gpus, temp_dir=str(temp_dir), sid=proc.pid,
+            name=name, gpu_type=gpu_type, num_gpus=num_gpus, temp_dir=str(temp_dir), pgid=proc.pid,
             node_manager_port=nm, min_worker_port=wmin, max_worker_port=wmax,
         )
         return rec, proc
@@ -543,14 +544,17 @@ class LocalCluster:
         assert self.root_dir is not None
         args, env = self._commands[name]
         log = open(self.root_dir / name / "ray-start.log", "a")  # noqa: SIM115 - closed right after Popen
-        # A new session per node: its processes (raylet, agents, workers) keep that session id, which is
-        # how stop() and kill_node() find exactly them.
+        # A process group per node: its processes (raylet, agents, workers' parents) keep that group id, which is
+        # how stop() and kill_node() find exactly them. Not a session: that would make the node an equal share of
+        # the CPU whatever its processes' niceness (Linux's autogroup; tidal.cluster.processes). No terminal input:
+        # a background group that reads it is stopped.
         # In the node's own folder, not the caller's: Ray puts the working directory of the driver that starts
         # Serve's controller (the dashboard, for `serve deploy`) at the front of sys.path in every replica,
         # ahead of the application's working_dir; a cluster started from a folder with `training/` or
         # `serving/` packages (a Tidal checkout, a user's repository) would shadow the applications' own.
         proc = subprocess.Popen(
-            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root_dir / name
+            args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, process_group=0,
+            cwd=self.root_dir / name,
         )
         log.close()
         return proc
@@ -579,10 +583,10 @@ class LocalCluster:
                 attempts[name] = attempts.get(name, 0) + 1
                 logger.info("node %s started before the head was ready; starting it again", name)
                 if name in self.nodes:
-                    kill_processes(session_processes(self.nodes[name].sid))
+                    kill_processes(group_processes(self.nodes[name].pgid))
                 proc = self._spawn(name)
                 if name in self.nodes:
-                    self.nodes[name].sid = proc.pid
+                    self.nodes[name].pgid = proc.pid
                 pending[name] = proc
                 continue
             if rc != 0:
@@ -625,11 +629,11 @@ class LocalCluster:
             time.sleep(0.1)
 
     def _raylet_died(self, name: str) -> bool:
-        """True when a node's start has finished and no raylet runs in its session (it crashed)."""
+        """True when a node's start has finished and no raylet runs in its process group (it crashed)."""
         rec = self.head if name == "head" else self.nodes.get(name)
-        if rec is None or pid_alive(rec.sid):
+        if rec is None or pid_alive(rec.pgid):
             return False  # its `ray start` (or launcher) still runs: not decided yet
-        return not any(process_name(pid) == "raylet" for pid in session_processes(rec.sid))
+        return not any(process_name(pid) == "raylet" for pid in group_processes(rec.pgid))
 
     def _recover_node(self, name: str, max_relaunches: int = 2) -> None:
         """A worker node whose raylet died during start-up is started again."""
@@ -641,10 +645,10 @@ class LocalCluster:
             raise LocalClusterError(f"node {name}'s raylet died {n + 1} times during start-up:\n{log_tail}")
         self._relaunches[name] = n + 1
         logger.warning("node %s's raylet died during start-up; starting it again", name)
-        kill_processes(session_processes(self.nodes[name].sid))
+        kill_processes(group_processes(self.nodes[name].pgid))
         # Same command, same ports: what listened on them died with the raylet.
         proc = self._spawn(name)
-        self.nodes[name].sid = proc.pid
+        self.nodes[name].pgid = proc.pid
         self.write_state()
         self._wait_exit({name: proc})
 
@@ -678,7 +682,7 @@ class LocalCluster:
     def pids(self) -> set[int]:
         """Every live process of this cluster (see ``find_cluster_processes``)."""
         recs = ([self.head] if self.head else []) + list(self.nodes.values())
-        return find_cluster_processes(self.cluster_id, [r.sid for r in recs])
+        return find_cluster_processes(self.cluster_id, [r.pgid for r in recs])
 
     def add_node(
         self,
@@ -719,7 +723,7 @@ class LocalCluster:
         rec = self.nodes.get(name)
         if rec is None:
             raise ValueError(f"no worker node named {name!r}; valid: {', '.join(self.nodes) or '(none)'}")
-        pids = session_processes(rec.sid)
+        pids = group_processes(rec.pgid)
         kill_processes(pids)
         rec.killed = True
         self.write_state()
@@ -735,12 +739,12 @@ class LocalCluster:
         if self.head is None and not self.nodes:
             return stopped
         recs = list(self.nodes.values())
-        worker_pids = find_cluster_processes(self.cluster_id, [r.sid for r in recs]) if recs else set()
-        head_sids = [self.head.sid] if self.head else []
+        worker_pids = find_cluster_processes(self.cluster_id, [r.pgid for r in recs]) if recs else set()
+        head_pgids = [self.head.pgid] if self.head else []
         # Worker-node processes first, so that the raylets do not spend their grace reconnecting to a dead GCS.
         survivors = terminate_processes(worker_pids, timeout_s)
         stopped |= worker_pids
-        rest = find_cluster_processes(self.cluster_id, head_sids + [r.sid for r in recs])
+        rest = find_cluster_processes(self.cluster_id, head_pgids + [r.pgid for r in recs])
         # The GCS and the autoscaler monitor may linger on SIGTERM; they hold nothing worth a longer wait.
         survivors |= terminate_processes(rest, min(timeout_s, 1.5))
         stopped |= rest

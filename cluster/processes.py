@@ -1,9 +1,16 @@
 """The processes of a local cluster: finding exactly them among everyone's, and ending them.
 
-Each node of a local cluster starts in a session of its own, and every process it starts carries the
+Each node of a local cluster starts in a process group of its own, and every process it starts carries the
 cluster's marker, ``TIDAL_LOCAL_CLUSTER=<cluster id>``, in its environment. A cluster's processes are its
-nodes' sessions, their descendants, and whatever carries its marker: ``ray stop`` would end every cluster's
-on the machine, these end only one. Processes are read with psutil (Linux's /proc underneath).
+nodes' process groups, their descendants, and whatever carries its marker: ``ray stop`` would end every
+cluster's on the machine, these end only one. Processes are read with psutil (Linux's /proc underneath).
+
+Process groups, not sessions: Linux's scheduler (``sched_autogroup``, on by default on desktop and many server
+kernels) shares the CPU equally between *sessions* first, and a niceness counts only inside its own session.
+A node per session made every node's processes one equal share: the niced trainers on the H100 node weighed as
+much as the Serve proxy and the replicas on the others, and a spike on two cores missed its SLO (0.12-0.22 in
+`make demo`) while the trainers trained. In the caller's session, the cluster's processes compete by niceness
+as configured (``LocalClusterSpec.train_worker_niceness``).
 """
 
 from __future__ import annotations
@@ -37,13 +44,13 @@ def process_name(pid: int) -> str | None:
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id) for every live (non-zombie) process."""
+    """pid -> (ppid, process group id) for every live (non-zombie) process."""
     out = {}
     for p in psutil.process_iter(["ppid", "status"]):
         if p.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
-            out[p.pid] = (p.info["ppid"], os.getsid(p.pid))
+            out[p.pid] = (p.info["ppid"], os.getpgid(p.pid))
         except OSError:
             continue
     return out
@@ -71,14 +78,15 @@ def _with_descendants(pids: set[int], table: dict[int, tuple[int, int]]) -> set[
     return out
 
 
-def find_cluster_processes(cluster_id: str, sids: list[int]) -> set[int]:
-    """Every live process of a cluster: its sessions, their descendants, and anything carrying its marker.
+def find_cluster_processes(cluster_id: str, pgids: list[int]) -> set[int]:
+    """Every live process of a cluster: its process groups, their descendants, and anything carrying its marker.
 
-    The marker catches processes that left the session and lost their parent, e.g. a job driver whose
-    supervisor died first.
+    The marker catches processes that left their group and lost their parent, e.g. a job driver (Ray starts
+    each in a session of its own) whose supervisor died first.
     """
     table = _proc_table()
-    mine = {pid for pid, (_, sid) in table.items() if sid in set(sids)}
+    groups = set(pgids)
+    mine = {pid for pid, (_, pgid) in table.items() if pgid in groups}
     me = os.getpid()
     mine |= {pid for pid in table if pid != me and pid not in mine and _has_marker(pid, cluster_id)}
     mine = _with_descendants(mine, table)
@@ -86,10 +94,11 @@ def find_cluster_processes(cluster_id: str, sids: list[int]) -> set[int]:
     return mine
 
 
-def session_processes(sid: int) -> set[int]:
-    """The live processes of one node: its session, and their descendants (found by parent links)."""
+def group_processes(pgid: int) -> set[int]:
+    """The live processes of one node: its process group, and their descendants (found by parent links: Ray
+    may give a worker a process group of its own)."""
     table = _proc_table()
-    pids = _with_descendants({pid for pid, (_, s) in table.items() if s == sid}, table)
+    pids = _with_descendants({pid for pid, (_, g) in table.items() if g == pgid}, table)
     pids.discard(os.getpid())
     return pids
 

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from tidal.cluster.cluster_spec import parse_cluster_spec
 from tidal.cluster.local import LocalCluster
-from tidal.cluster.processes import pid_alive, session_processes, terminate_processes
+from tidal.cluster.processes import group_processes, pid_alive, terminate_processes
 from tidal_testing import wait_for
 
 pytestmark = [
@@ -261,7 +261,7 @@ def test_killed_gcs_comes_back_from_redis_and_the_arbiter_grants_job_and_service
     assert job0["grant"].get("A100", 0) + svc0["grant"].get("A100", 0) <= 4
     # The job's driver runs off the head: its process is on the node with job_driver (the local nodes share one
     # IP, so the driver's own node id names whichever raylet it attached to, not where it runs).
-    assert job0["pid"] in session_processes(cluster.nodes["a100-0"].sid)
+    assert job0["pid"] in group_processes(cluster.nodes["a100-0"].pgid)
     gcs_pid = cluster.kill_gcs()
     assert cluster.gcs_pid() is None and not pid_alive(gcs_pid)
     # While it is down, running work goes on: the job steps, Serve answers from the replica it knows.
