@@ -153,9 +153,10 @@ class LocalClusterSpec(_SpecModel):
     # Ray Train's workers or a job's spares): the node preloads tidal.cluster.preload, which reads this list
     # (TIDAL_POOL_PRELOAD_MODULES) and checks the worker's RAY_JOB_ID.
     pool_preload_python_modules: list[str] = Field(default_factory=list)
-    # The niceness a Ray Train process (a trainer's worker, a job's spare) on a GPU node takes as it starts
-    # (tidal.cluster.preload): its set-up then yields the CPU to the service's replicas on a machine they share.
-    # 0: unchanged.
+    # The niceness a Ray Train process takes as it starts (tidal.cluster.preload): on a GPU node a trainer's worker
+    # or a job's spare, on the head its controller and the actors Ray Train starts there for every worker group
+    # (the synchronization actor, the preemption watcher): a resize's set-up then yields the CPU to the service's
+    # replicas and proxy on a machine they share. 0: unchanged.
     train_worker_niceness: int = Field(0, ge=0, le=19)
     # None: the GCS keeps its tables in memory and the cluster does not outlive it (Ray's default).
     gcs_fault_tolerance: GcsFaultToleranceSpec | None = None
@@ -167,6 +168,12 @@ class LocalClusterSpec(_SpecModel):
             if not all(part.isidentifier() for part in m.split(".")):
                 raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, tidal.serving.app)")
         return v
+
+    def head_preload_env(self) -> dict[str, str]:
+        """The head's: its new Ray Train processes take ``train_worker_niceness``; nothing else is preloaded."""
+        if not self.train_worker_niceness:
+            return {}
+        return {"RAY_preload_python_modules": "tidal.cluster.preload", TRAIN_NICENESS_ENV: str(self.train_worker_niceness)}
 
     def raylet_preload_env(self) -> dict[str, str]:
         """The environment variables that make a GPU node's new workers preload the modules above."""

@@ -28,8 +28,9 @@ the run ends as Ray Train's does.
 Ray Train internals used here (pinned in ``tests/unit/test_train_v2_contract.py``): the trainer's
 ``_get_train_func``, ``_create_default_callbacks`` and ``_initialize_and_run_controller(train_fn_ref=,
 scaling_policy=, failure_policy=, train_run_context=, callbacks=, validation_config=)`` (``fit()`` is Ray's
-own with the two policies swapped), ``ObjectRefWrapper``, the ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` variable
-it propagates to the controller, and on the workers the train context's ``report_call_index``.
+own with the two policies swapped and its ``DatasetsCallback`` made lean), ``ObjectRefWrapper``, the
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` variable it propagates to the controller, and on the workers the train
+context's ``report_call_index``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import ray
 from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 from ray.train.v2._internal.util import ObjectRefWrapper
 from tidal.training.spares import process_started_s
@@ -257,6 +259,36 @@ class AutoTorchConfig(TorchConfig):
         return _AutoTorchBackend
 
 
+class _NoDatasets:
+    """The dataset shard provider of a run given no datasets: answers as Ray Train's does for a name it was
+    not given, without an actor."""
+
+    def get_dataset_shard(self, dataset_info: Any) -> Any:
+        raise KeyError(
+            f"Dataset shard for '{dataset_info.dataset_name}' not found: this run was given no datasets; pass it "
+            "through the trainer's `datasets` argument."
+        )
+
+
+class _DatasetsCallback(DatasetsCallback):
+    """Ray Train's datasets callback, which starts a ``DatasetManager`` actor at every worker group start,
+    datasets or not: a new process importing Ray Data (~2 CPU-seconds here) in the middle of every resize. A run
+    given no datasets gets none; one given datasets gets Ray's."""
+
+    def before_init_train_context(self, workers: list[Any]) -> dict[str, list[Any]]:
+        if self._datasets:
+            return super().before_init_train_context(workers)
+        return {"dataset_shard_provider": [_NoDatasets()] * len(workers)}
+
+
+def _lean_callbacks(callbacks: list[Any], train_run_context: Any, datasets: dict[str, Any]) -> list[Any]:
+    """Ray Train's default callbacks with its datasets callback swapped for ``_DatasetsCallback``."""
+    return [
+        _DatasetsCallback(train_run_context=train_run_context, datasets=datasets) if type(cb) is DatasetsCallback else cb
+        for cb in callbacks
+    ]
+
+
 def gpus_per_worker(scaling_config: ScalingConfig) -> float:
     """GPUs each worker asks for; a config that asks for none is refused (the arbiter sizes GPU workers)."""
     resources = dict(scaling_config.resources_per_worker or {})
@@ -342,7 +374,7 @@ class TidalTrainer(TorchTrainer):
                 scaling_policy=TidalScalingPolicy(self.scaling_config, self._job()),
                 failure_policy=TidalFailurePolicy(self.run_config.failure_config, self.token),
                 train_run_context=self.train_run_context,
-                callbacks=self._create_default_callbacks(),
+                callbacks=_lean_callbacks(self._create_default_callbacks(), self.train_run_context, self.datasets),
                 validation_config=self.validation_config,
             )
         finally:

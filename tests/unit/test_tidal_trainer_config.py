@@ -68,3 +68,22 @@ def test_a_trainer_with_good_configs_takes_its_bounds_and_gpus_from_the_scaling_
 
 def test_should_yield_outside_a_tidal_trainer_is_false():
     assert tidal.train.should_yield() is False
+
+
+def test_a_run_without_datasets_starts_no_dataset_manager_and_a_shard_asked_for_is_a_clear_key_error():
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from tidal.training.trainer import _DatasetsCallback, _lean_callbacks
+
+    t = tidal.train.TidalTrainer(
+        loop, scaling_config=ScalingConfig(num_workers=2, use_gpu=True), tidal=tidal.train.TidalConfig(gpu_types=["H100"])
+    )
+    ray_default = t._create_default_callbacks()
+    lean = _lean_callbacks(ray_default, t.train_run_context, t.datasets)
+    assert sum(type(cb) is DatasetsCallback for cb in ray_default) == 1
+    assert [type(cb) for cb in lean].count(_DatasetsCallback) == 1 and DatasetsCallback not in map(type, lean)
+    (datasets_cb,) = [cb for cb in lean if isinstance(cb, _DatasetsCallback)]
+    # Ray's own would start a DatasetManager actor here and hand out RayDatasetShardProviders.
+    providers = datasets_cb.before_init_train_context([object(), object()])["dataset_shard_provider"]
+    assert len(providers) == 2 and {type(p).__name__ for p in providers} == {"_NoDatasets"}
+    with pytest.raises(KeyError, match="'train' not found: this run was given no datasets"):
+        providers[0].get_dataset_shard(type("Info", (), {"dataset_name": "train"})())

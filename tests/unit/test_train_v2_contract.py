@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 
 import pytest
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE, HEALTH_CHECK_INTERVAL_S_ENV_VAR
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2._internal.execution.context import TrainContext, TrainRunContext, get_train_context
@@ -25,6 +26,7 @@ from ray.train.v2._internal.execution.training_report import _TrainingReport
 from ray.train.v2._internal.execution.worker_group.placement_group_handle import DefaultPlacementGroupHandle
 from ray.train.v2._internal.execution.worker_group.poll import WorkerGroupPollStatus, WorkerStatus
 from ray.train.v2._internal.execution.worker_group.state import WorkerGroupState
+from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
 from ray.train.v2._internal.util import ObjectRefWrapper
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -163,3 +165,16 @@ def test_the_torch_device_manager_is_a_module_global_chosen_once():
     )
     assert hasattr(device_manager, "_torch_device_manager_lock")
     assert callable(CPUTorchDeviceManager)
+
+
+def test_the_datasets_callback_tidal_makes_lean_is_built_and_read_as_tidal_expects():
+    """``TidalTrainer`` swaps Ray's ``DatasetsCallback`` for one that starts no ``DatasetManager`` actor when the
+    run has no datasets (training/trainer.py: ``_lean_callbacks``): the default callbacks must still build it with
+    these arguments, it must read ``_datasets`` and hand workers a ``dataset_shard_provider``, and the workers must
+    read that provider only when the loop asks for a shard."""
+    assert "DatasetsCallback(" in source(DataParallelTrainer._create_default_callbacks)
+    assert params(DatasetsCallback.__init__)[1:] == ["train_run_context", "datasets"]
+    hook = source(DatasetsCallback.before_init_train_context)
+    assert "self._datasets" in hook and "RayDatasetShardProvider(" in hook and '"dataset_shard_provider"' in hook
+    assert "dataset_shard_provider" in params(RayTrainWorker.init_train_context)
+    assert "self.dataset_shard_provider.get_dataset_shard(" in source(TrainContext.get_dataset_shard)
