@@ -538,6 +538,8 @@ class TidalAutoscalingPolicy:
             surge_reserve_fraction=o.surge_reserve_fraction,
             early_reclaim_min_rise=o.early_reclaim_min_rise,
             ramp_window_s=o.ramp_window_s,
+            regrow_guard_s=o.regrow_guard_s,
+            slo_p99_ms=o.slo_p99_ms,
         )
         target = ServeTarget(app, deployment, self.bounds.min_replicas, self.bounds.max_replicas)
         link = ArbiterLink(
@@ -560,10 +562,12 @@ class TidalAutoscalingPolicy:
         if self.run_link_thread:
             link.start()
         # 1. observe
+        p99_ms = replica_p99_ms(ctx)
         obs = LoadObservation(
             now_s=now,
             total_requests=float(ctx.total_num_requests or 0.0),
             current_replicas=int(ctx.current_num_replicas),
+            p99_ms=p99_ms,
         )
         running = replica_gpu_types(ctx)
         unknown = tuple(r for r, t in running.items() if t is None)
@@ -582,7 +586,7 @@ class TidalAutoscalingPolicy:
         # 3. report
         counted = {**{rid: t for rid, (t, _) in self._departed.items()}, **running}
         held = held_by_type(counted, (grant or EMPTY).as_dict(), self.options.gpu_types)
-        link.report(decision.demand_units, held, obs.current_replicas, unknown, replica_p99_ms(ctx))
+        link.report(decision.demand_units, held, obs.current_replicas, unknown, p99_ms)
         self._log_mode(grant)
         return decision.num_replicas, {}
 

@@ -19,6 +19,9 @@ Four numbers matter per decision:
   asks; the reserve lapses ``downscale_delay_s`` after the rise that set it.
   A surge (a load ``early_reclaim_min_rise`` or more replicas above the demand) asks for its rise and
   reserve at once, while its upscale delay still runs: the reclaim overlaps the delay.
+- **regrow guard**: for ``regrow_guard_s`` after the demand last fell (a spike's end), a rise of the load
+  whose replicas' p99 still meets the SLO is not heard: the GPUs training grew back into stay with training
+  unless the service actually misses its SLO.
 - **replicas**: what Serve is told to run: the demand, capped at the grant (see :func:`decide_replicas`).
   With no arbiter reachable (``grant_units is None``) it is the demand alone: Serve's default behaviour
   within ``[min, max]``.
@@ -57,11 +60,13 @@ class LoadObservation:
         total_requests: ongoing plus queued requests over all replicas and handles (may be fractional:
             Serve averages over its look-back window).
         current_replicas: replicas running now.
+        p99_ms: the highest p99 latency the running replicas report (None: none reports one).
     """
 
     now_s: float
     total_requests: float
     current_replicas: int
+    p99_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,8 @@ class ScalingBounds:
     surge_reserve_fraction: float = 0.0
     early_reclaim_min_rise: int = 0
     ramp_window_s: float = 0.0
+    regrow_guard_s: float = 0.0
+    slo_p99_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
@@ -95,6 +102,8 @@ class ScalingBounds:
             raise ValueError(f"ramp_window_s must be >= 0, got {self.ramp_window_s}")
         if self.early_reclaim_min_rise < 0:
             raise ValueError(f"early_reclaim_min_rise must be >= 0, got {self.early_reclaim_min_rise}")
+        if self.regrow_guard_s < 0:
+            raise ValueError(f"regrow_guard_s must be >= 0, got {self.regrow_guard_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +116,7 @@ class HoldState:
     ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``;
     ``reserve_early`` while it was set by a surge still in its upscale delay (not yet accepted).
     ``ramp_base`` is the demand before the ramp that the last rise (at ``ramp_at_s``) belongs to.
+    ``fell_at_s`` is when the demand last fell (None: it never has): the regrow guard runs from it.
     """
 
     demand: int = 0
@@ -118,6 +128,7 @@ class HoldState:
     reserve_early: bool = False
     ramp_base: int = 0
     ramp_at_s: float | None = None
+    fell_at_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +234,19 @@ def decide_replicas(
     steps of one replica each, which ask neither for a reserve nor early, and each would be a reclaim of its
     own, 1.4-1.7 s apart here. Counted from the base, 1 -> 2 -> 3 asks for 3 + 1 at once, and early.
 
+    The regrow guard (``regrow_guard_s`` > 0): within that long of the demand's last fall, a load above the
+    demand counts as the demand while the replicas' p99 meets ``slo_p99_ms``. After a spike the jobs grow back
+    into the GPUs the service gave up, and their restarts (on a shared host) or a slow moment raise the queue at
+    the base load by a replica or two: heard, it takes a GPU from training again for a service that meets its
+    SLO. A p99 above the SLO, or none reported, lets the rise through as without the guard.
+
     Example: 9 requests, target 2, min 1, max 8, grant 3 -> load 5; once it has lasted ``upscale_delay_s``,
     demand 5 and replicas 3 (capped).
     """
     load = replicas_for_load(obs.total_requests, bounds.target_ongoing_requests)
     floor = max(state.demand, bounds.min_replicas)
+    if load > floor and _regrow_guarded(obs, bounds, state):
+        load = floor
     # A rise within ramp_window_s of the last one continues its ramp: counted from the ramp's base.
     ramp_live = state.ramp_at_s is not None and obs.now_s - state.ramp_at_s < bounds.ramp_window_s
     base = min(state.ramp_base, floor) if ramp_live else floor
@@ -245,12 +264,21 @@ def decide_replicas(
     new_state = _update_reserve(state, new_state, floor, base, obs.now_s, bounds, early)
     if new_state.demand > floor or early:
         new_state = replace(new_state, ramp_base=base, ramp_at_s=obs.now_s)
+    new_state = replace(new_state, fell_at_s=obs.now_s if new_state.demand < state.demand else state.fell_at_s)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
     asked = clamp(max(new_state.demand, new_state.reserve), bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
         return ScalingDecision(load, asked, demand, False, new_state)
     capped = max(bounds.min_replicas, min(demand, grant_units))
     return ScalingDecision(load, asked, capped, capped < demand, new_state)
+
+
+def _regrow_guarded(obs: LoadObservation, bounds: ScalingBounds, state: HoldState) -> bool:
+    """Whether a rise now is held back by the regrow guard: within ``regrow_guard_s`` of the demand's last fall,
+    with the replicas' p99 known and within the SLO."""
+    if not bounds.regrow_guard_s or state.fell_at_s is None or obs.now_s - state.fell_at_s >= bounds.regrow_guard_s:
+        return False
+    return obs.p99_ms is not None and bounds.slo_p99_ms is not None and obs.p99_ms <= bounds.slo_p99_ms
 
 
 def _update_reserve(

@@ -105,6 +105,13 @@ class AutoscalingOptions(_Strict):
         "reclaim overlaps the delay; Serve runs the replicas only once the delay has passed, and a surge that "
         "falls back within it drops the ask. 0 turns it off.",
     )
+    regrow_guard_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="With the Tidal policy: for this long after the demand last fell (a spike's end), a rise of "
+        "the load is not heard while the replicas' p99 meets the service's SLO: the GPUs training grew back into "
+        "are taken again only if the service misses its SLO. 0 turns it off.",
+    )
     grant_shrink_delay_s: float = Field(
         default=1.0,
         ge=0,
@@ -145,6 +152,9 @@ class TidalPolicyOptions(_Strict):
         grant_ttl_s: a grant older than this (the arbiter stopped answering) no longer caps replicas.
         grant_poll_s: while the demand is above the grant, the link asks the arbiter this often (for at
             most ``tidal.serving.autoscale.GRANT_POLL_WINDOW_S``), not every ``heartbeat_period_s``.
+        regrow_guard_s: for this long after the demand last fell, a rise is heard only if the replicas' p99
+            (their ``tidal_p99_ms`` metric) misses ``slo_p99_ms`` (``tidal.serving.autoscale_math``); a
+            deployment whose replicas report no p99 is not guarded.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -160,6 +170,7 @@ class TidalPolicyOptions(_Strict):
     surge_reserve_fraction: float = Field(default=0.0, ge=0, le=10)
     early_reclaim_min_rise: int = Field(default=0, ge=0)
     ramp_window_s: float = Field(default=0.0, ge=0)
+    regrow_guard_s: float = Field(default=60.0, ge=0)
     heartbeat_period_s: float = Field(default=0.5, gt=0, le=5)
     arbiter_name: str = "tidal-arbiter"
     arbiter_namespace: str = "tidal"
@@ -573,6 +584,7 @@ def tidal_policy_kwargs(args: ServeAppArgs) -> dict[str, Any]:
         early_reclaim_min_rise=a.early_reclaim_min_rise,
         # A step of the traffic reaches Serve's averaged metric as a ramp one look-back long.
         ramp_window_s=a.look_back_period_s,
+        regrow_guard_s=a.regrow_guard_s,
         heartbeat_period_s=a.heartbeat_period_s,
         arbiter_name=a.arbiter_name,
         arbiter_namespace=a.arbiter_namespace,

@@ -251,6 +251,8 @@ def test_scaling_bounds_refuse_nonsense():
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, ramp_window_s=-1)
     with pytest.raises(ValueError, match="early_reclaim_min_rise"):
         ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, early_reclaim_min_rise=-1)
+    with pytest.raises(ValueError, match="regrow_guard_s"):
+        ScalingBounds(min_replicas=0, max_replicas=2, target_ongoing_requests=1, regrow_guard_s=-1)
 
 
 def test_unknown_replicas_fill_the_grant_before_spilling_to_the_preferred_type():
@@ -343,3 +345,42 @@ def test_a_replicas_p99_is_the_nearest_rank_of_its_recent_latencies_and_unknown_
     window.add(20.0, 5.0)
     assert window.p99_ms(31.0) == 5.0  # the first hundred are older than the window
     assert window.p99_ms(51.0) is None
+
+
+GUARDED = replace(EARLY, regrow_guard_s=60.0, slo_p99_ms=1000.0)
+
+
+def guarded(loads_at: list[tuple[float, float, float | None]], bounds: ScalingBounds = GUARDED):
+    """``ramp`` with the replicas' p99 in each sample: (time, load, p99 ms)."""
+    d = None
+    for t, load, p99 in loads_at:
+        o = LoadObservation(now_s=t, total_requests=load, current_replicas=1, p99_ms=p99)
+        d = decide_replicas(o, bounds, HoldState() if d is None else d.state, 8)
+    return d
+
+
+# A spike (1 -> 4) ends at t=1; the demand falls back to 1 at t=9 (the 8 s downscale hold).
+SPIKE_AND_BACK = [(0.0, 4, 300.0), (0.5, 4, 300.0), (1.0, 1, 300.0), (9.0, 1, 300.0)]
+
+
+def test_after_a_spike_a_rise_that_meets_the_slo_takes_no_gpu_back_from_training():
+    d = guarded(SPIKE_AND_BACK)
+    assert (d.state.demand, d.state.fell_at_s) == (1, 9.0)
+    # 20 s later the one replica's queue rises to 3 (a job's restart slowing it): p99 400 ms, within the SLO.
+    d = guarded([*SPIKE_AND_BACK, (29.0, 3, 400.0), (29.5, 3, 400.0)])
+    assert (d.demand_units, d.num_replicas, d.state.reserve) == (1, 1, 0)
+    # Without the guard the same samples ask for 3 + 1 at once (the early reclaim) and run 3.
+    d = guarded([*SPIKE_AND_BACK, (29.0, 3, 400.0), (29.5, 3, 400.0)], replace(GUARDED, regrow_guard_s=0.0))
+    assert (d.demand_units, d.num_replicas) == (4, 3)
+
+
+def test_a_missed_slo_an_unknown_p99_or_the_guards_end_lets_the_rise_through():
+    missed = guarded([*SPIKE_AND_BACK, (29.0, 3, 1500.0), (29.5, 3, 1500.0)])
+    unknown = guarded([*SPIKE_AND_BACK, (29.0, 3, None), (29.5, 3, None)])
+    later = guarded([*SPIKE_AND_BACK, (69.0, 3, 400.0), (69.5, 3, 400.0)])  # 60 s after the fall at t=9
+    assert [(d.demand_units, d.num_replicas) for d in (missed, unknown, later)] == [(4, 3)] * 3
+
+
+def test_a_service_that_never_fell_is_not_guarded():
+    d = guarded([(0.0, 1, 300.0), (5.0, 3, 300.0), (5.5, 3, 300.0)])
+    assert d.state.fell_at_s is None and (d.demand_units, d.num_replicas) == (4, 3)
