@@ -116,7 +116,8 @@ class HoldState:
     ``reserve`` is what the arbiter is asked for ahead of a rise (0: none), set at ``reserve_since_s``;
     ``reserve_early`` while it was set by a surge still in its upscale delay (not yet accepted).
     ``ramp_base`` is the demand before the ramp that the last rise (at ``ramp_at_s``) belongs to.
-    ``fell_at_s`` is when the demand last fell (None: it never has): the regrow guard runs from it.
+    ``fell_at_s`` is when the demand (within min and max) last fell (None: it never has): the regrow guard runs
+    from it.
     """
 
     demand: int = 0
@@ -264,8 +265,10 @@ def decide_replicas(
     new_state = _update_reserve(state, new_state, floor, base, obs.now_s, bounds, early)
     if new_state.demand > floor or early:
         new_state = replace(new_state, ramp_base=base, ramp_at_s=obs.now_s)
-    new_state = replace(new_state, fell_at_s=obs.now_s if new_state.demand < state.demand else state.fell_at_s)
     demand = clamp(new_state.demand, bounds.min_replicas, bounds.max_replicas)
+    # A fall the arbiter hears (not the held demand's fall below the minimum while the service idles).
+    fell = demand < clamp(state.demand, bounds.min_replicas, bounds.max_replicas)
+    new_state = replace(new_state, fell_at_s=obs.now_s if fell else state.fell_at_s)
     asked = clamp(max(new_state.demand, new_state.reserve), bounds.min_replicas, bounds.max_replicas)
     if grant_units is None:
         return ScalingDecision(load, asked, demand, False, new_state)

@@ -384,3 +384,12 @@ def test_a_missed_slo_an_unknown_p99_or_the_guards_end_lets_the_rise_through():
 def test_a_service_that_never_fell_is_not_guarded():
     d = guarded([(0.0, 1, 300.0), (5.0, 3, 300.0), (5.5, 3, 300.0)])
     assert d.state.fell_at_s is None and (d.demand_units, d.num_replicas) == (4, 3)
+
+
+def test_an_idle_service_at_its_minimum_has_not_fallen_and_its_first_spike_is_not_guarded():
+    # No load for the 8 s hold: the held demand drops below the minimum of 1, which the arbiter never heard.
+    idle = [(0.0, 1, 300.0), (1.0, 0, None), (9.0, 0, None)]
+    d = guarded(idle)
+    assert (d.state.demand, d.demand_units, d.state.fell_at_s) == (0, 1, None)
+    d = guarded([*idle, (20.0, 3, 300.0), (20.5, 3, 300.0)])
+    assert (d.demand_units, d.num_replicas) == (4, 3)
