@@ -169,20 +169,16 @@ class LocalClusterSpec(_SpecModel):
                 raise ValueError(f"{info.field_name}.{i}: {m!r} is not a module name (e.g. torch, tidal.serving.app)")
         return v
 
-    def head_preload_env(self) -> dict[str, str]:
-        """The head's: its new Ray Train processes take ``train_worker_niceness``; nothing else is preloaded."""
-        if not self.train_worker_niceness:
-            return {}
-        return {"RAY_preload_python_modules": "tidal.cluster.preload", TRAIN_NICENESS_ENV: str(self.train_worker_niceness)}
-
-    def raylet_preload_env(self) -> dict[str, str]:
-        """The environment variables that make a GPU node's new workers preload the modules above."""
-        modules = list(self.preload_python_modules)
+    def raylet_preload_env(self, *, head: bool = False) -> dict[str, str]:
+        """The environment variables that make a node's new workers preload the modules above: a GPU node's all
+        of them; the head's only ``tidal.cluster.preload``, for the niceness of its Ray Train processes."""
+        modules = [] if head else list(self.preload_python_modules)
+        pool = [] if head else self.pool_preload_python_modules
         env: dict[str, str] = {}
-        if self.pool_preload_python_modules or self.train_worker_niceness:
+        if pool or self.train_worker_niceness:
             modules.append("tidal.cluster.preload")
-        if self.pool_preload_python_modules:
-            env[POOL_MODULES_ENV] = ",".join(self.pool_preload_python_modules)
+        if pool:
+            env[POOL_MODULES_ENV] = ",".join(pool)
         if self.train_worker_niceness:
             env[TRAIN_NICENESS_ENV] = str(self.train_worker_niceness)
         if modules:

@@ -527,10 +527,7 @@ class LocalCluster:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env.setdefault("RAY_worker_niceness", str(self.spec.worker_niceness))
-        if gpu_type is not None:
-            env.update(self.spec.raylet_preload_env())
-        elif name == "head":
-            env.update(self.spec.head_preload_env())
+        env.update(self.spec.raylet_preload_env(head=gpu_type is None))  # (only the head has no GPU type)
         env.update(extra_env)
         self._commands[name] = (args, env)
         proc = self._spawn(name)

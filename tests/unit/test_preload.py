@@ -133,7 +133,7 @@ def test_the_local_cluster_sets_the_train_niceness_on_its_gpu_nodes_and_preloads
 
 
 def test_the_head_preloads_only_the_train_niceness_for_ray_trains_controller_and_its_per_group_actors():
-    head = LocalClusterSpec.model_validate({"node_groups": [], "train_worker_niceness": 7}).head_preload_env()
+    head = LocalClusterSpec.model_validate({"node_groups": [], "train_worker_niceness": 7}).raylet_preload_env(head=True)
     assert head == {"RAY_preload_python_modules": "tidal.cluster.preload", TRAIN_NICENESS_ENV: "7"}
     assert POOL_MODULES_ENV not in head  # the head's unbound workers import nothing more
-    assert LocalClusterSpec.model_validate({"node_groups": []}).head_preload_env() == {}
+    assert LocalClusterSpec.model_validate({"node_groups": []}).raylet_preload_env(head=True) == {}
